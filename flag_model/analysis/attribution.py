@@ -1,0 +1,476 @@
+"""Feature attributions with Captum: which features and which moments drove a SELL / HOLD / BUY.
+
+Every method explains one scalar: the model's output for class `target` at the deciding position
+`position` of a window, f(x) = model(x)[:, position, target]. By default that is the **logit** (additive,
+so Integrated Gradients' completeness f(x) - f(baseline) = sum of attributions is in logit units);
+`output="probability"` explains the softmax probability instead.
+
+Methods (all from Captum; attributions are always (S, state_dim), time x feature):
+- Integrated Gradients, GradientSHAP, DeepLift: path/reference methods with a convergence delta
+  delta = sum(attributions) - (f(x) - f(baseline)); `relative_delta` = |delta| / |f(x) - f(baseline)|.
+- Saliency: the signed gradient (Captum's abs=False), no baseline.
+- Input x Gradient: x * gradient, no baseline.
+- Occlusion: non-overlapping time x feature patches set to the baseline; each cell holds its patch's
+  effect f(x) - f(x with the patch at baseline) divided by the patch's cell count, so sums add up effects.
+- Feature Ablation: one feature over the whole window set to the baseline; the effect is spread evenly
+  over the feature's S cells, so a feature's total is exactly its ablation effect.
+
+Safety: the shared, cached model is never mutated. Gradient and perturbation methods only read it
+(no hooks, no parameter writes, no mode change); DeepLift, which attaches hooks while it runs, works on
+a private deep copy. Everything runs with gradients enabled, outside inference mode, on fresh tensors.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from captum.attr import (DeepLift, FeatureAblation, GradientShap, InputXGradient, IntegratedGradients, Occlusion,
+                         Saliency)
+from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+from torch import nn
+
+from ..data import FeatureMatrix, stored_stats
+from .attention import rollout, window_attention
+from .lora import action_names
+
+# Captum warns on every DeepLift call that it sets hooks; they live on our private copy only.
+warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
+
+IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION = (
+    "Integrated Gradients", "Saliency", "Input × Gradient", "DeepLift", "GradientSHAP", "Occlusion", "Feature Ablation")
+METHODS: tuple[str, ...] = (IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION)
+PATH_METHODS = frozenset({IG, SHAP})  # `steps` applies
+DELTA_METHODS = frozenset({IG, DEEPLIFT, SHAP})  # Captum returns a convergence delta
+BASELINE_METHODS = frozenset({IG, DEEPLIFT, SHAP, OCCLUSION, ABLATION})
+METHOD_NOTES = {
+    IG: "Path integral of gradients from the baseline to the window (Gauss-Legendre, `steps` points).",
+    SALIENCY: "Signed gradient of the output with respect to each input; no baseline.",
+    IXG: "Input times gradient; no baseline (an implicit all-zero reference).",
+    DEEPLIFT: "DeepLift rescale rule relative to the baseline, on a private model copy (it sets hooks).",
+    SHAP: "GradientSHAP with the baseline as reference: gradients at `steps` random points on the path "
+          "times (x − baseline). Stochastic: numbers vary slightly between runs.",
+    OCCLUSION: "Patches of time × features set to the baseline; effect per patch spread over its cells.",
+    ABLATION: "One feature over the whole window set to the baseline; effect spread over its time steps.",
+}
+
+ZEROS, MEANS, WINDOW_MEAN, FLAT = "zeros", "feature means", "window mean", "flat market"
+BASELINES: tuple[str, ...] = (ZEROS, MEANS, WINDOW_MEAN, FLAT)
+BASELINE_NOTES = {
+    ZEROS: "every input 0 (after the checkpoint's normalisation this equals the training mean).",
+    MEANS: "each feature at its mean (see `feature_means`) at every step.",
+    WINDOW_MEAN: "each feature at its own average over this window: credits moments that deviate from it.",
+    FLAT: "every step equal to the window's last bar (a market that did not move): credits the history "
+          "only; the last bar itself gets zero attribution.",
+}
+OUTPUTS = ("logit", "probability")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class AttributionResult:
+    """One method's attributions for one window. `attributions` (S, state_dim), time x feature."""
+
+    method: str
+    attributions: np.ndarray
+    target: int
+    target_name: str
+    position: int  # non-negative index of the deciding step in the window
+    baseline: str
+    output: str  # "logit" or "probability": what f is
+    probabilities: np.ndarray  # (n_actions,) softmax at the deciding position
+    f_input: float  # f(x)
+    f_baseline: float  # f(baseline)
+    delta: float | None  # Captum's convergence delta (IG, DeepLift, GradientSHAP)
+    relative_delta: float | None  # |delta| / |f(x) - f(baseline)|; None if undefined
+    steps: int | None  # path points (IG, GradientSHAP)
+    seconds: float
+    feature_names: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def per_feature(self) -> np.ndarray:
+        """(state_dim,) signed sum over time."""
+        return self.attributions.sum(axis=0)
+
+    @property
+    def per_time(self) -> np.ndarray:
+        """(S,) signed sum over features."""
+        return self.attributions.sum(axis=1)
+
+
+@dataclass(frozen=True)
+class GlobalImportance:
+    """Per-feature totals of many windows: `totals` (N, state_dim) signed, one row per window."""
+
+    method: str
+    baseline: str
+    output: str
+    position: int
+    totals: np.ndarray
+    window_index: np.ndarray  # (N,) index of each window in the caller's window array
+    predicted: np.ndarray  # (N,) predicted class at the deciding position
+    targets: np.ndarray  # (N,) class each window was explained for
+    feature_names: tuple[str, ...]
+    action_names: tuple[str, ...]
+    seconds: float
+
+    def table(self) -> pd.DataFrame:
+        """One row per feature, ranked by mean |total|; per predicted class mean |total| columns."""
+        mag = np.abs(self.totals)
+        df = pd.DataFrame({"feature": self.feature_names, "mean_abs": mag.mean(axis=0),
+                           "mean_signed": self.totals.mean(axis=0)})
+        for c, name in enumerate(self.action_names):
+            rows = self.predicted == c
+            df[f"mean_abs_{name}"] = mag[rows].mean(axis=0) if rows.any() else np.nan
+        df = df.sort_values("mean_abs", ascending=False, ignore_index=True)
+        df.insert(0, "rank", np.arange(1, len(df) + 1))
+        return df
+
+    def class_counts(self) -> dict[str, int]:
+        return {name: int((self.predicted == c).sum()) for c, name in enumerate(self.action_names)}
+
+
+class DecisionOutput(nn.Module):
+    """(B, S, state_dim) -> (B, n_actions): logits (or probabilities) of the deciding position only."""
+
+    def __init__(self, model: nn.Module, position: int, output: str = "logit") -> None:
+        super().__init__()
+        self.model = model
+        self.position = position
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)[:, self.position, :]
+        return y.softmax(-1) if self.output == "probability" else y
+
+
+def feature_means(fm: FeatureMatrix, meta: Mapping[str, object]) -> tuple[np.ndarray, str]:
+    """(state_dim,) the "feature means" baseline in the units the model sees, and where it comes from.
+
+    Normalised inputs ("checkpoint" or "data"): zeros, the mean the normalisation subtracted. Unscaled
+    inputs ("none"): the checkpoint's stored training means if it has them, else this data's means.
+    Padded columns get 0.
+    """
+    width = fm.values.shape[1]
+    if fm.normalisation == "checkpoint":
+        return np.zeros(width, np.float32), "training means (0 after the checkpoint's normalisation)"
+    if fm.normalisation == "data":
+        return np.zeros(width, np.float32), "this data's means (0 after z-scoring with this data)"
+    n_real = sum(not n.startswith("pad_") for n in fm.names)
+    stats = stored_stats(meta, n_real) if n_real else None
+    if stats is not None:
+        mean = np.zeros(width, np.float64)
+        mean[:n_real] = stats[0][:n_real]
+        return mean.astype(np.float32), "the checkpoint's stored training means (unscaled features)"
+    return fm.values.mean(axis=0).astype(np.float32), "the mean of each feature over this data (unscaled)"
+
+
+def make_baseline(x: np.ndarray, name: str, feature_mean: np.ndarray | None = None) -> np.ndarray:
+    """Baseline like `x` ((S, D) or (B, S, D)); see BASELINE_NOTES. "flat market" repeats the last step."""
+    x = np.asarray(x, dtype=np.float32)
+    if name == ZEROS:
+        return np.zeros_like(x)
+    if name == MEANS:
+        if feature_mean is None or np.shape(feature_mean) != (x.shape[-1],):
+            raise ValueError(f"the 'feature means' baseline needs a feature_mean vector of length {x.shape[-1]}; "
+                             "get one from feature_means(feature_matrix, checkpoint.meta).")
+        return np.broadcast_to(np.asarray(feature_mean, np.float32), x.shape).copy()
+    if name == WINDOW_MEAN:
+        return np.broadcast_to(x.mean(axis=-2, keepdims=True), x.shape).copy()
+    if name == FLAT:
+        return np.broadcast_to(x[..., -1:, :], x.shape).copy()
+    raise ValueError(f"unknown baseline {name!r}; choose one of {BASELINES}")
+
+
+def _check(model: nn.Module, x: np.ndarray, method: str, baseline: str, output: str, steps: int) -> None:
+    cfg = model.config
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose one of {METHODS}")
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
+    if x.ndim != 3 or x.shape[-1] != cfg.state_dim:
+        raise ValueError(f"windows must be (window length, {cfg.state_dim}) features; got {x.shape[1:]}.")
+    if not 1 <= x.shape[1] <= cfg.max_length:
+        raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (the model's max_length).")
+    if not np.isfinite(x).all():
+        raise ValueError("the window contains NaN or infinite values; clean the features first.")
+
+
+def _position(pos: int, length: int) -> int:
+    if not -length <= pos < length:
+        raise ValueError(f"position {pos} is outside a window of length {length} (use -1 for the last step).")
+    return pos % length
+
+
+def _patch_cells(length: int, width: int, patch: tuple[int, int]) -> np.ndarray:
+    """(S, D) number of cells in the non-overlapping occlusion patch each cell belongs to (edges are smaller)."""
+    def sizes(n: int, w: int) -> np.ndarray:
+        start = (np.arange(n) // w) * w
+        return np.minimum(w, n - start)
+    return np.outer(sizes(length, patch[0]), sizes(width, patch[1])).astype(np.float32)
+
+
+def _run(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tensor, target: torch.Tensor, position: int,
+         output: str, steps: int, batch: int, patch: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Captum on a batch x (B, S, D) -> attributions (B, S, D) and per-window delta (B,) or None."""
+    f = DecisionOutput(model, position, output)
+    if method == IG:
+        return IntegratedGradients(f).attribute(x, base, target=target, n_steps=steps,
+                                                internal_batch_size=max(batch, x.shape[0]),
+                                                return_convergence_delta=True)
+    if method == SALIENCY:
+        return Saliency(f).attribute(x, target=target, abs=False), None
+    if method == IXG:
+        return InputXGradient(f).attribute(x, target=target), None
+    if method == DEEPLIFT:
+        return DeepLift(f).attribute(x, base, target=target, return_convergence_delta=True)
+    if method == SHAP:  # NoiseTunnel expands to examples x steps rows at once: chunk the examples
+        chunk = max(1, batch // steps)
+        attrs, deltas = [], []
+        for i in range(0, x.shape[0], chunk):
+            a, d = GradientShap(f).attribute(x[i:i + chunk], base[i:i + chunk], n_samples=steps,
+                                             target=target[i:i + chunk], return_convergence_delta=True)
+            attrs.append(a)
+            deltas.append(d.view(-1, steps).mean(dim=1))  # ordered by example, then sample
+        return torch.cat(attrs), torch.cat(deltas)
+    length, width = x.shape[1:]
+    per_eval = max(1, batch // x.shape[0])  # each perturbation is evaluated for every example
+    if method == OCCLUSION:
+        patch = (min(patch[0], length), min(patch[1], width))
+        attr = Occlusion(f).attribute(x, sliding_window_shapes=patch, strides=patch, baselines=base, target=target,
+                                      perturbations_per_eval=per_eval)
+        return attr / torch.from_numpy(_patch_cells(length, width, patch)), None
+    mask = torch.arange(width).expand(1, length, width).contiguous()  # one group per feature, whole window
+    attr = FeatureAblation(f).attribute(x, baselines=base, target=target, feature_mask=mask,
+                                        perturbations_per_eval=per_eval)
+    return attr / length, None
+
+
+def _worker(model: nn.Module, method: str) -> nn.Module:
+    """The model itself for read-only methods; a private eval copy for DeepLift (hooks) or a model in training mode."""
+    if method != DEEPLIFT and not model.training:
+        return model
+    private = copy.deepcopy(model).eval()
+    for p in private.parameters():
+        p.requires_grad_(False)  # only input gradients are needed
+    return private
+
+
+def _relative(delta: float | None, change: float) -> float | None:
+    if delta is None or not np.isfinite(delta):
+        return None
+    if abs(change) < 1e-8:
+        return None if abs(delta) >= 1e-8 else 0.0
+    return abs(delta) / abs(change)
+
+
+def attribute(
+    model: nn.Module,
+    window: np.ndarray,
+    method: str = IG,
+    target: int | None = None,
+    position: int = -1,
+    baseline: str = ZEROS,
+    feature_mean: np.ndarray | None = None,
+    steps: int = 50,
+    internal_batch_size: int = 64,
+    output: str = "logit",
+    occlusion_patch: tuple[int, int] = (8, 1),
+    feature_names: Sequence[str] | None = None,
+    auto_threshold: float | None = None,
+    max_steps: int = 800,
+) -> AttributionResult:
+    """Attribute the deciding output of one window (S, state_dim) to its inputs with one Captum method.
+
+    target: class index, or None for the class the model predicts at `position`. internal_batch_size:
+    rows (windows) per forward pass inside path and perturbation methods. auto_threshold (Integrated
+    Gradients only): double `steps` until relative_delta < auto_threshold or steps would exceed max_steps.
+    """
+    x_np = np.asarray(window, dtype=np.float32)[None]
+    _check(model, x_np, method, baseline, output, steps)
+    length, width = x_np.shape[1:]
+    pos = _position(position, length)
+    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(width))
+    if len(names) != width:
+        raise ValueError(f"{len(names)} feature names for {width} features.")
+    n_actions = model.config.n_actions
+    notes: list[str] = [METHOD_NOTES[method]]
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor(x_np, requires_grad=True)  # fresh, not an inference tensor: Captum needs its gradient
+        base = torch.tensor(make_baseline(x_np, baseline, feature_mean))
+        worker = _worker(model, method)
+        with torch.no_grad():
+            logits = worker(torch.cat([x, base]))[:, pos, :]  # (2, n_actions): window, baseline
+        probs = logits[0].softmax(-1)
+        tgt = int(logits[0].argmax()) if target is None else int(target)
+        if not 0 <= tgt < n_actions:
+            raise ValueError(f"target class {tgt} is outside 0..{n_actions - 1}.")
+        fx, fb = (probs[tgt], logits[1].softmax(-1)[tgt]) if output == "probability" else logits[:, tgt]
+        change = float(fx - fb)
+        tgt_t = torch.tensor([tgt])
+        n = steps if method in PATH_METHODS else None
+        while True:
+            attr, delta = _run(worker, method, x, base, tgt_t, pos, output, n or 1, internal_batch_size,
+                               occlusion_patch)
+            d = None if delta is None else float(delta.view(-1)[0])
+            rel = _relative(d, change)
+            if method != IG or auto_threshold is None or rel is None or rel < auto_threshold:
+                break
+            if n * 2 > max_steps:
+                notes.append(f"relative delta still {rel:.1%} at the step cap of {max_steps}; "
+                             "the attributions may not add up to f(x) − f(baseline).")
+                break
+            notes.append(f"{n} steps: relative delta {rel:.1%} ≥ {auto_threshold:.1%}, doubling")
+            n *= 2
+        seconds = time.perf_counter() - t0
+    if method == DEEPLIFT:
+        notes.append(deeplift_caveat(model))
+    return AttributionResult(
+        method=method, attributions=attr[0].detach().float().numpy(), target=tgt,
+        target_name=action_names(n_actions)[tgt], position=pos, baseline=baseline, output=output,
+        probabilities=probs.float().numpy(), f_input=float(fx), f_baseline=float(fb),
+        delta=d, relative_delta=rel, steps=n, seconds=seconds,
+        feature_names=names, notes=tuple(notes),
+    )
+
+
+def deeplift_caveat(model: nn.Module) -> str:
+    """Which non-linearities DeepLift's rescale rule does not cover in this model (they get plain gradients)."""
+    kinds = sorted({type(m).__name__ for m in model.modules() if type(m) not in SUPPORTED_NON_LINEAR
+                    and type(m).__module__ in ("torch.nn.modules.activation", "torch.nn.modules.normalization")})
+    return ("Captum's DeepLift rescale rule covers only " + ", ".join(sorted(t.__name__ for t in SUPPORTED_NON_LINEAR))
+            + f"; this model's {', '.join(kinds) or 'layers'} and the softmax inside attention (a function, not a "
+            "module) get plain gradients, so completeness is not guaranteed: read the delta.")
+
+
+def completeness(result: AttributionResult, threshold: float = 0.05) -> tuple[str, str]:
+    """(level, message): level "good" (relative delta < threshold), "fair" (< 4 x threshold), "poor", or "n/a"
+    for methods without a convergence delta."""
+    rel = result.relative_delta
+    if result.delta is None:
+        return "n/a", f"{result.method} has no completeness check (no convergence delta)."
+    if rel is None:
+        return "n/a", (f"f(x) − f(baseline) is 0, so the relative delta is undefined; delta {result.delta:+.2e}. "
+                       "Choose another baseline.")
+    level = "good" if rel < threshold else "fair" if rel < 4 * threshold else "poor"
+    return level, (f"**Completeness {level}**: delta {result.delta:+.2e} = Σ attributions − (f(x) − f(baseline)); "
+                   f"relative delta {100 * rel:.3g} % of |f(x) − f(baseline)| (threshold {threshold:.1%}).")
+
+
+def feature_table(result: AttributionResult, top_k: int | None = None) -> pd.DataFrame:
+    """Per-feature signed totals ranked by magnitude: columns feature, total, abs_total, share."""
+    tot = result.per_feature
+    df = pd.DataFrame({"feature": result.feature_names, "total": tot, "abs_total": np.abs(tot)})
+    df["share"] = df["abs_total"] / max(float(df["abs_total"].sum()), 1e-30)
+    df = df.sort_values("abs_total", ascending=False, ignore_index=True)
+    return df.head(top_k) if top_k else df
+
+
+def time_table(result: AttributionResult) -> pd.DataFrame:
+    """Per-step signed totals: columns step (0..S-1), offset (step - position), total."""
+    tot = result.per_time
+    steps = np.arange(len(tot))
+    return pd.DataFrame({"step": steps, "offset": steps - result.position, "total": tot})
+
+
+def rank_agreement(vectors: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Spearman rank correlation between importance vectors of equal length (e.g. |per-feature totals|)."""
+    lengths = {len(v) for v in vectors.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"importance vectors differ in length: {sorted(lengths)}")
+    return pd.DataFrame({k: np.asarray(v, np.float64) for k, v in vectors.items()}).corr(method="spearman")
+
+
+def agreement(results: Sequence[AttributionResult], by: str = "feature",
+              extra: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Spearman correlation of |per-feature| (by="feature") or |per-time| (by="time") totals between results,
+    plus any `extra` importance vectors (e.g. attention rollout of the deciding step, by="time").
+    By time, Feature Ablation is left out: it spreads each effect evenly over time, so its steps are all equal."""
+    if by not in ("feature", "time"):
+        raise ValueError(f"by must be 'feature' or 'time', not {by!r}")
+    vecs = {r.method: np.abs(r.per_feature if by == "feature" else r.per_time) for r in results
+            if by == "feature" or r.method != ABLATION}
+    vecs.update(extra or {})
+    return rank_agreement(vecs)
+
+
+def rollout_importance(model: nn.Module, window: np.ndarray, position: int = -1) -> np.ndarray:
+    """(S,) attention rollout row of the deciding step: how much each input step flows into it."""
+    maps = window_attention(model, np.asarray(window, dtype=np.float32)).maps
+    return rollout(maps)[_position(position, maps.shape[-1])]
+
+
+def evenly_spaced(n_windows: int, n: int) -> np.ndarray:
+    """Indices of min(n, n_windows) windows spread evenly over 0..n_windows-1."""
+    if n_windows < 1:
+        raise ValueError("there are no windows to sample from; use more data or a shorter window.")
+    return np.unique(np.linspace(0, n_windows - 1, min(n, n_windows)).round().astype(int))
+
+
+def global_importance(
+    model: nn.Module,
+    windows: np.ndarray,
+    indices: Sequence[int] | None = None,
+    method: str = IXG,
+    target: int | None = None,
+    position: int = -1,
+    baseline: str = ZEROS,
+    feature_mean: np.ndarray | None = None,
+    steps: int = 16,
+    batch_size: int = 16,
+    internal_batch_size: int = 64,
+    output: str = "logit",
+    occlusion_patch: tuple[int, int] = (8, 1),
+    feature_names: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> GlobalImportance:
+    """Per-feature totals of `method` over many windows ((N, S, D), e.g. a rolling_windows view).
+
+    indices: which windows (default all). target None explains each window's predicted class.
+    progress(done, total) is called after every batch of `batch_size` windows.
+    """
+    windows = np.asarray(windows)
+    idx = np.arange(len(windows)) if indices is None else np.asarray(indices, dtype=int)
+    if len(idx) == 0:
+        raise ValueError("no windows selected for global importance.")
+    _check(model, windows[idx[:1]].astype(np.float32), method, baseline, output, steps)
+    length, width = windows.shape[1:]
+    pos = _position(position, length)
+    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(width))
+    totals, predicted, targets = [], [], []
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        worker = _worker(model, method)
+        for start in range(0, len(idx), batch_size):
+            x_np = np.ascontiguousarray(windows[idx[start:start + batch_size]], dtype=np.float32)
+            if not np.isfinite(x_np).all():
+                raise ValueError("a window contains NaN or infinite values; clean the features first.")
+            x = torch.tensor(x_np, requires_grad=True)
+            base = torch.tensor(make_baseline(x_np, baseline, feature_mean))
+            with torch.no_grad():
+                pred = model(x)[:, pos, :].argmax(-1)
+            tgt = pred if target is None else torch.full_like(pred, int(target))
+            attr, _ = _run(worker, method, x, base, tgt, pos, output, steps, internal_batch_size, occlusion_patch)
+            totals.append(attr.detach().float().sum(dim=1).numpy())
+            predicted.append(pred.numpy())
+            targets.append(tgt.numpy())
+            if progress is not None:
+                progress(min(start + batch_size, len(idx)), len(idx))
+    return GlobalImportance(
+        method=method, baseline=baseline, output=output, position=pos,
+        totals=np.concatenate(totals).astype(np.float32), window_index=idx, predicted=np.concatenate(predicted),
+        targets=np.concatenate(targets), feature_names=names,
+        action_names=action_names(model.config.n_actions), seconds=time.perf_counter() - t0,
+    )

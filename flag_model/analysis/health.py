@@ -1,0 +1,110 @@
+"""Parameter counts, dtypes and a health scan of a state dict (no model needed)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import pandas as pd
+import torch
+
+# Severity order for display.
+LEVELS = ("error", "warning", "info", "ok")
+_B_ZERO = 1e-8  # |lora_B| below this everywhere: the adapter has not learned
+
+
+def param_group(key: str) -> str:
+    """base / LoRA / other, the three groups the Overview counts."""
+    if ".lora." in key or re.search(r"lora_[AB]", key):
+        return "LoRA"
+    if ".base." in key:
+        return "base"
+    return "other"
+
+
+def parameter_counts(state_dict: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """Rows base / LoRA / other / total with tensors, parameters, bytes and share of parameters."""
+    rows: dict[str, list[int]] = {g: [0, 0, 0] for g in ("base", "LoRA", "other")}
+    for k, t in state_dict.items():
+        r = rows[param_group(k)]
+        r[0] += 1
+        r[1] += t.numel()
+        r[2] += t.numel() * t.element_size()
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=["tensors", "parameters", "bytes"])
+    df.loc["total"] = df.sum()
+    df["share"] = df["parameters"] / max(int(df.loc["total", "parameters"]), 1)
+    return df
+
+
+def dtype_counts(state_dict: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """Tensors and parameters per dtype."""
+    rows: dict[str, list[int]] = {}
+    for t in state_dict.values():
+        r = rows.setdefault(str(t.dtype).removeprefix("torch."), [0, 0])
+        r[0] += 1
+        r[1] += t.numel()
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["tensors", "parameters"])
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # error / warning / info / ok
+    check: str
+    message: str
+    keys: tuple[str, ...] = ()
+
+
+def _looks_like_linear_init(w: torch.Tensor) -> bool:
+    """nn.Linear's default init is U(-1/sqrt(in), 1/sqrt(in)): std 1/sqrt(3 in), no value beyond the bound."""
+    if w.dim() != 2 or w.numel() < 256:
+        return False
+    w = w.float()
+    bound = 1 / math.sqrt(w.shape[1])
+    std_ratio = w.std().item() / (bound / math.sqrt(3))
+    return 0.97 < std_ratio < 1.03 and w.abs().max().item() <= bound * 1.0001 and abs(w.mean().item()) < 0.05 * bound
+
+
+def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
+    """NaN/Inf, all-zero tensors, dead LoRA adapters (B ~ 0), head at init, base weights at random init."""
+    sd = state_dict
+    out: list[Finding] = []
+    floats = {k: t for k, t in sd.items() if t.is_floating_point()}
+    bad = tuple(k for k, t in floats.items() if not torch.isfinite(t).all())
+    out.append(Finding("error", "NaN / Inf", f"{len(bad)} tensors contain NaN or Inf.", bad) if bad
+               else Finding("ok", "NaN / Inf", "every tensor is finite."))
+    zero = tuple(k for k, t in floats.items() if t.numel() and not t.any() and not k.endswith("lora_B"))
+    out.append(Finding("warning", "all-zero tensors", f"{len(zero)} tensors are all zeros.", zero) if zero
+               else Finding("ok", "all-zero tensors", "no tensor is all zeros (LoRA B checked separately)."))
+    b_keys = [k for k in floats if k.endswith("lora_B")]
+    dead = tuple(k for k in b_keys if floats[k].abs().max().item() < _B_ZERO)
+    if not b_keys:
+        out.append(Finding("info", "LoRA adapters", "the file has no LoRA adapters."))
+    elif dead:
+        out.append(Finding("warning", "LoRA adapters",
+                           f"{len(dead)}/{len(b_keys)} adapters have lora_B ≈ 0: they change nothing "
+                           "(untrained, or saved before training).", dead))
+    else:
+        out.append(Finding("ok", "LoRA adapters", f"all {len(b_keys)} adapters have non-zero lora_B."))
+    head = floats.get("action_head.weight")
+    if head is not None:
+        if _looks_like_linear_init(head):
+            out.append(Finding("warning", "action head", "action_head.weight looks like its random initialisation.",
+                               ("action_head.weight",)))
+        else:
+            out.append(Finding("ok", "action head", "action_head.weight does not look like its initialisation."))
+    bases = [k for k in floats if k.endswith(".base.weight")]
+    init = tuple(k for k in bases if _looks_like_linear_init(floats[k]))
+    if bases:
+        share = len(init) / len(bases)
+        level = "info" if share > 0.5 else "ok"
+        msg = (f"{len(init)}/{len(bases)} base weights look like untrained nn.Linear initialisation "
+               "(uniform ±1/√in). Expected for FLAG-TRADER: only LoRA, embeddings, norms and the head were trained."
+               if init else "no base weight looks like untrained initialisation.")
+        out.append(Finding(level, "base weights", msg, init))
+    return out
+
+
+def findings_frame(findings: list[Finding]) -> pd.DataFrame:
+    return pd.DataFrame([{"level": f.level, "check": f.check, "message": f.message,
+                          "tensors": len(f.keys), "examples": ", ".join(f.keys[:3])} for f in findings])

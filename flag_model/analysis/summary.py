@@ -1,0 +1,85 @@
+"""What a checkpoint is: format, metadata, configuration with provenance, counts — for the Overview and `inspect`."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import pandas as pd
+
+from ..checkpoint import Checkpoint
+from ..config import ModelConfig
+from ..model import expected_shapes, find_mismatch
+from .health import dtype_counts, findings_frame, health_scan, parameter_counts
+
+_SHAPE_FIELDS = ("n_blocks", "d_model", "ffn_dim", "state_dim", "n_actions", "max_length", "lora_rank")
+
+
+def config_table(cfg: ModelConfig) -> pd.DataFrame:
+    """One row per field: value, whether inferred from the weights or assumed, and where it came from."""
+    rows = []
+    for name in (*_SHAPE_FIELDS, "lora_targets", *ModelConfig.ASSUMPTIONS):
+        value = getattr(cfg, name)
+        if name == "lora_targets":
+            value = f"{len(value)} modules"
+        prov = cfg.provenance.get(name, "")
+        kind = "assumption" if name in ModelConfig.ASSUMPTIONS else "inferred"
+        rows.append({"field": name, "value": str(value), "kind": kind,
+                     "source": prov.removeprefix("assumption: ")})
+    return pd.DataFrame(rows)
+
+
+def file_table(ckpt: Checkpoint) -> pd.DataFrame:
+    """Format facts of the file as (property, value) rows."""
+    rows = {
+        "source": ckpt.source,
+        "format": ckpt.format,
+        "size": f"{ckpt.size_bytes / 2**20:.1f} MiB ({ckpt.size_bytes:,} bytes)",
+        "wrapper keys": ", ".join(ckpt.wrapper_keys) or "(bare state dict)",
+        "weights under": ckpt.state_dict_key or "(top level)",
+        "prefixes removed": ", ".join(ckpt.prefixes_stripped) or "none",
+        "tensors": f"{ckpt.n_tensors:,}",
+        "parameters": f"{ckpt.n_params:,}",
+        "sha256": ckpt.digest,
+    }
+    return pd.DataFrame({"property": list(rows), "value": list(rows.values())})
+
+
+def metadata_table(ckpt: Checkpoint) -> pd.DataFrame:
+    """Scalar metadata (epoch, losses, accuracy, ...) as rows; long lists are summarised."""
+    rows = []
+    for k, v in ckpt.meta.items():
+        if isinstance(v, list) and len(v) > 8:
+            v = f"list of {len(v)} values"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in list(v.items())[:12])
+        rows.append({"key": k, "value": str(v)})
+    return pd.DataFrame(rows, columns=["key", "value"])
+
+
+def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
+    """Everything `python -m flag_model inspect --json` prints; plain JSON values only."""
+    counts = parameter_counts(ckpt.state_dict)
+    out: dict[str, Any] = {
+        "source": ckpt.source, "format": ckpt.format, "size_bytes": ckpt.size_bytes, "sha256": ckpt.digest,
+        "wrapper_keys": list(ckpt.wrapper_keys), "state_dict_key": ckpt.state_dict_key,
+        "prefixes_stripped": list(ckpt.prefixes_stripped), "tensors": ckpt.n_tensors,
+        "parameters": {g: int(counts.loc[g, "parameters"]) for g in counts.index},
+        "dtypes": {k: int(v) for k, v in dtype_counts(ckpt.state_dict)["tensors"].items()},
+        "metadata": {r.key: r.value for r in metadata_table(ckpt).itertuples()},
+        "warnings": list(ckpt.warnings),
+        "health": findings_frame(health_scan(ckpt.state_dict)).drop(columns="examples").to_dict("records"),
+    }
+    if ckpt.config is None:
+        out["fits"] = False
+        out["config_error"] = ckpt.config_error
+        return out
+    cfg = ckpt.config
+    mismatch = find_mismatch(expected_shapes(cfg), ckpt.state_dict)
+    out["fits"] = mismatch is None
+    if mismatch is not None:
+        out["config_error"] = str(mismatch)
+    out["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("provenance", "lora_targets")}
+    out["config"]["lora_targets"] = len(cfg.lora_targets)
+    out["provenance"] = dict(cfg.provenance)
+    out["assumptions"] = {k: getattr(cfg, k) for k in ModelConfig.ASSUMPTIONS}
+    return out

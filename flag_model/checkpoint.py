@@ -1,0 +1,451 @@
+"""Read any supported checkpoint file safely into a `Checkpoint`.
+
+Only `torch.load(..., weights_only=True)` is used: a pickle that needs a class the safe loader refuses is
+reported by name and never executed. Files opened by path are memory-mapped.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import builtins
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import pickletools
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping
+
+import torch
+
+from .config import ConfigError, ModelConfig, infer_config
+from .layouts import strip_prefixes
+
+# Wrapper keys under which training scripts saved the model, most specific first.
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "weights")
+CONFIG_KEYS = ("config", "model_config", "hparams", "args")
+# Entries that hold tensors but are not model weights.
+_TRAINING_STATE = re.compile(r"^(optimizer|optim|scheduler|lr_scheduler|scaler)", re.I)
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's weights, with everything else the file held kept as metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    source: str
+    format: str  # "torch zip", "torch legacy" or "safetensors"
+    wrapper_keys: tuple[str, ...]  # top-level keys of the saved dict; () for a bare state dict
+    state_dict_key: str | None  # the wrapper key holding the weights
+    prefixes_stripped: tuple[str, ...]
+    digest: str  # sha256 of the file's bytes
+    size_bytes: int
+    stored_config: dict[str, Any] | None
+    warnings: list[str] = field(default_factory=list)
+    config: ModelConfig | None = None
+    config_error: str | None = None
+
+    def require_config(self) -> ModelConfig:
+        """The inferred config, or ConfigError saying why this file has none."""
+        if self.config is None:
+            raise ConfigError(self.config_error or "no configuration could be inferred")
+        return self.config
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self.state_dict)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.state_dict.values())
+
+
+def _read_source(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO) -> tuple[str, Path | None, bytes | None]:
+    """-> (display name, path or None, bytes or None)."""
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            path = Path(src).expanduser()
+            path.stat()
+        except (OSError, RuntimeError, ValueError) as exc:  # missing, unknown ~user, name too long, NUL byte
+            raise CheckpointError(f"{src}: cannot open this path ({exc}). Check the path (it is read on the "
+                                  "machine running the tool).") from None
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file. Check the path (it is read on the machine running the tool).")
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt, .pth, .bin or .safetensors).")
+        return str(path), path, None
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return "uploaded bytes", None, bytes(src)
+    if hasattr(src, "read"):
+        if hasattr(src, "seek"):
+            src.seek(0)
+        return str(getattr(src, "name", "uploaded file")), None, src.read()
+    raise CheckpointError(f"cannot read a checkpoint from a {type(src).__name__}; give a path, bytes or a file object.")
+
+
+def _digest(path: Path | None, data: bytes | None) -> str:
+    h = hashlib.sha256()
+    if data is not None:
+        h.update(data)
+    else:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _sniff(head: bytes) -> str:
+    """Container format from the first bytes."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "torch zip"
+    if len(head) >= 9:
+        n = struct.unpack("<Q", head[:8])[0]
+        if 2 <= n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
+        return "torch legacy"
+    return "unknown"
+
+
+def _describe_unknown(name: str, head: bytes) -> str:
+    text = head.lstrip()
+    try:
+        sample = text[:200].decode("utf-8")
+        printable = sum(c.isprintable() or c in "\r\n\t" for c in sample) >= 0.95 * max(len(sample), 1)
+    except UnicodeDecodeError:
+        printable = False
+    if printable and sample:
+        kind = "JSON" if sample[:1] in "{[" else "text"
+        return (f"{name} is a {kind} file (it starts with {sample[:40]!r}), not a checkpoint. "
+                "Open the .pt/.pth/.bin/.safetensors file the training script saved.")
+    return (f"{name} is not a PyTorch or safetensors checkpoint (first bytes {head[:8].hex(' ')}). "
+            "The file may be corrupt or of another kind; re-export it with torch.save or safetensors.")
+
+
+# Modules whose globals torch's safe loader may allow; anything else in a refused pickle is named as the cause.
+_SAFE_MODULES = ("torch", "collections", "_codecs", "numpy", "builtins", "copyreg")
+
+
+def _pickle_globals(raw: bytes) -> list[str]:
+    """`module.name` of every global the pickle(s) in `raw` import, in Python 3 spelling.
+
+    Only parses opcodes (pickletools), never executes; a damaged tail ends the scan.
+    """
+    found: list[str] = []
+    f = io.BytesIO(raw)
+    try:
+        while f.tell() < len(raw):  # a legacy file is several pickles in a row
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - raw storage bytes or damage after the pickles: keep what was read
+        pass
+    out = []
+    for g in found:
+        mod, _, attr = g.partition(".")
+        mod, attr = _compat_pickle.NAME_MAPPING.get((mod, attr), (_compat_pickle.IMPORT_MAPPING.get(mod, mod), attr))
+        if f"{mod}.{attr}" not in out:
+            out.append(f"{mod}.{attr}")
+    return out
+
+
+def _refused_globals(fmt: str, path: Path | None, data: bytes | None, limit: int = 1 << 26) -> list[str]:
+    """Globals in the file's pickle outside the modules tensors and plain values come from (builtin
+    functions such as eval count as outside; builtin types do not)."""
+    try:
+        if fmt == "torch zip":
+            with zipfile.ZipFile(path if path is not None else io.BytesIO(data)) as zf:
+                raw = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+        elif path is not None:
+            with path.open("rb") as f:
+                raw = f.read(limit)
+        else:
+            raw = data[:limit]
+    except Exception:  # noqa: BLE001 - no readable pickle: fall back to torch's own message
+        return []
+    return [g for g in _pickle_globals(raw) if g.split(".")[0] not in _SAFE_MODULES
+            or (g.startswith("builtins.") and not isinstance(getattr(builtins, g[9:], None), type))]
+
+
+def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> Any:
+    try:
+        if path is not None:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch zip"))
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        refused = _refused_globals(fmt, path, data) or re.findall(r"GLOBAL ([\w.]+)", msg)[:1]
+        if refused:
+            return _refuse(name, ", ".join(refused[:5]))
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
+        raise CheckpointError(
+            f"{name}: the safe loader refused this pickle ({(detail.group(1) if detail else msg.splitlines()[0])[:200]}). "
+            "It holds something other than tensors and plain values; it was not executed. "
+            "Re-save only the state dict (torch.save(model.state_dict(), path)) from trusted code."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged archive makes torch raise is a damaged file
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{name}: the {fmt} archive is damaged or truncated ({first}). "
+            "Copy the file again (check its size against the original) or re-save it."
+        ) from None
+
+
+def _refuse(name: str, what: str) -> Any:
+    raise CheckpointError(
+        f"{name} needs the Python object '{what}' to load, which the safe loader (weights_only=True) refuses; "
+        "nothing in the file was executed. If you trust its origin, re-save only the state dict "
+        "(torch.save(model.state_dict(), path)) from the training code."
+    )
+
+
+def _safetensors_load(name: str, path: Path | None, data: bytes | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        if data is not None:
+            n = struct.unpack("<Q", data[:8])[0]
+            header, tensors = data[8:8 + n], load(data)
+        else:
+            with path.open("rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = f.read(n)
+            tensors = load_file(str(path))
+        metadata = json.loads(header).get("__metadata__") or {}
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, bad JSON, a header that is not an object...
+        raise CheckpointError(
+            f"{name}: the safetensors file is damaged or truncated ({str(exc)[:200]}). Copy or export it again."
+        ) from None
+    return tensors, metadata
+
+
+_MAX_DEPTH = 32  # nesting of dicts/lists read from a file
+_MAX_ENTRIES = 1_000_000  # dict entries walked per file; shared sub-dicts are counted each time
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "", _budget: list[int] | None = None,
+             _depth: int = 0) -> dict[str, torch.Tensor]:
+    """Nested dicts of tensors -> one dotted-key dict (e.g. CGDT's top-level `dt` / `critic` dicts)."""
+    budget = [_MAX_ENTRIES] if _budget is None else _budget
+    if _depth > _MAX_DEPTH:
+        raise CheckpointError(f"dicts nested more than {_MAX_DEPTH} levels deep (at '{prefix[:80]}…'); "
+                              "this is not a model checkpoint.")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise CheckpointError(f"more than {_MAX_ENTRIES:,} nested dict entries; this is not a model checkpoint.")
+        if isinstance(v, torch.Tensor):
+            out[prefix + str(k)] = v
+        elif isinstance(v, Mapping) and not _TRAINING_STATE.match(str(k)):
+            out.update(_flatten(v, f"{prefix}{k}.", budget, _depth + 1))
+    return out
+
+
+def _plain(v: Any, _budget: list[int] | None = None, _depth: int = 0) -> Any:
+    """Metadata value for display: small tensors as numbers, big ones described; deep or huge values cut."""
+    budget = [10_000] if _budget is None else _budget
+    budget[0] -= 1
+    if budget[0] < 0 or _depth > _MAX_DEPTH:
+        return "… (cut: too large or too deeply nested to show)"
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and v.layout == torch.strided and v.device.type == "cpu" and not v.is_quantized:
+            return v.item()
+        return f"tensor {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x, budget, _depth + 1) for k, x in v.items()}
+    if isinstance(v, (list, tuple)) and len(v) <= 1000:
+        return [_plain(x, budget, _depth + 1) for x in v]
+    return v
+
+
+def _unwrap(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[str, ...], str | None]:
+    """Saved object -> (state dict, metadata, wrapper keys, state-dict key)."""
+    if isinstance(obj, torch.nn.Module):  # only reachable if a future torch allow-lists modules
+        return dict(obj.state_dict()), {}, (), None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{name} holds a {type(obj).__name__}, not a dict of tensors; save a state dict instead."
+        )
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}, {}, (), None
+    keys = tuple(str(k) for k in obj)
+    sd_key = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping) and _flatten(obj[k])), None)
+    meta: dict[str, Any] = {}
+    if sd_key is not None:
+        sd = _flatten(obj[sd_key])
+        rest = {k: v for k, v in obj.items() if k != sd_key}
+    else:
+        sd = _flatten(obj)
+        rest = {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)
+                and not (isinstance(v, Mapping) and _flatten(v) and not _TRAINING_STATE.match(str(k)))}
+    for k, v in rest.items():
+        if _TRAINING_STATE.match(str(k)):
+            groups = len(v.get("param_groups", [])) if isinstance(v, Mapping) else 0
+            meta[k] = f"present ({groups} parameter groups; not loaded)" if groups else "present (not loaded)"
+        else:
+            meta[str(k)] = _plain(v)
+    return sd, meta, keys, sd_key
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.int32,
+           torch.int64, torch.uint8, torch.bool)
+
+
+_MAX_VIEW_BYTES = 2 << 30  # values declared by overlapping (e.g. stride-0) tensors beyond their stored data
+
+
+def _check_tensors(sd: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse tensors the analysis cannot hold: exotic dtypes/layouts, and views declaring far more values than
+    the file stores (a stride-0 view can declare a 100000 x 100000 weight backed by one number; small ones,
+    as in tests that mimic a large file, are allowed)."""
+    view_bytes = 0
+    for k, t in sd.items():
+        if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized or t.dtype not in _DTYPES:
+            kind = str(t.dtype).removeprefix("torch.") if t.layout == torch.strided else str(t.layout)
+            raise CheckpointError(
+                f"{name}: tensor '{k}' is {kind} on {t.device.type}; weights must be dense real tensors "
+                "(float32/64, float16, bfloat16; integers and bools are read too). Re-save it as float32."
+            )
+        declared, stored = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+        view_bytes += declared if declared > stored else 0
+        if view_bytes > _MAX_VIEW_BYTES:
+            raise CheckpointError(
+                f"{name}: tensor '{k}' declares shape {list(t.shape)} ({t.numel():,} values) but the file holds "
+                f"only {stored:,} bytes for it (overlapping strides), over {_MAX_VIEW_BYTES >> 30} GiB of such "
+                "views in all. Re-save it with .contiguous() (torch.save(model.state_dict(), path))."
+            )
+
+
+def _stored_config(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    for k in CONFIG_KEYS:
+        v = meta.get(k)
+        if isinstance(v, Mapping):
+            return dict(v)
+        if isinstance(v, str) and v.strip().startswith("{"):
+            try:
+                return dict(json.loads(v))
+            except ValueError:
+                continue
+    return None
+
+
+def _health_warnings(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    out = []
+    amax = {k: float(t.abs().amax()) for k, t in sd.items() if t.numel() and t.dtype != torch.bool}
+    bad = [k for k, v in amax.items() if not math.isfinite(v)]
+    if bad:
+        out.append(f"{len(bad)} tensors contain NaN or Inf (e.g. {bad[0]}); predictions will be NaN.")
+    # A flipped exponent bit turns a weight into ~1e30: finite, but the forward pass overflows to NaN.
+    huge = [k for k, v in amax.items() if math.isfinite(v) and v > 1e4]
+    if huge:
+        out.append(f"{len(huge)} tensors hold values beyond ±1e4 (e.g. {huge[0]}: {amax[huge[0]]:.3g}), far outside "
+                   "trained weights; the file is probably damaged and predictions may overflow to NaN.")
+    ints = [k for k, t in sd.items() if not t.is_floating_point()]
+    if ints:
+        out.append(f"{len(ints)} tensors hold integers or bools (e.g. {ints[0]}: "
+                   f"{str(sd[ints[0]].dtype).removeprefix('torch.')}); weights are floats, so they are cast when loaded.")
+    half = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values() if t.dtype in _HALF})
+    if half:
+        n = sum(t.dtype in _HALF for t in sd.values())
+        out.append(f"{n} tensors are stored in {'/'.join(half)}; they are converted to float32 for analysis.")
+    return out
+
+
+def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, name: str | None = None) -> Checkpoint:
+    """Read a .pt/.pth/.bin (torch zip or legacy) or .safetensors checkpoint from a path, bytes or file object.
+
+    Unwraps saved-dict layouts and wrapper prefixes, keeps non-tensor entries as metadata, infers the
+    configuration when the layout fits. Raises CheckpointError with a readable message for bad input.
+    """
+    display, path, data = _read_source(src)
+    display = name or display
+    size = path.stat().st_size if path is not None else len(data)
+    if size == 0:
+        raise CheckpointError(f"{display} is empty (0 bytes). The copy or upload did not complete; try again.")
+    if data is not None:
+        head = data[:64]
+    else:
+        with path.open("rb") as f:
+            head = f.read(64)
+    fmt = _sniff(head)
+    if fmt == "unknown":
+        refused = _refused_globals(fmt, path, data, limit=1 << 20)  # e.g. a protocol-0 (text) pickle
+        if refused:
+            _refuse(display, ", ".join(refused[:5]))
+        raise CheckpointError(_describe_unknown(display, head))
+
+    if fmt == "safetensors":
+        tensors, st_meta = _safetensors_load(display, path, data)
+        obj: Any = tensors
+        extra_meta: dict[str, Any] = {k: v for k, v in st_meta.items()}
+    else:
+        obj, extra_meta = _torch_load(display, fmt, path, data), {}
+    sd, meta, wrapper_keys, sd_key = _unwrap(obj, display)
+    _check_tensors(sd, display)
+    meta.update(extra_meta)
+    if not sd:
+        raise CheckpointError(
+            f"{display} holds no tensors (top-level keys: {list(wrapper_keys)[:10]}). "
+            "It may be a metadata or optimizer-only file; open the file with the model weights."
+        )
+    sd, stripped = strip_prefixes(sd)
+    warnings = [f"removed the key prefix '{p}' from every key" for p in stripped]
+    warnings += _health_warnings(sd)
+    stored = _stored_config(meta)
+    ckpt = Checkpoint(
+        state_dict=sd, meta=meta, source=display, format=fmt, wrapper_keys=wrapper_keys, state_dict_key=sd_key,
+        prefixes_stripped=stripped, digest=_digest(path, data), size_bytes=size, stored_config=stored,
+        warnings=warnings,
+    )
+    try:
+        ckpt.config, more = infer_config(sd, stored)
+        ckpt.warnings += more
+    except ConfigError as exc:
+        ckpt.config_error = str(exc)
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        _infer_without_stored(ckpt, exc)
+    else:
+        if not abs(ckpt.config.lora_scale) <= 1e4:  # NaN, Inf or absurd: the forward pass would overflow
+            _infer_without_stored(ckpt, ValueError(f"its lora_alpha gives a LoRA scale of {ckpt.config.lora_scale:.3g}"))
+    return ckpt
+
+
+def _infer_without_stored(ckpt: Checkpoint, exc: Exception) -> None:
+    """infer_config failed on a value it did not expect: a stored config value of the wrong type, or a
+    tensor with the wrong number of dimensions. Retry without the stored config to tell which."""
+    try:
+        ckpt.config, more = infer_config(ckpt.state_dict, None)
+    except ConfigError as again:
+        ckpt.config_error = str(again)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        def want(k: str) -> int:  # dimensions of a key in the documented layout
+            if k == "pos_embedding":
+                return 3
+            return 2 if k.endswith(("lora_A", "lora_B")) or (k.endswith(".weight") and "norm" not in k) else 1
+        wrong = [f"{k} is {t.dim()}-d, expected {want(k)}-d" for k, t in ckpt.state_dict.items()
+                 if t.dim() != want(k)]
+        ckpt.config_error = (f"the tensor shapes do not fit the FLAG-TRADER layout ({'; '.join(wrong[:3]) or exc}). "
+                             "The Architecture page compares every key with the expected shape.")
+    else:
+        ckpt.warnings += more
+        ckpt.warnings.append(f"the stored config could not be used ({type(exc).__name__}: {exc}); "
+                             "the assumptions use their defaults.")

@@ -1,0 +1,184 @@
+"""The `predict` and `bench` subcommands (registered by flag_model/__main__.py through add_parsers)."""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from .data import MODES, NORMALISATIONS, RunningMoments, default_window, iter_table_chunks
+from .engine import PRECISIONS
+from .features import LabelRule
+
+DEFAULT_CHUNK_ROWS = 20_000
+ETH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ETH_USDT_5m_6m.csv"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB; ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Writer:
+    """Appends prediction frames to a CSV or Parquet file chunk by chunk (bounded memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.parquet = path.suffix.lower() in (".parquet", ".pq")
+        if not self.parquet and path.suffix.lower() != ".csv":
+            raise ValueError(f"--out must end in .csv or .parquet, not {path.name!r}.")
+        self._pq: Any = None
+        self._first = True
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._pq is None:
+                self._pq = pq.ParquetWriter(self.path, table.schema)
+            self._pq.write_table(table)
+        else:
+            frame.to_csv(self.path, mode="w" if self._first else "a", header=self._first, index=False)
+        self._first = False
+
+    def close(self) -> None:
+        if self._pq is not None:
+            self._pq.close()
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .checkpoint import load_checkpoint
+    from .model import build_model
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = build_model(ckpt, num_heads=args.num_heads, lora_scale=args.lora_scale,
+                        norm_first=True if args.pre_norm else None, causal=True if args.causal else None)
+    return ckpt, model
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .analysis.predict import decide, evaluate_arrays, feature_stream, predictions_frame, stream_predictions
+    from .engine import InferenceEngine
+
+    t0 = time.perf_counter()
+    ckpt, model = _load(args)
+    cfg = model.config
+    window = args.window or default_window(ckpt.meta, cfg.max_length)
+    rule = LabelRule(args.horizon, args.threshold)
+    engine = InferenceEngine(model, args.precision)
+    _say(f"{Path(args.checkpoint).name}: window {window}, {args.mode} mode, {args.normalisation} normalisation; "
+         f"engine {engine.info.dtype} on {engine.info.device} ({engine.info.reason})")
+
+    def chunks() -> Iterator[pd.DataFrame]:
+        return iter_table_chunks(args.data, args.chunk_rows)
+
+    stats = None
+    if args.normalisation == "data":
+        moments = RunningMoments()
+        for fm in feature_stream(chunks(), ckpt.meta, cfg.state_dim, "none"):
+            moments.update(fm.values.astype(np.float64))
+        stats = moments.result()
+        _say(f"first pass: feature statistics over {moments.n:,} rows")
+    out = _Writer(Path(args.out))
+    labels, actions, positions, names = [], [], [], ("SELL", "HOLD", "BUY")
+    rows = 0
+    try:
+        for part in stream_predictions(chunks(), ckpt.meta, engine, window, args.mode, args.normalisation, rule,
+                                       stats, warn=lambda m: _say(f"warning: {m}")):
+            out.write(predictions_frame(part))
+            rows += len(part)
+            names = part.actions
+            labels.append(part.labels)
+            actions.append(decide(part.logits)[1])
+            positions.append(part.position)
+            _say(f"  {rows:,} rows predicted, up to {part.times[-1]}")
+    finally:
+        out.close()
+    act = np.concatenate(actions)
+    shares = np.bincount(act, minlength=len(names)) / len(act)
+    _say("actions: " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, shares)))
+    metrics = evaluate_arrays(np.concatenate(labels), act, names,
+                              np.concatenate(positions) if args.mode == "blocks" else None, window)
+    if metrics is not None:
+        _say(f"labels ({rule.describe()}): accuracy {metrics.accuracy:.4f}, F1-macro {metrics.f1_macro:.4f}, "
+             f"majority baseline {metrics.majority_accuracy:.4f} ({metrics.majority_class}) over {metrics.n:,} rows")
+    _say(f"wrote {rows:,} rows to {args.out} in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_result, quick_model, run_bench
+
+    if args.quick:
+        model, meta = quick_model(), {}
+        cfg = BenchConfig(windows=tuple(args.windows or (16, 32)), min_seconds=0.05, peak_size=256,
+                          agreement_windows=(64, 32), data_path=Path(args.data) if args.data else None, quick=True,
+                          batch=16)
+    else:
+        if args.checkpoint:
+            ckpt, model = _load(args)
+        else:
+            from .checkpoint import load_checkpoint
+            from .demo import build_demo
+            from .model import build_model
+
+            _say("using the full demo checkpoint (built once if needed)")
+            ckpt = load_checkpoint(build_demo("full", progress=lambda f, m: _say(f"  [{f:4.0%}] {m}")))
+            model = build_model(ckpt)
+        meta = ckpt.meta
+        windows = tuple(args.windows or (64, 256))
+        cfg = BenchConfig(windows=windows, min_seconds=args.seconds,
+                          agreement_windows=tuple(args.agreement_windows for _ in windows)
+                          if args.agreement_windows else tuple(2048 if w <= 64 else 512 for w in windows),
+                          data_path=Path(args.data) if args.data else ETH_DATA)
+    result = run_bench(model, meta, cfg, report=lambda m: _say(f"  {m}"))
+    print(format_result(result))
+    return 0
+
+
+def _assumption_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-heads", type=int, help="attention heads (not recoverable from the weights)")
+    p.add_argument("--lora-scale", type=float, help="LoRA alpha / r (default: stored config, else 1.0)")
+    p.add_argument("--pre-norm", action="store_true", help="assume pre-norm blocks (default: post-norm)")
+    p.add_argument("--causal", action="store_true", help="assume a causal attention mask (default: none)")
+
+
+def add_parsers(sub: Any) -> None:
+    """Register `predict` and `bench` on the CLI's subparsers; each sets func(args) -> exit code."""
+    p = sub.add_parser("predict", help="SELL/HOLD/BUY for every bar of an OHLCV CSV/Parquet, streamed in chunks")
+    p.add_argument("checkpoint")
+    p.add_argument("data", help="OHLCV CSV or Parquet (columns detected by name: time/open/high/low/close/volume)")
+    p.add_argument("--out", required=True, help="predictions file, .csv or .parquet")
+    p.add_argument("--window", type=int, help="window length (default: the checkpoint's, else 64)")
+    p.add_argument("--mode", choices=MODES, default="rolling",
+                   help="rolling: stride 1, last position decides; blocks: non-overlapping, every position")
+    p.add_argument("--precision", choices=PRECISIONS, default="fast",
+                   help="fast: bf16 where native (or GPU); exact: float32")
+    p.add_argument("--normalisation", choices=NORMALISATIONS, default="checkpoint")
+    p.add_argument("--horizon", type=int, default=LabelRule().horizon, help="label horizon in bars")
+    p.add_argument("--threshold", type=float, default=LabelRule().threshold, help="label threshold (0.002 = 0.2 %%)")
+    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows read per chunk")
+    _assumption_args(p)
+    p.set_defaults(func=_predict)
+
+    b = sub.add_parser("bench", help="windows/s of reference vs exact vs fast engine, GFLOP/s vs peak, agreement")
+    b.add_argument("--checkpoint", help="checkpoint to time (default: the full demo)")
+    b.add_argument("--data", help=f"real OHLCV for the agreement check (default: {ETH_DATA})")
+    b.add_argument("--windows", type=int, nargs="+", help="window lengths (default: 64 256)")
+    b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
+    b.add_argument("--agreement-windows", type=int, help="real windows per length for the agreement check")
+    b.add_argument("--quick", action="store_true", help="tiny random model, a few windows (for tests)")
+    _assumption_args(b)
+    b.set_defaults(func=_bench)

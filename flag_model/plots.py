@@ -1,0 +1,512 @@
+"""Figure builders: analysis results in, plotly figures out. No model math here."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+ACTION_COLORS = {"SELL": "#d62728", "HOLD": "#7f7f7f", "BUY": "#2ca02c"}
+MAX_HEATMAP_CELLS = 250_000  # above this plotly pages get slow: downsample first
+
+
+def downsample_2d(a: np.ndarray, max_cells: int = MAX_HEATMAP_CELLS) -> tuple[np.ndarray, int, int]:
+    """Block-average a 2-D array so it has at most `max_cells` cells; returns (array, row step, col step)."""
+    rows, cols = a.shape
+    step = max(1, int(np.ceil(np.sqrt(rows * cols / max_cells))))
+    r, c = -(-rows // step), -(-cols // step)
+    padded = np.full((r * step, c * step), np.nan)
+    padded[:rows, :cols] = a
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(padded.reshape(r, step, c, step), axis=(1, 3)), step, step
+
+
+# Overview
+def parameter_breakdown(counts: pd.DataFrame) -> go.Figure:
+    """Horizontal stacked bar of parameters per group (rows base / LoRA / other of `parameter_counts`)."""
+    colors = {"base": "#9aa5b1", "LoRA": "#e07b39", "other": "#3b7dd8"}
+    fig = go.Figure()
+    for group in ("base", "LoRA", "other"):
+        n = int(counts.loc[group, "parameters"])
+        fig.add_bar(y=["parameters"], x=[n], name=f"{group} ({n:,})", orientation="h",
+                    marker_color=colors[group], hovertemplate=f"{group}: %{{x:,}}<extra></extra>")
+    fig.update_layout(barmode="stack", height=140, margin=dict(l=10, r=10, t=10, b=10),
+                      legend=dict(orientation="h", y=-0.4), yaxis=dict(showticklabels=False))
+    return fig
+
+
+
+# Tensor tree and architecture check
+STATUS_COLORS = {"matched": "#2ca02c", "mis-shaped": "#d62728", "missing": "#ff7f0e", "unexpected": "#9467bd",
+                 "mixed": "#e8c547"}
+
+
+def tensor_treemap(tree: pd.DataFrame, label: str) -> go.Figure:
+    """Treemap of the module hierarchy (tensor_tree): area = elements, colour = the chosen statistic.
+
+    Click a box to narrow the view to it; the path bar at the top goes back.
+    """
+    hover = [f"<b>{i.rstrip('/')}</b><br>{e:,} elements in {n} tensor{'s' * (n > 1)}<br>{label}: {c:.4g}"
+             for i, e, n, c in zip(tree["id"], tree["elements"], tree["n_tensors"], tree["color"])]
+    fig = go.Figure(go.Treemap(
+        ids=tree["id"], labels=tree["label"], parents=tree["parent"], values=tree["elements"],
+        branchvalues="total", maxdepth=4, hovertext=hover, hoverinfo="text",
+        marker=dict(colors=tree["color"], colorscale="Viridis", colorbar=dict(title=label, thickness=12)),
+        pathbar=dict(visible=True), tiling=dict(pad=2),
+    ))
+    fig.update_layout(height=560, margin=dict(l=5, r=5, t=30, b=5))
+    return fig
+
+
+def value_histogram(edges: np.ndarray, counts: np.ndarray, name: str) -> go.Figure:
+    """Histogram of a tensor's finite values (pre-binned counts)."""
+    centers = (edges[1:] + edges[:-1]) / 2
+    fig = go.Figure(go.Bar(x=centers, y=counts, width=np.diff(edges), marker_color="#3b7dd8",
+                           hovertemplate="%{x:.4g}: %{y:,}<extra></extra>"))
+    fig.update_layout(title=f"values of {name}", height=300, bargap=0, xaxis_title="value", yaxis_title="count",
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def matrix_heatmap(matrix: np.ndarray, name: str) -> go.Figure:
+    """A 2-D tensor as a heatmap (rows × columns, block-averaged so at most MAX_HEATMAP_CELLS cells)."""
+    z, step, _ = downsample_2d(matrix.astype(np.float64))
+    lim = float(np.nanmax(np.abs(z))) or 1.0
+    note = f" (mean of {step}×{step} blocks)" if step > 1 else ""
+    fig = go.Figure(go.Heatmap(z=z, x=np.arange(z.shape[1]) * step, y=np.arange(z.shape[0]) * step,
+                               colorscale="RdBu_r", zmid=0, zmin=-lim, zmax=lim,
+                               hovertemplate="row %{y}, col %{x}: %{z:.4g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="row")
+    fig.update_xaxes(title="column")
+    fig.update_layout(title=f"{name} {list(matrix.shape)}{note}", height=420, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def spectrum_vs_init(singular_values: np.ndarray, expected: np.ndarray, edge: float, init: str) -> go.Figure:
+    """Singular values (descending) next to the Marchenko–Pastur expectation of a random init of that shape."""
+    k = np.arange(1, len(singular_values) + 1)
+    fig = go.Figure([
+        go.Scatter(x=k, y=singular_values, name="this tensor", mode="lines+markers" if len(k) <= 64 else "lines",
+                   line_color="#d62728"),
+        go.Scatter(x=k, y=expected, name=f"random init: {init}", mode="lines", line=dict(color="#1f77b4", dash="dash")),
+    ])
+    if edge > 0:
+        fig.add_hline(y=edge, line=dict(color="#999", dash="dot"), annotation_text="init edge",
+                      annotation_position="top right")
+    fig.update_layout(title="singular values", height=320, xaxis_title="index k", yaxis_title="singular value",
+                      legend=dict(orientation="h", y=-0.25), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def change_heatmap(grid: pd.DataFrame) -> go.Figure:
+    """blocks × in-block tensors of the relative change ‖b − a‖ / ‖a‖ between two checkpoints (log10 colour)."""
+    z = grid.to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logz = np.where(z > 0, np.log10(np.where(np.isinf(z), np.nan, z)), np.nan)
+    text = np.vectorize(lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else f"{v:.3g}"))(z)
+    fig = go.Figure(go.Heatmap(z=logz, x=[str(c) for c in grid.columns], y=[f"block {b}" for b in grid.index],
+                               colorscale="Magma", customdata=text, colorbar=dict(title="log10 rel. change"),
+                               hovertemplate="%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(tickangle=-45)
+    fig.update_layout(height=max(260, 28 * len(grid) + 180), margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def key_status_treemap(tree: pd.DataFrame) -> go.Figure:
+    """The aligned key tree of file vs target (key_status_tree), one colour per status; labels carry counts."""
+    hover = [f"<b>{i.rstrip('/')}</b><br>{s}" for i, s in zip(tree["id"], tree["status"])]
+    fig = go.Figure(go.Treemap(
+        ids=tree["id"], labels=tree["label"], parents=tree["parent"], values=tree["size"], branchvalues="remainder",
+        marker=dict(colors=[STATUS_COLORS[s] for s in tree["status"]]), hovertext=hover, hoverinfo="text",
+        maxdepth=3, pathbar=dict(visible=True), tiling=dict(pad=2),
+    ))
+    fig.update_layout(height=520, margin=dict(l=5, r=5, t=30, b=5))
+    return fig
+
+
+def layout_ranking_bars(ranking: pd.DataFrame) -> go.Figure:
+    """Share of key patterns each known layout has in common with the file, best first."""
+    r = ranking.iloc[::-1]
+    fig = go.Figure(go.Bar(
+        x=r["score"], y=r["title"], orientation="h", marker_color=["#2ca02c" if s >= 0.9 else "#9aa5b1" for s in r["score"]],
+        text=[f"{s:.0%} · {m}/{n} keys" for s, m, n in zip(r["score"], r["matched"], r["layout_keys"])],
+        textposition="auto", hovertemplate="%{y}: %{x:.0%} of key patterns<extra></extra>",
+    ))
+    fig.update_layout(height=60 + 32 * len(r), xaxis=dict(range=[0, 1], tickformat=".0%", title="key patterns in common"),
+                      margin=dict(l=10, r=10, t=10, b=10))
+    return fig
+
+
+# LoRA and attention
+def _cell_hover(metrics: pd.DataFrame, grid: pd.DataFrame, labels: dict[str, str]) -> tuple[np.ndarray, str]:
+    """customdata (blocks, modules, n) of every metric plus flags, and the matching hovertemplate."""
+    idx = pd.MultiIndex.from_product([grid.index, grid.columns])
+    by_cell = metrics.set_index(["block", "module"]).reindex(idx)
+    cols = list(labels)
+    data = np.empty(grid.shape + (len(cols) + 1,), dtype=object)
+    for i, col in enumerate(cols):
+        data[..., i] = by_cell[col].to_numpy().reshape(grid.shape)
+    data[..., -1] = by_cell["flags"].fillna("").to_numpy().reshape(grid.shape)
+    lines = [f"{labels[c]}: %{{customdata[{i}]:.4g}}" for i, c in enumerate(cols)]
+    template = "%{y}, %{x}<br>" + "<br>".join(lines) + f"<br><b>%{{customdata[{len(cols)}]}}</b><extra></extra>"
+    return data, template
+
+
+def lora_heatmap(grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: dict[str, str],
+                 log: bool = False) -> go.Figure:
+    """blocks × modules heatmap of one metric (`grid`), every metric on hover, flags drawn as symbols.
+
+    An invisible marker sits on each cell so that clicking a cell selects it (plotly heatmaps emit no
+    point selection); the symbols are ✕ dead, ▲ ΔW dominates W, ! outlier across blocks.
+    """
+    z = grid.to_numpy(dtype=float)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(z > 0, np.log10(z), np.nan)
+    x = [str(c) for c in grid.columns]
+    y = [f"block {b}" for b in grid.index]
+    custom, template = _cell_hover(metrics, grid, labels)
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", hoverinfo="skip",
+                               colorbar=dict(title=("log10 " if log else "") + label)))
+    flags = metrics.set_index(["block", "module"]).reindex(pd.MultiIndex.from_product([grid.index, grid.columns]))
+    symbols = [("✕" if d else "") + ("▲" if m else "") + ("!" if o else "") for d, m, o in
+               zip(flags["dead"].fillna(False), flags["dominating"].fillna(False), flags["outlier"].fillna(False))]
+    gx, gy = np.meshgrid(x, y)
+    fig.add_trace(go.Scatter(
+        x=gx.ravel(), y=gy.ravel(), mode="markers+text", text=symbols, textfont=dict(color="white", size=16),
+        marker=dict(size=28, symbol="square", color="rgba(0,0,0,0)"), customdata=custom.reshape(-1, custom.shape[-1]),
+        hovertemplate=template, showlegend=False,
+    ))
+    fig.update_yaxes(autorange="reversed", title=None)
+    fig.update_xaxes(title="adapted module", side="top")
+    fig.update_layout(height=max(260, 34 * len(y) + 120), margin=dict(l=10, r=10, t=40, b=10),
+                      clickmode="event+select")
+    return fig
+
+
+def lora_spectra(spectra: pd.DataFrame, title: str) -> go.Figure:
+    """Singular values of ΔW, W and W + ΔW against their index k, log scale."""
+    long = spectra.melt(id_vars="k", var_name="matrix", value_name="singular value").dropna()
+    fig = px.line(long, x="k", y="singular value", color="matrix", log_y=True, markers=len(spectra) <= 64,
+                  color_discrete_map={"ΔW": "#d62728", "W": "#1f77b4", "W + ΔW": "#2ca02c"}, title=title)
+    fig.update_yaxes(dtick=1, exponentformat="power")  # decades only: plotly's 2/5 minor labels read as values
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10), legend_title_text=None)
+    return fig
+
+
+def ablation_bars(summary: pd.DataFrame) -> go.Figure:
+    """Mean decision probability per action with LoRA on (solid) and with the chosen adapters off (hatched)."""
+    colors = [ACTION_COLORS.get(a, "#1f77b4") for a in summary["action"]]
+    fig = go.Figure([
+        go.Bar(x=summary["action"], y=summary["mean p (LoRA on)"], name="LoRA on", marker_color=colors),
+        go.Bar(x=summary["action"], y=summary["mean p (ablated)"], name="ablated", marker_color=colors,
+               marker_pattern_shape="/", opacity=0.6),
+    ])
+    fig.update_layout(barmode="group", height=320, yaxis_title="mean probability at the decision position",
+                      margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def ablation_changes(before: np.ndarray, after: np.ndarray, actions: tuple[str, ...], x: np.ndarray) -> go.Figure:
+    """Change of each action's decision probability per sample window (after − before)."""
+    fig = go.Figure([go.Scatter(x=x, y=after[:, i] - before[:, i], name=a, mode="lines+markers",
+                                line_color=ACTION_COLORS.get(a)) for i, a in enumerate(actions)])
+    fig.add_hline(y=0, line_color="#999", line_width=1)
+    fig.update_layout(height=300, yaxis_title="Δ probability (ablated − on)", xaxis_title="window end",
+                      margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def attention_grid(maps: np.ndarray, max_cells: int = MAX_HEATMAP_CELLS) -> go.Figure:
+    """Layers × heads small multiples of attention maps (L, H, S, S), one shared colour scale."""
+    L, H, S, _ = maps.shape
+    per_map = max(16, max_cells // (L * H))
+    fig = make_subplots(rows=L, cols=H, row_titles=[f"L{i}" for i in range(L)],
+                        column_titles=[f"head {h}" for h in range(H)],
+                        horizontal_spacing=0.01, vertical_spacing=0.01)
+    for i in range(L):
+        for h in range(H):
+            z, step, _ = downsample_2d(maps[i, h], per_map)
+            fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", hovertemplate=(
+                f"layer {i} head {h}<br>query %{{y}}, key %{{x}} (×{step})<br>p %{{z:.3f}}<extra></extra>")),
+                row=i + 1, col=h + 1)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    cmax = float(np.quantile(maps, 0.995)) or None
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=cmax, colorbar_title="p"),
+                      height=min(110 * L, 1400) + 60, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def attention_map(a: np.ndarray, title: str, zlabel: str = "attention", cap_diagonal: bool = False) -> go.Figure:
+    """One (S, S) map with axes in time steps relative to the decision bar (0 = last bar of the window).
+
+    Cells right of the dashed diagonal are keys later than their query: attention on the future.
+    cap_diagonal caps the colour scale at the largest off-diagonal value (rollout: the residual
+    makes the diagonal dominate and would flatten everything else).
+    """
+    S = a.shape[0]
+    zmax = float(a[~np.eye(S, dtype=bool)].max()) if cap_diagonal and S > 1 else None
+    z, step, _ = downsample_2d(a)
+    steps = np.arange(0, S, step) - (S - 1)
+    fig = go.Figure(go.Heatmap(z=z, x=steps, y=steps, colorscale="Viridis", zmin=0, zmax=zmax,
+                               colorbar_title=zlabel,
+                               hovertemplate="query t%{y:+d}, key t%{x:+d}<br>%{z:.4f}<extra></extra>"))
+    fig.add_shape(type="line", x0=-(S - 1), y0=-(S - 1), x1=0, y1=0, line=dict(color="white", dash="dash"))
+    fig.update_yaxes(autorange="reversed", title="query (steps from the decision bar)")
+    fig.update_xaxes(title="key (steps from the decision bar)")
+    fig.update_layout(title=title, height=480, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def decision_inflow(row: np.ndarray) -> go.Figure:
+    """The decision bar's rollout row: how much each input step flows into the decision."""
+    S = len(row)
+    fig = go.Figure(go.Bar(x=np.arange(S) - (S - 1), y=row, marker_color="#1f77b4"))
+    fig.update_layout(height=260, xaxis_title="input step (0 = decision bar)", yaxis_title="rollout share",
+                      margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def head_stat_heatmap(stats: pd.DataFrame, column: str, label: str,
+                      zrange: tuple[float, float] | None = None, diverging: bool = False) -> go.Figure:
+    """layers × heads heatmap of one per-head statistic, values written in the cells.
+
+    zrange fixes the colour scale (e.g. 0..1 for shares, so small differences do not look large);
+    diverging centres a red-blue scale at 0 (signed statistics such as look-back distance).
+    """
+    grid = stats.pivot(index="layer", columns="head", values=column)
+    z = grid.to_numpy()
+    colour = dict(colorscale="RdBu", zmid=0) if diverging else dict(colorscale="Viridis")
+    if zrange is not None:
+        colour.update(zmin=zrange[0], zmax=zrange[1])
+    fig = go.Figure(go.Heatmap(z=z, x=[f"h{h}" for h in grid.columns], y=[f"L{i}" for i in grid.index],
+                               text=np.round(z, 2), texttemplate="%{text}" if grid.size <= 150 else None,
+                               hovertemplate="%{y} %{x}: %{z:.4f}<extra></extra>", colorbar=dict(thickness=10),
+                               **colour))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=label, height=max(220, 26 * len(grid) + 90), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def future_by_query_lines(future: np.ndarray) -> go.Figure:
+    """Share of attention on later positions per query step, one line per layer (mean over heads)."""
+    L, S = future.shape
+    x = np.arange(S) - (S - 1)
+    fig = go.Figure([go.Scatter(x=x, y=future[i], name=f"layer {i}", mode="lines") for i in range(L)])
+    fig.update_layout(height=300, xaxis_title="query step (0 = decision bar)", yaxis_title="share on future keys",
+                      yaxis_range=[0, 1], margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+# Attributions
+POS_COLOR, NEG_COLOR = "#b2182b", "#2166ac"  # the ends of the RdBu_r heatmap scale: for / against the class
+
+
+def attribution_heatmap(attr: np.ndarray, feature_names: tuple[str, ...], offsets: np.ndarray,
+                        title: str) -> go.Figure:
+    """attr (S, D) as features (rows) × time steps (columns), diverging colours centred at 0."""
+    z = np.asarray(attr, dtype=np.float64).T  # (D, S)
+    names, x = list(feature_names), np.asarray(offsets)
+    if z.size > MAX_HEATMAP_CELLS:
+        z, step, _ = downsample_2d(z)
+        names, x = names[::step], x[::step]
+    lim = float(np.nanmax(np.abs(z))) if z.size else 0.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=x, y=names, colorscale="RdBu_r", zmid=0, zmin=-(lim or 1), zmax=lim or 1,
+        colorbar=dict(title="attribution", thickness=12),
+        hovertemplate="%{y} at t%{x:+d}<br>attribution %{z:.4g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=10), dtick=1 if len(names) <= 80 else None)
+    fig.update_xaxes(title="time step (0 = deciding bar)")
+    fig.update_layout(title=title, height=max(380, 13 * len(names) + 120), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def signed_bars(labels: list[str], values: np.ndarray, title: str, value_title: str,
+                horizontal: bool = True) -> go.Figure:
+    """Bars coloured by sign (red: for the explained class, blue: against); horizontal lists first on top."""
+    values = np.asarray(values, dtype=np.float64)
+    colors = np.where(values >= 0, POS_COLOR, NEG_COLOR)
+    if horizontal:
+        bar = go.Bar(x=values, y=labels, orientation="h", marker_color=colors,
+                     hovertemplate="%{y}: %{x:.4g}<extra></extra>")
+        fig = go.Figure(bar)
+        fig.update_yaxes(autorange="reversed")
+        fig.update_xaxes(title=value_title)
+        height = max(260, 20 * len(labels) + 90)
+    else:
+        fig = go.Figure(go.Bar(x=labels, y=values, marker_color=colors, hovertemplate="t%{x:+d}: %{y:.4g}<extra></extra>"))
+        fig.update_yaxes(title=value_title)
+        fig.update_xaxes(title="time step (0 = deciding bar)")
+        height = 280
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def class_probabilities(probs: np.ndarray, names: tuple[str, ...], explained: str) -> go.Figure:
+    """The model's probabilities at the deciding bar; the explained class is outlined."""
+    fig = go.Figure(go.Bar(
+        x=list(names), y=probs, marker_color=[ACTION_COLORS.get(n, "#1f77b4") for n in names],
+        marker_line=dict(width=[3 if n == explained else 0 for n in names], color="black"),
+        text=[f"{p:.1%}" for p in probs], textposition="outside", hovertemplate="%{x}: %{y:.2%}<extra></extra>"))
+    fig.update_layout(height=260, yaxis=dict(range=[0, 1.1], title="probability"), title="Model output",
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def agreement_heatmap(corr: pd.DataFrame, title: str) -> go.Figure:
+    """Spearman rank correlation matrix between methods, values written in the cells."""
+    z = corr.to_numpy(dtype=np.float64)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(corr.columns), y=list(corr.index), colorscale="RdBu_r", zmin=-1, zmax=1,
+        text=np.where(np.isnan(z), "n/a", np.vectorize(lambda v: f"{v:.2f}")(np.nan_to_num(z))),
+        texttemplate="%{text}", colorbar=dict(title="ρ", thickness=12),
+        hovertemplate="%{y} vs %{x}: ρ = %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, height=max(280, 45 * len(corr) + 120), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def global_importance_bars(table: pd.DataFrame, top_k: int) -> go.Figure:
+    """Ranked mean |per-feature total| over many windows (GlobalImportance.table()), top_k features."""
+    top = table.head(top_k)
+    fig = go.Figure(go.Bar(
+        x=top["mean_abs"], y=top["feature"], orientation="h", customdata=top["mean_signed"],
+        marker_color=np.where(top["mean_signed"] >= 0, POS_COLOR, NEG_COLOR),
+        hovertemplate="%{y}<br>mean |total| %{x:.4g}<br>mean signed %{customdata:.4g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=f"Top {len(top)} features over many windows",
+                      xaxis_title="mean |attribution summed over time|", height=max(300, 20 * len(top) + 100),
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def class_breakdown_bars(table: pd.DataFrame, names: tuple[str, ...], top_k: int) -> go.Figure:
+    """Mean |per-feature total| by predicted class for the top_k features overall, one bar group per feature."""
+    top = table.head(top_k)
+    fig = go.Figure([go.Bar(x=top[f"mean_abs_{n}"], y=top["feature"], orientation="h", name=n,
+                            marker_color=ACTION_COLORS.get(n)) for n in names])
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title="By predicted class", barmode="group", xaxis_title="mean |attribution summed over time|",
+                      height=max(320, 12 * len(names) * len(top) + 120), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+# Predictions
+MAX_LINE_POINTS = 5_000  # long time series are thinned (or bin-averaged) to this many points
+
+
+def _bins(n: int, max_points: int = MAX_LINE_POINTS) -> int:
+    """Bars per plotted point so that at most max_points are drawn."""
+    return max(1, -(-n // max_points))
+
+
+def _bin_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Mean over consecutive groups of k rows: (n, ...) -> (ceil(n/k), ...)."""
+    if k == 1:
+        return a
+    n = len(a)
+    pad = (-n) % k
+    padded = np.concatenate([a, np.full((pad, *a.shape[1:]), np.nan)]) if pad else a
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(padded.reshape(-1, k, *a.shape[1:]), axis=1)
+
+
+def price_signals(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarray, names: tuple[str, ...],
+                  max_markers: int = MAX_LINE_POINTS) -> go.Figure:
+    """Close price with BUY (▲) and SELL (▼) markers; markers are thinned evenly when there are many."""
+    k = _bins(len(close))
+    fig = go.Figure(go.Scattergl(x=times[::k], y=close[::k], mode="lines", name="close",
+                                 line=dict(color="#4c5c6c", width=1)))
+    for name, symbol in (("BUY", "triangle-up"), ("SELL", "triangle-down")):
+        if name not in names:
+            continue
+        idx = np.flatnonzero(actions == names.index(name))
+        step = max(1, -(-len(idx) // max_markers))
+        idx = idx[::step]
+        label = f"{name} ({'every ' + str(step) + 'th, ' if step > 1 else ''}{len(idx):,} shown)"
+        fig.add_trace(go.Scattergl(x=times[idx], y=close[idx], mode="markers", name=label,
+                                   marker=dict(symbol=symbol, size=7, color=ACTION_COLORS[name])))
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="close",
+                      legend=dict(orientation="h", y=1.08))
+    return fig
+
+
+def probability_timeline(times: pd.DatetimeIndex, probs: np.ndarray, names: tuple[str, ...]) -> go.Figure:
+    """Stacked action probabilities over time (mean over bins of bars when the series is long)."""
+    k = _bins(len(probs))
+    p = _bin_mean(probs, k)
+    t = times[::k][: len(p)]
+    fig = go.Figure([go.Scatter(x=t, y=p[:, i], name=n, stackgroup="p", mode="lines", line_width=0.5,
+                                line_color=ACTION_COLORS.get(n)) for i, n in enumerate(names)])
+    title = "probability" + (f" (mean over {k} bars)" if k > 1 else "")
+    fig.update_layout(height=260, yaxis=dict(title=title, range=[0, 1]), margin=dict(l=10, r=10, t=30, b=10),
+                      legend=dict(orientation="h", y=1.12))
+    return fig
+
+
+def class_share_bars(shares: pd.DataFrame, alarm: float) -> go.Figure:
+    """Share of each predicted action, with the collapse-alarm threshold."""
+    fig = go.Figure(go.Bar(x=shares["action"], y=shares["share"], text=[f"{s:.1%}" for s in shares["share"]],
+                           marker_color=[ACTION_COLORS.get(a, "#1f77b4") for a in shares["action"]]))
+    fig.add_hline(y=alarm, line_dash="dot", line_color="#d62728", annotation_text=f"collapse alarm {alarm:.0%}")
+    fig.update_layout(height=260, yaxis=dict(title="share of predictions", range=[0, 1], tickformat=".0%"),
+                      margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def confidence_histogram(probs: np.ndarray, actions: np.ndarray, names: tuple[str, ...]) -> go.Figure:
+    """Histogram of the winning probability, one colour per predicted action."""
+    conf = probs.max(axis=1)
+    fig = go.Figure([go.Histogram(x=conf[actions == i], name=n, marker_color=ACTION_COLORS.get(n), opacity=0.75,
+                                  xbins=dict(start=1 / len(names), end=1.0, size=0.02))
+                     for i, n in enumerate(names)])
+    fig.update_layout(barmode="stack", height=260, xaxis_title="confidence (winning probability)",
+                      yaxis_title="bars", margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def logit_distributions(logits: np.ndarray, names: tuple[str, ...]) -> go.Figure:
+    """Box plot of each class's raw logit over all predictions (offsets not applied)."""
+    fig = go.Figure([go.Box(y=logits[:, i], name=n, marker_color=ACTION_COLORS.get(n), boxpoints=False)
+                     for i, n in enumerate(names)])
+    fig.update_layout(height=260, yaxis_title="logit", showlegend=False, margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def confusion_heatmap(confusion: pd.DataFrame) -> go.Figure:
+    """Counts of true (rows) vs predicted (columns) actions; colour is the share of each true row."""
+    counts = confusion.to_numpy()
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    text = [[f"{c:,}<br>{s:.0%}" for c, s in zip(rc, rs)] for rc, rs in zip(counts, share)]
+    fig = go.Figure(go.Heatmap(z=share, x=list(confusion.columns), y=list(confusion.index), text=text,
+                               texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
+                               colorbar=dict(title="row share")))
+    fig.update_layout(height=300, xaxis_title="predicted", yaxis=dict(title="true", autorange="reversed"),
+                      margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def accuracy_by_position(by_position: pd.DataFrame, baseline: float) -> go.Figure:
+    """Accuracy at each position of the window (blocks mode) against the majority baseline."""
+    fig = go.Figure(go.Scatter(x=by_position["position"], y=by_position["accuracy"], mode="lines+markers",
+                               name="accuracy", customdata=by_position["n"],
+                               hovertemplate="position %{x}: %{y:.1%} over %{customdata:,} bars<extra></extra>"))
+    fig.add_hline(y=baseline, line_dash="dot", line_color="#7f7f7f", annotation_text="majority baseline")
+    fig.update_layout(height=280, xaxis_title="position in the window (last = decision in rolling mode)",
+                      yaxis=dict(title="accuracy", tickformat=".0%"), margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def equity_lines(frame: pd.DataFrame) -> go.Figure:
+    """Growth of 1 for the signal strategy and for buy-and-hold (thinned for long series)."""
+    k = _bins(len(frame))
+    f = frame.iloc[::k]
+    fig = go.Figure([go.Scattergl(x=f["datetime"], y=f["strategy"], name="signals (long/flat/short)",
+                                  line_color="#3b7dd8"),
+                     go.Scattergl(x=f["datetime"], y=f["buy_and_hold"], name="buy and hold", line_color="#9aa5b1")])
+    fig.update_layout(height=300, yaxis_title="growth of 1", margin=dict(l=10, r=10, t=30, b=10),
+                      legend=dict(orientation="h", y=1.1))
+    return fig

@@ -1,0 +1,227 @@
+"""The only Streamlit-aware library code: cached loaders, session keys and the shared sidebar.
+
+Checkpoints and models are cached per content digest with `st.cache_resource`, so they are shared by all
+sessions and must be treated as read-only. What a user uploads lives in their own session state only.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+from .. import demo
+from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from ..config import ConfigError, ModelConfig
+from ..data import FeatureMatrix, checkpoint_features
+from ..model import FlagTrader, ModelMismatchError, build_model
+
+# Session keys other pages rely on.
+LOADED = "_flag_loaded"
+_DRAWN = "_flag_sidebar_run"  # token of the script run that last drew the sidebar
+MARKET = "market_data"  # (name, OHLCV DataFrame) uploaded on the Predictions page
+
+SOURCES = ("Demo", "Upload", "Server path")
+_demo_lock = threading.Lock()
+
+
+def demo_size() -> str:
+    """"full" (the documented 343-tensor layout) unless FLAG_TRADER_DEMO_SIZE says "tiny" (tests)."""
+    return os.environ.get("FLAG_TRADER_DEMO_SIZE", "full")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What the sidebar opened for this session: checkpoint, model (None if it does not fit), and why not."""
+
+    ckpt: Checkpoint | None
+    model: FlagTrader | None
+    config: ModelConfig | None
+    error: str | None
+
+
+@st.cache_resource(max_entries=4, show_spinner="Reading checkpoint…")
+def _checkpoint_from_bytes(digest: str, name: str, _data: bytes) -> Checkpoint:
+    return load_checkpoint(_data, name=name)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Reading checkpoint…")
+def _checkpoint_from_path(path: str, mtime: float, size: int) -> Checkpoint:
+    return load_checkpoint(path)
+
+
+@st.cache_resource(max_entries=6, show_spinner="Building the model…")
+def _model(digest: str, num_heads: int, lora_scale: float, norm_first: bool, causal: bool,
+           _ckpt: Checkpoint) -> tuple[FlagTrader | None, str | None]:
+    try:
+        return build_model(_ckpt, num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first,
+                           causal=causal), None
+    except (ModelMismatchError, ConfigError) as exc:
+        return None, str(exc)
+
+
+@st.cache_data(max_entries=2, show_spinner="Generating demo market data…")
+def demo_market(size: str) -> pd.DataFrame:
+    return demo.demo_data(size)
+
+
+def open_checkpoint_file(src: str | os.PathLike | bytes, name: str | None = None) -> Checkpoint:
+    """A checkpoint through the shared cache: bytes by digest, paths by (path, mtime, size)."""
+    if isinstance(src, bytes):
+        return _checkpoint_from_bytes(hashlib.sha256(src).hexdigest(), name or "upload", src)
+    path = Path(src).expanduser().resolve()
+    stat = path.stat() if path.is_file() else None
+    return _checkpoint_from_path(str(path), stat.st_mtime if stat else 0.0, stat.st_size if stat else -1)
+
+
+def _ensure_demo() -> Path:
+    size = demo_size()
+    path = demo.demo_path(size)
+    if path.exists():
+        return path
+    with _demo_lock:  # one build per process, other sessions wait for it
+        if not path.exists():
+            bar = st.progress(0.0, text="Building the demo checkpoint (once, about two minutes)…")
+            demo.build_demo(size, progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg))
+            bar.empty()
+    return path
+
+
+def _open_selected() -> Checkpoint | None:
+    source = st.sidebar.radio("Checkpoint source", SOURCES, key="ckpt_source", horizontal=True)
+    if source == "Demo":
+        return open_checkpoint_file(_ensure_demo())
+    if source == "Upload":
+        up = st.sidebar.file_uploader(
+            "Checkpoint file", type=["pt", "pth", "bin", "safetensors"], key="ckpt_upload",
+            help="Up to the server's upload limit (see .streamlit/config.toml); use 'Server path' for larger files.",
+        )
+        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else None
+    path = st.sidebar.text_input("Path on the server", key="ckpt_path", placeholder="/data/flag_trader_best.pt",
+                                 help="For files larger than the upload limit. Read on the machine running the app.")
+    return open_checkpoint_file(path) if path.strip() else None
+
+
+def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
+    """Widgets for what the weights cannot tell; keys carry the digest so a new file starts from its defaults."""
+    sb = st.sidebar
+    sb.markdown("**Assumptions** — not recoverable from the weights")
+    tag = digest[:12]
+    heads_options = [h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0]
+    heads = sb.selectbox("Attention heads", heads_options, index=heads_options.index(cfg.num_heads),
+                         key=f"heads_{tag}", help=cfg.provenance.get("num_heads"))
+    scale = sb.number_input("LoRA scale (alpha / r)", value=float(cfg.lora_scale), min_value=0.0, step=0.25,
+                            key=f"scale_{tag}", help=cfg.provenance.get("lora_scale"))
+    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), index=int(cfg.norm_first), horizontal=True,
+                    key=f"norm_{tag}", help=cfg.provenance.get("norm_first"))
+    causal = sb.toggle("Causal mask", value=cfg.causal, key=f"causal_{tag}", help=cfg.provenance.get("causal"))
+    return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
+
+
+def _run_token() -> object:
+    """An object that is new for every script run (Streamlit replaces the cursor dict in each reset)."""
+    ctx = get_script_run_ctx()
+    return ctx.cursors if ctx is not None else None
+
+
+def sidebar() -> Loaded:
+    """Checkpoint source, assumptions and a load status that is never silent; drawn once per run.
+
+    Pages draw it through `loaded()` / `require_*()`, from inside the page run: AppTest re-executes only
+    the page script on reruns under st.navigation, so an entrypoint-only sidebar would vanish there.
+    """
+    token = _run_token()
+    if token is not None and st.session_state.get(_DRAWN) is token:
+        return st.session_state[LOADED]
+    st.session_state[_DRAWN] = token
+    st.sidebar.header("FLAG-TRADER Explorer")
+    try:
+        ckpt = _open_selected()
+    except CheckpointError as exc:
+        st.sidebar.error(f"Could not open the checkpoint: {exc}")
+        loaded = Loaded(None, None, None, str(exc))
+    else:
+        if ckpt is None:
+            st.sidebar.info("Choose a checkpoint file.")
+            loaded = Loaded(None, None, None, "no checkpoint chosen")
+        elif ckpt.config is None:
+            st.sidebar.error(f"{ckpt.n_tensors} tensors read, but the file does not fit — see Architecture.\n\n"
+                             f"{ckpt.config_error}")
+            loaded = Loaded(ckpt, None, None, ckpt.config_error)
+        else:
+            cfg = _assumption_widgets(ckpt.config, ckpt.digest)
+            model, err = _model(ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal, ckpt)
+            if model is None:
+                st.sidebar.error(f"Does not fit — see Architecture.\n\n{err}")
+            else:
+                st.sidebar.success(f"{ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly")
+            for w in ckpt.warnings:
+                st.sidebar.warning(w)
+            loaded = Loaded(ckpt, model, cfg, err)
+    st.session_state[LOADED] = loaded
+    return loaded
+
+
+def loaded() -> Loaded:
+    """This session's checkpoint and model (draws the sidebar if this run has not yet)."""
+    return sidebar()
+
+
+def require_checkpoint() -> Checkpoint:
+    """The open checkpoint, or a message and a stop of this page's script."""
+    ld = loaded()
+    if ld.ckpt is None:
+        st.info(f"Open a checkpoint in the sidebar first ({ld.error}).")
+        st.stop()
+    return ld.ckpt
+
+
+def require_model() -> tuple[Checkpoint, FlagTrader]:
+    """The open checkpoint and its (shared, read-only) model, or a message and a stop."""
+    ckpt = require_checkpoint()
+    ld = loaded()
+    if ld.model is None:
+        st.error(f"This checkpoint does not load into the reconstruction, so this page cannot run. "
+                 f"The Architecture page shows why.\n\n{ld.error}")
+        st.stop()
+    return ckpt, ld.model
+
+
+def market_data() -> tuple[str, pd.DataFrame]:
+    """OHLCV uploaded on the Predictions page in this session, else the demo market."""
+    if MARKET in st.session_state:
+        return st.session_state[MARKET]
+    return "demo market (synthetic)", demo_market(demo_size())
+
+
+@st.cache_data(max_entries=4, show_spinner="Computing features for the sample windows…")
+def _market_features(digest: str, state_dim: int, ohlcv: pd.DataFrame, _meta: dict) -> tuple[FeatureMatrix, str]:
+    fm = checkpoint_features(ohlcv, _meta, state_dim)
+    return fm, hashlib.sha256(fm.values.tobytes()).hexdigest()[:16]
+
+
+def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatrix, str]:
+    """market_data() turned into this checkpoint's features: (market name, FeatureMatrix, data key).
+
+    The data key is a digest of the feature values, for keying caches of results computed on them.
+    Data that cannot be featurised gives a message and stops the page.
+    """
+    name, ohlcv = market_data()
+    try:
+        fm, key = _market_features(ckpt.digest, state_dim, ohlcv, dict(ckpt.meta))
+    except (ValueError, KeyError) as exc:
+        st.error(f"Could not compute features from {name}: {exc}. Check the upload on the Predictions page.")
+        st.stop()
+    return name, fm, key
+
+
+def default_window(ckpt: Checkpoint, max_length: int) -> int:
+    """The window length the checkpoint's metadata names (config.window), else 64; at most max_length."""
+    stored_config = ckpt.meta.get("config")
+    stored = stored_config.get("window") if isinstance(stored_config, dict) else None
+    return max(1, min(int(stored) if isinstance(stored, int) and stored > 0 else 64, max_length))

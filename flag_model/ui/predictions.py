@@ -1,0 +1,138 @@
+"""Widgets and cached computations of the Predictions page (the page itself only wires them together).
+
+Uploaded data is cached by content digest; the inference engine by checkpoint digest, assumptions and
+precision (it holds its own weight copies, so the shared model is never touched); predictions by
+(model, data, settings).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ..analysis.predict import Predictions, predict_features
+from ..data import (ColumnMapping, DataError, FeatureMatrix, Issue, Prepared, checkpoint_features,
+                    column_features, detect_columns, feature_candidates, prepare_features, prepare_ohlcv,
+                    read_table)
+from ..engine import InferenceEngine
+from ..model import FlagTrader
+
+UPLOAD_KEY = "pred_upload"
+KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
+_NONE = "—"
+
+
+@st.cache_data(max_entries=4, show_spinner="Reading the file…")
+def _read_bytes(digest: str, name: str, _data: bytes) -> pd.DataFrame:
+    return read_table(_data, name)
+
+
+@st.cache_data(max_entries=2, show_spinner="Reading the file…")
+def _read_path(path: str, mtime: float, size: int) -> pd.DataFrame:
+    return read_table(path)
+
+
+def data_source() -> tuple[str, str, pd.DataFrame] | None:
+    """An uploaded file or a server path as (name, data key, raw frame); None when neither is given.
+    An unreadable file gives an error and stops the page."""
+    up = st.file_uploader("Market data: CSV or Parquet with OHLCV bars or feature columns",
+                          type=["csv", "parquet", "pq"], key=UPLOAD_KEY)
+    path = st.text_input("…or a path on the server (for files above the upload limit)", key="pred_path",
+                         placeholder="/data/ETH_USDT_5m.csv")
+    try:
+        if up is not None:
+            data = up.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            return up.name, digest, _read_bytes(digest, up.name, data)
+        if path.strip():
+            p = Path(path.strip()).expanduser().resolve()
+            if not p.is_file():
+                raise DataError(f"no file at {p}; check the path (it is read on the machine running the app).")
+            stat = p.stat()
+            return p.name, f"{p}:{stat.st_mtime}:{stat.st_size}", _read_path(str(p), stat.st_mtime, stat.st_size)
+    except DataError as exc:
+        st.error(str(exc))
+        st.stop()
+    return None
+
+
+def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[str, ColumnMapping, list[str], str | None,
+                                                                        bool]:
+    """Input kind, column mapping (detected by name, editable), feature columns in order, price column for
+    labels (feature mode) and the repair switch. Widget keys carry the data key: a new file starts from
+    its own detected mapping."""
+    tag = data_key[:16]
+    detected = detect_columns(df.columns)
+    columns = [str(c) for c in df.columns]
+    options = [_NONE, *columns]
+    ohlcv_found = not detected.missing()
+    with st.expander("Column mapping and validation", expanded=not ohlcv_found):
+        kind = st.radio("Input", KINDS, index=0 if ohlcv_found else 1, horizontal=True, key=f"pred_kind_{tag}")
+        roles = {}
+        cols = st.columns(6)
+        for i, role in enumerate(("time", "open", "high", "low", "close", "volume")):
+            guess = getattr(detected, role)
+            roles[role] = cols[i].selectbox(role, options, index=options.index(guess) if guess else 0,
+                                            key=f"pred_map_{role}_{tag}", disabled=kind != KINDS[0] and role != "time")
+        mapping = ColumnMapping(**{r: (None if v == _NONE else v) for r, v in roles.items()})
+        features: list[str] = []
+        close = None
+        if kind == KINDS[1]:
+            candidates = feature_candidates(df, mapping)
+            features = st.multiselect(f"Feature columns, in the model's input order (at most {state_dim})",
+                                      candidates, default=candidates[:state_dim], key=f"pred_features_{tag}")
+            pick = st.selectbox("Price column for labels and the equity check (optional)", options,
+                                index=options.index(mapping.close) if mapping.close else 0, key=f"pred_price_{tag}")
+            close = None if pick == _NONE else pick
+        repair = st.checkbox("Repair: drop unparseable times, sort, keep the last duplicate, carry missing values "
+                             "forward (each repair is listed below)", key="pred_repair")
+    return kind, mapping, features, close, repair
+
+
+@st.cache_data(max_entries=4, show_spinner="Validating…")
+def prepare(data_key: str, kind: str, mapping: ColumnMapping, features: tuple[str, ...], close: str | None,
+            repair: bool, state_dim: int, _df: pd.DataFrame) -> Prepared:
+    if kind == KINDS[0]:
+        return prepare_ohlcv(_df, mapping, repair)
+    return prepare_features(_df, list(features), mapping.time, state_dim, close, repair)
+
+
+def show_issues(issues: tuple[Issue, ...], limit: int = 12) -> None:
+    """Errors in red, warnings in orange; a long list is cut with a count."""
+    for issue in issues[:limit]:
+        (st.error if issue.severity == "error" else st.warning)(issue.message)
+    if len(issues) > limit:
+        st.caption(f"…and {len(issues) - limit} more.")
+
+
+@st.cache_data(max_entries=4, show_spinner="Computing features…")
+def features(digest: str, data_key: str, kind: str, columns: tuple[str, ...], normalisation: str,
+             state_dim: int, _prepared: Prepared, _meta: dict) -> FeatureMatrix:
+    if kind == KINDS[0]:
+        return checkpoint_features(_prepared.frame, _meta, state_dim, normalisation)
+    return column_features(_prepared.frame, list(columns), _meta, state_dim, normalisation)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Preparing the inference engine (merged weight copy)…")
+def engine(digest: str, assumptions: tuple, precision: str, _model: FlagTrader) -> InferenceEngine:
+    return InferenceEngine(_model, precision)
+
+
+@st.cache_data(max_entries=6, show_spinner=False)
+def predictions(digest: str, assumptions: tuple, precision: str, data_key: str, feature_key: tuple,
+                window: int, mode: str, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
+    bar = st.progress(0.0, text="Running the model…")  # made here so that a cache hit replays nothing visible
+    pred = predict_features(_fm, _engine, window, mode,
+                            progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} windows"))
+    bar.empty()
+    return pred
+
+
+def offsets(names: tuple[str, ...]) -> np.ndarray:
+    """One logit-offset slider per class (added before softmax and argmax)."""
+    cols = st.columns(len(names))
+    return np.array([cols[i].slider(f"{n} offset", -3.0, 3.0, 0.0, 0.05, key=f"pred_offset_{n}")
+                     for i, n in enumerate(names)])

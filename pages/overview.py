@@ -1,0 +1,66 @@
+"""Overview: what the open checkpoint is, how its configuration was inferred, and whether it is healthy."""
+import streamlit as st
+
+from flag_model import plots, ui
+from flag_model.analysis.health import dtype_counts, findings_frame, health_scan, parameter_counts
+from flag_model.analysis.summary import config_table, file_table, metadata_table
+
+ICONS = {"error": "🔴", "warning": "🟠", "info": "🔵", "ok": "🟢"}
+
+st.title("Overview")
+ckpt = ui.require_checkpoint()
+ld = ui.loaded()
+
+
+@st.cache_data(max_entries=8, show_spinner="Scanning tensors…")
+def _scan(digest: str, _sd) -> tuple:
+    return parameter_counts(_sd), dtype_counts(_sd), findings_frame(health_scan(_sd))
+
+
+counts, dtypes, findings = _scan(ckpt.digest, ckpt.state_dict)
+
+if ld.model is not None:
+    st.success(f"**{ckpt.source}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the reconstruction.")
+else:
+    st.error(f"**{ckpt.source}** does not load into the reconstruction. Open **Architecture check** to see why "
+             f"and fix it.\n\n```\n{ld.error}\n```")
+
+c = st.columns(4)
+c[0].metric("Tensors", f"{ckpt.n_tensors:,}")
+c[1].metric("Parameters", f"{ckpt.n_params:,}")
+c[2].metric("LoRA share", f"{counts.loc['LoRA', 'share']:.1%}")
+c[3].metric("File size", f"{ckpt.size_bytes / 2**20:.1f} MiB")
+st.plotly_chart(plots.parameter_breakdown(counts), width="stretch")
+
+left, right = st.columns([3, 2])
+with left:
+    st.subheader("Configuration")
+    if ld.config is None:
+        st.warning("No configuration: the tensors the family always has are missing.")
+    else:
+        st.caption("Sizes are **inferred** from tensor shapes. **Assumptions** cannot be read from the weights; "
+                   "change them in the sidebar.")
+        table = config_table(ld.config)
+        st.dataframe(table.style.apply(
+            lambda r: ["background-color: #fff4e0" if r["kind"] == "assumption" else ""] * len(r), axis=1),
+            hide_index=True, width="stretch")
+with right:
+    st.subheader("File")
+    st.dataframe(file_table(ckpt), hide_index=True, width="stretch")
+    st.subheader("Parameters")
+    st.dataframe(counts.style.format({"parameters": "{:,}", "bytes": "{:,}", "share": "{:.1%}"}), width="stretch")
+    st.dataframe(dtypes, width="stretch")
+
+st.subheader("Health scan")
+for row in findings.itertuples():
+    extra = f" — e.g. `{row.examples}`" if row.examples else ""
+    st.markdown(f"{ICONS[row.level]} **{row.check}**: {row.message}{extra}")
+for w in ckpt.warnings:
+    st.warning(w)
+
+st.subheader("Stored metadata")
+meta = metadata_table(ckpt)
+if meta.empty:
+    st.caption("The file stores no metadata besides the weights (a bare state dict).")
+else:
+    st.dataframe(meta, hide_index=True, width="stretch")

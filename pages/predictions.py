@@ -1,0 +1,125 @@
+"""Predictions: SELL/HOLD/BUY on uploaded (or demo) market data through the fast inference engine."""
+import numpy as np
+import streamlit as st
+
+from flag_model import plots, ui
+from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
+                                         equity_curve, evaluate, predictions_frame)
+from flag_model.data import MODES, NORMALISATIONS, check_window, default_window, drift_table
+from flag_model.features import WARMUP, LabelRule
+from flag_model.ui import predictions as pw
+
+st.title("Predictions")
+ckpt, model = ui.require_model()
+cfg = ui.loaded().config
+assumptions = (cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
+
+source = pw.data_source()
+if source is None:
+    st.session_state.pop(ui.MARKET, None)
+    name, data_key, raw = "demo market (synthetic)", f"demo-{ui.demo_size()}", ui.demo_market(ui.demo_size())
+    st.info("No file given: showing the **demo market**. Upload OHLCV bars (any common column names, a date or "
+            "epoch-ms column) or precomputed feature columns.")
+else:
+    name, data_key, raw = source
+kind, mapping, columns, close_col, repair = pw.mapping_widgets(raw, cfg.state_dim, data_key)
+prep = pw.prepare(data_key, kind, mapping, tuple(columns), close_col, repair, cfg.state_dim, raw)
+pw.show_issues(prep.issues)
+if not prep.ok:
+    st.stop()
+if source is not None and kind == pw.KINDS[0]:
+    st.session_state[ui.MARKET] = (name, prep.frame)  # the Attention and Attributions pages use it too
+st.caption(f"**{name}**: {len(prep.frame):,} rows from {prep.frame['datetime'].iloc[0]} to "
+           f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}).")
+
+c = st.columns(4)
+norm = c[0].selectbox("Normalisation", NORMALISATIONS, key="pred_norm", help="checkpoint: the training mean/std "
+                      "stored in the file; none: raw; data: z-scores of this data")
+window = c[1].number_input("Window length", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length),
+                           key="pred_window", help="default: the length the checkpoint's metadata names")
+mode = c[2].radio("Mode", MODES, horizontal=True, key="pred_mode", help="rolling: stride 1, the last position "
+                  "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % evaluation)")
+precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key="pred_precision")
+
+fm = pw.features(ckpt.digest, data_key, kind, tuple(columns), norm, cfg.state_dim, prep, dict(ckpt.meta))
+for w in fm.warnings:
+    st.warning(w)
+drift = drift_table(fm, ckpt.meta)
+flagged = drift[drift["flags"] != ""]
+with st.expander(f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs flagged"):
+    st.dataframe(drift.style.apply(lambda r: ["background-color: #fde2e1" if r["flags"] else ""] * len(r), axis=1),
+                 hide_index=True, width="stretch")
+issue = check_window(len(fm.values), int(window), cfg.max_length, WARMUP if kind == pw.KINDS[0] else 0)
+if issue is not None:
+    st.error(issue.message)
+    st.stop()
+
+eng = pw.engine(ckpt.digest, assumptions, precision, model)
+st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; "
+           f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
+pred = pw.predictions(ckpt.digest, assumptions, precision, data_key, (kind, tuple(columns), norm), int(window),
+                      mode, eng, fm)
+has_prices = len(fm.close) > 0 and bool(np.isfinite(fm.close).all())
+if has_prices:
+    c = st.columns(2)
+    horizon = c[0].number_input("Label horizon (bars)", 1, 500, LabelRule().horizon, key="pred_horizon")
+    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, 100 * LabelRule().threshold, 0.05,
+                                  key="pred_threshold")
+    rule = LabelRule(int(horizon), threshold / 100)
+    pred = attach_labels(pred, fm.close, rule)
+
+st.subheader("Signals")
+offsets = pw.offsets(pred.actions)
+probs, actions = decide(pred.logits, offsets)
+shares = class_shares(actions, pred.actions)
+alarm = collapse_alarm(shares)
+if alarm:
+    st.error(alarm)
+if has_prices:
+    st.plotly_chart(plots.price_signals(pred.times, pred.close, actions, pred.actions), width="stretch")
+st.plotly_chart(plots.probability_timeline(pred.times, probs, pred.actions), width="stretch")
+c = st.columns(3)
+c[0].plotly_chart(plots.class_share_bars(shares, COLLAPSE_SHARE), width="stretch")
+c[1].plotly_chart(plots.confidence_histogram(probs, actions, pred.actions), width="stretch")
+c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="stretch")
+
+metrics = evaluate(pred, actions)
+if metrics is not None:
+    st.subheader("Against labels")
+    st.caption(rule.describe() + f". {metrics.n:,} scored bars have a label.")
+    c = st.columns(4)
+    c[0].metric("Accuracy", f"{metrics.accuracy:.1%}", f"{metrics.accuracy - metrics.majority_accuracy:+.1%} vs baseline")
+    c[1].metric("F1 macro", f"{metrics.f1_macro:.3f}")
+    c[2].metric(f"Majority baseline ({metrics.majority_class})", f"{metrics.majority_accuracy:.1%}")
+    c[3].metric("Scored bars", f"{metrics.n:,}")
+    left, right = st.columns(2)
+    left.plotly_chart(plots.confusion_heatmap(metrics.confusion), width="stretch")
+    right.dataframe(metrics.per_class.style.format({"precision": "{:.1%}", "recall": "{:.1%}", "f1": "{:.3f}"}),
+                    width="stretch")
+    if metrics.by_position is not None:
+        st.plotly_chart(plots.accuracy_by_position(metrics.by_position, metrics.majority_accuracy), width="stretch")
+        st.caption("Without a causal mask every position sees the bars after it: high accuracy early in the "
+                   "window is look-ahead, not skill. Only the last position is what a live trader gets.")
+    else:
+        st.caption("Switch to **blocks** mode to see accuracy by position in the window.")
+
+if has_prices:
+    st.subheader("Equity curve — a sanity check, not a backtester")
+    fee_bps = st.number_input("Fee per unit of position change (basis points)", 0.0, 100.0, 5.0, 0.5, key="pred_fee")
+    eq = equity_curve(pred.times, pred.close, actions, pred.actions, fee_bps / 1e4)
+    if eq is not None:
+        st.caption(f"Long on BUY, flat on HOLD, short on SELL from one close to the next; {eq.trades:,} position "
+                   "changes. No slippage, funding or execution delay.")
+        st.plotly_chart(plots.equity_lines(eq.frame), width="stretch")
+        st.dataframe(eq.stats.style.format({"total return": "{:+.1%}", "Sharpe (annualised)": "{:.2f}",
+                                            "max drawdown": "{:.1%}"}), width="stretch")
+
+st.subheader("Download")
+frame = predictions_frame(pred, offsets)
+stem = f"predictions_{mode}_w{int(window)}"
+c = st.columns(2)
+c[0].download_button("Predictions as CSV", lambda: frame.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
+                     key="pred_dl_csv")
+c[1].download_button("Predictions as Parquet", lambda: frame.to_parquet(index=False), f"{stem}.parquet",
+                     "application/octet-stream", key="pred_dl_parquet")
+st.caption(f"{len(frame):,} rows: time, raw logits, probabilities and action after the offsets above, and the label.")

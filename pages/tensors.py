@@ -1,0 +1,95 @@
+"""Tensor tree: every tensor in its module hierarchy, a searchable table, one tensor in detail, a diff."""
+import streamlit as st
+
+from flag_model import plots, ui
+from flag_model.analysis import tensors
+from flag_model.checkpoint import CheckpointError
+
+STAT_LABELS = {"std": "std", "mean": "mean", "abs_max": "max |value|", "fro_norm": "Frobenius norm",
+               "zeros_share": "share of zeros", "min": "min", "max": "max", "nonfinite": "NaN/Inf count"}
+
+st.title("Tensor tree")
+ckpt = ui.require_checkpoint()
+
+
+@st.cache_data(max_entries=8, show_spinner="Computing statistics of every tensor…")
+def _stats(digest: str, _sd):
+    return tensors.tensor_stats(_sd)
+
+
+@st.cache_data(max_entries=32, show_spinner="Histogram, heatmap and singular values…")
+def _detail(digest: str, name: str, _t):
+    return tensors.tensor_detail(name, _t)
+
+
+@st.cache_data(max_entries=8, show_spinner="Comparing the two checkpoints…")
+def _diff(digest_a: str, digest_b: str, _a, _b):
+    return tensors.state_dict_diff(_a, _b)
+
+
+stats = _stats(ckpt.digest, ckpt.state_dict)
+c = st.columns(4)
+c[0].metric("Tensors", f"{len(stats):,}")
+c[1].metric("Elements", f"{int(stats['elements'].sum()):,}")
+c[2].metric("NaN / Inf", f"{int(stats['nonfinite'].sum()):,}")
+c[3].metric("All-zero tensors", int((stats["zeros_share"] == 1).sum()))
+
+stat = st.selectbox("Colour by", list(STAT_LABELS), format_func=STAT_LABELS.get, key="tensors_color")
+st.plotly_chart(plots.tensor_treemap(tensors.tensor_tree(stats, stat), STAT_LABELS[stat]), width="stretch")
+st.caption("Area = number of elements. Click a box to zoom into it; the bar at the top goes back. "
+           "Inner boxes show the element-weighted mean (min / max / sum for those statistics).")
+
+st.subheader("Table")
+f1, f2 = st.columns([2, 1])
+query = f1.text_input("Search names", key="tensors_query", placeholder="e.g. ffn.3 or lora_B")
+roles = f2.multiselect("Roles", tensors.ROLES, default=sorted(set(stats["role"]), key=tensors.ROLES.index),
+                       key="tensors_roles")
+shown = stats[stats["role"].isin(roles) & stats["name"].str.contains(query.strip(), regex=False)]
+st.dataframe(shown, hide_index=True, width="stretch", height=320,
+             column_config={"bytes": st.column_config.NumberColumn(format="%d"),
+                            "zeros_share": st.column_config.NumberColumn(format="percent")})
+st.download_button("Download CSV", shown.to_csv(index=False).encode(), f"{ckpt.digest[:12]}-tensors.csv", "text/csv")
+
+st.subheader("One tensor")
+pick = shown if len(shown) else stats
+names = list(pick["name"])
+first_base = next((i for i, (r, s) in enumerate(zip(pick["role"], pick["shape"])) if r == "base" and "×" in s), 0)
+name = st.selectbox("Tensor", names, index=first_base, key="tensors_pick")
+detail = _detail(ckpt.digest, name, ckpt.state_dict[name])
+spec = detail.spectrum
+if spec is not None:
+    (st.info if spec.looks_like_init else st.success)(f"**{name}**: {spec.verdict}")
+left, right = st.columns(2)
+left.plotly_chart(plots.value_histogram(detail.hist_edges, detail.hist_counts, name), width="stretch")
+if spec is not None:
+    right.plotly_chart(plots.spectrum_vs_init(spec.singular_values, spec.expected, spec.edge, spec.init),
+                       width="stretch")
+if detail.matrix is not None:
+    st.plotly_chart(plots.matrix_heatmap(detail.matrix, name), width="stretch")
+
+st.subheader("Compare with a second checkpoint")
+up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key="tensors_second_upload")
+path = st.text_input("…or its path on the server", key="tensors_second_path")
+if up is None and not path.strip():
+    st.caption("Open a second file to see the per-tensor relative change ‖b − a‖ / ‖a‖ and added, removed or "
+               "reshaped keys.")
+    st.stop()
+try:
+    other = ui.open_checkpoint_file(up.getvalue(), up.name) if up is not None else ui.open_checkpoint_file(path.strip())
+except CheckpointError as exc:
+    st.error(f"Could not open the second checkpoint: {exc}")
+    st.stop()
+diff = _diff(ckpt.digest, other.digest, ckpt.state_dict, other.state_dict)
+counts = diff["status"].value_counts()
+c = st.columns(5)
+for col, status in zip(c, ("same", "changed", "reshaped", "added", "removed")):
+    col.metric(status.capitalize(), int(counts.get(status, 0)))
+grid = tensors.diff_grid(diff)
+if not grid.empty and grid.notna().any().any():
+    st.plotly_chart(plots.change_heatmap(grid), width="stretch")
+odd = diff[diff["status"].isin(["added", "removed", "reshaped"])]
+if len(odd):
+    st.warning(f"{len(odd)} keys are added (only in **{other.source}**), removed (only in this file) or reshaped.")
+    st.dataframe(odd[["name", "status", "shape_a", "shape_b"]], hide_index=True, width="stretch")
+with st.expander("Every key"):
+    st.dataframe(diff, hide_index=True, width="stretch")

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny models with non-zero LoRA B (so merge and ablation tests cannot pass trivially)."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from flag_model.config import BLOCK_LINEARS, ModelConfig
+from flag_model.model import FlagTrader
+
+REPO = Path(__file__).resolve().parents[1]
+ETH_CSV = REPO.parent / "shared" / "data" / "ETH_USDT_5m_6m.csv"
+
+# Tests use the small demo, built into a per-run cache folder, never the user's ~/.cache.
+os.environ.setdefault("FLAG_TRADER_DEMO_SIZE", "tiny")
+os.environ.setdefault("FLAG_TRADER_CACHE", tempfile.mkdtemp(prefix="flag_cache_"))
+
+
+def make_config(n_blocks: int = 2, d: int = 16, f: int = 32, rank: int = 4, state_dim: int = 60,
+                actions: int = 3, max_length: int = 32, heads: int = 4, targets: tuple[str, ...] | None = None,
+                **assumptions) -> ModelConfig:
+    if targets is None:
+        targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(n_blocks) for m in BLOCK_LINEARS)
+    return ModelConfig(n_blocks=n_blocks, d_model=d, ffn_dim=f, state_dim=state_dim, n_actions=actions,
+                       max_length=max_length, lora_rank=rank if targets else 0, lora_targets=targets,
+                       num_heads=heads, **assumptions)
+
+
+def randomize(model: FlagTrader, seed: int = 0) -> FlagTrader:
+    """Give every parameter (LoRA B and LayerNorms included) non-trivial random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("output_norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(p.shape[-1], 1) ** 0.5)
+    return model.eval()
+
+
+def make_model(seed: int = 0, **kw) -> FlagTrader:
+    return randomize(FlagTrader(make_config(**kw)), seed)
+
+
+def save_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tiny_model() -> FlagTrader:
+    """2 blocks, d=16, 4 heads, LoRA rank 4 on every projection, random non-zero B."""
+    return make_model()
+
+
+@pytest.fixture
+def tiny_state_dict(tiny_model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in tiny_model.state_dict().items()}
+
+
+@pytest.fixture
+def tiny_ckpt_bytes(tiny_state_dict) -> bytes:
+    """The tiny model saved like the training code: {'model_state_dict', 'config', ...}."""
+    return save_bytes({"epoch": 3, "model_state_dict": tiny_state_dict, "val_accuracy": 0.61,
+                       "config": {"num_heads": 4, "lora_alpha": 4, "lora_rank": 4}})
+
+
+def full_layout_config(d: int = 256, f: int = 1024) -> ModelConfig:
+    """The documented layout: 12 blocks, rank 16, 60 features, 3 actions, max_length 256."""
+    return make_config(n_blocks=12, d=d, f=f, rank=16, max_length=256, heads=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_path() -> Path:
+    """The tiny demo checkpoint (2 blocks, d=32), trained once per test session."""
+    from flag_model.demo import build_demo
+
+    return build_demo("tiny")
+
+
+@pytest.fixture(scope="session")
+def eth_csv() -> Path:
+    if not ETH_CSV.exists():
+        pytest.skip(f"real ETH data not found at {ETH_CSV} (it lives in ../shared/data beside the repo)")
+    return ETH_CSV

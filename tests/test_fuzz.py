@@ -1,0 +1,444 @@
+"""Fuzz the checkpoint reader: hundreds of corruptions of a valid tiny checkpoint, and malicious pickles.
+
+Every corruption must end in `CheckpointError`, or load and then be refused by `build_model` with
+`ConfigError` / `ModelMismatchError`, or load and run (a benign change) -- never another exception, a hang
+or a crash. The corruptions run in a child process (this file run as a script) so that a segfault or a hang
+is caught and named instead of taking pytest down. Run with `pytest -s` to see the outcome counts.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import random
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SEED = 7_2024
+# Outcomes a corruption may end in; anything else (another exception, a hang, a crash) fails the test.
+CKERR, BUILD, LOADED = "CheckpointError", "refused by build_model", "loaded"
+CASE_LIMIT_S = 15.0  # one case slower than this counts as a hang
+
+
+# ---- corruption builders (pure bytes -> bytes) ---------------------------------------------------------
+
+def _rezip(data: bytes, order: Callable[[list[str]], list[str]] | None = None, drop: tuple[str, ...] = (),
+           replace: dict[str, bytes] | None = None, extra: dict[str, bytes] | None = None) -> bytes:
+    """Rewrite a torch zip with members reordered, dropped, replaced or added (stored, like torch writes)."""
+    zin = zipfile.ZipFile(io.BytesIO(data))
+    names = [i.filename for i in zin.infolist()]
+    names = order(names) if order else names
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zout:
+        for n in names:
+            if n not in drop:
+                zout.writestr(n, (replace or {}).get(n, zin.read(n)))
+        for n, b in (extra or {}).items():
+            zout.writestr(n, b)
+    return buf.getvalue()
+
+
+def _patch_zip_size(data: bytes, member: str, size: int, local: bool, central: bool) -> bytes:
+    """Declare `size` bytes for `member` in the local and/or central zip headers (the data stays as is)."""
+    d = bytearray(data)
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(member)
+    if local:
+        struct.pack_into("<II", d, info.header_offset + 18, size, size)
+    if central:
+        pos = 0
+        while (pos := d.find(b"PK\x01\x02", pos)) >= 0:
+            n = struct.unpack_from("<H", d, pos + 28)[0]
+            if bytes(d[pos + 46:pos + 46 + n]).decode() == member:
+                struct.pack_into("<II", d, pos + 20, size, size)
+                break
+            pos += 4
+    return bytes(d)
+
+
+def _safetensors_with(data: bytes, edit: Callable[[dict], object] | None = None, length: int | None = None,
+                      raw_header: bytes | None = None) -> bytes:
+    """A safetensors file with its JSON header edited, replaced, or its declared header length changed."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    if edit is not None:
+        edit(header)
+    raw = raw_header if raw_header is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + body
+
+
+def _splice_pickle(data: bytes, member: str | None, placeholder: str, opcodes: bytes) -> bytes:
+    """Replace the pickled string `placeholder` with raw pickle opcodes (in a torch zip member or a legacy file)."""
+    enc = placeholder.encode()
+    needle = b"X" + struct.pack("<I", len(enc)) + enc
+    if member is None:
+        assert data.count(needle) == 1
+        return data.replace(needle, opcodes)
+    pkl = zipfile.ZipFile(io.BytesIO(data)).read(member)
+    assert pkl.count(needle) == 1
+    return _rezip(data, replace={member: pkl.replace(needle, opcodes)})
+
+
+def _deep_list(n: int) -> bytes:
+    """Opcodes for a list nested n deep: n EMPTY_LISTs, then n-1 APPENDs."""
+    return b"]" * n + b"a" * (n - 1)
+
+
+def _deep_dict(n: int) -> bytes:
+    """Opcodes for {'a': {'a': ... 0}} nested n deep."""
+    return (b"}X\x01\x00\x00\x00a") * n + b"K\x00" + b"s" * n
+
+
+# ---- the corruptions -------------------------------------------------------------------------------------
+
+def corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, ...]]]:
+    """(category, case name, file bytes, allowed outcomes) for every corruption, deterministically."""
+    import torch
+    from safetensors.torch import save as st_save
+
+    from conftest import make_model, save_bytes
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in make_model(seed=3).state_dict().items()}
+    keys = sorted(sd)
+    meta = {"epoch": 3, "val_accuracy": 0.61, "config": {"num_heads": 4, "lora_alpha": 4, "lora_rank": 4}}
+    good = save_bytes({"model_state_dict": sd, **meta})
+    buf = io.BytesIO()
+    torch.save({"model_state_dict": sd, **meta}, buf, _use_new_zipfile_serialization=False)
+    legacy = buf.getvalue()
+    safet = st_save(sd, metadata={"feature_set": "simple-60"})
+    anything = (CKERR, BUILD, LOADED)
+
+    def wrap(state: dict, **extra) -> bytes:
+        return save_bytes({"model_state_dict": state, **meta, **extra})
+
+    yield "valid (control)", "torch zip", good, (LOADED,)
+    yield "valid (control)", "torch legacy", legacy, (LOADED,)
+    yield "valid (control)", "safetensors", safet, (LOADED,)
+
+    # Truncations at many offsets: always a CheckpointError (header, pickle, storages and directory are cut).
+    for fmt, data, n in (("zip", good, 90), ("legacy", legacy, 40), ("safetensors", safet, 40)):
+        offsets = {0, 1, 2, 4, 8, 9, 16, 30, 64, len(data) - 1, len(data) - 22, len(data) - 23}
+        offsets |= set(rng.sample(range(1, len(data)), n))
+        for off in sorted(o for o in offsets if 0 <= o < len(data)):
+            yield f"truncated {fmt}", f"{fmt}[:{off}]", data[:off], (CKERR,)
+
+    # Flipped bytes: anywhere, inside the pickle, inside the zip directory, in the safetensors header.
+    zinfo = zipfile.ZipFile(io.BytesIO(good)).getinfo("archive/data.pkl")
+    pkl_start = zinfo.header_offset + 30 + len(zinfo.filename)
+    cd_start = good.find(b"PK\x01\x02")
+    st_hlen = 8 + struct.unpack("<Q", safet[:8])[0]
+    regions = (("zip anywhere", good, 0, len(good), 50), ("zip pickle", good, pkl_start, zinfo.file_size, 70),
+               ("zip directory", good, cd_start, len(good) - cd_start, 40), ("legacy", legacy, 0, len(legacy), 40),
+               ("safetensors header", safet, 0, st_hlen, 40))
+    for what, data, start, span, n in regions:
+        for i in range(n):
+            d = bytearray(data)
+            for _ in range(rng.randint(1, 6)):
+                d[start + rng.randrange(span)] = rng.randrange(256)
+            yield f"flipped bytes: {what}", f"{what} #{i}", bytes(d), anything
+
+    # Zip members shuffled, removed, duplicated, replaced, renamed.
+    names = [i.filename for i in zipfile.ZipFile(io.BytesIO(good)).infolist()]
+    for i in range(6):
+        yield "zip members shuffled", f"shuffle #{i}", _rezip(good, order=lambda ns: rng.sample(ns, len(ns))), anything
+    storages = [n for n in names if "/data/" in n]
+    for n in ["archive/data.pkl", *rng.sample(storages, 6)]:
+        yield "zip member removed", f"without {n}", _rezip(good, drop=(n,)), (CKERR,)
+    for n in names:  # torch has defaults for the small records (byteorder, versions, alignment)
+        if "/data" not in n:
+            yield "zip member removed", f"without {n}", _rezip(good, drop=(n,)), anything
+    for n, junk in [("archive/byteorder", b"big"), ("archive/byteorder", b"middle"), ("archive/data.pkl", b""),
+                    ("archive/data.pkl", b"\x80\x02}q\x00."), ("archive/data.pkl", b"not a pickle"),
+                    ("archive/.format_version", b"99"), (storages[0], b"\x00" * 3), (storages[1], b"")]:
+        yield "zip member replaced", f"{n} = {junk[:12]!r}", _rezip(good, replace={n: junk}), anything
+    yield "zip member added", "duplicate data.pkl", _rezip(good, extra={"archive/data.pkl": b"\x80\x02K\x01."}), anything
+    yield "zip member added", "foreign member", _rezip(good, extra={"other/data.pkl": b"x"}), anything
+    members = {n: zipfile.ZipFile(io.BytesIO(good)).read(n) for n in names}
+    yield "zip members renamed", "renamed folder", _rezip(
+        good, drop=tuple(names), extra={n.replace("archive/", "renamed/"): b for n, b in members.items()}), anything
+    yield "zip members renamed", "no folder", _rezip(
+        good, drop=tuple(names), extra={n.split("/", 1)[1]: b for n, b in members.items()}), anything
+
+    # Huge declared sizes: zip headers, safetensors header length/offsets/shapes, stride-0 tensors.
+    for member in ["archive/data.pkl", storages[0], "archive/byteorder"]:
+        for size in (0, 2**31 - 1, 2**32 - 1):
+            for local, central in ((True, False), (False, True), (True, True)):
+                yield ("huge declared size: zip header", f"{member} size {size} local={local} central={central}",
+                       _patch_zip_size(good, member, size, local, central), anything)
+    first = sorted(json.loads(safet[8:st_hlen]).keys() - {"__metadata__"})[0]
+    st_cases = {
+        "header length 2**63": _safetensors_with(safet, length=2**63),
+        "header length 99_999_999": _safetensors_with(safet, length=99_999_999),
+        "header length file+1": _safetensors_with(safet, length=len(safet) + 1),
+        "header length 1": _safetensors_with(safet, length=1),
+        "offsets 2**62": _safetensors_with(safet, lambda h: h[first].update(data_offsets=[0, 2**62])),
+        "offsets reversed": _safetensors_with(safet, lambda h: h[first].update(data_offsets=[8, 0])),
+        "shape 2**31 x 2**31": _safetensors_with(safet, lambda h: h[first].update(shape=[2**31, 2**31])),
+        "shape negative": _safetensors_with(safet, lambda h: h[first].update(shape=[-1])),
+        "dtype C64": _safetensors_with(safet, lambda h: h[first].update(dtype="C64")),
+        "dtype F8_E4M3": _safetensors_with(safet, lambda h: h[first].update(dtype="F8_E4M3")),
+        "dtype unknown": _safetensors_with(safet, lambda h: h[first].update(dtype="Q4")),
+        "dtype I64": _safetensors_with(safet, lambda h: h[first].update(dtype="I64")),
+        "header not JSON": _safetensors_with(safet, raw_header=b"{not json" + b" " * 50),
+        "header a list": _safetensors_with(safet, raw_header=b"[1, 2, 3]"),
+        "header a string": _safetensors_with(safet, raw_header=b'{"a": "b"}'),
+        "metadata not strings": _safetensors_with(safet, lambda h: h.update(__metadata__={"a": [1, 2]})),
+        "entry missing offsets": _safetensors_with(safet, lambda h: h[first].pop("data_offsets")),
+    }
+    for name, data in st_cases.items():
+        yield "huge declared size / bad header: safetensors", name, data, anything
+    for k in rng.sample(keys, 4):
+        big = dict(sd)
+        big[k] = torch.randn(1, generator=gen).expand(100_000, 100_000)
+        yield "huge declared size: stride-0 tensor", f"{k} [1e5, 1e5]", wrap(big), (CKERR,)
+    big = dict(sd)
+    big["state_embedding.weight"] = torch.randn(1, generator=gen).expand(60_000, 60)
+    buf = io.BytesIO()
+    torch.save({"model_state_dict": big}, buf, _use_new_zipfile_serialization=False)
+    yield "huge declared size: stride-0 tensor", "legacy state_embedding [6e4, 60]", buf.getvalue(), (BUILD,)
+
+    # Wrong shapes: every key as 0-d, 1-d, 3-d, transposed or one row longer.
+    for k in keys:
+        t = sd[k]
+        variants = {"0-d": torch.tensor(0.5), "1-d": t.flatten()[:5].clone(), "3-d": t.reshape(1, 1, -1).clone(),
+                    "transposed": t.T.contiguous() if t.dim() == 2 else t.flip(0).clone(),
+                    "one more row": torch.cat([t, t[:1]]) if t.dim() >= 1 else t}
+        for vname in rng.sample(sorted(variants), 2):
+            bad = dict(sd)
+            bad[k] = variants[vname]
+            yield "wrong shape", f"{k} {vname}", wrap(bad), anything
+
+    # Wrong dtypes: integers and bools load (cast, with a warning); complex, float8, quantized are refused.
+    for dtype, outcome in ((torch.int64, anything), (torch.int8, anything), (torch.bool, anything),
+                           (torch.float64, anything), (torch.float16, anything), (torch.bfloat16, anything),
+                           (torch.complex64, (CKERR,)), (torch.complex128, (CKERR,)),
+                           (torch.float8_e4m3fn, (CKERR,)), (torch.float8_e5m2, (CKERR,)), (torch.uint16, (CKERR,))):
+        for k in rng.sample(keys, 3):
+            bad = dict(sd)
+            bad[k] = sd[k].to(dtype)
+            yield "wrong dtype", f"{k} as {dtype}", wrap(bad), outcome
+    for k in rng.sample(keys, 2):
+        bad = dict(sd)
+        bad[k] = torch.quantize_per_tensor(sd[k], 0.1, 0, torch.qint8)
+        yield "wrong dtype", f"{k} quantized", wrap(bad), (CKERR,)
+        bad = dict(sd)
+        bad[k] = sd[k].to_sparse()
+        yield "wrong layout", f"{k} sparse", wrap(bad), (CKERR,)
+        bad = dict(sd)
+        bad[k] = torch.empty(sd[k].shape, device="meta")
+        yield "wrong layout", f"{k} on meta device", wrap(bad), (CKERR,)
+
+    # Non-tensor values where tensors belong, odd top-level objects, odd stored configs.
+    for k in rng.sample(keys, 8):
+        for v in ("hello", [1, 2], None, {"x": 1}, 3):
+            bad = dict(sd)
+            bad[k] = v
+            yield "non-tensor value", f"{k} = {v!r}", wrap(bad), (CKERR, BUILD)
+    for name, obj in {"list": [sd], "tuple": (sd, 1), "int": 7, "string": "model", "None": None,
+                      "tensor": torch.randn(3, generator=gen), "empty dict": {}, "int keys": {1: torch.randn(2)},
+                      "only optimizer": {"optimizer_state_dict": {"state": {}, "param_groups": []}}}.items():
+        yield "non-tensor top level", name, save_bytes(obj), (CKERR, BUILD)
+    for key in ("num_heads", "lora_alpha", "lora_rank", "norm_first", "causal", "d_model", "n_layers"):
+        for v in ("abc", [1], None, {"a": 1}, -3, 0, 10**30, 10**400, float("nan"), float("inf"), True, b"\x00"):
+            yield "odd stored config", f"config[{key}] = {v!r:.20}", save_bytes(
+                {"model_state_dict": sd, "config": {key: v}}), (LOADED, BUILD)
+    for v in ("{not json", "[1, 2]", 5, [1, 2], None):
+        yield "odd stored config", f"config = {v!r}", save_bytes({"model_state_dict": sd, "config": v}), (LOADED,)
+
+    # Pickle-level bombs: deep nesting and shared sub-objects (exponential to walk naively).
+    for n in (100, 5_000, 100_000):
+        yield "deep nesting", f"list {n} deep (zip)", _splice_pickle(
+            save_bytes({"model_state_dict": sd, "history": "PLACEHOLDER"}), "archive/data.pkl", "PLACEHOLDER",
+            _deep_list(n)), (LOADED,)
+        yield "deep nesting", f"dict {n} deep (zip)", _splice_pickle(
+            save_bytes({"model_state_dict": sd, "history": "PLACEHOLDER"}), "archive/data.pkl", "PLACEHOLDER",
+            _deep_dict(n)), (LOADED,)
+    buf = io.BytesIO()
+    torch.save({"model_state_dict": sd, "history": "PLACEHOLDER"}, buf, _use_new_zipfile_serialization=False)
+    yield "deep nesting", "list 100000 deep (legacy)", _splice_pickle(buf.getvalue(), None, "PLACEHOLDER",
+                                                                       _deep_list(100_000)), (LOADED,)
+    yield "deep nesting", "bare state dict beside a dict 100 deep", _splice_pickle(
+        save_bytes({"w": torch.ones(2), "nest": "PLACEHOLDER"}), "archive/data.pkl", "PLACEHOLDER",
+        _deep_dict(100)), (CKERR,)
+    row = [0] * 1000
+    yield "shared sub-objects", "list 1000^3", wrap(sd, history=[[row] * 1000] * 1000), (LOADED,)
+    level = {str(i): 0 for i in range(300)}
+    yield "shared sub-objects", "dict 300^3", wrap(sd, history={str(i): {str(j): level for j in range(300)}
+                                                                for i in range(300)}), (LOADED,)
+    tensors = {str(i): sd["action_head.bias"] for i in range(200)}
+    bomb = {str(i): {str(j): tensors for j in range(200)} for i in range(200)}
+    yield "shared sub-objects", "8M tensor entries in nested dicts", save_bytes(bomb), (CKERR,)
+
+
+# ---- running one case --------------------------------------------------------------------------------------
+
+def classify(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
+    """-> (outcome, detail). Outcome is one of CKERR / BUILD / LOADED, or 'unexpected <type>'."""
+    import torch
+
+    from flag_model import CheckpointError, ConfigError, ModelMismatchError, build_model, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path if path is not None else data, name=name)
+    except CheckpointError as exc:
+        return CKERR, str(exc)
+    except BaseException as exc:  # noqa: BLE001 - the point: report anything else
+        return f"unexpected {type(exc).__name__}", str(exc)[:300]
+    try:
+        model = build_model(ckpt)
+    except (ConfigError, ModelMismatchError) as exc:
+        return BUILD, str(exc)
+    except BaseException as exc:  # noqa: BLE001
+        return f"unexpected {type(exc).__name__} in build_model", str(exc)[:300]
+    try:
+        with torch.no_grad():
+            logits = model(torch.ones(1, min(4, model.config.max_length), model.config.state_dim))
+    except BaseException as exc:  # noqa: BLE001
+        return f"unexpected {type(exc).__name__} in forward", str(exc)[:300]
+    warned = "; ".join(ckpt.warnings)
+    if not torch.isfinite(logits).all() and "NaN" not in warned:
+        return "unexpected silent NaN/Inf logits", warned  # a corrupt file must not look healthy
+    if not math.isfinite(model.config.lora_scale):
+        return "unexpected non-finite LoRA scale", str(model.config.lora_scale)
+    return LOADED, warned
+
+
+def worker(tmp: Path) -> None:
+    """Run every corruption (bytes, and every third also from a file path, memory-mapped) and print one
+    JSON line per load; 'start' lines let the parent name a case that hung or crashed."""
+    import resource
+    import warnings
+
+    warnings.simplefilter("ignore")
+    # A memory bomb becomes a visible MemoryError instead of taking the machine down.
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+    sys.path[:0] = [str(REPO), str(TESTS)]
+    for i, (cat, name, data, allowed) in enumerate(corruptions()):
+        sources = [None] + ([tmp / f"case_{i}.pt"] if i % 3 == 0 else [])
+        for path in sources:
+            if path is not None:
+                path.write_bytes(data)
+            via = "path" if path else "bytes"
+            print(json.dumps({"start": f"{cat} | {name} | {via}"}), flush=True)
+            t0 = time.perf_counter()
+            outcome, detail = classify(data, name, path)
+            print(json.dumps({"cat": cat, "case": name, "via": via, "outcome": outcome, "allowed": allowed,
+                              "detail": detail[:300], "s": round(time.perf_counter() - t0, 3)}), flush=True)
+            if path is not None:
+                path.unlink()
+
+
+def test_checkpoint_fuzz(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=REPO)
+        out, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "timeout"
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    started = [r["start"] for r in rows if "start" in r]
+    done = [r for r in rows if "outcome" in r]
+    assert rc == 0 and len(done) == len(started), (
+        f"the fuzz worker ended with {rc} during: {started[-1] if started else 'startup'}\n"
+        f"{proc.stderr[-3000:] if rc != 'timeout' else ''}")
+    bad = [r for r in done if r["outcome"] not in r["allowed"]]
+    slow = [r for r in done if r["s"] > CASE_LIMIT_S]
+    counts = Counter(r["outcome"] for r in done)
+    cases = {(r["cat"], r["case"]) for r in done}
+    print(f"\nfuzz: {len(cases)} corruptions, {len(done)} loads ({sum(r['via'] == 'path' for r in done)} from a "
+          f"path): {counts[CKERR]} CheckpointError, {counts[BUILD]} refused by build_model, {counts[LOADED]} "
+          f"loaded (benign), {len(bad)} unexpected, {len(slow)} slower than {CASE_LIMIT_S:.0f} s, 0 crashes")
+    by_cat = Counter((r["cat"], r["outcome"]) for r in done)
+    for (cat, outcome), n in sorted(by_cat.items()):
+        print(f"  {cat:45s} {outcome:25s} {n}")
+    assert len(cases) >= 300
+    assert not bad, "\n".join(f"{r['cat']} | {r['case']} | {r['via']}: {r['outcome']}: {r['detail']}" for r in bad[:20])
+    assert not slow, [(r["case"], r["s"]) for r in slow]
+    messages = [r["detail"] for r in done if r["outcome"] == CKERR]
+    assert all(len(m) > 30 for m in messages), "every refusal says why"
+
+
+# ---- malicious pickles ----------------------------------------------------------------------------------
+
+def _payloads(marker: Path) -> dict[str, tuple[str, bytes]]:
+    """name -> (the global it needs, pickle bytes whose loading with plain pickle creates `marker`)."""
+    import builtins
+
+    class Reduce:
+        def __init__(self, fn, *args):
+            self.fn, self.args = fn, args
+
+        def __reduce__(self):
+            return self.fn, self.args
+
+    py = f"open({str(marker)!r}, 'w').close()"
+    touch = f"touch {marker}"
+    getattr_chain = (b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V"
+                     + touch.encode() + b"\ntR.")
+    return {
+        "os.system (protocol 2)": ("posix.system", pickle.dumps(Reduce(os.system, touch), protocol=2)),
+        "os.system (protocol 4)": ("posix.system", pickle.dumps(Reduce(os.system, touch), protocol=4)),
+        "eval": ("builtins.eval", pickle.dumps(Reduce(builtins.eval, py), protocol=2)),
+        "exec": ("builtins.exec", pickle.dumps(Reduce(builtins.exec, py), protocol=3)),
+        "subprocess.check_call": ("subprocess.check_call",
+                                  pickle.dumps(Reduce(subprocess.check_call, ["touch", str(marker)]), protocol=2)),
+        "builtins.getattr chain": ("builtins.getattr", getattr_chain),
+        "__builtin__.eval (py2 name)": ("builtins.eval", b"c__builtin__\neval\n(V" + py.encode() + b"\ntR."),
+        "payload inside the state dict": ("posix.system", pickle.dumps(
+            {"model_state_dict": {"w": Reduce(os.system, touch)}, "epoch": 1}, protocol=2)),
+    }
+
+
+def _containers(payload: bytes) -> dict[str, bytes]:
+    """The payload as raw pickle bytes, as data.pkl of a torch zip, and after a legacy-format preamble."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    zipped = _rezip(buf.getvalue(), replace={"archive/data.pkl": payload})
+    preamble = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001}))
+    return {"raw pickle": payload, "torch zip": zipped, "legacy": preamble + payload}
+
+
+def test_malicious_payloads_are_live(tmp_path: Path) -> None:
+    """Control: plain pickle really runs each payload (so the refusal test below can fail)."""
+    for name, (_, payload) in _payloads(tmp_path / "marker").items():
+        marker = tmp_path / "marker"
+        pickle.loads(payload)  # noqa: S301 - deliberately, on our own harmless payload
+        assert marker.exists(), name
+        marker.unlink()
+
+
+@pytest.mark.parametrize("container", ["raw pickle", "torch zip", "legacy"])
+def test_malicious_pickles_are_refused(tmp_path: Path, container: str) -> None:
+    from flag_model import CheckpointError, load_checkpoint
+
+    marker = tmp_path / "marker"
+    for name, (needs, payload) in _payloads(marker).items():
+        data = _containers(payload)[container]
+        file = tmp_path / "evil.pt"
+        file.write_bytes(data)
+        for src in (data, file):
+            with pytest.raises(CheckpointError) as err:
+                load_checkpoint(src, name="evil.pt")
+            assert needs in str(err.value), (name, str(err.value))
+            assert "nothing in the file was executed" in str(err.value)
+            assert not marker.exists(), f"{name} ({container}) ran"
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
