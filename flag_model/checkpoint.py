@@ -217,7 +217,6 @@ def _refuse(name: str, what: str) -> Any:
 
 
 def _safetensors_load(name: str, path: Path | None, data: bytes | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
     from safetensors.torch import load, load_file
 
     try:
@@ -424,7 +423,7 @@ def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | Bi
     except (ValueError, TypeError, IndexError, OverflowError) as exc:
         _infer_without_stored(ckpt, exc)
     else:
-        if not abs(ckpt.config.lora_scale) <= 1e4:  # NaN, Inf or absurd: the forward pass would overflow
+        if not 0.0 <= ckpt.config.lora_scale <= 1e4:  # NaN, Inf, negative or so large the forward pass overflows
             _infer_without_stored(ckpt, ValueError(f"its lora_alpha gives a LoRA scale of {ckpt.config.lora_scale:.3g}"))
     return ckpt
 

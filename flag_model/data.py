@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Sequence
@@ -20,6 +21,7 @@ NORMALISATIONS = ("checkpoint", "none", "data")
 MODES = ("rolling", "blocks")
 OHLCV_ROLES = ("open", "high", "low", "close", "volume")
 DEFAULT_WINDOW = 64
+PRICE_COLUMN = "_price"  # feature uploads: the optional price column, kept apart from the features
 
 # Normalised column names (lower case, letters and digits only) each role is detected by, best first.
 _ROLE_NAMES: dict[str, tuple[str, ...]] = {
@@ -84,8 +86,9 @@ class ColumnMapping:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated upload. `ohlcv` has columns datetime, timestamp (ms), open, high, low, close, volume
-    (OHLCV mode) or datetime + feature columns (+ close) (feature mode); None when there are errors."""
+    """A validated upload. `frame` has columns datetime, timestamp (ms), open, high, low, close, volume
+    (OHLCV mode) or datetime, the feature columns and PRICE_COLUMN if mapped (feature mode); None when
+    there are errors."""
 
     frame: pd.DataFrame | None
     issues: tuple[Issue, ...]
@@ -125,7 +128,10 @@ def read_table(src: str | Path | bytes | IO[bytes], name: str | None = None) -> 
         is_parquet = data[:4] == b"PAR1" or label.lower().endswith((".parquet", ".pq"))
         source = io.BytesIO(data)
     try:
-        df = pd.read_parquet(source) if is_parquet else pd.read_csv(source)
+        with warnings.catch_warnings():
+            # A first data row longer than the header would silently become a (huge, slow) row index: refuse it.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_parquet(source) if is_parquet else pd.read_csv(source, index_col=False)
     except Exception as exc:  # parsers raise many types; the user needs the reason, not the class
         kind = "Parquet" if is_parquet else "CSV"
         raise DataError(f"could not read {label} as {kind}: {exc}. Upload a CSV with a header row or a Parquet file.") from exc
@@ -235,19 +241,26 @@ def parse_times(col: pd.Series) -> tuple[np.ndarray, str]:
         times = pd.DatetimeIndex(col)
         if times.tz is not None:
             times = times.tz_convert("UTC").tz_localize(None)
-        return times.as_unit("ns").to_numpy(), "datetime"
+        return _ns(times), "datetime"
     num = pd.to_numeric(col, errors="coerce") if not pd.api.types.is_numeric_dtype(col) else col
     num_values = num.to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isfinite(num_values).mean() > 0.5:
         mag = np.nanmedian(np.abs(num_values))
         unit = "s" if mag < 1e11 else "ms" if mag < 1e14 else "us" if mag < 1e17 else "ns"
         times = pd.DatetimeIndex(pd.to_datetime(num_values, unit=unit, errors="coerce"))
-        return times.as_unit("ns").to_numpy(), f"epoch {unit}"
+        return _ns(times), f"epoch {unit}"
     try:
         parsed = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
     except (ValueError, TypeError):
         parsed = pd.to_datetime(col, errors="coerce", utc=True)
-    return pd.DatetimeIndex(parsed).tz_localize(None).as_unit("ns").to_numpy(), "date strings"
+    return _ns(pd.DatetimeIndex(parsed).tz_localize(None)), "date strings"
+
+
+def _ns(times: pd.DatetimeIndex) -> np.ndarray:
+    """datetime64[ns] values; times outside its range (years before 1677 or after 2262) become NaT, so they
+    are reported as unparseable instead of overflowing."""
+    inside = (times >= pd.Timestamp.min) & (times <= pd.Timestamp.max)
+    return times.where(inside).as_unit("ns").to_numpy()
 
 
 def _time_issues(times: np.ndarray, raw: pd.Series, name: str, rows: np.ndarray, repair: bool,
@@ -307,6 +320,23 @@ def _gap_check(times: np.ndarray, name: str, rows: np.ndarray, issues: list[Issu
             f"after row {rows[big]}. Windows that span a gap mix distant bars.", name, int(rows[i])))
 
 
+def _carry_forward(frame: pd.DataFrame, columns: list[str], rows: np.ndarray,
+                   issues: list[Issue]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Repair: fill missing values with the previous row's; leading rows with nothing before them are
+    dropped, and an error is added when no row is left."""
+    frame = frame.copy()
+    frame[columns] = frame[columns].ffill()
+    missing = frame[columns].isna().any(axis=1).to_numpy()
+    lead = len(missing) if missing.all() else int(missing.argmin())
+    if lead:
+        issues.append(Issue("warning", f"the first {lead} row(s) had missing values with nothing before them to "
+                            "carry forward; they were dropped.", None, int(rows[0])))
+    if lead == len(frame):
+        issues.append(Issue("error", "no usable rows are left after the repairs above; fix the file's times and "
+                            "values."))
+    return frame.iloc[lead:], rows[lead:]
+
+
 def _has_errors(issues: list[Issue]) -> bool:
     return any(i.severity == "error" for i in issues)
 
@@ -345,12 +375,7 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
         frame[r] = cols[r][sel]
     rows = rows[sel]
     if repair:
-        frame[list(OHLCV_ROLES)] = frame[list(OHLCV_ROLES)].ffill()
-        lead = int(frame[list(OHLCV_ROLES)].isna().any(axis=1).to_numpy().argmin())
-        if lead:
-            issues.append(Issue("warning", f"the first {lead} row(s) had missing values with nothing before them "
-                                "to carry forward; they were dropped."))
-            frame, rows = frame.iloc[lead:], rows[lead:]
+        frame, rows = _carry_forward(frame, list(OHLCV_ROLES), rows, issues)
     if _has_errors(issues):
         return Prepared(None, tuple(issues), fmt)
     for r in ("open", "high", "low", "close"):
@@ -375,8 +400,8 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
 def prepare_features(df: pd.DataFrame, columns: Sequence[str], time_column: str | None, state_dim: int,
                      close_column: str | None = None, repair: bool = False, row_offset: int = 0) -> Prepared:
     """Validate precomputed feature columns (in the chosen order). Returns a frame with datetime, the
-    feature columns and (if mapped) close. More columns than state_dim is an error; fewer is a warning
-    because the model will see zero padding."""
+    feature columns and (if mapped) the price as PRICE_COLUMN. More columns than state_dim is an error;
+    fewer is a warning because the model will see zero padding."""
     issues: list[Issue] = []
     columns = [str(c) for c in columns]
     if not columns:
@@ -407,16 +432,19 @@ def prepare_features(df: pd.DataFrame, columns: Sequence[str], time_column: str 
     frame = pd.DataFrame({"datetime": times[sel]})
     for c in named:
         _missing_runs(values[c][sel], c, rows[sel], repair, issues)
-        frame["close" if c == close_column else c] = values[c][sel]
+        frame[c] = values[c][sel]
+    if close_column:
+        frame[PRICE_COLUMN] = values[close_column][sel]
+    rows = rows[sel]
     if repair:
-        frame = frame.ffill().fillna(0.0)
+        frame, rows = _carry_forward(frame, list(frame.columns[1:]), rows, issues)
     if _has_errors(issues):
         return Prepared(None, tuple(issues), fmt)
     if len(columns) < state_dim:
         issues.append(Issue("warning", f"{len(columns)} feature columns for a model with {state_dim} inputs: "
                             f"{state_dim - len(columns)} zero columns will be appended. A model trained on "
                             f"{state_dim} real features sees constant zeros there — the padding mistake."))
-    _gap_check(frame["datetime"].to_numpy(), time_column, rows[sel], issues)
+    _gap_check(frame["datetime"].to_numpy(), time_column, rows, issues)
     return Prepared(frame.reset_index(drop=True), tuple(issues), fmt, tuple(columns))
 
 
@@ -538,7 +566,7 @@ def column_features(frame: pd.DataFrame, columns: Sequence[str], meta: Mapping[s
     vals, names, normalisation, raw_mean, raw_std, pad = _finish(
         frame[list(columns)].to_numpy(np.float64), tuple(map(str, columns)), meta, state_dim, normalisation,
         stats, warnings)
-    close = frame["close"].to_numpy(np.float64) if "close" in frame else np.full(len(frame), np.nan)
+    close = frame[PRICE_COLUMN].to_numpy(np.float64) if PRICE_COLUMN in frame else np.full(len(frame), np.nan)
     return FeatureMatrix(
         values=np.ascontiguousarray(vals, dtype=np.float32), times=pd.DatetimeIndex(frame["datetime"]),
         close=close, names=names, feature_set="uploaded columns", normalisation=normalisation,

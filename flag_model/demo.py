@@ -21,20 +21,21 @@ import torch
 import torch.nn.functional as F
 
 from .config import BLOCK_LINEARS, ModelConfig
+from .engine import cpu_bf16_native
 from .features import SIMPLE60_NAMES, LabelRule, compute_labels, simple60
 from .model import FlagTrader
 
 Progress = Callable[[float, str], None]
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 START = pd.Timestamp("2025-01-06 00:00:00")
 BAR = pd.Timedelta(minutes=5)
 
 # Regimes of the synthetic market: drift per bar, AR(1) on returns, pull towards the 50-bar mean.
 _REGIMES = (
-    ("up-trend", 6e-4, 0.10, 0.0),
-    ("down-trend", -6e-4, 0.10, 0.0),
-    ("mean-reverting", 0.0, -0.25, 0.03),
+    ("up-trend", 1.0e-3, 0.10, 0.0),
+    ("down-trend", -1.0e-3, 0.10, 0.0),
+    ("mean-reverting", 0.0, -0.25, 0.08),
     ("quiet", 0.0, 0.0, 0.0),
 )
 
@@ -56,8 +57,8 @@ class DemoSpec:
 
 
 DEMO_SIZES: dict[str, DemoSpec] = {
-    "full": DemoSpec(12, 256, 1024, 16, 256, 8, n_bars=24_000, steps=220, batch=32, window=64),
-    "tiny": DemoSpec(2, 32, 64, 4, 64, 4, n_bars=3_000, steps=120, batch=32, window=32),
+    "full": DemoSpec(12, 256, 1024, 16, 256, 8, n_bars=24_000, steps=200, batch=48, window=64),
+    "tiny": DemoSpec(2, 32, 64, 4, 64, 4, n_bars=8_000, steps=150, batch=64, window=32),
 }
 
 
@@ -71,7 +72,7 @@ def synthetic_ohlcv(n_bars: int = 24_000, seed: int = 7) -> pd.DataFrame:
     regime = np.empty(n, dtype=np.int64)
     state = 0
     for t in range(n):
-        if rng.random() < 1 / 300:  # regimes last ~25 hours on average
+        if rng.random() < 1 / 500:  # regimes last ~40 hours on average
             state = int(rng.integers(len(_REGIMES)))
         regime[t] = state
     drift = np.array([r[1] for r in _REGIMES])[regime]
@@ -83,7 +84,7 @@ def synthetic_ohlcv(n_bars: int = 24_000, seed: int = 7) -> pd.DataFrame:
     var = 1.5e-3 ** 2
     logp[0] = math.log(2500.0)
     for t in range(1, n):
-        var = 2e-7 + 0.08 * ret[t - 1] ** 2 + 0.85 * var  # GARCH(1,1): volatility comes in clusters
+        var = 1.2e-7 + 0.08 * ret[t - 1] ** 2 + 0.85 * var  # GARCH(1,1): volatility comes in clusters
         mean_dev = logp[t - 1] - logp[max(0, t - 50):t].mean()
         ret[t] = drift[t] + ar[t] * ret[t - 1] - pull[t] * mean_dev + math.sqrt(var) * eps[t]
         logp[t] = logp[t - 1] + ret[t]
@@ -162,6 +163,7 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
     counts = torch.bincount(y[:split], minlength=3).float()
     weight = (counts.sum() / (3 * counts)).clamp(max=3.0)
     w = spec.window
+    bf16 = cpu_bf16_native()[0]
     t0 = time.perf_counter()
     model.train()
     for step in range(spec.steps):
@@ -169,7 +171,11 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
         for g in opt.param_groups:
             g["lr"] = lr
         xb, yb = _windows(x, y, rng.integers(0, split - w, spec.batch), w)
-        loss = F.cross_entropy(model(xb).reshape(-1, 3), yb.reshape(-1), weight=weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # ~2x faster where bf16 is native
+            logits = model(xb)
+        # The decision is the last position; training every position would reward looking at the
+        # future bars that earlier positions can see (the model has no mask).
+        loss = F.cross_entropy(logits[:, -1].float(), yb[:, -1], weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -179,15 +185,14 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
                    f"training step {step + 1}/{spec.steps}, loss {loss.item():.3f}, {time.perf_counter() - t0:.0f} s")
     model.eval()
     report(0.92, "evaluating on held-out data")
-    starts = np.arange(split, n - w + 1, w)
+    ends = np.arange(split + w - 1, n, 4)  # rolling windows over the held-out 20 %, decision = last bar
     with torch.inference_mode():
-        xb, yb = _windows(x, y, starts, w)
+        xb, yb = _windows(x, y, ends - (w - 1), w)
         pred = model(xb).argmax(-1)
-    val_acc = (pred == yb).float().mean().item()
-    last_acc = (pred[:, -1] == yb[:, -1]).float().mean().item()
-    held = y[split:]
-    baseline = (torch.bincount(held, minlength=3).max() / len(held)).item()
-    report(1.0, f"held-out accuracy {val_acc:.3f} vs majority baseline {baseline:.3f}")
+    val_acc = (pred[:, -1] == yb[:, -1]).float().mean().item()
+    all_acc = (pred == yb).float().mean().item()
+    baseline = (torch.bincount(yb[:, -1], minlength=3).max() / len(yb)).item()
+    report(1.0, f"held-out accuracy {val_acc:.3f} (last position) vs majority baseline {baseline:.3f}")
     return {
         "model_state_dict": model.state_dict(),
         "config": {**cfg.to_dict(), "dropout": 0.1, "window": w},
@@ -199,8 +204,9 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
         "epoch": spec.steps,
         "train_loss": loss.item(),
         "val_accuracy": val_acc,
-        "val_accuracy_last_position": last_acc,
+        "val_accuracy_all_positions": all_acc,
         "majority_baseline": baseline,
+        "val_windows": len(ends),
         "data": f"synthetic demo market, seed 7, {spec.n_bars} bars; last 20 % held out",
         "demo_version": DEMO_VERSION,
     }

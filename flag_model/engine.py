@@ -2,8 +2,11 @@
 
 The engine copies the model's weights once (LoRA merged via `LoRALinear.merged_weight()`, q/k/v fused
 into one [3d, d] matrix) into plain tensors; the shared model is never touched. Forward passes run under
-`torch.inference_mode` with `scaled_dot_product_attention`, in bfloat16 where the hardware does bf16
-matmuls natively (AVX-512-BF16 / AMX on the CPU, or a GPU), or in exact float32 on request.
+`torch.inference_mode`, in bfloat16 where the hardware does bf16 matmuls natively (AVX-512-BF16 / AMX on
+the CPU, or a GPU), or in exact float32 on request. Kernels: oneDNN's linear with the FFN's GELU fused
+(checked against F.linear once; F.linear otherwise), attention by `scaled_dot_product_attention`, except
+bf16 windows of up to BMM_ATTENTION_MAX_LENGTH positions on the CPU, where two batched matmuls and a
+softmax were measured several times faster than SDPA's flash kernel.
 
 In rolling mode only the decision (last) position's output is needed, so the last block computes K and V
 for every position but the query, attention, FFN, norms and head for the last position only.
@@ -27,7 +30,12 @@ PRECISIONS: tuple[str, ...] = ("fast", "exact")
 Progress = Callable[[int, int], None]  # (windows done, windows total)
 
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# bf16 windows up to this length use batched-matmul attention: on CPU, SDPA's flash kernel splits short
+# sequences into tiny blocks and was measured 5x slower at 64 positions and 1.7x slower at 256 (with the
+# scores of a batch in cache); beyond, the S x S scores no longer pay off and SDPA is used.
+BMM_ATTENTION_MAX_LENGTH = 256
 _threads_configured = False
+_onednn_checked: dict[torch.dtype, bool] = {}
 
 
 def cpu_flags() -> set[str]:
@@ -69,6 +77,27 @@ def configure_threads() -> int:
     return torch.get_num_threads()
 
 
+def onednn_linear_ok(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused linear (+GELU) kernel exists here and matches F.linear (checked once per dtype).
+
+    torch's F.linear goes through MKL for float32, which is slow on non-Intel CPUs; oneDNN is not, and it
+    fuses the FFN's GELU into the matmul."""
+    if dtype not in _onednn_checked:
+        ok = False
+        try:
+            g = torch.Generator().manual_seed(0)
+            x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((8, 16), (24, 16), (24,)))
+            fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+            plain = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            tol = 1e-5 if dtype == torch.float32 else 5e-2
+            ok = bool(torch.allclose(plain, F.linear(x, w, b), atol=tol, rtol=tol)
+                      and torch.allclose(fused, F.gelu(F.linear(x, w, b)), atol=tol, rtol=tol))
+        except (AttributeError, RuntimeError):
+            ok = False
+        _onednn_checked[dtype] = ok
+    return _onednn_checked[dtype]
+
+
 def last_level_cache_bytes() -> int:
     """Size of the largest CPU cache (sysfs), 32 MiB where unknown."""
     sizes = []
@@ -81,12 +110,15 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
-def default_batch_size(cfg: ModelConfig, length: int, elem_bytes: int) -> int:
-    """Windows per batch: the largest activation (B*S rows of the FFN's hidden width) fills about half the
-    last-level cache; at least 256 and at most 16384 rows so small models still get efficient matmuls."""
-    rows = (last_level_cache_bytes() // 2) // max(cfg.ffn_dim * elem_bytes, 1)
-    rows = int(np.clip(rows, 256, 16384))
-    return max(1, rows // length)
+def default_batch_size(cfg: ModelConfig, length: int, elem_bytes: int, scores: bool = True) -> int:
+    """Windows per batch, so that the largest intermediates stay in the last-level cache: the FFN's hidden
+    activation (B*S rows of width F) fills at most half of it and, where attention materialises them
+    (`scores`), the attention scores (B*heads*S*S) at most a quarter. Rows stay within 256..16384 so small
+    models still get efficient matmuls."""
+    cache = last_level_cache_bytes()
+    rows = int(np.clip((cache // 2) // max(cfg.ffn_dim * elem_bytes, 1), 256, 16384))
+    by_scores = (cache // 4) // (cfg.num_heads * length * length * elem_bytes) if scores else rows
+    return max(1, min(rows // length, by_scores))
 
 
 def forward_flops(cfg: ModelConfig, length: int, last_only: bool, lora: bool = False) -> int:
@@ -118,6 +150,7 @@ class EngineInfo:
     batch_size: int
     threads: int
     reason: str
+    kernels: str = ""
 
 
 @dataclass(frozen=True)
@@ -189,31 +222,54 @@ class InferenceEngine:
             self.w_head = t(model.action_head.weight)
             self.b_head = t(model.action_head.bias)
         self._batch_size = batch_size
+        self._onednn = self.device.type == "cpu" and onednn_linear_ok(self.dtype)
+        self._bmm_attention = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        kernels = ("oneDNN linear, GELU fused" if self._onednn else "torch linear") + "; attention: " + (
+            f"batched matmul up to {BMM_ATTENTION_MAX_LENGTH} positions, SDPA above" if self._bmm_attention
+            else "SDPA")
         self.info = EngineInfo(precision=precision, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
-                               batch_size=batch_size or 0, threads=threads, reason=reason)
+                               batch_size=batch_size or 0, threads=threads, reason=reason, kernels=kernels)
 
     def batch_size(self, length: int) -> int:
         """Windows per batch for windows of `length` (the fixed one if given, else tuned to the cache)."""
-        return self._batch_size or default_batch_size(self.config, length, torch.finfo(self.dtype).bits // 8)
+        scores = self._bmm_attention and length <= BMM_ATTENTION_MAX_LENGTH
+        return self._batch_size or default_batch_size(self.config, length, torch.finfo(self.dtype).bits // 8, scores)
 
     def _ln(self, x: torch.Tensor, p: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], p[0], p[1], self.eps)
 
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """x (..., in) -> (..., out) = x W^T + b, optionally followed by exact (erf) GELU."""
+        if self._onednn:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "gelu" if gelu else "none",
+                                                   [], "none" if gelu else "")
+            return y.view(*x.shape[:-1], w.shape[0])
+        y = F.linear(x, w, b)
+        return F.gelu(y) if gelu else y
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-        """q (B, Sq, d), k/v (B, S, d) -> (B, Sq, d); heads split by view like the model."""
+        """q (B, Sq, d), k/v (B, S, d) -> (B, Sq, d); heads split by view like the model, scores scaled by
+        1/sqrt(d/heads). `causal` masks future positions (only used with Sq == S)."""
         B, Sq, d = q.shape
         S, h = k.shape[1], self.heads
         q = q.view(B, Sq, h, d // h).transpose(1, 2)
         k = k.view(B, S, h, d // h).transpose(1, 2)
         v = v.view(B, S, h, d // h).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, Sq, d/h)
+        if self._bmm_attention and S <= BMM_ATTENTION_MAX_LENGTH:
+            q, k, v = (a.reshape(B * h, -1, d // h) for a in (q, k, v))
+            mask = (torch.full((Sq, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1) if causal
+                    else torch.zeros(1, 1, 1, dtype=q.dtype, device=q.device))
+            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=(d // h) ** -0.5)  # (B*h, Sq, S)
+            y = torch.bmm(scores.softmax(dim=-1), v).view(B, h, Sq, d // h)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, Sq, d/h)
         return y.transpose(1, 2).reshape(B, Sq, d)
 
     def _block(self, x: torch.Tensor, b: _Block) -> torch.Tensor:
         """Every position: x (B, S, d) -> (B, S, d)."""
         u = self._ln(x, b.norm1) if self.norm_first else x
-        q, k, v = F.linear(u, b.w_qkv, b.b_qkv).chunk(3, dim=-1)
-        a = F.linear(self._attend(q, k, v, self.causal), b.w_out, b.b_out)
+        q, k, v = self._linear(u, b.w_qkv, b.b_qkv).chunk(3, dim=-1)
+        a = self._linear(self._attend(q, k, v, self.causal), b.w_out, b.b_out)
         return self._residual_ffn(x, a, b)
 
     def _last_block(self, x: torch.Tensor, b: _Block) -> torch.Tensor:
@@ -223,9 +279,9 @@ class InferenceEngine:
         is_causal would align the single query with position 0)."""
         d = x.shape[-1]
         u = self._ln(x, b.norm1) if self.norm_first else x
-        q = F.linear(u[:, -1:], b.w_qkv[:d], b.b_qkv[:d])
-        k, v = F.linear(u, b.w_qkv[d:], b.b_qkv[d:]).chunk(2, dim=-1)
-        a = F.linear(self._attend(q, k, v, False), b.w_out, b.b_out)
+        q = self._linear(u[:, -1:], b.w_qkv[:d], b.b_qkv[:d])
+        k, v = self._linear(u, b.w_qkv[d:], b.b_qkv[d:]).chunk(2, dim=-1)
+        a = self._linear(self._attend(q, k, v, False), b.w_out, b.b_out)
         return self._residual_ffn(x[:, -1:], a, b)
 
     def _residual_ffn(self, x: torch.Tensor, a: torch.Tensor, b: _Block) -> torch.Tensor:
@@ -235,9 +291,8 @@ class InferenceEngine:
         x = self._ln(x + a, b.norm1)
         return self._ln(x + self._ffn(x, b), b.norm2)
 
-    @staticmethod
-    def _ffn(x: torch.Tensor, b: _Block) -> torch.Tensor:
-        return F.linear(F.gelu(F.linear(x, b.w_ffn1, b.b_ffn1)), b.w_ffn2, b.b_ffn2)
+    def _ffn(self, x: torch.Tensor, b: _Block) -> torch.Tensor:
+        return self._linear(self._linear(x, b.w_ffn1, b.b_ffn1, gelu=True), b.w_ffn2, b.b_ffn2)
 
     def forward(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """x (B, S, state_dim) -> float32 logits (B, n_actions) if last_only else (B, S, n_actions)."""
@@ -248,11 +303,11 @@ class InferenceEngine:
             raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (max_length).")
         with torch.inference_mode():
             x = x.to(device=self.device, dtype=self.dtype)
-            h = F.linear(x, self.w_embed, self.b_embed) + self.pos[: x.shape[1]]
+            h = self._linear(x, self.w_embed, self.b_embed) + self.pos[: x.shape[1]]
             for b in self.blocks[:-1]:
                 h = self._block(h, b)
             h = self._last_block(h, self.blocks[-1]) if last_only else self._block(h, self.blocks[-1])
-            logits = F.linear(self._ln(h, self.out_norm), self.w_head, self.b_head).float()
+            logits = self._linear(self._ln(h, self.out_norm), self.w_head, self.b_head).float()
         return logits[:, -1] if last_only else logits
 
     __call__ = forward

@@ -363,9 +363,6 @@ def diff_keys(file: Mapping[str, Any], target: Mapping[str, Any]) -> KeyDiff:
     )
 
 
-STATUS_ORDER = ("matched", "mis-shaped", "missing", "unexpected")
-
-
 def diff_table(file: Mapping[str, Any], target: Mapping[str, Any]) -> pd.DataFrame:
     """One aligned row per key of either side: key, status, file_shape, target_shape (shapes as text)."""
     fs, ts = shapes_of(file), shapes_of(target)
@@ -466,7 +463,7 @@ def _native_to_peft(sd):
     for k, v in sd.items():
         if m := _NATIVE_LORA.match(k):
             out[f"{m.group(1)}.lora_{m.group(2)}.weight"] = v.T.contiguous()
-        elif (m := _IN_BLOCK_BASE.match(k)) or (m := re.match(r"^(.*)\.base\.(weight|bias)$", k)):
+        elif m := re.match(r"^(.*)\.base\.(weight|bias)$", k):
             out[f"{m.group(1)}.base_layer.{m.group(2)}" if m.group(1) in adapted else f"{m.group(1)}.{m.group(2)}"] = v
         else:
             out[k] = v

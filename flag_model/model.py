@@ -13,7 +13,6 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, infer_config

@@ -69,9 +69,10 @@ def value_histogram(edges: np.ndarray, counts: np.ndarray, name: str) -> go.Figu
     return fig
 
 
-def matrix_heatmap(matrix: np.ndarray, name: str) -> go.Figure:
-    """A 2-D tensor as a heatmap (rows × columns, block-averaged so at most MAX_HEATMAP_CELLS cells)."""
-    z, step, _ = downsample_2d(matrix.astype(np.float64))
+def matrix_heatmap(matrix: np.ndarray, name: str, step: int = 1, shape: tuple[int, ...] | None = None) -> go.Figure:
+    """A 2-D tensor as a heatmap; `step` > 1 when each cell already is the mean of step×step entries."""
+    z, more, _ = downsample_2d(matrix.astype(np.float64))
+    step *= more
     lim = float(np.nanmax(np.abs(z))) or 1.0
     note = f" (mean of {step}×{step} blocks)" if step > 1 else ""
     fig = go.Figure(go.Heatmap(z=z, x=np.arange(z.shape[1]) * step, y=np.arange(z.shape[0]) * step,
@@ -79,7 +80,7 @@ def matrix_heatmap(matrix: np.ndarray, name: str) -> go.Figure:
                                hovertemplate="row %{y}, col %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title="row")
     fig.update_xaxes(title="column")
-    fig.update_layout(title=f"{name} {list(matrix.shape)}{note}", height=420, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(title=f"{name} {list(shape or matrix.shape)}{note}", height=420, margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
 
@@ -100,13 +101,22 @@ def spectrum_vs_init(singular_values: np.ndarray, expected: np.ndarray, edge: fl
 
 
 def change_heatmap(grid: pd.DataFrame) -> go.Figure:
-    """blocks × in-block tensors of the relative change ‖b − a‖ / ‖a‖ between two checkpoints (log10 colour)."""
+    """blocks × in-block tensors of the relative change ‖b − a‖ / ‖a‖ between two checkpoints (log10 colour).
+
+    Unchanged tensors get the bottom colour, an infinite change (a all zero) the top one; blank cells are
+    tensors one of the files does not have.
+    """
     z = grid.to_numpy(dtype=float)
+    finite = z[np.isfinite(z) & (z > 0)]
+    lo, hi = (np.log10(finite.min()) - 0.5, np.log10(finite.max())) if finite.size else (-1.0, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        logz = np.where(z > 0, np.log10(np.where(np.isinf(z), np.nan, z)), np.nan)
-    text = np.vectorize(lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else f"{v:.3g}"))(z)
+        logz = np.where(z > 0, np.log10(z), lo)
+    logz = np.where(np.isinf(z), hi, np.where(np.isnan(z), np.nan, logz))
+    text = np.vectorize(lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else "0 (unchanged)" if v == 0
+                                                          else f"{v:.3g}"))(z)
     fig = go.Figure(go.Heatmap(z=logz, x=[str(c) for c in grid.columns], y=[f"block {b}" for b in grid.index],
-                               colorscale="Magma", customdata=text, colorbar=dict(title="log10 rel. change"),
+                               colorscale="Viridis", zmin=lo, zmax=hi, customdata=text,
+                               colorbar=dict(title="log10 rel. change"),
                                hovertemplate="%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(tickangle=-45)
@@ -337,7 +347,8 @@ def signed_bars(labels: list[str], values: np.ndarray, title: str, value_title: 
         fig.update_xaxes(title=value_title)
         height = max(260, 20 * len(labels) + 90)
     else:
-        fig = go.Figure(go.Bar(x=labels, y=values, marker_color=colors, hovertemplate="t%{x:+d}: %{y:.4g}<extra></extra>"))
+        fig = go.Figure(go.Bar(x=labels, y=values, marker_color=colors,
+                               hovertemplate="t%{x:+d}: %{y:.4g}<extra></extra>"))
         fig.update_yaxes(title=value_title)
         fig.update_xaxes(title="time step (0 = deciding bar)")
         height = 280

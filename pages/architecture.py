@@ -5,7 +5,6 @@ import streamlit as st
 
 from flag_model import layouts, plots, ui
 from flag_model.analysis.tensors import key_status_tree
-from flag_model.checkpoint import CheckpointError
 
 STYLE = {s: f"background-color: {c}33" for s, c in plots.STATUS_COLORS.items()}
 TARGETS = {"reconstruction": "Reconstruction (current assumptions)",
@@ -35,16 +34,7 @@ with st.expander("How the file matches each known layout"):
 
 choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.get, key="arch_target")
 if choice == "second":
-    up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key="arch_second_upload")
-    path = st.text_input("…or its path on the server", key="arch_second_path")
-    if up is None and not path.strip():
-        st.info("Open the checkpoint to compare against.")
-        st.stop()
-    try:
-        other = ui.open_checkpoint_file(up.getvalue(), up.name) if up is not None else ui.open_checkpoint_file(path.strip())
-    except CheckpointError as exc:
-        st.error(f"Could not open the second checkpoint: {exc}")
-        st.stop()
+    other = ui.second_checkpoint("arch", "Open the checkpoint to compare against.")
     target, how, target_key = layouts.shapes_of(other.state_dict), f"the keys of {other.source}", other.digest
 else:
     try:

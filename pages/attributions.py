@@ -104,7 +104,8 @@ if st.toggle("Compare", key="attr_compare") and chosen:
     a1, a2 = st.columns(2)
     a1.plotly_chart(plots.agreement_heatmap(attr.agreement(results), "Spearman ρ of |per-feature totals|"))
     rollout = {"Attention rollout": attr.rollout_importance(model, fm.values[start:start + length], res.position)}
-    a2.plotly_chart(plots.agreement_heatmap(attr.agreement(results, "time", rollout), "Spearman ρ of |per-step totals|"))
+    a2.plotly_chart(plots.agreement_heatmap(attr.agreement(results, "time", rollout),
+                                            "Spearman ρ of |per-step totals|"))
     st.caption("Attention rollout ranks time steps only (how much each step flows into the deciding one); "
                "Feature Ablation has no per-step ranking (its effects are spread evenly over time).")
 

@@ -5,7 +5,8 @@ from flag_model import plots, ui
 from flag_model.analysis.health import dtype_counts, findings_frame, health_scan, parameter_counts
 from flag_model.analysis.summary import config_table, file_table, metadata_table
 
-ICONS = {"error": "🔴", "warning": "🟠", "info": "🔵", "ok": "🟢"}
+ICONS = {"error": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
+         "info": ":blue[:material/info:]", "ok": ":green[:material/check_circle:]"}
 
 st.title("Overview")
 ckpt = ui.require_checkpoint()

@@ -4,7 +4,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
-                                         equity_curve, evaluate, predictions_frame)
+                                         equity_curve, evaluate, label_text, predictions_frame)
 from flag_model.data import MODES, NORMALISATIONS, check_window, default_window, drift_table
 from flag_model.features import WARMUP, LabelRule
 from flag_model.ui import predictions as pw
@@ -23,7 +23,8 @@ if source is None:
 else:
     name, data_key, raw = source
 kind, mapping, columns, close_col, repair = pw.mapping_widgets(raw, cfg.state_dim, data_key)
-prep = pw.prepare(data_key, kind, mapping, tuple(columns), close_col, repair, cfg.state_dim, raw)
+prep_key = (data_key, kind, mapping, tuple(columns), close_col, repair)  # what the prepared data depends on
+prep = pw.prepare(*prep_key, cfg.state_dim, raw)
 pw.show_issues(prep.issues)
 if not prep.ok:
     st.stop()
@@ -41,10 +42,10 @@ mode = c[2].radio("Mode", MODES, horizontal=True, key="pred_mode", help="rolling
                   "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % evaluation)")
 precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key="pred_precision")
 
-fm = pw.features(ckpt.digest, data_key, kind, tuple(columns), norm, cfg.state_dim, prep, dict(ckpt.meta))
+fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
 for w in fm.warnings:
     st.warning(w)
-drift = drift_table(fm, ckpt.meta)
+drift = drift_table(fm, ckpt.meta).sort_values("flags", key=lambda f: f == "", kind="stable")  # flagged first
 flagged = drift[drift["flags"] != ""]
 with st.expander(f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs flagged"):
     st.dataframe(drift.style.apply(lambda r: ["background-color: #fde2e1" if r["flags"] else ""] * len(r), axis=1),
@@ -57,8 +58,7 @@ if issue is not None:
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
 st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; "
            f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
-pred = pw.predictions(ckpt.digest, assumptions, precision, data_key, (kind, tuple(columns), norm), int(window),
-                      mode, eng, fm)
+pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, eng, fm)
 has_prices = len(fm.close) > 0 and bool(np.isfinite(fm.close).all())
 if has_prices:
     c = st.columns(2)
@@ -86,9 +86,10 @@ c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="s
 metrics = evaluate(pred, actions)
 if metrics is not None:
     st.subheader("Against labels")
-    st.caption(rule.describe() + f". {metrics.n:,} scored bars have a label.")
+    st.caption(label_text(rule) + f". {metrics.n:,} scored bars have a label.")
     c = st.columns(4)
-    c[0].metric("Accuracy", f"{metrics.accuracy:.1%}", f"{metrics.accuracy - metrics.majority_accuracy:+.1%} vs baseline")
+    c[0].metric("Accuracy", f"{metrics.accuracy:.1%}",
+                f"{100 * (metrics.accuracy - metrics.majority_accuracy):+.1f} pp vs baseline")
     c[1].metric("F1 macro", f"{metrics.f1_macro:.3f}")
     c[2].metric(f"Majority baseline ({metrics.majority_class})", f"{metrics.majority_accuracy:.1%}")
     c[3].metric("Scored bars", f"{metrics.n:,}")

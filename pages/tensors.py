@@ -3,7 +3,6 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import tensors
-from flag_model.checkpoint import CheckpointError
 
 STAT_LABELS = {"std": "std", "mean": "mean", "abs_max": "max |value|", "fro_norm": "Frobenius norm",
                "zeros_share": "share of zeros", "min": "min", "max": "max", "nonfinite": "NaN/Inf count"}
@@ -65,20 +64,11 @@ if spec is not None:
     right.plotly_chart(plots.spectrum_vs_init(spec.singular_values, spec.expected, spec.edge, spec.init),
                        width="stretch")
 if detail.matrix is not None:
-    st.plotly_chart(plots.matrix_heatmap(detail.matrix, name), width="stretch")
+    st.plotly_chart(plots.matrix_heatmap(detail.matrix, name, detail.matrix_step, detail.shape), width="stretch")
 
 st.subheader("Compare with a second checkpoint")
-up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key="tensors_second_upload")
-path = st.text_input("…or its path on the server", key="tensors_second_path")
-if up is None and not path.strip():
-    st.caption("Open a second file to see the per-tensor relative change ‖b − a‖ / ‖a‖ and added, removed or "
-               "reshaped keys.")
-    st.stop()
-try:
-    other = ui.open_checkpoint_file(up.getvalue(), up.name) if up is not None else ui.open_checkpoint_file(path.strip())
-except CheckpointError as exc:
-    st.error(f"Could not open the second checkpoint: {exc}")
-    st.stop()
+other = ui.second_checkpoint("tensors", "Open a second file to see the per-tensor relative change ‖b − a‖ / ‖a‖ "
+                            "and added, removed or reshaped keys.")
 diff = _diff(ckpt.digest, other.digest, ckpt.state_dict, other.state_dict)
 counts = diff["status"].value_counts()
 c = st.columns(5)
@@ -87,9 +77,10 @@ for col, status in zip(c, ("same", "changed", "reshaped", "added", "removed")):
 grid = tensors.diff_grid(diff)
 if not grid.empty and grid.notna().any().any():
     st.plotly_chart(plots.change_heatmap(grid), width="stretch")
+    st.caption("Relative change ‖b − a‖ / ‖a‖ per tensor; darkest = unchanged, blank = not in both files.")
 odd = diff[diff["status"].isin(["added", "removed", "reshaped"])]
 if len(odd):
-    st.warning(f"{len(odd)} keys are added (only in **{other.source}**), removed (only in this file) or reshaped.")
+    st.warning(f"Keys added (only in **{other.source}**), removed (only in this file) or reshaped: {len(odd)}.")
     st.dataframe(odd[["name", "status", "shape_a", "shape_b"]], hide_index=True, width="stretch")
 with st.expander("Every key"):
     st.dataframe(diff, hide_index=True, width="stretch")

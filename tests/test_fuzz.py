@@ -283,6 +283,175 @@ def corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, 
     yield "shared sub-objects", "8M tensor entries in nested dicts", save_bytes(bomb), (CKERR,)
 
 
+# ---- data-file corruptions ------------------------------------------------------------------------------------
+
+DATAERR, ISSUES, DATA_OK = "DataError", "validation errors listed", "accepted"
+
+
+def data_corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, ...]]]:
+    """(category, case name, file bytes with its name in the case name, allowed outcomes) for uploads."""
+    import numpy as np
+    import pandas as pd
+
+    from flag_model.demo import synthetic_ohlcv
+
+    rng = random.Random(seed)
+    df = synthetic_ohlcv(300, seed=1)
+    good = df.to_csv(index=False).encode()
+    text = good.decode()
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    parquet = buf.getvalue()
+    anything = (DATAERR, ISSUES, DATA_OK)
+
+    yield "valid (control)", "ohlcv.csv", good, (DATA_OK,)
+    yield "valid (control)", "ohlcv.parquet", parquet, (DATA_OK,)
+    for name, data in {"0 bytes": b"", "whitespace": b"  \n\n  \n", "header only": good.split(b"\n")[0] + b"\n",
+                       "header and one row": b"\n".join(good.split(b"\n")[:2]), "one newline": b"\n",
+                       "BOM only": b"\xef\xbb\xbf", "NUL bytes": b"\x00" * 100}.items():
+        yield "empty file", f"{name}.csv", data, (DATAERR, ISSUES)
+    yield "empty file", "0 bytes.parquet", b"", (DATAERR,)
+    yield "empty file", "no rows.parquet", _parquet(df.iloc[:0]), (DATAERR, ISSUES)
+
+    for sep in (";", "\t", "|", " "):
+        yield "wrong delimiter", f"sep {sep!r}.csv", df.to_csv(index=False, sep=sep).encode(), anything
+    yield "wrong delimiter", "decimal comma ;.csv", df.to_csv(index=False, sep=";", decimal=",").encode(), anything
+    yield "wrong delimiter", "decimal comma ,.csv", df.to_csv(index=False, decimal=",").encode(), anything
+    for enc in ("utf-16", "utf-16-le", "utf-32", "utf-8-sig", "cp1252", "latin-1"):
+        renamed = df.rename(columns={"close": "clôture", "volume": "volumen€"})
+        yield "encoding", f"{enc}.csv", renamed.to_csv(index=False).encode(enc, errors="replace"), anything
+    yield "encoding", "invalid utf-8 in cells.csv", good.replace(b"2025-01-06 00:1", b"2025-01-06 \xff\xfe:1"), anything
+    yield "encoding", "invalid utf-8 in header.csv", good.replace(b"close", b"cl\xe9\xff"), anything
+
+    cols = list(df.columns)
+    junk = ["abc", "", "NaN", "inf", "-inf", "1e400", "--", "1,234.5", "$100", " 12 ", "0x1F", "None", "TRUE",
+            "12abc", "٣٤", "1e-400", "-0", "nan%", "NULL", "\"quoted\""]
+    for i in range(60):
+        lines = text.split("\n")
+        for _ in range(rng.randint(1, 5)):
+            r, c = rng.randrange(1, len(lines) - 1), rng.randrange(len(cols))
+            cells = lines[r].split(",")
+            cells[c] = rng.choice(junk)
+            lines[r] = ",".join(cells)
+        yield "text in numeric/time columns", f"junk cells #{i}.csv", "\n".join(lines).encode(), anything
+    for col in ("open", "close", "volume", "datetime", "timestamp"):
+        bad = df.astype({col: str})
+        bad.loc[bad.index[::7], col] = "n/a"
+        yield "text in numeric/time columns", f"every 7th {col} text.parquet", _parquet(bad), anything
+        yield "text in numeric/time columns", f"{col} all text.csv", df.assign(**{col: "x"}).to_csv(index=False).encode(), anything
+
+    odd_values = {"negative prices": df.assign(close=-df["close"]), "zero prices": df.assign(open=0.0),
+                  "huge values": df.assign(volume=1e308), "inf values": df.assign(high=np.inf),
+                  "all NaN close": df.assign(close=np.nan), "high < low": df.assign(high=df["low"] - 1),
+                  "reversed rows": df.iloc[::-1], "duplicated rows": pd.concat([df, df]),
+                  "shuffled rows": df.sample(frac=1, random_state=seed), "one row": df.iloc[:1],
+                  "fewer rows than the warm-up": df.iloc[:40], "no time column": df.drop(columns=["datetime", "timestamp"]),
+                  "no close column": df.drop(columns=["close"]), "only close": df[["datetime", "close"]],
+                  "duplicate column names": df.rename(columns={"open": "close"}),
+                  "times year 1500": df.assign(datetime="1500-01-01 00:00:00"),
+                  "times year 3000": df.assign(datetime=[f"30{i % 100:02d}-01-01" for i in range(len(df))]),
+                  "times bogus dates": df.assign(datetime="2025-13-45 25:61:00"),
+                  "epoch seconds": df.assign(datetime=df["timestamp"] // 1000).drop(columns=["timestamp"]),
+                  "epoch huge": df.assign(datetime=1e25).drop(columns=["timestamp"]),
+                  "mixed time zones": df.assign(datetime=[f"2025-01-06T00:{i % 60:02d}:00{'+02:00' if i % 2 else 'Z'}"
+                                                          for i in range(len(df))]),
+                  "100 extra columns": pd.concat([df, pd.DataFrame(np.ones((len(df), 100)), columns=[f"f{i}" for i in range(100)])], axis=1),
+                  "200 feature columns": pd.DataFrame(np.random.default_rng(0).normal(size=(300, 200)), columns=[f"x{i}" for i in range(200)]).assign(time=df["datetime"])}
+    for name, frame in odd_values.items():
+        yield "odd values", f"{name}.csv", frame.to_csv(index=False).encode(), anything
+        if name != "duplicate column names":  # Parquet cannot hold those
+            yield "odd values", f"{name}.parquet", _parquet(frame), anything
+
+    lines = good.split(b"\n")
+    structure = {
+        "no header": b"\n".join(lines[1:]), "ragged rows": good.replace(b"\n2025-01-06 00:1", b",9,9,9\n2025-01-06 00:1"),
+        "unterminated quote": good.replace(b"\n2025-01-06 00:2", b"\n\"2025-01-06 00:2", 1),
+        "quoted newlines": good.replace(b"open", b'"op\nen"'), "blank lines": good.replace(b"\n", b"\n\n"),
+        "CRLF": good.replace(b"\n", b"\r\n"), "CR only": good.replace(b"\n", b"\r"),
+        "very long line": lines[0] + b"\n" + b"1," * 20_000 + b"\n" + b"\n".join(lines[1:]),
+        "NUL in cells": good.replace(b"2025-01-06 00:05", b"2025-01-06\x0000:05"),
+        "header repeated mid-file": b"\n".join(lines[:100] + [lines[0]] + lines[100:]),
+        "comment lines": b"# exported by a tool\n# second comment\n" + good,
+        "excel sep= line": b"sep=,\n" + good,
+        "JSON instead": df.head(5).to_json().encode(), "HTML instead": b"<html><body>404</body></html>",
+        "a PNG": b"\x89PNG\r\n\x1a\n" + os.urandom(0) + bytes(range(256)) * 4,
+        "a zip": _rezip_bytes(good), "gzip bytes": __import__("gzip").compress(good),
+        "random bytes": random.Random(seed).randbytes(5000),
+    }
+    for name, data in structure.items():
+        yield "file structure", f"{name}.csv", data, anything
+    yield "file structure", "CSV named .parquet", good, (DATAERR,)
+    yield "file structure", "Parquet named .csv", parquet, anything
+
+    for fmt, data, n in (("csv", good, 40), ("parquet", parquet, 40)):
+        for off in sorted(set(rng.sample(range(1, len(data)), n)) | {1, 4, len(data) - 1, len(data) - 8}):
+            yield f"truncated {fmt}", f"[:{off}].{fmt}", data[:off], anything
+        for i in range(40):
+            d = bytearray(data)
+            for _ in range(rng.randint(1, 6)):
+                d[rng.randrange(len(d))] = rng.randrange(256)
+            yield f"flipped bytes {fmt}", f"#{i}.{fmt}", bytes(d), anything
+
+
+def _parquet(frame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _rezip_bytes(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("data.csv", data)
+    return buf.getvalue()
+
+
+def classify_data(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
+    """Run an upload through what the Predictions page does: read, detect columns, validate (strict and
+    repairing, through the page's own cached `prepare`), features for 60 inputs, window check.
+    -> (outcome, detail)."""
+    import hashlib
+
+    import numpy as np
+
+    from flag_model.data import (DataError, check_window, checkpoint_features, column_features, detect_columns,
+                                 feature_candidates, read_table, rolling_windows)
+    from flag_model.features import WARMUP
+    from flag_model.ui.predictions import KINDS, prepare
+
+    try:
+        df = read_table(path if path is not None else data, name)
+    except DataError as exc:
+        return DATAERR, str(exc)
+    except BaseException as exc:  # noqa: BLE001
+        return f"unexpected {type(exc).__name__} in read_table", str(exc)[:300]
+    outcome, detail = DATA_OK, ""
+    try:
+        mapping = detect_columns(df.columns)
+        ohlcv = not mapping.missing()
+        columns = () if ohlcv else tuple(feature_candidates(df, mapping)[:60])
+        key = hashlib.sha256(data).hexdigest()
+        for repair in (False, True):
+            prep = prepare(key, KINDS[0] if ohlcv else KINDS[1], mapping, columns, None if ohlcv else mapping.close,
+                           repair, 60, df)
+            if not prep.ok:
+                messages = [i.message for i in prep.errors]
+                if not messages or min(map(len, messages)) < 20:
+                    return "unexpected: refused without a message", repr(prep.issues)[:300]
+                outcome, detail = (ISSUES, messages[0]) if outcome == DATA_OK else (outcome, detail)
+                continue
+            fm = (checkpoint_features(prep.frame, {}, 60, "data") if ohlcv
+                  else column_features(prep.frame, list(prep.feature_columns), {}, 60, "data"))
+            issue = check_window(len(fm.values), 16, 32, WARMUP if ohlcv else 0)
+            if issue is None:
+                windows = rolling_windows(fm.values, 16)
+                if windows.shape[1:] != (16, 60) or not np.isfinite(windows).all():
+                    return "unexpected: non-finite model input", f"{windows.shape} finite={np.isfinite(windows).all()}"
+    except BaseException as exc:  # noqa: BLE001
+        return f"unexpected {type(exc).__name__}", str(exc)[:300]
+    return outcome, detail
+
+
 # ---- running one case --------------------------------------------------------------------------------------
 
 def classify(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
@@ -316,9 +485,10 @@ def classify(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
     return LOADED, warned
 
 
-def worker(tmp: Path) -> None:
-    """Run every corruption (bytes, and every third also from a file path, memory-mapped) and print one
-    JSON line per load; 'start' lines let the parent name a case that hung or crashed."""
+def worker(kind: str, tmp: Path) -> None:
+    """Run every corruption of `kind` ("checkpoint" or "data") from bytes, and every third also from a file
+    path (checkpoints by path are memory-mapped), printing one JSON line per load; 'start' lines let the
+    parent name a case that hung or crashed."""
     import resource
     import warnings
 
@@ -326,25 +496,29 @@ def worker(tmp: Path) -> None:
     # A memory bomb becomes a visible MemoryError instead of taking the machine down.
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
     sys.path[:0] = [str(REPO), str(TESTS)]
-    for i, (cat, name, data, allowed) in enumerate(corruptions()):
-        sources = [None] + ([tmp / f"case_{i}.pt"] if i % 3 == 0 else [])
+    cases, run = (corruptions, classify) if kind == "checkpoint" else (data_corruptions, classify_data)
+    for i, (cat, name, data, allowed) in enumerate(cases()):
+        suffix = Path(name).suffix if kind == "data" and Path(name).suffix in (".csv", ".parquet") else ".pt"
+        sources = [None] + ([tmp / f"case_{i}{suffix}"] if i % 3 == 0 else [])
         for path in sources:
             if path is not None:
                 path.write_bytes(data)
             via = "path" if path else "bytes"
             print(json.dumps({"start": f"{cat} | {name} | {via}"}), flush=True)
             t0 = time.perf_counter()
-            outcome, detail = classify(data, name, path)
+            outcome, detail = run(data, name, path)
             print(json.dumps({"cat": cat, "case": name, "via": via, "outcome": outcome, "allowed": allowed,
                               "detail": detail[:300], "s": round(time.perf_counter() - t0, 3)}), flush=True)
             if path is not None:
                 path.unlink()
 
 
-def test_checkpoint_fuzz(tmp_path: Path) -> None:
+def _fuzz(kind: str, tmp_path: Path) -> list[dict]:
+    """Run the worker for `kind` in a child process; fail on a crash or hang; -> one row per load."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = None
     try:
-        proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, __file__, kind, str(tmp_path)], capture_output=True, text=True,
                               timeout=300, env=env, cwd=REPO)
         out, rc = proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as exc:
@@ -353,23 +527,40 @@ def test_checkpoint_fuzz(tmp_path: Path) -> None:
     started = [r["start"] for r in rows if "start" in r]
     done = [r for r in rows if "outcome" in r]
     assert rc == 0 and len(done) == len(started), (
-        f"the fuzz worker ended with {rc} during: {started[-1] if started else 'startup'}\n"
-        f"{proc.stderr[-3000:] if rc != 'timeout' else ''}")
+        f"the {kind} fuzz worker ended with {rc} during: {started[-1] if started else 'startup'}\n"
+        f"{proc.stderr[-3000:] if proc is not None else ''}")
+    return done
+
+
+def _report(kind: str, done: list[dict], names: dict[str, str]) -> list[dict]:
+    """Print the outcome counts (pytest -s); -> the rows whose outcome was not allowed."""
     bad = [r for r in done if r["outcome"] not in r["allowed"]]
     slow = [r for r in done if r["s"] > CASE_LIMIT_S]
     counts = Counter(r["outcome"] for r in done)
     cases = {(r["cat"], r["case"]) for r in done}
-    print(f"\nfuzz: {len(cases)} corruptions, {len(done)} loads ({sum(r['via'] == 'path' for r in done)} from a "
-          f"path): {counts[CKERR]} CheckpointError, {counts[BUILD]} refused by build_model, {counts[LOADED]} "
-          f"loaded (benign), {len(bad)} unexpected, {len(slow)} slower than {CASE_LIMIT_S:.0f} s, 0 crashes")
-    by_cat = Counter((r["cat"], r["outcome"]) for r in done)
-    for (cat, outcome), n in sorted(by_cat.items()):
+    print(f"\n{kind} fuzz: {len(cases)} corruptions, {len(done)} loads ({sum(r['via'] == 'path' for r in done)} "
+          f"from a path): " + ", ".join(f"{counts[k]} {v}" for k, v in names.items())
+          + f", {len(bad)} unexpected, {len(slow)} slower than {CASE_LIMIT_S:.0f} s, 0 crashes")
+    for (cat, outcome), n in sorted(Counter((r["cat"], r["outcome"]) for r in done).items()):
         print(f"  {cat:45s} {outcome:25s} {n}")
-    assert len(cases) >= 300
-    assert not bad, "\n".join(f"{r['cat']} | {r['case']} | {r['via']}: {r['outcome']}: {r['detail']}" for r in bad[:20])
+    assert len(cases) >= 250
     assert not slow, [(r["case"], r["s"]) for r in slow]
+    return bad
+
+
+def test_checkpoint_fuzz(tmp_path: Path) -> None:
+    done = _fuzz("checkpoint", tmp_path)
+    bad = _report("checkpoint", done, {CKERR: CKERR, BUILD: BUILD, LOADED: "loaded (benign)"})
+    assert not bad, "\n".join(f"{r['cat']} | {r['case']} | {r['via']}: {r['outcome']}: {r['detail']}" for r in bad[:20])
     messages = [r["detail"] for r in done if r["outcome"] == CKERR]
     assert all(len(m) > 30 for m in messages), "every refusal says why"
+
+
+def test_data_fuzz(tmp_path: Path) -> None:
+    done = _fuzz("data", tmp_path)
+    bad = _report("data", done, {DATAERR: DATAERR, ISSUES: ISSUES, DATA_OK: "accepted"})
+    assert not bad, "\n".join(f"{r['cat']} | {r['case']} | {r['via']}: {r['outcome']}: {r['detail']}" for r in bad[:20])
+    assert all(len(r["detail"]) > 20 for r in done if r["outcome"] == DATAERR), "every refusal says why"
 
 
 # ---- malicious pickles ----------------------------------------------------------------------------------
@@ -441,4 +632,4 @@ def test_malicious_pickles_are_refused(tmp_path: Path, container: str) -> None:
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(sys.argv[1], Path(sys.argv[2]))

@@ -339,16 +339,17 @@ def test_cli_convert(files, tmp_path, tiny_model, capsys):
                 torch.testing.assert_close(_logits(sd, num_heads=4), tiny_model(X), rtol=0, atol=1e-5)
 
 
-def test_cli_errors_are_one_line_without_traceback(files, tmp_path):
+def test_cli_errors_are_one_line_without_traceback(files, tmp_path, capsys):
     good, _ = files
-    for argv in (["diff", str(tmp_path / "missing.pt"), "--against", "reconstruction"],
-                 ["diff", str(good), "--against", "nonsense"],
-                 ["convert", str(good), str(tmp_path / "x.pt"), "--to", "stock", "--format", "pt", "--lora-scale", "1"]):
-        if argv[0] == "convert":
-            bad = tmp_path / "a2c.pt"
-            bad.write_bytes(save_bytes({k: torch.zeros(s) for k, s in
-                                        layouts.a2c_layout(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}))
-            argv[1] = str(bad)
-        proc = subprocess.run([sys.executable, "-m", "flag_model", *argv], cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    bad = tmp_path / "a2c.pt"
+    bad.write_bytes(save_bytes({k: torch.zeros(s) for k, s in
+                                layouts.a2c_layout(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}))
+    for argv, says in ((["diff", str(good), "--against", "nonsense"], "neither a known target"),
+                       (["convert", str(bad), str(tmp_path / "x.pt"), "--to", "stock"], "cannot convert")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err
+    assert not (tmp_path / "x.pt").exists()
+    proc = subprocess.run([sys.executable, "-m", "flag_model", "diff", str(tmp_path / "missing.pt"), "--against",
+                           "reconstruction"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

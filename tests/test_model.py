@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import full_layout_config, make_config, make_model, randomize
+from conftest import full_layout_config, make_model, randomize
 from flag_model import ModelMismatchError, build_model
 from flag_model.model import FlagTrader, expected_shapes
 

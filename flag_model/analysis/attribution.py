@@ -42,8 +42,8 @@ from .lora import action_names
 # Captum warns on every DeepLift call that it sets hooks; they live on our private copy only.
 warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
 
-IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION = (
-    "Integrated Gradients", "Saliency", "Input × Gradient", "DeepLift", "GradientSHAP", "Occlusion", "Feature Ablation")
+IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION = ("Integrated Gradients", "Saliency", "Input × Gradient",
+                                                          "DeepLift", "GradientSHAP", "Occlusion", "Feature Ablation")
 METHODS: tuple[str, ...] = (IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION)
 PATH_METHODS = frozenset({IG, SHAP})  # `steps` applies
 DELTA_METHODS = frozenset({IG, DEEPLIFT, SHAP})  # Captum returns a convergence delta
@@ -54,7 +54,7 @@ METHOD_NOTES = {
     IXG: "Input times gradient; no baseline (an implicit all-zero reference).",
     DEEPLIFT: "DeepLift rescale rule relative to the baseline, on a private model copy (it sets hooks).",
     SHAP: "GradientSHAP with the baseline as reference: gradients at `steps` random points on the path "
-          "times (x − baseline). Stochastic: numbers vary slightly between runs.",
+          "times (x − baseline); its delta is the mean over the samples. Stochastic: numbers vary between runs.",
     OCCLUSION: "Patches of time × features set to the baseline; effect per patch spread over its cells.",
     ABLATION: "One feature over the whole window set to the baseline; effect spread over its time steps.",
 }

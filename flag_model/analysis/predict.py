@@ -118,6 +118,13 @@ def row_labels(close: np.ndarray, rule: LabelRule) -> np.ndarray:
     return np.where(known, labels, NO_LABEL)
 
 
+def label_text(rule: LabelRule) -> str:
+    """The rule in words, as scored here (bars without `horizon` future bars carry no label)."""
+    pct = 100 * rule.threshold
+    return (f"Label = return over the next {rule.horizon} bars: BUY above +{pct:g} %, SELL below -{pct:g} %, "
+            f"else HOLD; the last {rule.horizon} bars have no future and are not scored")
+
+
 def attach_labels(pred: Predictions, close: np.ndarray, rule: LabelRule) -> Predictions:
     """Labels for the scored rows from the closes of all feature rows (`FeatureMatrix.close`)."""
     return replace(pred, labels=row_labels(close, rule)[pred.row])

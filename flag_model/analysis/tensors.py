@@ -14,8 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..layouts import natural_key
-
 ROLES = ("embedding", "positional", "base", "lora_A", "lora_B", "norm", "head", "other")
 STATISTICS = ("mean", "std", "min", "max", "abs_max", "fro_norm", "zeros_share", "nonfinite")
 TABLE_COLUMNS = ("name", "role", "block", "module", "shape", "dtype", "elements", "bytes") + STATISTICS
@@ -74,12 +72,13 @@ def tensor_stats(sd: Mapping[str, torch.Tensor]) -> pd.DataFrame:
         if x.numel():
             if bad:
                 lo, hi = (float(v) for v in torch.aminmax(x))
-            # four passes in all: aminmax, sum, norm, count_nonzero; float64 accumulators keep the
-            # variance exact enough even for LayerNorm weights (mean ~1, std ~1e-3)
+            # four float32 passes (aminmax, sum, norm, count_nonzero); var = ‖x‖²/n − mean² unless that
+            # cancels (LayerNorm weights: mean ~1, std ~1e-3), then one more pass over x − mean
             m = x.numel()
-            mean = float(x.sum(dtype=torch.float64)) / m
-            fro = float(torch.linalg.vector_norm(x, dtype=torch.float64))
-            var = max(fro * fro / m - mean * mean, 0.0)
+            mean = float(x.sum()) / m
+            fro = float(torch.linalg.vector_norm(x))
+            ms = fro * fro / m
+            var = max(ms - mean * mean, 0.0) if mean * mean < 0.5 * ms else float(torch.linalg.vector_norm(x - mean)) ** 2 / m
             row = {"mean": mean, "std": math.sqrt(var), "min": lo, "max": hi, "abs_max": max(-lo, hi), "fro_norm": fro}
             zeros = m - int(torch.count_nonzero(x))
         else:
@@ -308,12 +307,25 @@ class TensorDetail:
     shape: tuple[int, ...]
     hist_edges: np.ndarray  # bins + 1
     hist_counts: np.ndarray  # bins
-    matrix: np.ndarray | None  # 2-D float32 view (leading dims flattened), None for vectors
+    matrix: np.ndarray | None  # 2-D (leading dims flattened), block-averaged to at most max_cells; None for vectors
+    matrix_step: int  # rows and columns per cell of `matrix` (1: not reduced)
     spectrum: SpectrumCheck | None
 
 
-def tensor_detail(name: str, t: torch.Tensor, bins: int = 60) -> TensorDetail:
-    """Histogram of finite values, the 2-D matrix for a heatmap, and the spectrum check."""
+def block_mean(x: torch.Tensor, max_cells: int) -> tuple[np.ndarray, int]:
+    """Average square blocks of a 2-D tensor so that at most `max_cells` remain; -> (array, block side)."""
+    rows, cols = x.shape
+    step = max(1, math.ceil(math.sqrt(rows * cols / max_cells)))
+    if step == 1:
+        return x.numpy(), 1
+    r, c = -(-rows // step), -(-cols // step)
+    padded = torch.full((r * step, c * step), float("nan"))
+    padded[:rows, :cols] = x
+    return padded.reshape(r, step, c, step).nanmean(dim=(1, 3)).numpy(), step
+
+
+def tensor_detail(name: str, t: torch.Tensor, bins: int = 60, max_cells: int = 250_000) -> TensorDetail:
+    """Histogram of finite values, the (block-averaged) 2-D matrix for a heatmap, and the spectrum check."""
     x = t.detach().float()
     flat = x.reshape(-1)
     flat = flat[torch.isfinite(flat)]
@@ -325,8 +337,9 @@ def tensor_detail(name: str, t: torch.Tensor, bins: int = 60) -> TensorDetail:
         edges = np.linspace(lo, hi, bins + 1)
     else:
         counts, edges = np.zeros(0), np.zeros(1)
-    matrix = x.reshape(-1, x.shape[-1]).numpy() if x.dim() >= 2 else None
-    return TensorDetail(name, tensor_role(name), tuple(t.shape), edges, counts, matrix, spectrum_check(name, t))
+    matrix, step = block_mean(x.reshape(-1, x.shape[-1]), max_cells) if x.dim() >= 2 else (None, 1)
+    return TensorDetail(name, tensor_role(name), tuple(t.shape), edges, counts, matrix, step,
+                        spectrum_check(name, t))
 
 
 # --------------------------------------------------------------------------------------------- diff
@@ -335,10 +348,11 @@ def state_dict_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
     """Per-key comparison of two state dicts: name, status (same / changed / reshaped / added / removed),
     block, module, shape_a, shape_b, rel_change = ‖b − a‖_F / ‖a‖_F, max_abs_change.
 
-    `added` keys are only in b, `removed` only in a. rel_change is inf when a is all zero and b is not.
+    Rows follow a's key order, then keys only in b. `added` keys are only in b, `removed` only in a.
+    rel_change is inf when a is all zero and b is not.
     """
     rows = []
-    for k in sorted(set(a) | set(b), key=natural_key):
+    for k in list(a) + [k for k in b if k not in a]:
         ta, tb = a.get(k), b.get(k)
         block, module = split_block(k)
         row: dict[str, Any] = {"name": k, "block": block, "module": module,

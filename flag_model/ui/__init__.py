@@ -225,3 +225,18 @@ def default_window(ckpt: Checkpoint, max_length: int) -> int:
     stored_config = ckpt.meta.get("config")
     stored = stored_config.get("window") if isinstance(stored_config, dict) else None
     return max(1, min(int(stored) if isinstance(stored, int) and stored > 0 else 64, max_length))
+
+
+def second_checkpoint(key: str, prompt: str) -> Checkpoint:
+    """Upload or server-path widgets for a checkpoint to compare with; stops the page (with `prompt`) until one
+    is chosen, and shows a CheckpointError in red instead of failing."""
+    up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key=f"{key}_second_upload")
+    path = st.text_input("…or its path on the server", key=f"{key}_second_path")
+    if up is None and not path.strip():
+        st.info(prompt)
+        st.stop()
+    try:
+        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else open_checkpoint_file(path.strip())
+    except CheckpointError as exc:
+        st.error(f"Could not open the second checkpoint: {exc}")
+        st.stop()

@@ -18,6 +18,7 @@ from ..data import (ColumnMapping, DataError, FeatureMatrix, Issue, Prepared, ch
                     column_features, detect_columns, feature_candidates, prepare_features, prepare_ohlcv,
                     read_table)
 from ..engine import InferenceEngine
+from ..features import WARMUP
 from ..model import FlagTrader
 
 UPLOAD_KEY = "pred_upload"
@@ -96,7 +97,12 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
 def prepare(data_key: str, kind: str, mapping: ColumnMapping, features: tuple[str, ...], close: str | None,
             repair: bool, state_dim: int, _df: pd.DataFrame) -> Prepared:
     if kind == KINDS[0]:
-        return prepare_ohlcv(_df, mapping, repair)
+        prep = prepare_ohlcv(_df, mapping, repair)
+        if prep.ok and len(prep.frame) <= WARMUP:  # the features would raise; say it like the other checks
+            short = Issue("error", f"too few rows: {len(prep.frame)} usable bar(s), but the features need at least "
+                          f"{WARMUP + 1} ({WARMUP} bars of warm-up plus one). Upload a longer stretch of bars.")
+            return Prepared(None, (*prep.issues, short), prep.time_format)
+        return prep
     return prepare_features(_df, list(features), mapping.time, state_dim, close, repair)
 
 
@@ -109,11 +115,12 @@ def show_issues(issues: tuple[Issue, ...], limit: int = 12) -> None:
 
 
 @st.cache_data(max_entries=4, show_spinner="Computing features…")
-def features(digest: str, data_key: str, kind: str, columns: tuple[str, ...], normalisation: str,
-             state_dim: int, _prepared: Prepared, _meta: dict) -> FeatureMatrix:
-    if kind == KINDS[0]:
+def features(digest: str, prep_key: tuple, normalisation: str, state_dim: int, _prepared: Prepared,
+             _meta: dict) -> FeatureMatrix:
+    """prep_key: everything `prepare` was called with (data key, kind, mapping, columns, price, repair)."""
+    if not _prepared.feature_columns:
         return checkpoint_features(_prepared.frame, _meta, state_dim, normalisation)
-    return column_features(_prepared.frame, list(columns), _meta, state_dim, normalisation)
+    return column_features(_prepared.frame, list(_prepared.feature_columns), _meta, state_dim, normalisation)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Preparing the inference engine (merged weight copy)…")
@@ -122,7 +129,7 @@ def engine(digest: str, assumptions: tuple, precision: str, _model: FlagTrader) 
 
 
 @st.cache_data(max_entries=6, show_spinner=False)
-def predictions(digest: str, assumptions: tuple, precision: str, data_key: str, feature_key: tuple,
+def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
                 window: int, mode: str, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
     bar = st.progress(0.0, text="Running the model…")  # made here so that a cache hit replays nothing visible
     pred = predict_features(_fm, _engine, window, mode,

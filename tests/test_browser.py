@@ -1,0 +1,297 @@
+"""End to end in a real browser: `streamlit run app.py` driven by Playwright with Debian's Chromium.
+
+Every page of app.py's PAGES list is opened on the (tiny) demo and must draw its main figure with no
+exception box; a checkpoint and a market-data CSV are uploaded through the real file inputs; bad and
+malicious uploads give a readable error. One screenshot per page goes to test-output/ (gitignored).
+With FLAG_TRADER_WRITE_SCREENSHOT=1 the README screenshot assets/screenshot.png is regenerated from the
+Overview of the full demo (built once into ~/.cache/flag_trader, about two minutes).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from browser_util import REPO, app_pages, free_port
+from conftest import make_model, save_bytes
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the browser tests need it",
+                allow_module_level=True)
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+OUT = REPO / "test-output"
+PAGES = app_pages()
+VIEWPORT = {"width": 1400, "height": 900}
+LOAD_MS = 180_000  # a page with a model can take 10-30 s on 2 cores; the first one also loads torch
+START_MS = 20_000  # from an action to the start of the script run it requests
+FIGURE = '[data-testid="stPlotlyChart"]'
+TABLE = '[data-testid="stDataFrame"]'
+EXCEPTION = '[data-testid="stException"]'
+SIDEBAR = '[data-testid="stSidebar"]'
+MAIN = '[data-testid="stMain"]'
+# The script has finished this run and no element is left over from the previous one.
+SETTLED = """() => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    return app && app.getAttribute('data-test-script-state') === 'notRunning'
+        && !document.querySelector('[data-stale="true"]');
+}"""
+# Two animation frames: the browser has handled the messages it received and React has drawn them.
+FRAMES = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+
+
+class Runs:
+    """Script runs of a page's session, counted from the app's websocket messages (a fast run is never
+    visible in the DOM's run state, whose 'running' and 'notRunning' React can draw in one frame)."""
+
+    def __init__(self, pg) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        self._msg, self.started, self.finished = ForwardMsg, 0, 0
+        pg.on("websocket", lambda ws: ws.on("framereceived", self._frame))
+
+    def _frame(self, payload: bytes | str) -> None:
+        if isinstance(payload, str):
+            return
+        msg = self._msg.FromString(bytes(payload))
+        kind = msg.WhichOneof("type")
+        if kind == "new_session":  # sent at the start of every run
+            self.started += 1
+        elif kind == "script_finished" and msg.script_finished != self._msg.FINISHED_EARLY_FOR_RERUN:
+            self.finished += 1
+
+
+@contextlib.contextmanager
+def streamlit_server(env: dict[str, str], log: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free port until /_stcore/health answers; always stopped afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
+           str(port), "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"]
+    log.parent.mkdir(exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as r:
+                        if r.read().strip() == b"ok":
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, f"no health answer in 120 s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_demo_path) -> Iterator[str]:
+    """The app on the tiny demo; the demo was built by the session fixture into the tests' temp cache."""
+    env = {"FLAG_TRADER_DEMO_SIZE": "tiny", "FLAG_TRADER_CACHE": str(tiny_demo_path.parent)}
+    with streamlit_server(env, OUT / "streamlit-server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser context (a new Streamlit session); uncaught JavaScript errors fail the test."""
+    context = browser.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(LOAD_MS)
+    pg = context.new_page()
+    pg.flag_runs = Runs(pg)
+    js_errors: list[str] = []
+    pg.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    yield pg
+    context.close()
+    assert not js_errors, f"JavaScript errors: {js_errors}"
+
+
+def _wait(pg, condition, timeout_ms: int) -> bool:
+    """Let the page handle events until `condition()` holds; False after timeout_ms."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        pg.wait_for_timeout(50)
+    return True
+
+
+def _fail(pg, what: str) -> None:
+    OUT.mkdir(exist_ok=True)
+    pg.screenshot(path=str(OUT / "failed.png"))
+    raise AssertionError(f"{what}; see test-output/failed.png")
+
+
+def settle(pg) -> None:
+    """After a finished run: the browser has drawn it and nothing of the previous run is left."""
+    pg.evaluate(FRAMES)
+    pg.wait_for_function(SETTLED, timeout=LOAD_MS)
+
+
+def act(pg, action) -> None:
+    """Do `action` (a click, a file chosen) and wait until the script run it causes has finished and is drawn.
+    An action that starts no run within START_MS is done once more (a click can land while the page redraws)."""
+    runs: Runs = pg.flag_runs
+    for _ in range(2):
+        started, finished = runs.started, runs.finished
+        action()
+        if _wait(pg, lambda: runs.started > started or runs.finished > finished, START_MS):
+            break
+    else:
+        _fail(pg, "the action started no script run")
+    if not _wait(pg, lambda: runs.finished > finished and runs.started == runs.finished, LOAD_MS):
+        _fail(pg, f"the script run did not finish in {LOAD_MS / 1000:.0f} s")
+    settle(pg)
+
+
+def check_page(pg, shot: str) -> str:
+    """No exception box, the main figure drawn (a plotly chart, else a dataframe); a screenshot. -> page text."""
+    exceptions = pg.locator(EXCEPTION)
+    assert exceptions.count() == 0, f"{shot}: exception shown:\n{exceptions.first.inner_text()[:2000]}"
+    if pg.locator(FIGURE).count():  # drawn by plotly (charts in a closed expander or tab stay hidden)
+        pg.locator(f"{FIGURE} .main-svg:visible").first.wait_for(state="visible")
+    else:
+        assert pg.locator(TABLE).count(), f"{shot}: neither a chart nor a dataframe is shown"
+        pg.locator(f"{TABLE}:visible").first.wait_for(state="visible")
+    OUT.mkdir(exist_ok=True)
+    pg.screenshot(path=str(OUT / f"{shot}.png"))
+    return pg.locator(MAIN).inner_text()
+
+
+def open_url(pg, url: str) -> None:
+    """Load the page (a new session) and wait for its first run to finish and be drawn."""
+    runs: Runs = pg.flag_runs
+    finished = runs.finished
+    pg.goto(url, wait_until="domcontentloaded")
+    if not _wait(pg, lambda: runs.finished > finished and runs.started == runs.finished, LOAD_MS):
+        _fail(pg, f"{url}: the first script run did not finish in {LOAD_MS / 1000:.0f} s")
+    settle(pg)
+
+
+@pytest.mark.parametrize("spec", PAGES, ids=[p.url_path or "default" for p in PAGES])
+def test_every_page_renders_on_the_demo(server, page, spec):
+    open_url(page, f"{server}/{spec.url_path}")
+    check_page(page, Path(spec.file).stem)
+    assert "tensors loaded strictly" in page.locator(SIDEBAR).inner_text()
+
+
+def _choose_upload_source(pg) -> None:
+    radio = pg.locator(f'{SIDEBAR} [data-testid="stRadio"]').filter(has_text="Checkpoint source")
+    act(pg, lambda: radio.get_by_text("Upload", exact=True).click())
+    assert radio.get_by_role("radio", name="Upload").is_checked()
+
+
+def _upload(pg, where: str, path: Path, expect: str) -> None:
+    """Choose `path` in the first file input under `where` (the real <input type=file>) and wait for `expect`
+    to be shown there (replacing a file reruns twice: once without a file, once with the new one)."""
+    act(pg, lambda: pg.locator(f'{where} [data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(path)))
+    pg.locator(where).get_by_text(expect).first.wait_for(state="visible")
+    settle(pg)
+
+
+def test_checkpoint_upload_then_every_page(server, page, tmp_path):
+    """A checkpoint other than the demo (d=16) uploaded through the sidebar's file input serves every page."""
+    ckpt = tmp_path / "browser_upload.pt"
+    ckpt.write_bytes(save_bytes({"model_state_dict": make_model(seed=21).state_dict(), "epoch": 2,
+                                 "config": {"num_heads": 4, "lora_alpha": 4, "lora_rank": 4}}))
+    open_url(page, server)
+    _choose_upload_source(page)
+    _upload(page, SIDEBAR, ckpt, "tensors loaded strictly")
+    sidebar = page.locator(SIDEBAR).inner_text()
+    assert "63/63 tensors loaded strictly" in sidebar
+    main = check_page(page, "upload-overview")
+    assert "browser_upload.pt" in main
+    for spec in PAGES[1:] + PAGES[:1]:
+        act(page, page.locator(f'[data-testid="stSidebarNavLink"][href="{server}/{spec.url_path}"]').click)
+        check_page(page, f"upload-{Path(spec.file).stem}")
+        # Still this session's upload (the tiny demo also has 63 tensors, so look for the file name).
+        assert page.locator(SIDEBAR).get_by_text("browser_upload.pt").count() >= 1
+
+
+def test_bad_and_malicious_uploads_show_a_readable_error(server, page, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    junk, evil = tmp_path / "notes.pt", tmp_path / "evil.pt"
+    junk.write_text("these are my notes, not a checkpoint\n")
+    evil.write_bytes(pickle.dumps({"model_state_dict": Payload()}, protocol=2))
+    open_url(page, server)
+    _choose_upload_source(page)
+    for path, expected in ((junk, "notes.pt is a text file"), (evil, "needs the Python object 'posix.system'")):
+        _upload(page, SIDEBAR, path, expected)
+        assert page.locator(EXCEPTION).count() == 0
+        errors = " ".join(page.locator(f'{SIDEBAR} [data-testid="stAlert"]').all_inner_texts())
+        assert "Could not open the checkpoint" in errors, errors
+        page.screenshot(path=str(OUT / f"upload-{path.stem}.png"))
+    assert not marker.exists(), "the malicious pickle ran"
+
+
+def test_market_data_upload_on_predictions(server, page, tmp_path):
+    """OHLCV bars uploaded through the Predictions page's file input are validated, predicted and drawn."""
+    from flag_model.demo import synthetic_ohlcv
+
+    spec = next((p for p in PAGES if Path(p.file).stem == "predictions"), None)
+    if spec is None:
+        pytest.skip("app.py has no Predictions page yet")
+    csv = tmp_path / "browser_bars.csv"
+    csv.write_text(synthetic_ohlcv(600, seed=9).to_csv(index=False))
+    open_url(page, f"{server}/{spec.url_path}")
+    assert "demo market" in page.locator(MAIN).inner_text()
+    _upload(page, MAIN, csv, "browser_bars.csv: 600 rows")
+    main = check_page(page, "predictions-upload")
+    assert "browser_bars.csv: 600 rows" in main and "demo market" not in main
+
+
+@pytest.mark.skipif(os.environ.get("FLAG_TRADER_WRITE_SCREENSHOT") != "1",
+                    reason="set FLAG_TRADER_WRITE_SCREENSHOT=1 to regenerate assets/screenshot.png")
+def test_write_readme_screenshot(browser):
+    """The Overview of the full demo at 1400x900, downscaled to a small palette PNG for the README."""
+    from PIL import Image
+
+    env = {"FLAG_TRADER_DEMO_SIZE": "full",
+           "FLAG_TRADER_CACHE": os.environ.get("FLAG_TRADER_SCREENSHOT_CACHE", str(Path.home() / ".cache" / "flag_trader"))}
+    with streamlit_server(env, OUT / "streamlit-screenshot.log") as url:
+        context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+        context.set_default_timeout(900_000)  # the first run builds the full demo (about two minutes)
+        pg = context.new_page()
+        open_url(pg, url)
+        check_page(pg, "readme-overview")
+        context.close()
+    img = Image.open(OUT / "readme-overview.png").convert("RGB")
+    img = img.resize((1120, 720), Image.Resampling.LANCZOS).quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    target = REPO / "assets" / "screenshot.png"
+    target.parent.mkdir(exist_ok=True)
+    img.save(target, optimize=True)
+    assert target.stat().st_size < 300_000
