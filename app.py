@@ -6,13 +6,13 @@ from flag_model import ui
 st.set_page_config(page_title="FLAG-TRADER Explorer", page_icon=":material/query_stats:", layout="wide")
 
 PAGES = [
-    st.Page("pages/overview.py", title="Overview", icon=":material/summarize:", default=True),
-    st.Page("pages/tensors.py", title="Tensor tree", icon=":material/account_tree:"),
-    st.Page("pages/architecture.py", title="Architecture check", icon=":material/rule:"),
-    st.Page("pages/lora.py", title="LoRA", icon=":material/tune:"),
-    st.Page("pages/attention.py", title="Attention", icon=":material/visibility:"),
-    st.Page("pages/attributions.py", title="Attributions", icon=":material/insights:"),
-    st.Page("pages/predictions.py", title="Predictions", icon=":material/candlestick_chart:"),
+    st.Page("app_pages/overview.py", title="Overview", icon=":material/summarize:", default=True),
+    st.Page("app_pages/tensors.py", title="Tensor tree", icon=":material/account_tree:"),
+    st.Page("app_pages/architecture.py", title="Architecture check", icon=":material/rule:"),
+    st.Page("app_pages/lora.py", title="LoRA", icon=":material/tune:"),
+    st.Page("app_pages/attention.py", title="Attention", icon=":material/visibility:"),
+    st.Page("app_pages/attributions.py", title="Attributions", icon=":material/insights:"),
+    st.Page("app_pages/predictions.py", title="Predictions", icon=":material/candlestick_chart:"),
 ]
 
 st.navigation(PAGES).run()

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 class PageSpec:
     """One `st.Page(...)` entry of app.py's PAGES list."""
 
-    file: str  # "pages/overview.py", as AppTest.switch_page takes it
+    file: str  # "app_pages/overview.py", as AppTest.switch_page takes it
     title: str
     default: bool
 

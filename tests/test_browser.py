@@ -53,13 +53,15 @@ FRAMES = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFra
 
 
 class Runs:
-    """Script runs of a page's session, counted from the app's websocket messages (a fast run is never
-    visible in the DOM's run state, whose 'running' and 'notRunning' React can draw in one frame)."""
+    """Script runs of a page's session, read from the app's websocket messages: how many started and
+    finished, and which kinds of elements the latest run sent (a fast run is never visible in the DOM's
+    run state, whose 'running' and 'notRunning' React can draw in one frame)."""
 
     def __init__(self, pg) -> None:
         from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
         self._msg, self.started, self.finished = ForwardMsg, 0, 0
+        self.elements: set[str] = set()
         pg.on("websocket", lambda ws: ws.on("framereceived", self._frame))
 
     def _frame(self, payload: bytes | str) -> None:
@@ -69,6 +71,9 @@ class Runs:
         kind = msg.WhichOneof("type")
         if kind == "new_session":  # sent at the start of every run
             self.started += 1
+            self.elements = set()
+        elif kind == "delta" and msg.delta.WhichOneof("type") == "new_element":
+            self.elements.add(msg.delta.new_element.WhichOneof("type"))
         elif kind == "script_finished" and msg.script_finished != self._msg.FINISHED_EARLY_FOR_RERUN:
             self.finished += 1
 
@@ -175,14 +180,19 @@ def act(pg, action) -> None:
 
 def check_page(pg, shot: str) -> str:
     """No exception box, the main figure drawn (a plotly chart, else a dataframe); a screenshot. -> page text."""
-    exceptions = pg.locator(EXCEPTION)
-    assert exceptions.count() == 0, f"{shot}: exception shown:\n{exceptions.first.inner_text()[:2000]}"
-    if pg.locator(FIGURE).count():  # drawn by plotly (charts in a closed expander or tab stay hidden)
-        pg.locator(f"{FIGURE} .main-svg:visible").first.wait_for(state="visible")
-    else:
-        assert pg.locator(TABLE).count(), f"{shot}: neither a chart nor a dataframe is shown"
-        pg.locator(f"{TABLE}:visible").first.wait_for(state="visible")
     OUT.mkdir(exist_ok=True)
+    sent = pg.flag_runs.elements
+    exceptions = pg.locator(EXCEPTION)
+    if "exception" in sent or exceptions.count():
+        exceptions.first.wait_for(state="attached")
+        _fail(pg, f"{shot}: exception shown:\n{exceptions.first.inner_text()[:2000]}")
+    # Charts and tables are drawn by components loaded on first use, after the run's messages arrive.
+    if "plotly_chart" in sent:  # a chart in a closed expander or tab stays hidden; one visible is enough
+        pg.locator(f"{FIGURE} .main-svg:visible").first.wait_for(state="visible")
+    elif "dataframe" in sent:
+        pg.locator(f"{TABLE}:visible").first.wait_for(state="visible")
+    else:
+        _fail(pg, f"{shot}: the page sent neither a chart nor a dataframe ({sorted(sent)})")
     pg.screenshot(path=str(OUT / f"{shot}.png"))
     return pg.locator(MAIN).inner_text()
 

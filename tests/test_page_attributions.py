@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Setting forward, backward hooks"
 @pytest.fixture
 def page(tiny_demo_path) -> AppTest:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
-    at.switch_page("pages/attributions.py")  # before the first run, so the sidebar is kept
+    at.switch_page("app_pages/attributions.py")  # before the first run, so the sidebar is kept
     at.run()
     assert not at.exception, at.exception
     return at

@@ -14,7 +14,7 @@ from flag_model.features import simple60
 def page() -> AppTest:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.run()
-    at.switch_page("pages/predictions.py")
+    at.switch_page("app_pages/predictions.py")
     at.run()
     assert not at.exception, at.exception
     return at

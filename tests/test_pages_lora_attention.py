@@ -27,7 +27,7 @@ def texts(at: AppTest) -> str:
 
 
 def test_lora_page_heatmap_table_spectra_and_ablation(open_page):
-    at = open_page("pages/lora.py")
+    at = open_page("app_pages/lora.py")
     assert at.title[0].value == "LoRA adapters"
     assert at.selectbox(key="lora_metric").value == "delta_fro"
     assert len(at.get("plotly_chart")) == 2  # heatmap + spectra of the first adapter
@@ -46,7 +46,7 @@ def test_lora_page_heatmap_table_spectra_and_ablation(open_page):
 
 
 def test_lora_page_ablating_one_block(open_page):
-    at = open_page("pages/lora.py")
+    at = open_page("app_pages/lora.py")
     at.main.multiselect[0].set_value([1])
     at.main.multiselect[1].set_value(["attention.q_proj", "ffn.0"])
     at.main.button[0].click().run()
@@ -55,7 +55,7 @@ def test_lora_page_ablating_one_block(open_page):
 
 
 def test_attention_page_shows_assumptions_maps_and_stats(open_page):
-    at = open_page("pages/attention.py")
+    at = open_page("app_pages/attention.py")
     assert at.title[0].value == "Attention"
     info = texts(at)
     assert "4 heads" in info and "no mask" in info and "post-norm" in info
@@ -76,7 +76,7 @@ def test_attention_page_follows_the_assumptions(tiny_demo_path):
     # changed sidebar widget would not reach the next run.
     tag = load_checkpoint(tiny_demo_path).digest[:12]
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
-    at.switch_page("pages/attention.py")
+    at.switch_page("app_pages/attention.py")
     at.session_state[f"heads_{tag}"] = 2
     at.session_state[f"causal_{tag}"] = True
     at.run()

@@ -31,7 +31,7 @@ def _texts(elements) -> str:
 
 
 def test_tensor_tree_on_demo_says_base_is_untrained_init(tiny_demo_path):
-    at = _page("pages/tensors.py")
+    at = _page("app_pages/tensors.py")
     assert at.title[0].value == "Tensor tree"
     assert at.metric[0].value == "63"
     table = at.dataframe[0].value
@@ -45,7 +45,7 @@ def test_tensor_tree_on_demo_says_base_is_untrained_init(tiny_demo_path):
 
 
 def test_tensor_tree_search_and_colour(tiny_demo_path):
-    at = _page("pages/tensors.py")
+    at = _page("app_pages/tensors.py")
     at.text_input(key="tensors_query").set_value("lora_B").run()
     assert not at.exception
     assert set(at.dataframe[0].value["role"]) == {"lora_B"} and len(at.dataframe[0].value) == 12
@@ -60,7 +60,7 @@ def test_tensor_tree_second_checkpoint_and_broken_one(tiny_demo_path, tiny_state
     sd["transformer_blocks.1.ffn.0.lora.lora_B"] *= 2
     del sd["action_head.bias"]
     sd["extra.weight"] = sd["output_norm.weight"].clone()
-    at = _page("pages/tensors.py")
+    at = _page("app_pages/tensors.py")
     at.file_uploader(key="tensors_second_upload").upload("second.pt", save_bytes(sd)).run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
@@ -73,7 +73,7 @@ def test_tensor_tree_second_checkpoint_and_broken_one(tiny_demo_path, tiny_state
 
 
 def test_architecture_demo_is_native_and_loads(tiny_demo_path):
-    at = _page("pages/architecture.py")
+    at = _page("app_pages/architecture.py")
     assert at.title[0].value == "Architecture check"
     assert "This file is the FLAG-TRADER LoRA layout: 63/63 keys" in _texts(at.success)
     assert "loads strictly into this target" in _texts(at.success)
@@ -85,7 +85,7 @@ def test_architecture_demo_is_native_and_loads(tiny_demo_path):
 
 
 def test_architecture_wrong_hidden_size_is_explained(tiny_demo_path):
-    at = _page("pages/architecture.py")
+    at = _page("app_pages/architecture.py")
     key = next(w.key for w in at.number_input if w.key.startswith("arch_d_"))
     at.number_input(key=key).set_value(64).run()
     assert not at.exception
@@ -94,7 +94,7 @@ def test_architecture_wrong_hidden_size_is_explained(tiny_demo_path):
 
 def test_architecture_fixes_a_peft_upload_with_one_click(tiny_demo_path, tiny_state_dict):
     peft = apply_fixes(tiny_state_dict, ["native_to_peft", "add_prefix:base_model.model."])
-    at = _upload(_page("pages/architecture.py"), "peft.pt", save_bytes(peft))
+    at = _upload(_page("app_pages/architecture.py"), "peft.pt", save_bytes(peft))
     assert "This file is the PEFT / HF LoRA layout" in _texts(at.success)
     assert "no FLAG-TRADER configuration" in _texts(at.warning)
     assert "PEFT / HF layout" in _texts(at.markdown)
@@ -105,7 +105,7 @@ def test_architecture_fixes_a_peft_upload_with_one_click(tiny_demo_path, tiny_st
 
 
 def test_architecture_second_checkpoint_target_and_broken_file(tiny_demo_path, tiny_state_dict):
-    at = _page("pages/architecture.py")
+    at = _page("app_pages/architecture.py")
     at.selectbox(key="arch_target").set_value("second").run()
     at.file_uploader(key="arch_second_upload").upload("other.pt", save_bytes(tiny_state_dict)).run()
     assert not at.exception
@@ -120,8 +120,8 @@ def test_architecture_for_a_foreign_layout_without_config(tiny_demo_path):
     import torch
 
     sd = {k: torch.randn(s) for k, s in a2c_layout(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}
-    at = _upload(_page("pages/architecture.py"), "a2c.pt", save_bytes(sd))
+    at = _upload(_page("app_pages/architecture.py"), "a2c.pt", save_bytes(sd))
     assert "Transformer-A2C" in _texts(at.warning) + _texts(at.success)
     assert "not FLAG-TRADER" in _texts(at.markdown)
-    at = _upload(_page("pages/tensors.py"), "a2c.pt", save_bytes(sd))
+    at = _upload(_page("app_pages/tensors.py"), "a2c.pt", save_bytes(sd))
     assert at.metric[0].value == str(len(sd))
