@@ -54,11 +54,12 @@ class DemoSpec:
     steps: int
     batch: int
     window: int
+    lr: float
 
 
 DEMO_SIZES: dict[str, DemoSpec] = {
-    "full": DemoSpec(12, 256, 1024, 16, 256, 8, n_bars=24_000, steps=200, batch=48, window=64),
-    "tiny": DemoSpec(2, 32, 64, 4, 64, 4, n_bars=8_000, steps=150, batch=64, window=32),
+    "full": DemoSpec(12, 256, 1024, 16, 256, 8, n_bars=24_000, steps=200, batch=48, window=64, lr=2e-3),
+    "tiny": DemoSpec(2, 32, 64, 4, 64, 4, n_bars=8_000, steps=300, batch=64, window=32, lr=1e-2),
 }
 
 
@@ -159,7 +160,7 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
         if mod.lora is not None:  # LoRA-paper init of B is zero; a small start lets every adapter learn
             torch.nn.init.normal_(mod.lora.lora_B, std=1e-3)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
     counts = torch.bincount(y[:split], minlength=3).float()
     weight = (counts.sum() / (3 * counts)).clamp(max=3.0)
     w = spec.window
@@ -167,7 +168,7 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
     t0 = time.perf_counter()
     model.train()
     for step in range(spec.steps):
-        lr = 2e-3 * min(1.0, (step + 1) / 20) * (0.5 + 0.5 * math.cos(math.pi * step / spec.steps))
+        lr = spec.lr * min(1.0, (step + 1) / 20) * (0.5 + 0.5 * math.cos(math.pi * step / spec.steps))
         for g in opt.param_groups:
             g["lr"] = lr
         xb, yb = _windows(x, y, rng.integers(0, split - w, spec.batch), w)

@@ -4,7 +4,7 @@ Every page of app.py's PAGES list is opened on the (tiny) demo and must draw its
 exception box; a checkpoint and a market-data CSV are uploaded through the real file inputs; bad and
 malicious uploads give a readable error. One screenshot per page goes to test-output/ (gitignored).
 With FLAG_TRADER_WRITE_SCREENSHOT=1 the README screenshot assets/screenshot.png is regenerated from the
-Overview of the full demo (built once into ~/.cache/flag_trader, about two minutes).
+Overview of the full demo (built once into test-output/demo-cache, a few minutes).
 """
 from __future__ import annotations
 
@@ -126,13 +126,19 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser):
-    """A fresh browser context (a new Streamlit session); uncaught JavaScript errors fail the test."""
-    context = browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(LOAD_MS)
+def new_page(browser, timeout_ms: int = LOAD_MS):
+    """A page in a fresh browser context (a new Streamlit session) that counts its script runs."""
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    context.set_default_timeout(timeout_ms)
     pg = context.new_page()
     pg.flag_runs = Runs(pg)
+    return context, pg
+
+
+@pytest.fixture
+def page(browser):
+    """A page of its own session; uncaught JavaScript errors fail the test."""
+    context, pg = new_page(browser)
     js_errors: list[str] = []
     pg.on("pageerror", lambda exc: js_errors.append(str(exc)))
     yield pg
@@ -197,13 +203,13 @@ def check_page(pg, shot: str) -> str:
     return pg.locator(MAIN).inner_text()
 
 
-def open_url(pg, url: str) -> None:
+def open_url(pg, url: str, timeout_ms: int = LOAD_MS) -> None:
     """Load the page (a new session) and wait for its first run to finish and be drawn."""
     runs: Runs = pg.flag_runs
     finished = runs.finished
     pg.goto(url, wait_until="domcontentloaded")
-    if not _wait(pg, lambda: runs.finished > finished and runs.started == runs.finished, LOAD_MS):
-        _fail(pg, f"{url}: the first script run did not finish in {LOAD_MS / 1000:.0f} s")
+    if not _wait(pg, lambda: runs.finished > finished and runs.started == runs.finished, timeout_ms):
+        _fail(pg, f"{url}: the first script run did not finish in {timeout_ms / 1000:.0f} s")
     settle(pg)
 
 
@@ -290,13 +296,10 @@ def test_write_readme_screenshot(browser):
     """The Overview of the full demo at 1400x900, downscaled to a small palette PNG for the README."""
     from PIL import Image
 
-    env = {"FLAG_TRADER_DEMO_SIZE": "full",
-           "FLAG_TRADER_CACHE": os.environ.get("FLAG_TRADER_SCREENSHOT_CACHE", str(Path.home() / ".cache" / "flag_trader"))}
+    env = {"FLAG_TRADER_DEMO_SIZE": "full", "FLAG_TRADER_CACHE": str(OUT / "demo-cache")}  # kept between runs
     with streamlit_server(env, OUT / "streamlit-screenshot.log") as url:
-        context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
-        context.set_default_timeout(900_000)  # the first run builds the full demo (about two minutes)
-        pg = context.new_page()
-        open_url(pg, url)
+        context, pg = new_page(browser)
+        open_url(pg, url, 1_800_000)  # the first run builds the full demo (minutes)
         check_page(pg, "readme-overview")
         context.close()
     img = Image.open(OUT / "readme-overview.png").convert("RGB")

@@ -92,16 +92,41 @@ def _ensure_demo() -> Path:
     return path
 
 
+# Sidebar widgets are drawn inside each page's run, so Streamlit treats them as that page's widgets and would
+# forget their values on a page switch. Their values are re-asserted every run (Streamlit's documented way to
+# keep widget state across pages), and the uploaded file is kept in this session's state.
+_KEPT = ("ckpt_source", "ckpt_path", "heads_", "scale_", "norm_", "causal_")
+_UPLOAD = "ckpt_upload"
+_KEPT_UPLOAD = "_flag_kept_upload"  # (name, bytes) of this session's uploaded checkpoint
+
+
+def _keep_widget_state() -> None:
+    for key in list(st.session_state.keys()):
+        if isinstance(key, str) and key.startswith(_KEPT):
+            st.session_state[key] = st.session_state[key]
+
+
+def _remember_upload() -> None:
+    up = st.session_state.get(_UPLOAD)
+    st.session_state[_KEPT_UPLOAD] = (up.name, up.getvalue()) if up is not None else None
+
+
 def _open_selected() -> Checkpoint | None:
     source = st.sidebar.radio("Checkpoint source", SOURCES, key="ckpt_source", horizontal=True)
     if source == "Demo":
         return open_checkpoint_file(_ensure_demo())
     if source == "Upload":
         up = st.sidebar.file_uploader(
-            "Checkpoint file", type=["pt", "pth", "bin", "safetensors"], key="ckpt_upload",
+            "Checkpoint file", type=["pt", "pth", "bin", "safetensors"], key=_UPLOAD, on_change=_remember_upload,
             help="Up to the server's upload limit (see .streamlit/config.toml); use 'Server path' for larger files.",
         )
-        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else None
+        if up is not None:
+            return open_checkpoint_file(up.getvalue(), up.name)
+        kept = st.session_state.get(_KEPT_UPLOAD)
+        if kept is None:
+            return None
+        st.sidebar.caption(f"Using **{kept[0]}**, uploaded earlier in this session.")
+        return open_checkpoint_file(kept[1], kept[0])
     path = st.sidebar.text_input("Path on the server", key="ckpt_path", placeholder="/data/flag_trader_best.pt",
                                  help="For files larger than the upload limit. Read on the machine running the app.")
     return open_checkpoint_file(path) if path.strip() else None
@@ -113,13 +138,16 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
     sb.markdown("**Assumptions** — not recoverable from the weights")
     tag = digest[:12]
     heads_options = [h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0]
-    heads = sb.selectbox("Attention heads", heads_options, index=heads_options.index(cfg.num_heads),
-                         key=f"heads_{tag}", help=cfg.provenance.get("num_heads"))
-    scale = sb.number_input("LoRA scale (alpha / r)", value=float(cfg.lora_scale), min_value=0.0, step=0.25,
-                            key=f"scale_{tag}", help=cfg.provenance.get("lora_scale"))
-    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), index=int(cfg.norm_first), horizontal=True,
-                    key=f"norm_{tag}", help=cfg.provenance.get("norm_first"))
-    causal = sb.toggle("Causal mask", value=cfg.causal, key=f"causal_{tag}", help=cfg.provenance.get("causal"))
+    defaults = {f"heads_{tag}": cfg.num_heads, f"scale_{tag}": float(cfg.lora_scale),
+                f"norm_{tag}": "pre-norm" if cfg.norm_first else "post-norm", f"causal_{tag}": cfg.causal}
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+    heads = sb.selectbox("Attention heads", heads_options, key=f"heads_{tag}", help=cfg.provenance.get("num_heads"))
+    scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=f"scale_{tag}",
+                            help=cfg.provenance.get("lora_scale"))
+    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=f"norm_{tag}",
+                    help=cfg.provenance.get("norm_first"))
+    causal = sb.toggle("Causal mask", key=f"causal_{tag}", help=cfg.provenance.get("causal"))
     return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
 
 
@@ -139,6 +167,7 @@ def sidebar() -> Loaded:
     if token is not None and st.session_state.get(_DRAWN) is token:
         return st.session_state[LOADED]
     st.session_state[_DRAWN] = token
+    _keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
     try:
         ckpt = _open_selected()
