@@ -55,10 +55,13 @@ if issue is not None:
     st.error(issue.message)
     st.stop()
 
+scorable = len(fm.values) - (int(window) - 1 if mode == "rolling" else 0)
+last = st.number_input("Bars to score (the most recent)", 1, scorable, min(scorable, pw.DEFAULT_SCORED),
+                       key="pred_last", help="Large files take a while on a CPU; raise this to score more history.")
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
-st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; "
+st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
            f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
-pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, eng, fm)
+pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
 has_prices = len(fm.close) > 0 and bool(np.isfinite(fm.close).all())
 if has_prices:
     c = st.columns(2)

@@ -11,6 +11,10 @@ from flag_model.demo import synthetic_ohlcv
 from flag_model.features import simple60
 
 
+# Build the tiny demo before the first AppTest run, so that no run spends its timeout training it.
+pytestmark = pytest.mark.usefixtures("tiny_demo_path")
+
+
 def page() -> AppTest:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.run()

@@ -239,3 +239,19 @@ def test_bench_quick_runs(tmp_path, bars, capsys):
     for word in ("reference", "exact", "fast", "× ref", "GFLOP/s", "matmul peak", "agreement", "targets"):
         assert word in out
     assert "window 16:" in out and "window 32:" in out and "n/a" not in out
+
+
+@pytest.mark.parametrize("mode", ["rolling", "blocks"])
+def test_scoring_only_the_most_recent_rows(bars, model, mode):
+    fm, w = features(bars), 20
+    engine = InferenceEngine(model, "exact", batch_size=8)
+    full = predict_features(fm, engine, w, mode)
+    part = predict_features(fm, engine, w, mode, last=130)
+    n = len(fm.values)
+    if mode == "rolling":
+        np.testing.assert_array_equal(part.row, np.arange(n - 130, n))
+    else:  # whole blocks from the first boundary inside the last 130 rows
+        first = -(-(n - 130) // w) * w
+        np.testing.assert_array_equal(part.row, np.arange(first, n // w * w))
+    np.testing.assert_allclose(part.logits, full.logits[np.isin(full.row, part.row)], atol=1e-5, rtol=0)
+    assert len(predict_features(fm, engine, w, mode, last=10 ** 6)) == len(full)

@@ -52,13 +52,13 @@ class WindowRunner:
     rolling mode, the incomplete block in blocks mode) and the windows that do not fill an engine batch,
     so any chunking gives the same batches and therefore the same logits as one pass."""
 
-    def __init__(self, engine: InferenceEngine, window: int, mode: str) -> None:
+    def __init__(self, engine: InferenceEngine, window: int, mode: str, first_row: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.engine, self.window, self.mode = engine, window, mode
         self.batch = engine.batch_size(window)
         self.actions = action_names(engine.config.n_actions)
-        self.start = 0  # feature-row index of the buffer's first row, always the start of the next window
+        self.start = first_row  # feature-row index of the buffer's first row, always the start of the next window
         self._buf: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
     def feed(self, values: np.ndarray, times: np.ndarray, close: np.ndarray, labels: np.ndarray | None,
@@ -97,12 +97,22 @@ class WindowRunner:
 
 
 def predict_features(fm: FeatureMatrix, engine: InferenceEngine, window: int, mode: str = "rolling",
-                     progress: Progress | None = None) -> Predictions:
-    """All windows of a feature matrix in one pass (the page). Raises DataError when there are too few rows."""
-    issue = check_window(len(fm.values), window, engine.config.max_length)
+                     progress: Progress | None = None, last: int | None = None) -> Predictions:
+    """The windows of a feature matrix in one pass (the page). `last`: score only about the most recent
+    `last` rows (rolling: exactly; blocks: from the first block boundary inside them); rows keep their
+    index in the whole matrix. Raises DataError when there are too few rows."""
+    n = len(fm.values)
+    issue = check_window(n, window, engine.config.max_length)
     if issue is not None:
         raise DataError(issue.message)
-    out = WindowRunner(engine, window, mode).feed(fm.values, fm.times.to_numpy(), fm.close, None, True, progress)
+    start = 0
+    if last is not None and last < n:
+        if mode == "rolling":
+            start = max(0, n - last - (window - 1))
+        else:
+            start = min(-(-(n - last) // window) * window, (n // window - 1) * window)
+    runner = WindowRunner(engine, window, mode, first_row=start)
+    out = runner.feed(fm.values[start:], fm.times.to_numpy()[start:], fm.close[start:], None, True, progress)
     assert out is not None  # check_window guarantees at least one window
     return out
 

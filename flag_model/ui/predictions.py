@@ -23,6 +23,7 @@ from ..model import FlagTrader
 
 UPLOAD_KEY = "pred_upload"
 KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
+DEFAULT_SCORED = 20_000  # bars scored by default: about a minute for the 12-block model on two CPU cores
 _NONE = "—"
 
 
@@ -130,9 +131,9 @@ def engine(digest: str, assumptions: tuple, precision: str, _model: FlagTrader) 
 
 @st.cache_data(max_entries=6, show_spinner=False)
 def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
-                window: int, mode: str, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
+                window: int, mode: str, last: int, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
     bar = st.progress(0.0, text="Running the model…")  # made here so that a cache hit replays nothing visible
-    pred = predict_features(_fm, _engine, window, mode,
+    pred = predict_features(_fm, _engine, window, mode, last=last,
                             progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} windows"))
     bar.empty()
     return pred
