@@ -124,6 +124,13 @@ def _first(stored: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str, Any]
     return None
 
 
+def _flag(value: Any) -> bool:
+    """A stored yes/no value; strings such as "false" or "0" are read as such, not as a non-empty string."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     if key not in sd:
         raise ConfigError(
@@ -190,11 +197,11 @@ def infer_config(
     if r_stored and rank and int(r_stored[1]) != rank:
         warnings.append(f"stored config says LoRA rank {r_stored[1]}, tensors say {rank}; using the tensors.")
     nf = _first(stored, _STORED_NORM_FIRST)
-    norm_first = bool(nf[1]) if nf else False
+    norm_first = _flag(nf[1]) if nf else False
     prov["norm_first"] = (f"assumption: stored config['{nf[0]}']" if nf
                           else "assumption: default post-norm (training code)")
     ca = _first(stored, _STORED_CAUSAL)
-    causal = bool(ca[1]) if ca else False
+    causal = _flag(ca[1]) if ca else False
     prov["causal"] = (f"assumption: stored config['{ca[0]}']" if ca
                       else "assumption: default no mask (bidirectional, training code)")
 

@@ -137,7 +137,8 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
     sb = st.sidebar
     sb.markdown("**Assumptions** — not recoverable from the weights")
     tag = digest[:12]
-    heads_options = [h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0]
+    # The stored value is always offered, so a head count above 64 is never silently replaced.
+    heads_options = sorted({h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0} | {cfg.num_heads})
     defaults = {f"heads_{tag}": cfg.num_heads, f"scale_{tag}": float(cfg.lora_scale),
                 f"norm_{tag}": "pre-norm" if cfg.norm_first else "post-norm", f"causal_{tag}": cfg.causal}
     for key, value in defaults.items():
