@@ -96,7 +96,7 @@ with stat_tab:
     last_k = st.number_input("k for the share on the last k steps", 1, length, min(8, length))
     stats = attention.head_stats(wa.maps, last_k)
     show_stats(stats, attention.future_by_query(wa.maps).mean(1), last_k, length, "one")
-    st.download_button("Download CSV", stats.to_csv(index=False).encode(), "attention_heads.csv", "text/csv")
+    ui.download_table(stats, "attention_heads", key="attention_heads")
 with many_tab:
     count = st.slider("Windows (spread evenly over the data)", 8, 1024, 64, step=8)
     starts = tuple(int(s) for s in attention.spread_starts(n, length, count))
@@ -107,5 +107,4 @@ with many_tab:
                    "standard deviations.")
         show_stats(summary.stats, summary.future_by_query, last_k, length, "many")
         st.dataframe(summary.stats, hide_index=True, width="stretch")
-        st.download_button("Download CSV", summary.stats.to_csv(index=False).encode(),
-                           "attention_heads_many.csv", "text/csv", key="many_csv")
+        ui.download_table(summary.stats, "attention_heads_many", key="many_csv")

@@ -127,4 +127,4 @@ if st.button("Compute global importance", type="primary", key="attr_global") or 
     b1, b2 = st.columns(2)
     b1.plotly_chart(plots.global_importance_bars(table, top_k))
     b2.plotly_chart(plots.class_breakdown_bars(table, actions, min(top_k, 12)))
-    st.download_button("Download CSV", table.to_csv(index=False).encode(), "global_importance.csv", "text/csv")
+    ui.download_table(table, "global_importance", key="global_importance")

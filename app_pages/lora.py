@@ -56,7 +56,7 @@ if len(flagged):
 
 with st.expander("All metrics (table and CSV)"):
     st.dataframe(metrics, hide_index=True, width="stretch")
-    st.download_button("Download CSV", metrics.to_csv(index=False).encode(), "lora_metrics.csv", "text/csv")
+    ui.download_table(metrics, "lora_metrics", key="lora_metrics")
 
 st.subheader("Singular value spectra of one adapter")
 paths = list(metrics["path"])

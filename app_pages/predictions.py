@@ -121,9 +121,5 @@ if has_prices:
 st.subheader("Download")
 frame = predictions_frame(pred, offsets)
 stem = f"predictions_{mode}_w{int(window)}"
-c = st.columns(2)
-c[0].download_button("Predictions as CSV", lambda: frame.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
-                     key="pred_dl_csv")
-c[1].download_button("Predictions as Parquet", lambda: frame.to_parquet(index=False), f"{stem}.parquet",
-                     "application/octet-stream", key="pred_dl_parquet")
+ui.download_table(frame, stem, key="pred_dl", label="Predictions as")
 st.caption(f"{len(frame):,} rows: time, raw logits, probabilities and action after the offsets above, and the label.")

@@ -47,7 +47,7 @@ shown = stats[stats["role"].isin(roles) & stats["name"].str.contains(query.strip
 st.dataframe(shown, hide_index=True, width="stretch", height=320,
              column_config={"bytes": st.column_config.NumberColumn(format="%d"),
                             "zeros_share": st.column_config.NumberColumn(format="percent")})
-st.download_button("Download CSV", shown.to_csv(index=False).encode(), f"{ckpt.digest[:12]}-tensors.csv", "text/csv")
+ui.download_table(shown, f"{ckpt.digest[:12]}-tensors", key="tensors_table")
 
 st.subheader("One tensor")
 pick = shown if len(shown) else stats

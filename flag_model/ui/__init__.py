@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..config import ConfigError, ModelConfig
 from ..data import FeatureMatrix, checkpoint_features
 from ..model import FlagTrader, ModelMismatchError, build_model
+from ..tables import table_bytes
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
@@ -28,6 +30,25 @@ MARKET = "market_data"  # (name, OHLCV DataFrame) uploaded on the Predictions pa
 
 SOURCES = ("Demo", "Upload", "Server path")
 _demo_lock = threading.Lock()
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
+
+
+def md_escape(text: object) -> str:
+    """User-supplied text (a file name, a key, a CSV cell) made inert for `st.markdown`/`st.error`/captions:
+    every markdown/HTML character is backslash-escaped, so a crafted name cannot become a link, image or markup."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
+def download_table(df: pd.DataFrame, stem: str, key: str, label: str = "Download") -> None:
+    """CSV and Parquet download buttons for a table; every download in the app goes through here, so each one
+    is formula-safe (see `flag_model.tables`). `key` must be unique on the page."""
+    c1, c2 = st.columns(2)
+    c1.download_button(f"{label} CSV", lambda: table_bytes(df, "csv"), f"{stem}.csv", "text/csv", key=f"{key}_csv",
+                       on_click="ignore")
+    c2.download_button(f"{label} Parquet", lambda: table_bytes(df, "parquet"), f"{stem}.parquet",
+                       "application/vnd.apache.parquet", key=f"{key}_parquet", on_click="ignore")
 
 
 def demo_size() -> str:
