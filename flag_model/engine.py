@@ -13,8 +13,9 @@ for every position but the query, attention, FFN, norms and head for the last po
 """
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -294,8 +295,18 @@ class InferenceEngine:
     def _ffn(self, x: torch.Tensor, b: _Block) -> torch.Tensor:
         return self._linear(self._linear(x, b.w_ffn1, b.b_ffn1, gelu=True), b.w_ffn2, b.b_ffn2)
 
-    def forward(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """x (B, S, state_dim) -> float32 logits (B, n_actions) if last_only else (B, S, n_actions)."""
+    def variant(self, num_heads: int, norm_first: bool, causal: bool) -> "InferenceEngine":
+        """The same merged weights (shared, not copied) under other head count, norm placement and mask: these
+        assumptions change the computation, not the weights. The LoRA scale does (it is merged in)."""
+        other = copy.copy(self)
+        other.config = self.config.with_assumptions(num_heads=num_heads, norm_first=norm_first, causal=causal)
+        other.heads, other.norm_first, other.causal = num_heads, norm_first, causal
+        other.info = replace(self.info)
+        return other
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, state_dim) -> the first block's input (B, S, d) in the compute dtype; it depends on no
+        assumption, so one embedding can feed every variant."""
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.state_dim:
             raise ValueError(f"input must be (batch, window, {cfg.state_dim}) features; got {tuple(x.shape)}.")
@@ -303,12 +314,20 @@ class InferenceEngine:
             raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (max_length).")
         with torch.inference_mode():
             x = x.to(device=self.device, dtype=self.dtype)
-            h = self._linear(x, self.w_embed, self.b_embed) + self.pos[: x.shape[1]]
+            return self._linear(x, self.w_embed, self.b_embed) + self.pos[: x.shape[1]]
+
+    def forward_embedded(self, h: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """h (B, S, d) from `embed` -> float32 logits (B, n_actions) if last_only else (B, S, n_actions)."""
+        with torch.inference_mode():
             for b in self.blocks[:-1]:
                 h = self._block(h, b)
             h = self._last_block(h, self.blocks[-1]) if last_only else self._block(h, self.blocks[-1])
             logits = self._linear(self._ln(h, self.out_norm), self.w_head, self.b_head).float()
         return logits[:, -1] if last_only else logits
+
+    def forward(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """x (B, S, state_dim) -> float32 logits (B, n_actions) if last_only else (B, S, n_actions)."""
+        return self.forward_embedded(self.embed(x), last_only)
 
     __call__ = forward
 
