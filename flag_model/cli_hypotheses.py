@@ -77,7 +77,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("hypotheses", help="rank heads x mask x norm placement x LoRA scale by NLL on labelled data")
     p.add_argument("checkpoint")
     p.add_argument("data", help="OHLCV CSV or Parquet; labels by the checkpoint's rule (default: 5 bars, 0.2 %%)")
-    p.add_argument("--windows", type=int, default=512, help="labelled windows, spread evenly over the data")
+    p.add_argument("--windows", type=int, default=1024, help="labelled windows, spread evenly over the data")
     p.add_argument("--json", action="store_true", help="print the ranking as JSON, best first")
     p.add_argument("--window-lengths", type=int, nargs="+", help="window lengths to try (default: the stored one, else 64)")
     p.add_argument("--heads", type=int, nargs="+", help="head counts to try (default: divisors of d, head width >= 8)")

@@ -521,3 +521,25 @@ def equity_lines(frame: pd.DataFrame) -> go.Figure:
     fig.update_layout(height=300, yaxis_title="growth of 1", margin=dict(l=10, r=10, t=30, b=10),
                       legend=dict(orientation="h", y=1.1))
     return fig
+
+
+# Hypotheses
+def hypothesis_intervals(table: pd.DataFrame, top: int = 20) -> go.Figure:
+    """Mean NLL of the best `top` ranking entries with their bootstrap intervals, best at the top; entries
+    dropped by screening in grey (scored on fewer windows)."""
+    t = table.head(top).iloc[::-1]
+    fig = go.Figure()
+    for stage, color in (("final", "#3b7dd8"), ("screened out", "#9aa5b1")):
+        s = t[t["stage"] == stage]
+        if s.empty:
+            continue
+        fig.add_scatter(x=s["nll"], y=[f"#{r} {lab}" for r, lab in zip(s["rank"], s["label"])], mode="markers",
+                        name=stage, marker=dict(color=color, size=9),
+                        error_x=dict(type="data", symmetric=False, array=s["nll_high"] - s["nll"],
+                                     arrayminus=s["nll"] - s["nll_low"], color=color),
+                        customdata=np.stack([s["share_best"], s["windows"]], axis=1),
+                        hovertemplate="%{y}<br>NLL %{x:.4f}<br>best in %{customdata[0]:.1%} of resamples"
+                                      "<br>%{customdata[1]} windows<extra></extra>")
+    fig.update_layout(height=120 + 24 * len(t), margin=dict(l=10, r=10, t=30, b=10), xaxis_title="mean NLL (lower is better)",
+                      legend=dict(orientation="h", y=1.02, x=0), yaxis=dict(type="category"))
+    return fig

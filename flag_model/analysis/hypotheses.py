@@ -127,7 +127,9 @@ def search_space(cfg: ModelConfig, meta: Mapping[str, Any], windows: Sequence[in
     bad = [h for h in hs if h < 1 or cfg.d_model % h]
     if bad:
         raise ValueError(f"{bad} heads do not divide the hidden size d={cfg.d_model}.")
-    sc = (tuple((float(s), "given") for s in sorted(set(scales))) if scales else candidate_scales(cfg))
+    known = dict(candidate_scales(cfg))
+    sc = (tuple((float(s), known.get(round(float(s), 9), "given")) for s in sorted(set(scales))) if scales
+          else tuple(known.items()))
     if any(not math.isfinite(s) or s < 0 for s, _ in sc):
         raise ValueError("LoRA scales must be finite and >= 0.")
     return SearchSpace(hs, (False, True), (False, True), sc, wins)
@@ -500,3 +502,10 @@ def assumptions_of(ranking_row: Mapping[str, Any]) -> dict[str, Any]:
     """The sidebar assumptions of one ranking row: num_heads, lora_scale, norm_first, causal."""
     return {"num_heads": int(ranking_row["num_heads"]), "lora_scale": float(ranking_row["lora_scale"]),
             "norm_first": bool(ranking_row["norm_first"]), "causal": bool(ranking_row["causal"])}
+
+
+def mark_in_use(table: pd.DataFrame, cfg: ModelConfig) -> pd.DataFrame:
+    """The ranking table with a first column "in use": True on the entry equal to `cfg`'s assumptions."""
+    same = ((table["num_heads"] == cfg.num_heads) & (table["causal"] == cfg.causal)
+            & (table["norm_first"] == cfg.norm_first) & np.isclose(table["lora_scale"], cfg.lora_scale))
+    return table.assign(**{"in use": same.to_numpy()})[["in use", *table.columns]]

@@ -159,11 +159,13 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
     sb.markdown("**Assumptions** — not recoverable from the weights")
     tag = digest[:12]
     # The stored value is always offered, so a head count above 64 is never silently replaced.
-    heads_options = sorted({h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0} | {cfg.num_heads})
     defaults = {f"heads_{tag}": cfg.num_heads, f"scale_{tag}": float(cfg.lora_scale),
                 f"norm_{tag}": "pre-norm" if cfg.norm_first else "post-norm", f"causal_{tag}": cfg.causal}
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    chosen = st.session_state[f"heads_{tag}"]  # e.g. adopted from Hypotheses: may be a divisor above 64
+    heads_options = sorted({h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0} | {cfg.num_heads}
+                           | ({chosen} if isinstance(chosen, int) and chosen > 0 and cfg.d_model % chosen == 0 else set()))
     heads = sb.selectbox("Attention heads", heads_options, key=f"heads_{tag}", help=cfg.provenance.get("num_heads"))
     scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=f"scale_{tag}",
                             help=cfg.provenance.get("lora_scale"))
@@ -171,6 +173,16 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
                     help=cfg.provenance.get("norm_first"))
     causal = sb.toggle("Causal mask", key=f"causal_{tag}", help=cfg.provenance.get("causal"))
     return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
+
+
+def set_assumptions(digest: str, num_heads: int, lora_scale: float, norm_first: bool, causal: bool) -> None:
+    """Set the sidebar's assumption widgets of checkpoint `digest`; call it from a widget callback, which runs
+    before the sidebar is drawn (Streamlit refuses changes to a widget already drawn in the same run)."""
+    tag = digest[:12]
+    st.session_state[f"heads_{tag}"] = int(num_heads)
+    st.session_state[f"scale_{tag}"] = float(lora_scale)
+    st.session_state[f"norm_{tag}"] = "pre-norm" if norm_first else "post-norm"
+    st.session_state[f"causal_{tag}"] = bool(causal)
 
 
 def _run_token() -> object:
