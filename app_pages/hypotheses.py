@@ -4,7 +4,7 @@ import streamlit as st
 from flag_model import plots, ui
 from flag_model.analysis.hypotheses import (DEFAULT_WINDOWS, assumptions_of, auto_screen, candidate_heads,
                                             candidate_scales, estimate_cost, label_rule, labelled_data,
-                                            mark_in_use, rank_hypotheses, search_space)
+                                            mark_in_use, rank_hypotheses, search_space, verdict)
 from flag_model.data import DataError, default_window
 
 RESULT = "hyp_result"
@@ -50,6 +50,7 @@ def _cost(digest: str, space, n: int, screen: int, keep: int, _sd, _cfg):
 
 
 space = search_space(cfg, ckpt.meta, lengths, heads, scales)
+st.dataframe(space.table(), hide_index=True, width="stretch", key="hyp_space")
 try:
     data = _data(ckpt.digest, ohlcv, int(n_windows), max(lengths), dict(ckpt.meta), cfg.state_dim)
 except (DataError, ValueError) as exc:
@@ -88,6 +89,8 @@ best = ranking.table.iloc[0]
 st.success(f"Best: **{best['label']}** — NLL {best['nll']:.4f} [{best['nll_low']:.4f}, {best['nll_high']:.4f}], "
            f"best in {best['share_best']:.0%} of {ranking.resamples} resamples ({ranking.seconds:.0f} s, "
            f"{ranking.precision}).")
+clear, sentence = verdict(ranking)
+(st.info if clear else st.warning)(sentence)
 table = mark_in_use(ranking.table, in_use) if in_use is not None else ranking.table
 st.dataframe(table.drop(columns=["label"]).style.format(
     {c: "{:.4f}" for c in ("nll", "nll_low", "nll_high", "brier", "ece")}

@@ -17,7 +17,7 @@ def _say(message: str, end: str = "\n") -> None:
 
 def _hypotheses(args: argparse.Namespace) -> int:
     from .analysis.hypotheses import (auto_screen, estimate_cost, label_rule, labelled_data, rank_hypotheses,
-                                      search_space)
+                                      search_space, verdict)
     from .checkpoint import load_checkpoint
     from .data import detect_columns, prepare_ohlcv
 
@@ -53,6 +53,7 @@ def _hypotheses(args: argparse.Namespace) -> int:
                               progress=progress)
     _say(f"\ndone in {ranking.seconds:.1f} s; final scores in {ranking.precision}; {ranking.level:.0%} intervals "
          f"from {ranking.resamples} circular block-bootstrap resamples (blocks of {ranking.block_length} windows)")
+    _say(verdict(ranking)[1])
     if args.json:
         print(json.dumps(ranking.records(), indent=2))
         return 0

@@ -308,3 +308,19 @@ def test_write_readme_screenshot(browser):
     target.parent.mkdir(exist_ok=True)
     img.save(target, optimize=True)
     assert target.stat().st_size < 300_000
+
+
+def test_hypotheses_rank_and_adopt_on_the_demo(server, page):
+    """Hypotheses on the demo: the cost is shown, Rank fills the ranking and its chart, Adopt sets the sidebar."""
+    spec = next(p for p in PAGES if Path(p.file).stem == "hypotheses")
+    open_url(page, f"{server}/{spec.url_path}")
+    assert "Cost:" in page.locator(MAIN).inner_text()
+    windows = page.locator('[data-testid="stNumberInput"]').filter(has_text="Labelled windows").locator("input")
+    act(page, lambda: (windows.fill("64"), windows.press("Enter")))
+    act(page, page.get_by_role("button", name="Rank").click)
+    main = check_page(page, "hypotheses-demo")
+    assert "Best:" in main
+    page.locator(f"{FIGURE} .main-svg:visible").first.wait_for(state="visible")
+    act(page, page.get_by_role("button", name="Adopt in the sidebar").click)
+    assert "Sidebar now:" in page.locator(MAIN).inner_text()
+    assert page.locator(EXCEPTION).count() == 0

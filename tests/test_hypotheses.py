@@ -110,6 +110,11 @@ def test_ranking_puts_the_better_hypothesis_first_with_shares():
     assert t.loc[0, "nll_low"] <= t.loc[0, "nll"] <= t.loc[0, "nll_high"]
     rec = ranking.records()[0]
     assert {"num_heads", "causal", "norm_first", "lora_scale", "nll", "accuracy", "f1", "nll_interval"} <= set(rec)
+    assert hy.verdict(ranking)[0]
+    noise = np.random.default_rng(5).normal(size=(2, *good.shape))  # equally good, different windows
+    tie = hy.rank_scores({hyps[0]: good + noise[0], hyps[1]: good + noise[1]}, data, resamples=200)
+    clear, sentence = hy.verdict(tie)
+    assert not clear and "1 other entry" in sentence
     marked = hy.mark_in_use(t, make_config(heads=2))
     assert marked["in use"].tolist() == [False, True]
 

@@ -83,6 +83,16 @@ class SearchSpace:
         return [Hypothesis(h, c, n, s, w, src) for w in self.windows for s, src in self.scales
                 for n in self.norm_first for c in self.causal for h in self.heads]
 
+    def table(self) -> pd.DataFrame:
+        """One row per assumption: its candidates and where they come from."""
+        return pd.DataFrame([
+            ("heads", ", ".join(map(str, self.heads)), f"divisors of d with head width >= {MIN_HEAD_WIDTH}, and a stored count"),
+            ("causal mask", ", ".join("on" if c else "off" for c in self.causal), "both"),
+            ("norm placement", ", ".join("pre" if n else "post" for n in self.norm_first), "both"),
+            ("LoRA scale", ", ".join(f"{s:g}" for s, _ in self.scales), "; ".join(f"{s:g}: {src}" for s, src in self.scales)),
+            ("window length", ", ".join(map(str, self.windows)), "stored in the checkpoint, else 64, or chosen"),
+        ], columns=["assumption", "candidates", "source"])
+
     def __len__(self) -> int:
         return len(self.heads) * len(self.causal) * len(self.norm_first) * len(self.scales) * len(self.windows)
 
@@ -502,6 +512,23 @@ def assumptions_of(ranking_row: Mapping[str, Any]) -> dict[str, Any]:
     """The sidebar assumptions of one ranking row: num_heads, lora_scale, norm_first, causal."""
     return {"num_heads": int(ranking_row["num_heads"]), "lora_scale": float(ranking_row["lora_scale"]),
             "norm_first": bool(ranking_row["norm_first"]), "causal": bool(ranking_row["causal"])}
+
+
+CLEAR_SHARE = 0.95
+
+
+def verdict(ranking: Ranking) -> tuple[bool, str]:
+    """(clear, sentence): clear when the best entry wins at least 95 % of the resamples; otherwise names the
+    entries whose NLL interval reaches the best one's mean, which the data cannot tell apart."""
+    t = ranking.table
+    best = t.iloc[0]
+    if best["share_best"] >= CLEAR_SHARE:
+        return True, (f"Clear: {best['label']} has the lowest NLL in {best['share_best']:.0%} of "
+                      f"{ranking.resamples} resamples.")
+    close = t[(t["stage"] == "final") & (t["nll_low"] <= best["nll"])]
+    return False, (f"Not decisive: the best entry wins only {best['share_best']:.0%} of the resamples, and "
+                   f"{len(close) - 1} other entr{'y' if len(close) == 2 else 'ies'} reach its NLL within their "
+                   "intervals. More windows, or data the checkpoint was trained on, narrow the intervals.")
 
 
 def mark_in_use(table: pd.DataFrame, cfg: ModelConfig) -> pd.DataFrame:
