@@ -265,30 +265,6 @@ def test_eth_label_counts(eth: pd.DataFrame) -> None:
     after_warmup = labels[WARMUP:]
     assert len(after_warmup) == 51_802
     assert np.bincount(after_warmup, minlength=3).tolist() == [12_754, 25_699, 13_349]
-    assert np.bincount(after_warmup[-10_361:], minlength=3).tolist() == [1_987, 6_201, 2_173]
-    np.testing.assert_array_equal(compute_labels(eth["close"].to_numpy()), labels)
-
-
-def test_labels_small_example() -> None:
-    close = np.array([100.0, 101.0, 100.1, 99.0, 99.1, 99.0, 98.0])
-    # returns 1 bar ahead: +1 %, -0.89 %, -1.1 %, +0.10 %, -0.10 %, -1.01 %, (none)
-    assert compute_labels(close, LabelRule(horizon=1, threshold=0.002)).tolist() == [2, 0, 0, 1, 1, 0, 1]
-    # 2 bars ahead: +0.1 %, -1.98 %, -1.0 %, 0 %, -1.11 %, (none), (none)
-    assert compute_labels(close, LabelRule(horizon=2, threshold=0.005)).tolist() == [1, 0, 0, 1, 0, 1, 1]
-    assert compute_labels(close[:3], LabelRule(horizon=5)).tolist() == [1, 1, 1]
-    assert "+0.2 %" in LabelRule().describe() and "t+5" in LabelRule().describe()
-    with pytest.raises(ValueError, match="horizon"):
-        LabelRule(horizon=0)
-    with pytest.raises(ValueError, match="threshold"):
-        LabelRule(threshold=-0.1)
-
-
-def test_eth_label_counts(eth: pd.DataFrame) -> None:
-    labels = compute_labels(eth["close"])
-    assert labels.dtype == np.int64 and labels.shape == (len(eth),)
-    after_warmup = labels[WARMUP:]
-    assert len(after_warmup) == 51_802
-    assert np.bincount(after_warmup, minlength=3).tolist() == [12_754, 25_699, 13_349]
     assert (labels[-5:] == 1).all()  # training counted the bars without a future as HOLD
     np.testing.assert_array_equal(compute_labels(eth["close"].to_numpy()), labels)
 
