@@ -13,7 +13,6 @@ import json
 import sys
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from .cli_predict import _assumption_args, _load
@@ -57,8 +56,8 @@ def _window_at(fm: Any, at: str, length: int) -> tuple[int, str | None]:
 
 
 def _whatif(args: argparse.Namespace) -> int:
-    from .analysis.lora import action_names, decision_probs
-    from .analysis.whatif import smallest_flip
+    from .analysis.lora import action_names
+    from .analysis.whatif import runner_up, smallest_flip
     from .data import DataError, checkpoint_features, default_window, detect_columns, prepare_ohlcv, read_table
 
     ckpt, model = _load(args)
@@ -72,9 +71,8 @@ def _whatif(args: argparse.Namespace) -> int:
     start, note = _window_at(fm, args.at, length)
     window = fm.values[start:start + length]
     names = action_names(cfg.n_actions)
-    before = decision_probs(model, window[None])[0]
     if args.target is None:
-        target = int(np.argsort(before)[-2])  # the runner-up class
+        target = runner_up(model, window)
     elif args.target.upper() in names:
         target = names.index(args.target.upper())
     else:

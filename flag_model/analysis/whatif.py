@@ -204,6 +204,11 @@ def evaluate_edits(model: nn.Module, window: np.ndarray, edits: Sequence[Edit], 
     return EditResult(w, edited, probs[0], probs[1], action_names(model.config.n_actions))
 
 
+def runner_up(model: nn.Module, window: np.ndarray) -> int:
+    """The second most probable class at the decision bar of window (S, D): the natural flip target."""
+    return int(np.argsort(_logits(model, _window(window, model)[None])[0])[-2])
+
+
 def _logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
     """Plain forward: x (B, S, D) -> decision logits (B, A), float32, no gradients."""
     with torch.inference_mode():
