@@ -166,9 +166,10 @@ def apply_edit(window: np.ndarray, edit: Edit, source: np.ndarray | None = None,
     `feature_mean` (D,) the training mean in the units of the window for MEAN (0 after normalisation)."""
     out = np.array(window, dtype=np.float32)
     mask = cell_mask(out.shape, edit.features, (edit.start, edit.stop))
-    if not np.isfinite(edit.value):
-        raise ValueError("the edit value must be a finite number.")
-    v = np.float32(edit.value)
+    value = float(edit.value)
+    if edit.op in (SET, ADD, MULTIPLY) and not abs(value) <= float(np.finfo(np.float32).max):  # NaN fails too
+        raise ValueError("the edit value must be a finite number within the float32 range.")
+    v = np.float32(value if edit.op in (SET, ADD, MULTIPLY) else 0.0)
     if edit.op == SET:
         out[mask] = v
     elif edit.op == ADD:
