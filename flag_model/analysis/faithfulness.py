@@ -30,12 +30,12 @@ import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import nn
 
-from .attribution import (IG, SALIENCY, ZEROS, DecisionOutput, _run, _worker, attribute, make_baseline,
+from .attribution import (IG, IXG, SALIENCY, ZEROS, DecisionOutput, _run, _worker, attribute, make_baseline,
                           rank_agreement)
 from .lora import action_names
 
 Progress = Callable[[float, str], None]
-DEFAULT_METHODS: tuple[str, ...] = (IG, SALIENCY, "Input × Gradient")
+DEFAULT_METHODS: tuple[str, ...] = (IG, SALIENCY, IXG)
 
 
 @dataclass(frozen=True)

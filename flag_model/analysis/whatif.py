@@ -223,16 +223,16 @@ def _margin(logits: np.ndarray, target: int) -> np.ndarray:
 
 
 def _prepare(model: nn.Module, window: np.ndarray, target: int, features: Sequence[int] | None,
-             steps: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             steps: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The checked window (S, D) and its editable-cell mask; refuses a target the model already decides."""
     w = _window(window, model)
     n_actions = model.config.n_actions
     if not 0 <= target < n_actions:
         raise ValueError(f"target class {target} is outside 0..{n_actions - 1}.")
-    logits = _logits(model, w[None])[0]
-    if int(logits.argmax()) == target:
+    if int(_logits(model, w[None])[0].argmax()) == target:
         raise ValueError(f"the model already decides {action_names(n_actions)[target]} on this window; "
                          "choose another target class.")
-    return w, cell_mask(w.shape, features, steps), logits
+    return w, cell_mask(w.shape, features, steps)
 
 
 def _result(model: nn.Module, method: str, w: np.ndarray, edited: np.ndarray, target: int, min_margin: float,
@@ -303,7 +303,7 @@ def smallest_flip(
     verification accepts half of it, so tiny numeric differences between machines cannot undo the flip).
     """
     t0 = time.perf_counter()
-    w, mask, _ = _prepare(model, window, target, features, steps)
+    w, mask = _prepare(model, window, target, features, steps)
     x = torch.from_numpy(w)[None]
     m = torch.from_numpy(mask.astype(np.float32))[None]
     best: np.ndarray | None = None
@@ -363,7 +363,7 @@ def random_flip(
     t (u has unit RMS per editable cell, t in σ: doubling from 1/64 up to max_scale, then 8 bisection steps) with w + t·u deciding `target`.
     Keeps the smallest-L1 flip; stops when `budget` forward evaluations are spent."""
     t0 = time.perf_counter()
-    w, mask, _ = _prepare(model, window, target, features, steps)
+    w, mask = _prepare(model, window, target, features, steps)
     rng = np.random.default_rng(seed)
     grid = 2.0 ** np.arange(-6, np.log2(max_scale) + 1)  # (K,) sizes tried at once per direction
     best, best_l1, closest, closest_margin, evals = None, np.inf, np.zeros_like(w), -np.inf, 0
