@@ -121,7 +121,7 @@ def _predict(args: argparse.Namespace) -> int:
     metrics = evaluate_arrays(np.concatenate(labels), act, names,
                               np.concatenate(positions) if args.mode == "blocks" else None, window)
     if metrics is not None:
-        _say(f"{label_text(rule)}.\nscores: accuracy {metrics.accuracy:.4f}, F1-macro {metrics.f1_macro:.4f}, "
+        _say(f"{label_text(rule, check.data.median)}.\nscores: accuracy {metrics.accuracy:.4f}, F1-macro {metrics.f1_macro:.4f}, "
              f"majority baseline {metrics.majority_accuracy:.4f} ({metrics.majority_class}) over {metrics.n:,} rows")
     _say(f"wrote {rows:,} rows to {args.out} in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
     return 0

@@ -272,4 +272,4 @@ def test_cli_predict_says_when_the_bar_interval_differs(tmp_path, tiny_demo_path
                  "--horizon", "3", "--threshold", "0.002"]) == 0
     err = capsys.readouterr().err
     assert "NOTICE: Bar interval differs" in err and "every 1 h" in err and "3 h here instead of 15 min" in err
-    assert "Label = return over the next 3 bars" in err
+    assert "Label = return over the next 3 bars (3 h)" in err
