@@ -13,7 +13,8 @@ PAGES = [
     st.Page("app_pages/attention.py", title="Attention", icon=":material/visibility:"),
     st.Page("app_pages/attributions.py", title="Attributions", icon=":material/insights:"),
     st.Page("app_pages/predictions.py", title="Predictions", icon=":material/candlestick_chart:"),
-    st.Page("app_pages/hypotheses.py", title="Hypotheses", icon=":material/science:"),
+    st.Page("app_pages/whatif.py", title="What-if", icon=":material/science:"),
+    st.Page("app_pages/hypotheses.py", title="Hypotheses", icon=":material/fact_check:"),
 ]
 
 st.navigation(PAGES).run()

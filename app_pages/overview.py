@@ -45,7 +45,7 @@ with left:
             st.info("The stored config does not name the head count, so it is an assumption. **Hypotheses** ranks "
                     "heads, mask, norm placement and LoRA scale by the checkpoint's loss on labelled data.")
             st.page_link("app_pages/hypotheses.py", label="Which architecture was it trained with?",
-                         icon=":material/science:")
+                         icon=":material/fact_check:")
         table = config_table(ld.config)
         st.dataframe(table.style.apply(
             lambda r: ["background-color: #fff4e0" if r["kind"] == "assumption" else ""] * len(r), axis=1),
