@@ -3,9 +3,10 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.hypotheses import (DEFAULT_WINDOWS, assumptions_of, auto_screen, candidate_heads,
-                                            candidate_scales, estimate_cost, label_rule, labelled_data,
+                                            candidate_scales, estimate_cost, labelled_data,
                                             mark_in_use, rank_hypotheses, search_space, verdict)
 from flag_model.data import DataError, default_window
+from flag_model.features import LabelRule
 
 RESULT = "hyp_result"
 
@@ -20,8 +21,9 @@ if ckpt.config is None:
     st.stop()
 cfg, in_use = ckpt.config, ui.loaded().config
 name, ohlcv = ui.market_data()
-rule = label_rule(ckpt.meta)
-st.markdown(f"Data: **{ui.md_escape(name)}** (upload your own OHLCV on **Predictions**). Labels: {rule.describe()}.")
+rule, rule_source = LabelRule.from_meta(ckpt.meta)
+st.markdown(f"Data: **{ui.md_escape(name)}** (upload your own OHLCV on **Predictions**). Labels ({rule_source}): "
+            f"{rule.describe()}.")
 
 c = st.columns(4)
 n_windows = c[0].number_input("Labelled windows", 16, 20_000, DEFAULT_WINDOWS, 16, key="hyp_windows",

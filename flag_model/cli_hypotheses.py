@@ -16,7 +16,7 @@ def _say(message: str, end: str = "\n") -> None:
 
 
 def _hypotheses(args: argparse.Namespace) -> int:
-    from .analysis.hypotheses import (auto_screen, estimate_cost, label_rule, labelled_data, rank_hypotheses,
+    from .analysis.hypotheses import (auto_screen, estimate_cost, labelled_data, rank_hypotheses,
                                       search_space, verdict)
     from .checkpoint import load_checkpoint
     from .data import detect_columns, prepare_ohlcv
@@ -30,7 +30,7 @@ def _hypotheses(args: argparse.Namespace) -> int:
     if not prep.ok:
         raise ValueError(f"{args.data} cannot be used as OHLCV bars (see the errors above).")
     space = search_space(cfg, ckpt.meta, args.window_lengths, args.heads, args.scales)
-    rule = label_rule(ckpt.meta)
+    rule = LabelRule.from_meta(ckpt.meta)[0]
     if args.horizon is not None or args.threshold is not None:
         rule = LabelRule(args.horizon if args.horizon is not None else rule.horizon,
                          args.threshold if args.threshold is not None else rule.threshold)

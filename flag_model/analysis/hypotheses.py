@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ..config import ModelConfig
-from ..data import DataError, FeatureMatrix, checkpoint_features, default_window
+from ..data import DataError, FeatureMatrix, check_interval, checkpoint_features, default_window
 from ..engine import InferenceEngine, forward_flops
 from ..features import LabelRule
 from ..model import FlagTrader, load_strict
@@ -169,17 +169,6 @@ class LabelledData:
         return self.values[rows]
 
 
-def label_rule(meta: Mapping[str, Any]) -> LabelRule:
-    """The checkpoint's stored label rule ({'horizon', 'threshold'}), else simple-60's (5 bars, 0.2 %)."""
-    stored = meta.get("label_rule")
-    if isinstance(stored, Mapping):
-        try:
-            return LabelRule(int(stored.get("horizon", 5)), float(stored.get("threshold", 0.002)))
-        except (TypeError, ValueError):
-            pass
-    return LabelRule()
-
-
 def labelled_windows(fm: FeatureMatrix, n_windows: int, longest: int, rule: LabelRule) -> LabelledData:
     """`n_windows` decision rows spread evenly over the rows that have a label and `longest - 1` rows before
     them (so every window length scores the same rows). Raises DataError when there are none."""
@@ -197,15 +186,19 @@ def labelled_windows(fm: FeatureMatrix, n_windows: int, longest: int, rule: Labe
 
 def labelled_data(ohlcv: pd.DataFrame, meta: Mapping[str, Any], state_dim: int, n_windows: int, longest: int,
                   rule: LabelRule | None = None, normalisation: str = "auto") -> LabelledData:
-    """OHLCV bars -> the checkpoint's features and labelled windows. normalisation "auto": the stored
+    """OHLCV bars -> the checkpoint's features and labelled windows (labels by `rule`, default the checkpoint's
+    stored rule, else simple-60's; a bar interval unlike training's is a warning). normalisation "auto": the stored
     feature statistics when the checkpoint has them, else z-scores of this data (a model trained on raw
     simple-60 values is rare; said in the warnings)."""
-    rule = rule or label_rule(meta)
+    rule = rule or LabelRule.from_meta(meta)[0]
     fm = checkpoint_features(ohlcv, meta, state_dim, "checkpoint" if normalisation == "auto" else normalisation)
     if normalisation == "auto" and fm.normalisation != "checkpoint":
         fm = checkpoint_features(ohlcv, meta, state_dim, "data")
         fm = replace(fm, warnings=("the checkpoint stores no feature statistics: features are z-scored with this "
                                    "data's mean and std", *fm.warnings))
+    interval = check_interval(fm.times, meta, rule.horizon)
+    if not interval.matches:  # the ranking is only as good as the match between this data and training's
+        fm = replace(fm, warnings=(interval.message.replace("**", ""), *fm.warnings))
     return labelled_windows(fm, n_windows, longest, rule)
 
 
