@@ -13,13 +13,13 @@ from flag_model.features import LabelRule, compute_labels, simple60
 from flag_model.model import FlagTrader
 
 
-def hidden_bars(n_bars: int = 1200, seed: int = 3) -> pd.DataFrame:
+def hidden_bars(n_bars: int = 800, seed: int = 3) -> pd.DataFrame:
     return synthetic_ohlcv(n_bars, seed=seed)
 
 
 def train_hidden(bars: pd.DataFrame, num_heads: int, causal: bool, norm_first: bool, lora_scale: float,
                  seed: int = 0, d: int = 32, blocks: int = 2, ffn: int = 64, rank: int = 4, window: int = 16,
-                 steps: int = 300, batch: int = 64, lr: float = 1e-2) -> dict:
+                 steps: int = 500, batch: int = 64, lr: float = 1e-2) -> dict:
     """Train like the original (base frozen at random init; LoRA, embeddings, norms, head learn; loss at the
     decision position) and return the saved dict; its config names no head count, alpha, norm or mask."""
     torch.manual_seed(seed)
