@@ -41,7 +41,7 @@ def diff_report(path: str, against: str) -> dict[str, Any]:
     """Everything `diff` prints, as plain values."""
     ckpt = load_checkpoint(path)
     sd = ckpt.state_dict
-    if against in layouts.TARGETS:
+    if against in layouts.TARGETS or against in layouts.convert.ALIASES:
         target, how = layouts.target_shapes(against, sd, ckpt.config)
     elif Path(against).expanduser().exists():
         other = load_checkpoint(against)

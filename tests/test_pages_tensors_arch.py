@@ -95,7 +95,7 @@ def test_architecture_wrong_hidden_size_is_explained(tiny_demo_path):
 def test_architecture_fixes_a_peft_upload_with_one_click(tiny_demo_path, tiny_state_dict):
     peft = apply_fixes(tiny_state_dict, ["native_to_peft", "add_prefix:base_model.model."])
     at = _upload(_page("app_pages/architecture.py"), "peft.pt", save_bytes(peft))
-    assert "This file is the PEFT / HF LoRA layout" in _texts(at.success)
+    assert "This file is the PEFT-wrapped FLAG-TRADER layout" in _texts(at.success)
     assert "no FLAG-TRADER configuration" in _texts(at.warning)
     assert "PEFT / HF layout" in _texts(at.markdown)
     at.button(key="arch_apply").click().run()
@@ -116,10 +116,10 @@ def test_architecture_second_checkpoint_target_and_broken_file(tiny_demo_path, t
 
 
 def test_architecture_for_a_foreign_layout_without_config(tiny_demo_path):
-    from flag_model.layouts import LayoutSize, a2c_layout
+    from flag_model.layouts import LAYOUTS, LayoutSize
     import torch
 
-    sd = {k: torch.randn(s) for k, s in a2c_layout(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}
+    sd = {k: torch.randn(s) for k, s in LAYOUTS["a2c"].keys(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}
     at = _upload(_page("app_pages/architecture.py"), "a2c.pt", save_bytes(sd))
     assert "Transformer-A2C" in _texts(at.warning) + _texts(at.success)
     assert "not FLAG-TRADER" in _texts(at.markdown)
