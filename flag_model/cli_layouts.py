@@ -36,27 +36,6 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=run_convert)
 
 
-def family_report(rec: layouts.Recognition) -> dict[str, Any]:
-    """The recognised family as plain values (shared by `inspect` and `diff`)."""
-    best = rec.best
-    scale, scale_how = layouts.lora_scale_for(rec)
-    out = {"family": best.family.name, "title": best.family.title, "score": round(best.score, 4),
-           "matched": best.matched, "expected": best.expected, "confident": rec.confident,
-           "description": best.family.description, "converts_to": best.family.converts_to,
-           "sizes": best.size.summary() if best.size else None,
-           "lora_rank": best.lora_rank, "lora_targets": list(best.lora_targets()),
-           "heads": best.size.num_heads if best.size else None, "evidence": list(best.evidence[:5]),
-           "headline": rec.headline(), "unexplained": [{"group": g, "keys": n} for g, n in rec.unexplained]}
-    if best.size is not None:
-        out["size_fields"] = {k: getattr(best.size, k) for k in ("n_blocks", "d_model", "ffn_dim", "state_dim",
-                                                                 "n_actions", "max_length", "lora_rank")}
-    if rec.adapter_config:
-        out["adapter_config"] = dict(rec.adapter_config)
-        out["lora_scale"] = scale
-        out["lora_scale_source"] = scale_how
-    return out
-
-
 def diff_report(path: str, against: str) -> dict[str, Any]:
     """Everything `diff` prints, as plain values."""
     ckpt = load_checkpoint(path)
@@ -83,7 +62,7 @@ def diff_report(path: str, against: str) -> dict[str, Any]:
     shapes = layouts.shapes_of(sd)
     return {
         "file": ckpt.source, "target": against, "target_description": how, "read_mode": ckpt.read_mode,
-        "family": family_report(rec),
+        "family": rec.to_dict(),
         "ranking_headline": rec.headline(),
         "ranking": rec.table()[["layout", "title", "score", "matched", "layout_keys", "sizes", "lora_rank"]
                                ].to_dict("records"),

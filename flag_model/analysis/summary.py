@@ -8,6 +8,7 @@ import pandas as pd
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..layouts import recognise_checkpoint
 from ..model import expected_shapes, find_mismatch
 from .health import dtype_counts, findings_frame, health_scan, parameter_counts
 
@@ -67,6 +68,8 @@ def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
         "dtypes": {k: int(v) for k, v in dtype_counts(ckpt.state_dict)["tensors"].items()},
         "metadata": {r.key: r.value for r in metadata_table(ckpt).itertuples()},
         "warnings": list(ckpt.warnings),
+        "read_mode": ckpt.read_mode, "foreign_objects": dict(ckpt.foreign_objects),
+        "family": recognise_checkpoint(ckpt).to_dict(),
         "health": findings_frame(health_scan(ckpt.state_dict)).drop(columns="examples").to_dict("records"),
     }
     if ckpt.config is None:

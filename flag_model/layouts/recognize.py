@@ -77,6 +77,26 @@ class Recognition:
                     f"Largest unexplained key groups: {groups or 'none'}.")
         return head + tail
 
+    def to_dict(self) -> dict[str, Any]:
+        """The recognised family as plain JSON values (shared by `inspect --json` and `diff --json`)."""
+        best = self.best
+        scale, scale_how = lora_scale_for(self)
+        out = {"family": best.family.name, "title": best.family.title, "score": round(best.score, 4),
+               "matched": best.matched, "expected": best.expected, "confident": self.confident,
+               "description": best.family.description, "converts_to": best.family.converts_to,
+               "sizes": best.size.summary() if best.size else None,
+               "lora_rank": best.lora_rank, "lora_targets": list(best.lora_targets()),
+               "heads": best.size.num_heads if best.size else None, "evidence": list(best.evidence[:5]),
+               "headline": self.headline(), "unexplained": [{"group": g, "keys": n} for g, n in self.unexplained]}
+        if best.size is not None:
+            out["size_fields"] = {k: getattr(best.size, k) for k in ("n_blocks", "d_model", "ffn_dim", "state_dim",
+                                                                     "n_actions", "max_length", "lora_rank")}
+        if self.adapter_config:
+            out["adapter_config"] = dict(self.adapter_config)
+            out["lora_scale"] = scale
+            out["lora_scale_source"] = scale_how
+        return out
+
     def table(self) -> pd.DataFrame:
         """One row per family: layout, title, score, matched, layout_keys, file_keys, sizes, LoRA, evidence..."""
         rows = [{"layout": m.family.name, "title": m.family.title, "score": m.score, "matched": m.matched,
