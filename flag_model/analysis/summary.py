@@ -60,6 +60,7 @@ def metadata_table(ckpt: Checkpoint) -> pd.DataFrame:
 def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
     """Everything `python -m flag_model inspect --json` prints; plain JSON values only."""
     counts = parameter_counts(ckpt.state_dict)
+    rec = recognise_checkpoint(ckpt)
     out: dict[str, Any] = {
         "source": ckpt.source, "format": ckpt.format, "size_bytes": ckpt.size_bytes, "sha256": ckpt.digest,
         "wrapper_keys": list(ckpt.wrapper_keys), "state_dict_key": ckpt.state_dict_key,
@@ -69,12 +70,14 @@ def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
         "metadata": {r.key: r.value for r in metadata_table(ckpt).itertuples()},
         "warnings": list(ckpt.warnings),
         "read_mode": ckpt.read_mode, "foreign_objects": dict(ckpt.foreign_objects),
-        "family": recognise_checkpoint(ckpt).to_dict(),
+        "family": rec.to_dict(),
         "health": findings_frame(health_scan(ckpt.state_dict)).drop(columns="examples").to_dict("records"),
     }
-    if ckpt.config is None:
+    if ckpt.config is None or rec.confident and rec.best.family.name != "native":
         out["fits"] = False
-        out["config_error"] = ckpt.config_error
+        out["config_error"] = ckpt.config_error or (
+            f"this is a {rec.best.family.title} file, not FLAG-TRADER's own layout; it converts to "
+            f"{rec.best.family.converts_to} (see `diff --against reconstruction`).")
         return out
     cfg = ckpt.config
     mismatch = find_mismatch(expected_shapes(cfg), ckpt.state_dict)

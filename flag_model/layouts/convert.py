@@ -327,9 +327,9 @@ def reconstruction_config(cfg: ModelConfig | None, sd: Mapping[str, Any], recogn
                           ) -> tuple[ModelConfig, str]:
     """The config of the reconstruction target, and how it was found: the file's inferred config, else the
     recognised family's sizes (a FLAG-TRADER naming keeps its LoRA rank and targets and its own assumptions)."""
-    if cfg is not None:
-        return cfg, "the file's inferred configuration with the current assumptions"
     rec = recognition or recognise(sd)
+    if cfg is not None and (rec.best.family.name == "native" or not rec.confident):
+        return cfg, "the file's inferred configuration with the current assumptions"
     best = next((m for m in rec.matches if m.size is not None), None)
     if best is None:
         raise LayoutError("cannot tell the hidden size: no family of known layouts reads this file's shapes.")
