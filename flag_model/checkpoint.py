@@ -247,6 +247,9 @@ def _restricted(name: str, fmt: str, path: Path | None, data: bytes | None) -> t
         else:
             res = restricted_load(fmt, raw=path.read_bytes() if path is not None else data)
     except RestrictedPickleError as exc:
+        if exc.malformed:
+            raise CheckpointError(f"{name}: the file could not be read even in restricted mode ({exc.refused}: "
+                                  f"{exc.why}); it may be damaged. Copy it again or re-save the state dict.") from None
         return _refuse(name, exc.refused)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle or archive, whatever the unpickler raised
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

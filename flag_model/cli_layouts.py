@@ -118,7 +118,8 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     fmt = args.format or ("safetensors" if out.suffix == ".safetensors" else "pt")
     ckpt = load_checkpoint(args.path)
-    native, cfg, fixes, note = layouts.export_plan(ckpt.state_dict, ckpt.stored_config, lora_scale=args.lora_scale)
+    native, cfg, fixes, note = layouts.export_plan(ckpt.state_dict, ckpt.stored_config, family_wins=False,
+                                                  lora_scale=args.lora_scale)
     scale = cfg.lora_scale
     data = layouts.export_file(native, args.to, fmt, ckpt.stored_config, lora_scale=scale,
                                norm_first=cfg.norm_first)

@@ -48,9 +48,9 @@ _MAX_RECORDS = 100_000  # inert objects per file: a pickle that builds more is n
 class RestrictedPickleError(pickle.UnpicklingError):
     """The pickle needs something the restricted reader refuses; `refused` names it."""
 
-    def __init__(self, refused: str, why: str) -> None:
+    def __init__(self, refused: str, why: str, malformed: bool = False) -> None:
         super().__init__(f"{refused}: {why}")
-        self.refused = refused
+        self.refused, self.why, self.malformed = refused, why, malformed
 
 
 class ForeignObject:
@@ -115,11 +115,11 @@ def classify_global(module: str, name: str) -> str:
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> torch.Tensor:
     """torch._utils._rebuild_tensor_v2 without hooks or metadata: a plain tensor viewing the storage."""
     if not isinstance(storage, torch.storage.TypedStorage):
-        raise RestrictedPickleError("tensor", "a tensor without stored data")
+        raise RestrictedPickleError("tensor", "a tensor without stored data", malformed=True)
     ints = (isinstance(offset, int) and all(isinstance(x, int) for x in (*size, *stride))
             and isinstance(size, tuple) and isinstance(stride, tuple))
     if not ints:
-        raise RestrictedPickleError("tensor", "a tensor whose shape is not a tuple of integers")
+        raise RestrictedPickleError("tensor", "a tensor whose shape is not a tuple of integers", malformed=True)
     t = torch.empty((0,), dtype=storage.dtype)
     return t.set_(storage._untyped_storage, offset, size, stride)  # set_ checks the bounds
 
@@ -132,7 +132,7 @@ def _parameter(data: Any, *_: Any) -> Any:
 def _from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """torch._tensor._rebuild_from_type_v2: rebuild with one of *our* functions, ignore the (sub)class and its state."""
     if func not in (_tensor, _parameter, _from_type):
-        raise RestrictedPickleError(getattr(func, "class_name", repr(func)[:80]), "a tensor rebuilt by a foreign function")
+        raise RestrictedPickleError(getattr(func, "class_name", repr(func)[:80]), "a tensor rebuilt by a foreign function", malformed=True)
     return func(*args)
 
 
@@ -208,11 +208,11 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
-            raise RestrictedPickleError("persistent id", "a storage reference of an unknown kind")
+            raise RestrictedPickleError("persistent id", "a storage reference of an unknown kind", malformed=True)
         dtype, key, numel = pid[1].dtype, pid[2], pid[4]
         if key not in self._storages:
             if self._load_storage is None:
-                raise RestrictedPickleError("storage", "tensor data in a pickle without an archive")
+                raise RestrictedPickleError("storage", "tensor data in a pickle without an archive", malformed=True)
             self._storages[key] = self._load_storage(key, dtype, numel)
         return self._storages[key]
 
@@ -222,10 +222,10 @@ def _zip_storage_loader(zf: zipfile.ZipFile, prefix: str):
         try:
             raw = zf.read(f"{prefix}data/{key}")
         except KeyError:
-            raise RestrictedPickleError(f"data/{key}", "a tensor whose data is missing from the archive") from None
+            raise RestrictedPickleError(f"data/{key}", "a tensor whose data is missing from the archive", malformed=True) from None
         size = torch.empty((), dtype=dtype).element_size()
         if len(raw) != numel * size:
-            raise RestrictedPickleError(f"data/{key}", f"{len(raw)} bytes stored for {numel} values of {dtype}")
+            raise RestrictedPickleError(f"data/{key}", f"{len(raw)} bytes stored for {numel} values of {dtype}", malformed=True)
         flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
     return load
@@ -297,7 +297,7 @@ def restricted_load(fmt: str, raw: bytes | None = None, zf: zipfile.ZipFile | No
     if fmt == "torch zip":
         name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
         if name is None:
-            raise RestrictedPickleError("data.pkl", "a torch archive without its pickle")
+            raise RestrictedPickleError("data.pkl", "a torch archive without its pickle", malformed=True)
         prefix = name[: -len("data.pkl")]
         up = _Unpickler(io.BytesIO(zf.read(name)), None, _zip_storage_loader(zf, prefix))
     elif fmt == "torch legacy":
@@ -324,7 +324,7 @@ def _legacy_load(raw: bytes) -> RestrictedResult:
     def allocate(key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
         size = torch.empty((), dtype=dtype).element_size()
         if numel < 0 or numel * size > len(raw):  # bounded by the file before anything is allocated
-            raise RestrictedPickleError(f"storage {key}", f"{numel:,} values declared, more than the file holds")
+            raise RestrictedPickleError(f"storage {key}", f"{numel:,} values declared, more than the file holds", malformed=True)
         wanted[key] = (dtype, numel)
         flat = torch.zeros(numel, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
@@ -333,16 +333,16 @@ def _legacy_load(raw: bytes) -> RestrictedResult:
     obj = _Unpickler(f, storages, allocate).load()
     keys = _Unpickler(f, None, None).load()
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise RestrictedPickleError("storage keys", "a legacy file without its list of storages")
+        raise RestrictedPickleError("storage keys", "a legacy file without its list of storages", malformed=True)
     for key in keys:
         if key not in wanted:
-            raise RestrictedPickleError(f"storage {key}", "data for a storage the pickle does not use")
+            raise RestrictedPickleError(f"storage {key}", "data for a storage the pickle does not use", malformed=True)
         dtype, numel = wanted[key]
         count = int.from_bytes(f.read(8), "little")
         size = torch.empty((), dtype=dtype).element_size()
         data = f.read(count * size) if count == numel else b""
         if count != numel or len(data) != count * size:
-            raise RestrictedPickleError(f"storage {key}", "truncated tensor data")
+            raise RestrictedPickleError(f"storage {key}", "truncated tensor data", malformed=True)
         if data:
             storages[key]._untyped_storage.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage())
     foreign: dict[str, str] = {}

@@ -57,6 +57,19 @@ def metadata_table(ckpt: Checkpoint) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["key", "value"])
 
 
+def foreign_table(ckpt: Checkpoint) -> pd.DataFrame:
+    """Objects of foreign classes the restricted reader turned into inert records: where, class, stored fields."""
+    rows = []
+    for where, cls in ckpt.foreign_objects.items():
+        value: Any = ckpt.meta
+        for part in where.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        fields = ", ".join(f"{k}={v}" for k, v in value.items() if k != "__class__") if isinstance(value, dict) \
+            else ("" if value is None else str(value))
+        rows.append({"where": where, "class": cls, "read as": fields[:300]})
+    return pd.DataFrame(rows, columns=["where", "class", "read as"])
+
+
 def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
     """Everything `python -m flag_model inspect --json` prints; plain JSON values only."""
     counts = parameter_counts(ckpt.state_dict)

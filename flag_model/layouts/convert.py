@@ -191,19 +191,21 @@ def export_bytes(sd: Mapping[str, torch.Tensor], fmt: str = "pt", config: Mappin
     raise LayoutError(f"unknown format '{fmt}'; choose one of {EXPORT_FORMATS}")
 
 
-def export_plan(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None = None, **assumptions: Any
-                ) -> tuple[dict[str, torch.Tensor], ModelConfig, list[Fix], str]:
-    """(native dict, config with the assumptions, fixes, note): what every export starts from. The family's own
-    assumptions (the sketch: pre-norm, scale 1) apply unless the caller sets them."""
+def export_plan(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None = None, family_wins: bool = True,
+                **assumptions: Any) -> tuple[dict[str, torch.Tensor], ModelConfig, list[Fix], str]:
+    """(native dict, config with the assumptions, fixes, note): what every export starts from.
+
+    The recognised family's own assumptions (the sketch: pre-norm, scale 1) replace the defaults; with
+    `family_wins` they also replace the caller's values for those keys (the sidebar's defaults for a file that has
+    no config of its own). None values are ignored.
+    """
     rec = recognise(sd)
     native, fixes = to_native(sd, rec)
     fam, why = family_assumptions(sd, rec)
-    cfg = infer_config(native, stored)[0]
-    cfg = cfg.with_assumptions(**fam)
+    cfg = infer_config(native, stored)[0].with_assumptions(**fam)
     if fam:
-        prov = {**cfg.provenance, **{k: f"assumption: {why}" for k in fam}}
-        cfg = replace(cfg, provenance=prov)
-    cfg = cfg.with_assumptions(**{k: v for k, v in assumptions.items() if k not in fam or v is not None})
+        cfg = replace(cfg, provenance={**cfg.provenance, **{k: f"assumption: {why}" for k in fam}})
+    cfg = cfg.with_assumptions(**{k: v for k, v in assumptions.items() if not (family_wins and k in fam)})
     note = f"set {', '.join(f'{k}={v}' for k, v in fam.items())} because {why}" if fam else ""
     return native, cfg, fixes, note
 

@@ -22,6 +22,7 @@ from ..config import ConfigError, ModelConfig
 from ..data import FeatureMatrix, checkpoint_features
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..tables import table_bytes
+from .layouts import fixed_or
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
@@ -192,7 +193,7 @@ def sidebar() -> Loaded:
     _keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
     try:
-        ckpt = _open_selected()
+        ckpt = fixed_or(_open_selected(), open_checkpoint_file)
     except CheckpointError as exc:
         st.sidebar.error(f"Could not open the checkpoint: {exc}")
         loaded = Loaded(None, None, None, str(exc))
