@@ -125,3 +125,40 @@ def test_architecture_for_a_foreign_layout_without_config(tiny_demo_path):
     assert "not FLAG-TRADER" in _texts(at.markdown)
     at = _upload(_page("app_pages/tensors.py"), "a2c.pt", save_bytes(sd))
     assert at.metric[0].value == str(len(sd))
+
+
+def test_architecture_sketch_fixed_and_used_as_the_session_checkpoint(tiny_demo_path):
+    """The sketch: explained as the sketch, fixed with one click, then made the session's checkpoint — the sidebar
+    and the Overview then say it loads strictly, pre-norm."""
+    import family_generators as gen
+
+    _, data, _ = gen.make_sketch(60, 32, 2, 4)
+    at = _upload(_page("app_pages/architecture.py"), "sketch.pt", data)
+    assert "This file is the hand-written sketch (Option 2) layout" in _texts(at.success)
+    assert "pre-norm" in _texts(at.markdown)
+    at.button(key="arch_apply").click().run()
+    assert not at.exception, at.exception
+    assert "63/63 tensors load strictly" in _texts(at.success)
+    at.button(key="arch_use_fixed").click().run()
+    assert not at.exception, at.exception
+    assert "63/63 tensors loaded strictly" in _texts(at.sidebar.success)
+    assert "Using the fixed checkpoint" in _texts(at.sidebar.info)
+    assert at.sidebar.radio(key=next(r.key for r in at.sidebar.radio if r.key.startswith("norm_"))).value == "pre-norm"
+    at.switch_page("app_pages/overview.py").run()
+    assert not at.exception, at.exception
+    assert "loaded strictly into the reconstruction" in _texts(at.success)
+
+
+def test_architecture_a_different_model_gets_no_fix_chain_and_overview_shows_records(tiny_demo_path):
+    import family_generators as gen
+
+    _, data, _ = gen.make_cgdt_engine(20, 32, 4, 2, 8)
+    at = _upload(_page("app_pages/architecture.py"), "engine.pt", data)
+    assert "This file is the CGDT decision engine layout" in _texts(at.success)
+    assert "No fixes are offered" in _texts(at.info)
+    assert not any(b.key == "arch_apply" for b in at.button)
+    at.switch_page("app_pages/overview.py").run()
+    assert not at.exception, at.exception
+    assert "Read in restricted mode" in _texts(at.info)
+    records = at.dataframe[0].value
+    assert "family_generators.CGDTConfig" in set(records["class"])

@@ -14,7 +14,7 @@ from ..checkpoint import Checkpoint
 FIXED = "_flag_fixed_checkpoint"  # session key: {"origin": digest, "name": str, "data": bytes, "note": str}
 
 
-@st.cache_data(max_entries=8, show_spinner="Recognising the layout…")
+@st.cache_resource(max_entries=8, show_spinner="Recognising the layout…")  # frozen, read-only
 def _recognise(digest: str, _ckpt: Checkpoint) -> layouts.Recognition:
     return layouts.recognise_checkpoint(_ckpt)
 
