@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn

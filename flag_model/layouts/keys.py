@@ -6,13 +6,12 @@ file is recognised, diffed and repaired without touching its data; only the fina
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..checkpoint import KNOWN_PREFIXES, strip_prefixes
 
-V = TypeVar("V")
 Shape = tuple[int, ...]
 
 
