@@ -51,17 +51,18 @@ def family_panel(rec: layouts.Recognition) -> None:
 
 
 def use_fixed(ckpt: Checkpoint, source: dict, stored: dict | None, assumptions: dict[str, Any]) -> None:
-    """A button that makes the fixed state dict (as a native file with its config) this session's checkpoint."""
+    """A button that makes the fixed state dict (as a native file with its config) this session's checkpoint;
+    the file is written only when the button is pressed."""
+    if not st.button("Use the fixed checkpoint", key="arch_use_fixed", help="Every page then works on the fixed "
+                     "model (kept in this session only; the sidebar can switch back)."):
+        return
     try:
         data = layouts.export_file(source, "native", "pt", stored, **assumptions)
     except (layouts.LayoutError, ValueError) as exc:
-        st.caption(f"The fixed checkpoint cannot become the session's checkpoint: {exc}")
+        st.error(f"The fixed checkpoint cannot become the session's checkpoint: {exc}")
         return
-    if st.button("Use the fixed checkpoint", key="arch_use_fixed", help="Every page then works on the fixed model "
-                 "(kept in this session only; the sidebar can switch back)."):
-        st.session_state[FIXED] = {"origin": ckpt.digest, "name": f"{Path(ckpt.source).stem}-fixed.pt", "data": data,
-                                   "digest": hashlib.sha256(data).hexdigest()}
-        st.rerun()
+    st.session_state[FIXED] = {"origin": ckpt.digest, "name": f"{Path(ckpt.source).stem}-fixed.pt", "data": data}
+    st.rerun()
 
 
 def stock_panel(key: str, source: dict, stored: dict | None, assumptions: dict[str, Any], stem: str) -> None:
