@@ -2,7 +2,6 @@
 checkpoint hook and the export panel (the library calls live in flag_model.layouts)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
