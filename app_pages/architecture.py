@@ -13,8 +13,7 @@ TARGETS = {"reconstruction": "Reconstruction (current assumptions)",
 FIXED = "arch_applied"  # session key: (digest, target key, fix ids, drop) of the fixes applied with the button
 
 st.title("Architecture check")
-ckpt = ui.require_checkpoint()
-ld = ui.loaded()
+ckpt, ld = ui.require_checkpoint(), ui.loaded()
 sd = ckpt.state_dict
 
 
@@ -48,7 +47,6 @@ else:
     target, how = layouts.target_shapes(choice, sd, ld.config, rec, **sizes)
     target_key = f"{choice}-{d}-{f}-{n}-{hash(ld.config)}"
 st.caption(f"Target: {ui.md_escape(how)}.")
-
 diff = layouts.diff_keys(sd, target)
 for col, (label, n_keys) in zip(st.columns(4), diff.counts().items()):
     col.metric(label.capitalize(), n_keys)
@@ -100,7 +98,8 @@ if applied and applied[:2] == (ckpt.digest, target_key):
             f"{layouts.diff_keys(source, target).summary()}.")
     res = layouts.strict_load(source, ckpt.stored_config, **assumptions)
     (st.success if res.ok else st.error)(f"Strict load into the reconstruction after the fixes: {res.message}")
-    ui_layouts.use_fixed(ckpt, source, ckpt.stored_config, assumptions) if res.ok else None
+    if res.ok:
+        ui_layouts.use_fixed(ckpt, source, ckpt.stored_config, assumptions)
 
 st.subheader("Export")
 e1, e2 = st.columns(2)
@@ -112,7 +111,8 @@ problem = layouts.export_problem(source, kind)
 if problem:
     st.error(f"Cannot export as {kind}: {ui.md_escape(problem)}")
     st.stop()
-st.caption(f"LoRA is merged with scale {scale:g} — the LoRA-scale assumption from the sidebar.") if kind != "native" else None
+if kind != "native":
+    st.caption(f"LoRA is merged with scale {scale:g} — the LoRA-scale assumption from the sidebar.")
 src, stem = source, Path(ckpt.source).stem  # the download callable runs later, on another thread: bind this run's dict
 st.download_button(f"Download {kind} .{fmt}", lambda: layouts.export_file(src, kind, fmt, ckpt.stored_config, **assumptions),
                    file_name=f"{stem}-{kind}.{fmt}", key="arch_download", on_click="ignore")

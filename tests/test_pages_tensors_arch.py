@@ -27,7 +27,7 @@ def _upload(at: AppTest, name: str, data: bytes) -> AppTest:
 
 
 def _texts(elements) -> str:
-    return " ".join(e.value for e in elements)
+    return " ".join(e.value for e in elements).replace("\\", "")  # pages escape markdown in library text
 
 
 def test_tensor_tree_on_demo_says_base_is_untrained_init(tiny_demo_path):
@@ -96,7 +96,6 @@ def test_architecture_fixes_a_peft_upload_with_one_click(tiny_demo_path, tiny_st
     peft = apply_fixes(tiny_state_dict, ["native_to_peft", "add_prefix:base_model.model."])
     at = _upload(_page("app_pages/architecture.py"), "peft.pt", save_bytes(peft))
     assert "This file is the PEFT-wrapped FLAG-TRADER layout" in _texts(at.success)
-    assert "no FLAG-TRADER configuration" in _texts(at.warning)
     assert "PEFT / HF layout" in _texts(at.markdown)
     at.button(key="arch_apply").click().run()
     assert not at.exception
