@@ -73,6 +73,8 @@ class LayoutSize:
                          f"LoRA rank {self.lora_rank} on {', '.join(self.get('peft_targets'))}")
         if self.num_heads:
             parts.append(f"{self.num_heads} heads ({self.provenance.get('num_heads', 'stored')})")
+        if self.get("prefix") not in (None, "", "base_model.model.", "base_model.model.model."):
+            parts.append(f"every key under the extra prefix '{self.get('prefix')}'")
         return ", ".join(p for p in parts if p)
 
 
