@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .data import MODES, NORMALISATIONS, RunningMoments, default_window, iter_table_chunks
+from .distributed import DEFAULT_PARTITION_WINDOWS
 from .engine import PRECISIONS
 from .features import LabelRule
 
@@ -68,7 +69,73 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return ckpt, model
 
 
+def _on_cluster(args: argparse.Namespace) -> bool:
+    """Several inputs, a glob, a Parquet dataset or a named cluster go to Dask; one file stays in-process."""
+    import glob
+
+    from .distributed import has_symbol_column
+
+    return bool(args.workers or args.scheduler or len(args.data) > 1 or glob.has_magic(args.data[0])
+                or has_symbol_column(args.data[0]))
+
+
+def _predict_cluster(args: argparse.Namespace) -> int:
+    from .distributed import default_workers, local_client, make_spec, score_on_cluster
+
+    t0 = time.perf_counter()
+    if args.workers is not None and args.workers < 1:
+        raise ValueError("--workers must be at least 1.")
+    if args.workers and args.scheduler:
+        raise ValueError("give --workers (a local cluster) or --scheduler (an existing one), not both.")
+    spec, engine = make_spec(args.checkpoint, window=args.window, mode=args.mode, precision=args.precision,
+                             normalisation=args.normalisation, rule=LabelRule(args.horizon, args.threshold),
+                             num_heads=args.num_heads, lora_scale=args.lora_scale,
+                             norm_first=True if args.pre_norm else None, causal=True if args.causal else None,
+                             threads=args.threads, chunk_rows=args.chunk_rows,
+                             partition_windows=args.partition_windows)
+    _say(f"{Path(args.checkpoint).name}: window {spec.window}, {spec.mode} mode, {spec.normalisation} "
+         f"normalisation; engine {engine.info.dtype} ({engine.info.reason}), batches of {spec.batch_size}")
+
+    def progress(futures: list) -> None:
+        from distributed import progress as dask_progress
+
+        dask_progress(futures, multi=False)
+        print(file=sys.stdout, flush=True)
+
+    def run(client: object) -> int:
+        result = score_on_cluster(client, args.data, spec, args.out, on_submit=progress, say=_say)
+        for w in result.warnings:
+            _say(f"warning: {w}")
+        for _, r in result.summary.iterrows():
+            shares = ", ".join(f"{c[6:]} {r[c]:.1%}" for c in result.summary.columns if c.startswith("share_"))
+            score = (f"; accuracy {r['accuracy']:.4f}, F1-macro {r['f1_macro']:.4f} over {r['labelled']:,} labelled"
+                     if r["labelled"] else "")
+            _say(f"  {r['symbol']}: {r['rows']:,} rows in {r['parts']} part(s); {shares}{score}")
+        _say(f"wrote {result.rows:,} rows for {len(result.summary)} symbol(s) to {result.out_dir} in "
+             f"{time.perf_counter() - t0:.1f} s on {result.workers} worker(s) ({', '.join(result.engines)})")
+        for source, message in result.errors:
+            _say(f"error: {source}: {message}")
+        return 2 if result.errors else 0
+
+    if args.scheduler:
+        from distributed import Client
+
+        with Client(args.scheduler, timeout="30s") as client:
+            return run(client)
+    workers = args.workers or default_workers()
+    _say(f"starting a local cluster of {workers} worker process(es)")
+    with local_client(workers) as client:
+        return run(client)
+
+
 def _predict(args: argparse.Namespace) -> int:
+    if _on_cluster(args):
+        return _predict_cluster(args)
+    args.data = args.data[0]
+    return _predict_one(args)
+
+
+def _predict_one(args: argparse.Namespace) -> int:
     from .analysis.predict import (decide, evaluate_arrays, feature_stream, label_text, predictions_frame,
                                    stream_predictions)
     from .engine import InferenceEngine
@@ -158,10 +225,20 @@ def _assumption_args(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: Any) -> None:
     """Register `predict` and `bench` on the CLI's subparsers; each sets func(args) -> exit code."""
-    p = sub.add_parser("predict", help="SELL/HOLD/BUY for every bar of an OHLCV CSV/Parquet, streamed in chunks")
+    p = sub.add_parser("predict", help="SELL/HOLD/BUY for every bar of OHLCV CSV/Parquet files, streamed in chunks; "
+                       "several files or a dataset run on a Dask cluster")
     p.add_argument("checkpoint")
-    p.add_argument("data", help="OHLCV CSV or Parquet (columns detected by name: time/open/high/low/close/volume)")
-    p.add_argument("--out", required=True, help="predictions file, .csv or .parquet")
+    p.add_argument("data", nargs="+",
+                   help="OHLCV CSV or Parquet (columns detected by name: time/open/high/low/close/volume); several "
+                        "files, a glob ('bars/*.csv') or a Parquet dataset with a 'symbol' column run on a cluster")
+    p.add_argument("--out", required=True, help="one file: .csv or .parquet; on a cluster: a new folder for a "
+                                                "Parquet dataset partitioned by symbol")
+    p.add_argument("--workers", type=int, help="score on a local Dask cluster of N worker processes (the default "
+                                               "for several inputs: one per CPU)")
+    p.add_argument("--scheduler", help="score on an existing Dask cluster (e.g. tcp://10.0.0.5:8786)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: its CPUs / tasks at once)")
+    p.add_argument("--partition-windows", type=int, default=DEFAULT_PARTITION_WINDOWS,
+                   help="windows per cluster task (rounded up to whole engine batches)")
     p.add_argument("--window", type=int, help="window length (default: the checkpoint's, else 64)")
     p.add_argument("--mode", choices=MODES, default="rolling",
                    help="rolling: stride 1, last position decides; blocks: non-overlapping, every position")
