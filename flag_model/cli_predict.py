@@ -75,7 +75,7 @@ def _on_cluster(args: argparse.Namespace) -> bool:
 
     from .distributed import has_symbol_column
 
-    return bool(args.workers or args.scheduler or len(args.data) > 1 or glob.has_magic(args.data[0])
+    return bool(args.workers is not None or args.scheduler or len(args.data) > 1 or glob.has_magic(args.data[0])
                 or has_symbol_column(args.data[0]))
 
 
@@ -87,20 +87,32 @@ def _predict_cluster(args: argparse.Namespace) -> int:
         raise ValueError("--workers must be at least 1.")
     if args.workers and args.scheduler:
         raise ValueError("give --workers (a local cluster) or --scheduler (an existing one), not both.")
+    workers = None if args.scheduler else (args.workers or default_workers())
+    # A local cluster shares this machine's CPUs: each worker's engine gets its share of them.
+    threads = args.threads or (max(1, default_workers() // workers) if workers else None)
     spec, engine = make_spec(args.checkpoint, window=args.window, mode=args.mode, precision=args.precision,
                              normalisation=args.normalisation, rule=LabelRule(args.horizon, args.threshold),
                              num_heads=args.num_heads, lora_scale=args.lora_scale,
                              norm_first=True if args.pre_norm else None, causal=True if args.causal else None,
-                             threads=args.threads, chunk_rows=args.chunk_rows,
+                             threads=threads, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
                              partition_windows=args.partition_windows)
     _say(f"{Path(args.checkpoint).name}: window {spec.window}, {spec.mode} mode, {spec.normalisation} "
          f"normalisation; engine {engine.info.dtype} ({engine.info.reason}), batches of {spec.batch_size}")
 
     def progress(futures: list) -> None:
+        """Dask's progress bar on a terminal; otherwise a line per tenth of the tasks (logs stay short)."""
+        from distributed import as_completed
         from distributed import progress as dask_progress
 
-        dask_progress(futures, multi=False)
-        print(file=sys.stdout, flush=True)
+        if sys.stdout.isatty():
+            dask_progress(futures, multi=False)
+            print(flush=True)
+            return
+        step = max(1, len(futures) // 10)
+        for i, _ in enumerate(as_completed(futures), 1):
+            if i % step == 0 or i == len(futures):
+                _say(f"  {i}/{len(futures)} {futures[0].key.split('-')[0]} task(s) done "
+                     f"({time.perf_counter() - t0:.0f} s)")
 
     def run(client: object) -> int:
         result = score_on_cluster(client, args.data, spec, args.out, on_submit=progress, say=_say)
@@ -122,7 +134,6 @@ def _predict_cluster(args: argparse.Namespace) -> int:
 
         with Client(args.scheduler, timeout="30s") as client:
             return run(client)
-    workers = args.workers or default_workers()
     _say(f"starting a local cluster of {workers} worker process(es)")
     with local_client(workers) as client:
         return run(client)
@@ -145,7 +156,7 @@ def _predict_one(args: argparse.Namespace) -> int:
     cfg = model.config
     window = args.window or default_window(ckpt.meta, cfg.max_length)
     rule = LabelRule(args.horizon, args.threshold)
-    engine = InferenceEngine(model, args.precision)
+    engine = InferenceEngine(model, args.precision, batch_size=args.batch_size)
     _say(f"{Path(args.checkpoint).name}: window {window}, {args.mode} mode, {args.normalisation} normalisation; "
          f"engine {engine.info.dtype} on {engine.info.device} ({engine.info.reason})")
 
@@ -248,6 +259,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--horizon", type=int, default=LabelRule().horizon, help="label horizon in bars")
     p.add_argument("--threshold", type=float, default=LabelRule().threshold, help="label threshold (0.002 = 0.2 %%)")
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows read per chunk")
+    p.add_argument("--batch-size", type=int, help="windows per engine batch (default: sized to the CPU cache)")
     _assumption_args(p)
     p.set_defaults(func=_predict)
 

@@ -126,7 +126,7 @@ class PartResult:
     counts: np.ndarray  # (n_actions,) predicted actions
     confusion: np.ndarray  # (n_actions, n_actions) true x predicted, labelled rows only
     worker_pid: int
-    model_loads: int  # models this worker process had loaded when the task ran (1 = loaded once)
+    model_loads: int  # times this worker process had built this engine when the task ran (1 = loaded once)
     dtype: str
     threads: int
     seconds: float
@@ -271,7 +271,7 @@ def read_rows(src: Source, start: int, stop: int) -> pd.DataFrame:
 
 _engines: dict[tuple, tuple[Any, dict[str, Any]]] = {}
 _engine_lock = threading.Lock()
-_loads = 0
+_loads: dict[tuple, int] = {}  # how often each engine key was built in this process
 
 
 def _worker_threads(spec: ScoreSpec) -> int:
@@ -290,9 +290,7 @@ def _worker_threads(spec: ScoreSpec) -> int:
 def worker_engine(spec: ScoreSpec) -> tuple[Any, dict[str, Any]]:
     """(InferenceEngine, checkpoint meta) of this process, built on first use and kept for every later
     task with the same checkpoint digest and assumptions."""
-    global _loads
-    key = (spec.digest, spec.num_heads, spec.lora_scale, spec.norm_first, spec.causal, spec.precision,
-           spec.batch_size)
+    key = _engine_key(spec)
     with _engine_lock:
         if key not in _engines:
             import torch
@@ -311,8 +309,13 @@ def worker_engine(spec: ScoreSpec) -> tuple[Any, dict[str, Any]]:
             torch.set_num_threads(_worker_threads(spec))  # after the engine, which may set its own default
             _engines.clear()  # one model per worker process: memory stays bounded
             _engines[key] = (engine, dict(ckpt.meta))
-            _loads += 1
+            _loads[key] = _loads.get(key, 0) + 1
         return _engines[key]
+
+
+def _engine_key(spec: ScoreSpec) -> tuple:
+    return (spec.digest, spec.num_heads, spec.lora_scale, spec.norm_first, spec.causal, spec.precision,
+            spec.batch_size)
 
 
 # Tasks
@@ -407,7 +410,7 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
 
     return PartResult(symbol=src.symbol, index=part.index, rows=len(pred),
                       counts=np.bincount(actions, minlength=k), confusion=confusion, worker_pid=os.getpid(),
-                      model_loads=_loads, dtype=engine.info.dtype, threads=torch.get_num_threads(),
+                      model_loads=_loads[_engine_key(spec)], dtype=engine.info.dtype, threads=torch.get_num_threads(),
                       seconds=time.perf_counter() - t0)
 
 
@@ -418,9 +421,10 @@ def make_spec(checkpoint: str | Path, *, window: int | None = None, mode: str = 
               precision: str = "fast", normalisation: str = "checkpoint", rule: LabelRule = LabelRule(),
               num_heads: int | None = None, lora_scale: float | None = None, norm_first: bool | None = None,
               causal: bool | None = None, threads: int | None = None, chunk_rows: int = 20_000,
-              partition_windows: int = DEFAULT_PARTITION_WINDOWS) -> tuple[ScoreSpec, Any]:
-    """Load the checkpoint on the client (it must fit), fix the window and the engine's batch size there,
-    and return the spec with the client's engine (for its info)."""
+              partition_windows: int = DEFAULT_PARTITION_WINDOWS,
+              batch_size: int | None = None) -> tuple[ScoreSpec, Any]:
+    """Load the checkpoint on the client (it must fit), fix the window and the engine's batch size there
+    (`batch_size`, else the client engine's default), and return the spec with the client's engine."""
     from .checkpoint import load_checkpoint
     from .data import default_window
     from .engine import InferenceEngine
@@ -428,14 +432,14 @@ def make_spec(checkpoint: str | Path, *, window: int | None = None, mode: str = 
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if partition_windows < 1:
-        raise ValueError("partition windows must be at least 1.")
+    if partition_windows < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError("partition windows and batch size must be at least 1.")
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt, num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first, causal=causal)
     window = window or default_window(ckpt.meta, model.config.max_length)
     if not 1 <= window <= model.config.max_length:
         raise ValueError(f"window {window} is outside 1..{model.config.max_length} (the checkpoint's max_length).")
-    engine = InferenceEngine(model, precision)
+    engine = InferenceEngine(model, precision, batch_size=batch_size)
     spec = ScoreSpec(checkpoint=str(Path(checkpoint).expanduser().resolve()), digest=ckpt.digest,
                      num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first, causal=causal,
                      precision=precision, window=window, mode=mode, normalisation=normalisation,
