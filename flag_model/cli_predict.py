@@ -200,6 +200,15 @@ def _predict_one(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_result, quick_model, run_bench
 
+    if args.cluster:
+        from .demo import build_demo
+        from .distributed import bench_cluster
+
+        ckpt = args.checkpoint or build_demo("full", progress=lambda f, m: _say(f"  [{f:4.0%}] {m}"))
+        table = bench_cluster(ckpt, args.data or ETH_DATA, args.cluster, window=(args.windows or [64])[0],
+                              bars=args.cluster_bars, report=lambda m: _say(f"  {m}"))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        return 0 if table["identical"].all() else 1
     if args.quick:
         model, meta = quick_model(), {}
         cfg = BenchConfig(windows=tuple(args.windows or (16, 32)), min_seconds=0.05, peak_size=256,
@@ -270,5 +279,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
     b.add_argument("--agreement-windows", type=int, help="real windows per length for the agreement check")
     b.add_argument("--quick", action="store_true", help="tiny random model, a few windows (for tests)")
+    b.add_argument("--cluster", type=int, nargs="+", metavar="N",
+                   help="instead: predict in one process vs local Dask clusters of N workers (windows/s, overhead)")
+    b.add_argument("--cluster-bars", type=int, default=3000, help="bars of --data scored by --cluster")
     _assumption_args(b)
     b.set_defaults(func=_bench)

@@ -263,7 +263,7 @@ def read_rows(src: Source, start: int, stop: int) -> pd.DataFrame:
         groups = [i for i in range(len(sizes)) if ends[i] > start and ends[i] - sizes[i] < stop]
         first = int(ends[groups[0]] - sizes[groups[0]])
         return pf.read_row_groups(groups).slice(start - first, stop - start).to_pandas()
-    return pd.read_csv(path, skiprows=lambda i: 0 < i <= start, nrows=stop - start, index_col=False)
+    return pd.read_csv(path, skiprows=lambda i: 0 < i <= start, nrows=stop - start)  # as iter_table_chunks
 
 
 # The model on a worker: loaded once per process
@@ -457,15 +457,17 @@ def default_workers() -> int:
 @contextmanager
 def local_client(n_workers: int, **cluster_kw: Any) -> Iterator[Any]:
     """A Client on a local cluster of `n_workers` processes with one task slot each, on loopback, with
-    random ports and no dashboard (pass dashboard_address=":8787" for one)."""
+    random ports and no dashboard (pass dashboard_address=":8787" for one); returns once the workers have
+    imported torch."""
     import logging
 
     from distributed import Client, LocalCluster
 
     if n_workers < 1:
         raise ValueError("--workers must be at least 1.")
+    # preload: workers import torch and the engine while the cluster starts, not in their first task.
     kw = dict(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
-              dashboard_address=None, silence_logs=logging.ERROR)
+              dashboard_address=None, silence_logs=logging.ERROR, preload=["flag_model.engine"])
     kw.update(cluster_kw)
     with LocalCluster(**kw) as cluster, Client(cluster) as client:
         yield client
@@ -517,6 +519,11 @@ def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_di
     sources, errors = discover_sources(inputs)
     if not sources:
         raise DataError("no usable input: " + "; ".join(f"{i}: {m}" for i, m in errors))
+    try:
+        client.wait_for_workers(1, timeout=60)
+    except TimeoutError:
+        raise DataError(f"no worker joined the scheduler at {client.scheduler.address} within 60 s; start one "
+                        "with `dask worker ADDRESS`.") from None
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     say(f"{len(sources)} source(s) on {workers} worker(s) at {client.scheduler.address}")
     scans = [client.submit(scan_source, s, spec, key=f"scan-{s.symbol}-{uuid.uuid4().hex[:8]}", pure=False)
@@ -602,3 +609,50 @@ def read_output(out_dir: str | Path, symbol: str | None = None) -> pd.DataFrame:
     table = ds.dataset(out, format="parquet", partitioning="hive").to_table()
     df = table.to_pandas()
     return df.sort_values([SYMBOL_COLUMN, "row"], kind="stable").reset_index(drop=True)
+
+
+def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[int], window: int = 64,
+                  bars: int = 3000, precision: str = "fast", work_dir: str | Path | None = None,
+                  report: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Windows/s of single-process `predict` against a local cluster of each of `workers` processes, on the
+    first `bars` bars of `data`, measured in one run. Both include loading the model and writing the output;
+    the cluster's start (worker processes importing torch) is reported apart. Each cluster run is also
+    checked against the single-process output (identical rows)."""
+    import tempfile
+
+    from .__main__ import main
+
+    say = report or (lambda m: None)
+    tmp = Path(work_dir or tempfile.mkdtemp(prefix="flag_bench_"))
+    src = tmp / "bench_bars.parquet"
+    raw = next(iter_table_chunks(data, bars))
+    raw.to_parquet(src, index=False)
+    rows = []
+    t = time.perf_counter()
+    single = tmp / "single.parquet"
+    if main(["predict", str(checkpoint), str(src), "--out", str(single), "--window", str(window), "--precision",
+             precision]) != 0:
+        raise RuntimeError("single-process predict failed; see the messages above.")
+    base = time.perf_counter() - t
+    expected = pd.read_parquet(single)
+    n = len(expected)
+    rows.append({"engine": "one process", "workers": 0, "start_s": 0.0, "run_s": base, "windows_per_s": n / base,
+                 "vs_one_process": 1.0, "identical": True})
+    say(f"one process: {n:,} windows in {base:.1f} s ({n / base:.1f} windows/s)")
+    cpus = default_workers()
+    for k in workers:
+        spec, _ = make_spec(checkpoint, window=window, precision=precision, threads=max(1, cpus // k),
+                            partition_windows=max(1, n // (4 * k)))  # a few parts per worker
+        t = time.perf_counter()
+        with local_client(k) as client:
+            start = time.perf_counter() - t
+            t = time.perf_counter()
+            result = score_on_cluster(client, [str(src)], spec, tmp / f"cluster_{k}")
+            run = time.perf_counter() - t
+        same = not result.errors and read_output(tmp / f"cluster_{k}", src.stem).equals(expected)
+        rows.append({"engine": f"cluster of {k}", "workers": k, "start_s": start, "run_s": run,
+                     "windows_per_s": n / run, "vs_one_process": base / run, "identical": same,
+                     "task_s": sum(p.seconds for p in result.parts)})
+        say(f"cluster of {k}: started in {start:.1f} s, {n:,} windows in {run:.1f} s ({n / run:.1f} windows/s, "
+            f"{base / run:.2f}x one process), identical: {same}")
+    return pd.DataFrame(rows)
