@@ -190,7 +190,7 @@ def discover_sources(inputs: Sequence[str]) -> tuple[list[Source], list[tuple[st
         if not paths:
             errors.append((item, f"no file matches {item!r}."))
         for raw in paths:
-            path = Path(raw).expanduser()
+            path = Path(raw).expanduser().resolve()  # workers may start elsewhere: absolute paths
             try:
                 if has_symbol_column(path):
                     d = _dataset(str(path))
@@ -221,7 +221,8 @@ _frame_cache: dict[tuple[str, str, int], pd.DataFrame] = {}
 
 
 def _symbol_frame(src: Source) -> pd.DataFrame:
-    """One symbol's rows of a dataset, sorted by time (stable); the last one read is kept per process."""
+    """One symbol's rows of a dataset, sorted by time (stable). A worker reads the symbol whole and keeps the
+    last one read, so its next part of the same symbol costs nothing."""
     import pyarrow.compute as pc
 
     ck = (src.path, repr(src.key), os.stat(src.path).st_mtime_ns)
@@ -514,7 +515,7 @@ def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_di
 
     t0 = time.perf_counter()
     say = say or (lambda m: None)
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().resolve()
     _prepare_out(out)
     sources, errors = discover_sources(inputs)
     if not sources:
