@@ -324,7 +324,7 @@ def _engine_key(spec: ScoreSpec) -> tuple:
 
 def scan_source(src: Source, spec: ScoreSpec) -> SourceInfo:
     """Validate a source exactly as single-process streaming does, count its bars, and compute the
-    "data" normalisation statistics of the same first pass. Raises DataError naming the source."""
+    "data" normalisation statistics of the same first pass. Raises DataError (the caller names the source)."""
     from .analysis.predict import feature_stream
 
     engine, meta = worker_engine(spec)
@@ -338,18 +338,15 @@ def scan_source(src: Source, spec: ScoreSpec) -> SourceInfo:
 
     warnings: list[str] = []
     moments = RunningMoments()
-    try:
-        norm = "none" if spec.normalisation == "data" else spec.normalisation  # "data" needs this pass first
-        for fm in feature_stream(counted(), meta, engine.config.state_dim, norm, warn=warnings.append):
-            if spec.normalisation == "data":
-                moments.update(fm.values.astype(np.float64))
-    except DataError as exc:
-        raise DataError(f"{src.label}: {exc}") from None
+    norm = "none" if spec.normalisation == "data" else spec.normalisation  # "data" needs this pass first
+    for fm in feature_stream(counted(), meta, engine.config.state_dim, norm, warn=warnings.append):
+        if spec.normalisation == "data":
+            moments.update(fm.values.astype(np.float64))
     mapping = detect_columns(state["first"].columns)
     origin = prepare_ohlcv(state["first"], mapping).frame["datetime"].iloc[0]
     n_feat = state["n"] - WARMUP
     if n_feat < spec.window:
-        raise DataError(f"{src.label}: too few rows: window {spec.window} needs at least {spec.window} rows of "
+        raise DataError(f"too few rows: window {spec.window} needs at least {spec.window} rows of "
                         f"features ({spec.window + WARMUP} bars); the file has {state['n']} bars.")
     return SourceInfo(n_bars=state["n"], origin=origin, mapping=mapping,
                       stats=moments.result() if spec.normalisation == "data" else None, warnings=tuple(warnings))
@@ -380,13 +377,15 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .analysis.predict import WindowRunner, decide, predictions_frame, row_labels
+    import torch
+
+    from .analysis.predict import NO_LABEL, WindowRunner, decide, predictions_frame, row_labels
 
     t0 = time.perf_counter()
     engine, meta = worker_engine(spec)
     prep = prepare_ohlcv(read_rows(src, part.bar_start, part.bar_stop), info.mapping, row_offset=part.bar_start)
     if not prep.ok:
-        raise DataError(f"{src.label}: " + "; ".join(i.message for i in prep.errors))
+        raise DataError("; ".join(i.message for i in prep.errors))
     fm = checkpoint_features(prep.frame, meta, engine.config.state_dim, spec.normalisation, origin=info.origin,
                              stats=info.stats)
     used = (part.n_windows - 1) * spec.stride + spec.window  # feature rows the part's windows cover
@@ -395,7 +394,7 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     pred = runner.feed(fm.values[:used], fm.times.to_numpy()[:used], fm.close[:used], labels, final=True)
     expected = part.n_windows * (1 if spec.mode == "rolling" else spec.window)
     if pred is None or len(pred) != expected:
-        raise DataError(f"{src.label}: part {part.index} scored {0 if pred is None else len(pred)} rows, expected "
+        raise DataError(f"part {part.index} scored {0 if pred is None else len(pred)} rows, expected "
                         f"{expected}; the file changed while it was being scored?")
     frame = predictions_frame(pred)
     path = part_path(out_dir, src.symbol, part.index)
@@ -405,10 +404,8 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     os.replace(tmp, path)
     actions = decide(pred.logits)[1]
     k = len(pred.actions)
-    known = pred.labels != -1
+    known = pred.labels != NO_LABEL
     confusion = np.bincount(pred.labels[known] * k + actions[known], minlength=k * k).reshape(k, k)
-    import torch
-
     return PartResult(symbol=src.symbol, index=part.index, rows=len(pred),
                       counts=np.bincount(actions, minlength=k), confusion=confusion, worker_pid=os.getpid(),
                       model_loads=_loads[_engine_key(spec)], dtype=engine.info.dtype, threads=torch.get_num_threads(),
