@@ -37,7 +37,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from .data import (MODES, WARMUP, ColumnMapping, DataError, RunningMoments, checkpoint_features,
+from .data import (MODES, WARMUP, ColumnMapping, DataError, RunningMoments, check_interval, checkpoint_features,
                    detect_columns, iter_table_chunks, prepare_ohlcv)
 from .features import LabelRule
 
@@ -343,7 +343,11 @@ def scan_source(src: Source, spec: ScoreSpec) -> SourceInfo:
         if spec.normalisation == "data":
             moments.update(fm.values.astype(np.float64))
     mapping = detect_columns(state["first"].columns)
-    origin = prepare_ohlcv(state["first"], mapping).frame["datetime"].iloc[0]
+    first = prepare_ohlcv(state["first"], mapping).frame["datetime"]
+    origin = first.iloc[0]
+    check = check_interval(first.to_numpy(), meta, spec.horizon)  # as single-process predict: the first chunk
+    if not check.matches:
+        warnings.insert(0, "NOTICE: " + check.message.replace("**", ""))
     n_feat = state["n"] - WARMUP
     if n_feat < spec.window:
         raise DataError(f"too few rows: window {spec.window} needs at least {spec.window} rows of "
@@ -416,13 +420,15 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
 
 
 def make_spec(checkpoint: str | Path, *, window: int | None = None, mode: str = "rolling",
-              precision: str = "fast", normalisation: str = "checkpoint", rule: LabelRule = LabelRule(),
+              precision: str = "fast", normalisation: str = "checkpoint", horizon: int | None = None,
+              threshold: float | None = None,
               num_heads: int | None = None, lora_scale: float | None = None, norm_first: bool | None = None,
               causal: bool | None = None, threads: int | None = None, chunk_rows: int = 20_000,
               partition_windows: int = DEFAULT_PARTITION_WINDOWS,
               batch_size: int | None = None) -> tuple[ScoreSpec, Any]:
-    """Load the checkpoint on the client (it must fit), fix the window and the engine's batch size there
-    (`batch_size`, else the client engine's default), and return the spec with the client's engine."""
+    """Load the checkpoint on the client (it must fit), fix the window, the label rule (`horizon`/`threshold`,
+    else the checkpoint's stored rule, as single-process `predict`) and the engine's batch size there
+    (`batch_size`, else the client engine's default); returns the spec and the client's engine."""
     from .checkpoint import load_checkpoint
     from .data import default_window
     from .engine import InferenceEngine
@@ -438,6 +444,9 @@ def make_spec(checkpoint: str | Path, *, window: int | None = None, mode: str = 
     if not 1 <= window <= model.config.max_length:
         raise ValueError(f"window {window} is outside 1..{model.config.max_length} (the checkpoint's max_length).")
     engine = InferenceEngine(model, precision, batch_size=batch_size)
+    stored, _ = LabelRule.from_meta(ckpt.meta)
+    rule = LabelRule(stored.horizon if horizon is None else horizon,
+                     stored.threshold if threshold is None else threshold)
     spec = ScoreSpec(checkpoint=str(Path(checkpoint).expanduser().resolve()), digest=ckpt.digest,
                      num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first, causal=causal,
                      precision=precision, window=window, mode=mode, normalisation=normalisation,
