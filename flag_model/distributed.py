@@ -623,7 +623,8 @@ def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[in
                   report: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Windows/s of single-process `predict` against a local cluster of each of `workers` processes, on the
     first `bars` bars of `data`, measured in one run. Both include loading the model and writing the output;
-    the cluster's start (worker processes importing torch) is reported apart. Each cluster run is also
+    the cluster's start (worker processes importing torch) is reported apart. CPU seconds (this process and
+    the workers) show the overhead where a busy machine makes wall time noisy. Each cluster run is also
     checked against the single-process output (identical rows)."""
     import tempfile
 
@@ -635,16 +636,16 @@ def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[in
     raw = next(iter_table_chunks(data, bars))
     raw.to_parquet(src, index=False)
     rows = []
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     single = tmp / "single.parquet"
     if main(["predict", str(checkpoint), str(src), "--out", str(single), "--window", str(window), "--precision",
              precision]) != 0:
         raise RuntimeError("single-process predict failed; see the messages above.")
-    base = time.perf_counter() - t
+    base, base_cpu = time.perf_counter() - t, time.process_time() - cpu
     expected = pd.read_parquet(single)
     n = len(expected)
     rows.append({"engine": "one process", "workers": 0, "start_s": 0.0, "run_s": base, "windows_per_s": n / base,
-                 "vs_one_process": 1.0, "identical": True})
+                 "vs_one_process": 1.0, "cpu_s": base_cpu, "cpu_vs_one_process": 1.0, "identical": True})
     say(f"one process: {n:,} windows in {base:.1f} s ({n / base:.1f} windows/s)")
     cpus = default_workers()
     for k in workers:
@@ -653,13 +654,15 @@ def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[in
         t = time.perf_counter()
         with local_client(k) as client:
             start = time.perf_counter() - t
-            t = time.perf_counter()
+            t, cpu, before = time.perf_counter(), time.process_time(), client.run(time.process_time)
             result = score_on_cluster(client, [str(src)], spec, tmp / f"cluster_{k}")
             run = time.perf_counter() - t
+            after = client.run(time.process_time)
+            used = time.process_time() - cpu + sum(after[w] - before.get(w, 0.0) for w in after)
         same = not result.errors and read_output(tmp / f"cluster_{k}", src.stem).equals(expected)
         rows.append({"engine": f"cluster of {k}", "workers": k, "start_s": start, "run_s": run,
-                     "windows_per_s": n / run, "vs_one_process": base / run, "identical": same,
-                     "task_s": sum(p.seconds for p in result.parts)})
+                     "windows_per_s": n / run, "vs_one_process": base / run, "cpu_s": used,
+                     "cpu_vs_one_process": used / base_cpu, "identical": same})
         say(f"cluster of {k}: started in {start:.1f} s, {n:,} windows in {run:.1f} s ({n / run:.1f} windows/s, "
-            f"{base / run:.2f}x one process), identical: {same}")
+            f"{base / run:.2f}x one process; CPU {used:.1f} s = {used / base_cpu:.2f}x), identical: {same}")
     return pd.DataFrame(rows)
