@@ -227,7 +227,7 @@ class InferenceEngine:
         self._bmm_attention = self.device.type == "cpu" and self.dtype == torch.bfloat16
         kernels = ("oneDNN linear, GELU fused" if self._onednn else "torch linear") + "; attention: " + (
             f"batched matmul up to {BMM_ATTENTION_MAX_LENGTH} positions, SDPA above" if self._bmm_attention
-            else "SDPA")
+            else "SDPA") + "; the decision query alone: batched matmul"
         self.info = EngineInfo(precision=precision, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                                batch_size=batch_size or 0, threads=threads, reason=reason, kernels=kernels)
 
