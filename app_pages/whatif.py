@@ -42,9 +42,12 @@ def _flip(model_key: tuple, data_key: str, start: int, length: int, target: int,
 @st.cache_data(max_entries=16, show_spinner=False)
 def _stability(model_key: tuple, data_key: str, length: int, starts: tuple, samples: int, _model, _values, _sigma):
     bar = st.progress(0.0, text="Adding noise…") if len(starts) > 1 else None
-    return wi.decision_stability(_model, rolling_windows(_values, length), _sigma, n_samples=samples,
-                                 indices=starts, progress=None if bar is None else
-                                 lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows")).curve()
+    res = wi.decision_stability(_model, rolling_windows(_values, length), _sigma, n_samples=samples, indices=starts,
+                                progress=None if bar is None else
+                                lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows"))
+    if bar is not None:
+        bar.empty()
+    return res.curve()
 
 
 c1, c2 = st.columns([1, 2])

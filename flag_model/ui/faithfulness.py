@@ -49,7 +49,7 @@ def faithfulness_panel(model: Any, model_key: tuple, data_key: str, values: np.n
     c1, c2, c3 = st.columns([3, 1, 1])
     methods = c1.multiselect("Methods", attr.METHODS, [attr.IG, attr.SALIENCY, attr.IXG, attr.ABLATION],
                              key="faith_methods")
-    n_random = c2.number_input("Random orders", 1, 64, 8, key="faith_random")
+    n_random = c2.number_input("Random orders", 1, 64, 4, key="faith_random")
     steps = c3.number_input("Steps (IG, GradientSHAP)", 2, 256, 32, key="faith_steps")
     chosen = tuple((k, opts[k]) for k in _KEYS)
     if not methods:
