@@ -256,3 +256,18 @@ def test_evenly_spaced():
     assert A.evenly_spaced(3, 10).tolist() == [0, 1, 2]
     with pytest.raises(ValueError):
         A.evenly_spaced(0, 5)
+
+
+@pytest.mark.parametrize("method", A.METHODS)
+def test_progress_counts_every_forward_pass(method):
+    """The progress of one attribution reaches exactly 1.0: forward_rows predicts Captum's passes."""
+    model = make_model(max_length=32)
+    window = np.random.default_rng(0).standard_normal((12, 60)).astype(np.float32)
+    calls: list[tuple[float, str]] = []
+    A.attribute(model, window, method, steps=7, internal_batch_size=4, occlusion_patch=(5, 7),
+                   progress=lambda f, msg: calls.append((f, msg)))
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    total = A.forward_rows(method, 1, 12, 60, 7, (5, 7))
+    assert calls[-1][1].endswith(f"{total:,} / {total:,} model passes")
+    assert sum(f < 1.0 for f in fractions) == len(fractions) - 1  # never full before the last pass

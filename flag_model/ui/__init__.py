@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,23 @@ def download_table(df: pd.DataFrame, stem: str, key: str, label: str = "Download
                        on_click="ignore")
     c2.download_button(f"{label} Parquet", lambda: table_bytes(df, "parquet"), f"{stem}.parquet",
                        "application/vnd.apache.parquet", key=f"{key}_parquet", on_click="ignore")
+
+
+class LazyProgress:
+    """A progress bar that appears only once work has run `delay` seconds, so quick work shows none.
+    Call it as `progress(fraction, message)` from the work; `done()` removes it."""
+
+    def __init__(self, delay: float = 1.0) -> None:
+        self._slot = st.empty()
+        self._start = time.monotonic()
+        self._delay = delay
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if time.monotonic() - self._start >= self._delay:
+            self._slot.progress(min(max(fraction, 0.0), 1.0), text=md_escape(message))
+
+    def done(self) -> None:
+        self._slot.empty()
 
 
 def demo_size() -> str:
