@@ -28,7 +28,8 @@ from .model import FlagTrader
 
 Progress = Callable[[float, str], None]
 
-DEMO_VERSION = 3
+# 3: simple-60 exactly as FEATURES.md; the bar interval stored. 4: built in under a minute, feature_clip stored.
+DEMO_VERSION = 4
 FEATURE_CLIP = 10.0  # normalised features are clipped to ±this in training; stored as "feature_clip"
 START = pd.Timestamp("2025-01-06 00:00:00")
 BAR = pd.Timedelta(minutes=5)
@@ -286,6 +287,7 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
         "feature_std": data.std.tolist(),
         "feature_clip": FEATURE_CLIP,
         "label_rule": {"horizon": LabelRule().horizon, "threshold": LabelRule().threshold},
+        "bar_interval": "5min",  # the synthetic market's BAR; pages compare uploaded data against it
         "epoch": spec.steps,
         "train_loss": loss,
         "val_accuracy": val_acc,
