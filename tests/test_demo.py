@@ -159,4 +159,4 @@ def test_trained_demo_shows_what_the_pages_are_for(full_demo_path):
         pred = model(torch.as_tensor(np.ascontiguousarray(held_out[::4])))[:, -1].argmax(-1).numpy()
     shares = class_shares(pred, ("SELL", "HOLD", "BUY"))
     assert collapse_alarm(shares) is None, shares  # predictions: not collapsed onto one class
-    assert (shares["share"] > 0.03).all(), shares
+    assert (shares["share"] >= 0.1).sum() >= 2, shares
