@@ -124,8 +124,10 @@ def test_a_failed_build_is_shown_and_retried(monkeypatch, tmp_path):
 
 def test_the_app_never_waits_for_the_demo(gated_build, tiny_ckpt_bytes):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
-    at.run()
+    at.run()  # starts the build and returns at once
     assert not at.exception
+    _wait(lambda: demo.running_builds() and demo.running_builds()[0].fraction >= 0.1)
+    at.run()
     progress = [p.proto.text for p in at.get("progress")]
     assert any("Building the demo checkpoint" in t and "training step 1/10" in t for t in progress), progress
     assert any("being built" in i.value for i in at.info)
