@@ -112,7 +112,8 @@ def _read_source(src: str | os.PathLike | bytes | bytearray | memoryview | Binar
             raise CheckpointError(f"{path}: no such file. Check the path (it is read on the machine running the tool).")
         if path.is_dir() or path.name == PEFT_CONFIG:
             folder = path if path.is_dir() else path.parent
-            weights = next((folder / n for n in PEFT_WEIGHTS if (folder / n).is_file()), None)
+            # the folder itself, or the `lora/` save_pretrained folder the PEFT FLAGTrader class writes beside heads.pt
+            weights = next((f / n for f in (folder, folder / "lora") for n in PEFT_WEIGHTS if (f / n).is_file()), None)
             if weights is None:
                 raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt, .pth, .bin or "
                                       f".safetensors), or a PEFT save_pretrained folder with {' or '.join(PEFT_WEIGHTS)}.")
