@@ -236,6 +236,11 @@ def sidebar() -> Loaded:
     st.session_state[_DRAWN] = token
     _keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
+    if st.session_state.get("ckpt_source", SOURCES[0]) == "Demo" and not demo.demo_path(demo_size()).exists():
+        demo.start_build(demo_size())  # in the background, before the progress below is drawn
+    if demo.running_builds():  # right under the header: the same place in every run, so it is never drawn twice
+        with st.sidebar:
+            _build_progress()
     try:
         ckpt = _open_selected()
     except CheckpointError as exc:
@@ -264,9 +269,6 @@ def sidebar() -> Loaded:
             for w in ckpt.warnings:
                 st.sidebar.warning(w)
             loaded = Loaded(ckpt, model, cfg, err)
-    if demo.running_builds():
-        with st.sidebar:
-            _build_progress()
     st.session_state[LOADED] = loaded
     return loaded
 
