@@ -69,7 +69,7 @@ class Runs:
             return
         msg = self._msg.FromString(bytes(payload))
         kind = msg.WhichOneof("type")
-        if kind == "script_finished" and msg.script_finished == self._msg.FINISHED_FRAGMENT_RUN_SUCCESSFULLY:
+        if kind in ("new_session", "script_finished") and msg.metadata.run.fragment_ids:
             return  # a fragment's own rerun (the demo build's progress, every second) is not a page run
         if kind == "new_session":  # sent at the start of every run
             self.started += 1
