@@ -28,7 +28,7 @@ def _fixes(digest: str, target_key: str, scale: float, _sd, _target):
 
 
 ranking = _ranking(ckpt.digest, sd)
-(st.success if ranking.iloc[0].score >= 0.9 else st.warning)(layouts.ranking_headline(ranking))
+(st.success if ranking.iloc[0].score >= 0.9 else st.warning)(ui.md_escape(layouts.ranking_headline(ranking)))
 with st.expander("How the file matches each known layout"):
     st.plotly_chart(plots.layout_ranking_bars(ranking), width="stretch")
 
@@ -40,7 +40,7 @@ else:
     try:
         size = layouts.infer_sizes(sd)
     except layouts.LayoutError as exc:
-        st.error(str(exc))
+        st.error(ui.md_escape(exc))
         st.stop()
     with st.expander("Target sizes — e.g. what another loader assumed"):
         s = st.columns(3)
@@ -50,16 +50,16 @@ else:
     target, how = layouts.target_shapes(choice, sd, ld.config, d_model=d, ffn_dim=f, n_blocks=n)
     target_key = f"{choice}-{d}-{f}-{n}-{hash(ld.config)}"
 if ld.config is None and choice == "reconstruction":
-    st.warning(f"The file has no FLAG-TRADER configuration ({ckpt.config_error}). The target is built from "
+    st.warning(f"The file has no FLAG-TRADER configuration ({ui.md_escape(ckpt.config_error)}). The target is built from "
                "whatever shapes exist instead.")
-st.caption(f"Target: {how}.")
+st.caption(f"Target: {ui.md_escape(how)}.")
 
 diff = layouts.diff_keys(sd, target)
 c = st.columns(4)
 for col, (label, n_keys) in zip(c, diff.counts().items()):
     col.metric(label.capitalize(), n_keys)
 (st.success if diff.ok else st.error)(
-    f"{diff.summary()}." + (" The file loads strictly into this target." if diff.ok else ""))
+    f"{ui.md_escape(diff.summary())}." + (" The file loads strictly into this target." if diff.ok else ""))
 table = layouts.diff_table(sd, target)
 st.plotly_chart(plots.key_status_treemap(key_status_tree(table)), width="stretch")
 st.caption("One tree over the keys of both sides: green matched, red mis-shaped, orange missing (target only), "
@@ -74,7 +74,7 @@ with st.expander("Every key, aligned"):
 notes = layouts.explain(sd, target, ranking)
 if notes:
     st.subheader("Why")
-    st.markdown("\n".join(f"- **{e.rule.replace('_', ' ')}** — {e.message}" for e in notes))
+    st.markdown("\n".join(f"- **{e.rule.replace('_', ' ')}** — {ui.md_escape(e.message)}" for e in notes))
 
 a = ld.config
 assumptions = {} if a is None else dict(num_heads=a.num_heads, lora_scale=a.lora_scale, norm_first=a.norm_first,
@@ -87,7 +87,8 @@ if fixes:
     by_id = {fx.id: fx for fx in fixes}
     chosen = st.multiselect("Fixes to apply, in order", list(by_id), default=list(by_id), format_func=lambda i: by_id[i].title,
                             key=f"arch_fixes_{target_key}")
-    st.markdown("\n".join(f"{i}. **{by_id[x].title}** — {by_id[x].detail}" for i, x in enumerate(chosen, 1)))
+    st.markdown("\n".join(f"{i}. **{ui.md_escape(by_id[x].title)}** — {ui.md_escape(by_id[x].detail)}"
+                           for i, x in enumerate(chosen, 1)))
     drop = st.checkbox("Also drop the keys the target has no place for", key=f"arch_drop_{target_key}")
     if st.button("Apply fixes", type="primary", key="arch_apply"):
         applied = st.session_state[FIXED] = (ckpt.digest, target_key, tuple(chosen), drop)
@@ -96,12 +97,12 @@ if applied and applied[:2] == (ckpt.digest, target_key):
     try:
         source = layouts.fix_for_target(sd, applied[2], target, drop_extra=applied[3])
     except layouts.LayoutError as exc:
-        st.error(f"The fixes could not be applied: {exc}")
+        st.error(f"The fixes could not be applied: {ui.md_escape(exc)}")
         st.stop()
     st.info(f"After the fixes ({len(applied[2])} applied{', extra keys dropped' if applied[3] else ''}): "
-            f"{layouts.diff_keys(source, target).summary()}.")
+            f"{ui.md_escape(layouts.diff_keys(source, target).summary())}.")
     res = layouts.strict_load(source, ckpt.stored_config, **assumptions)
-    (st.success if res.ok else st.error)(f"Strict load into the reconstruction after the fixes: {res.message}")
+    (st.success if res.ok else st.error)(f"Strict load into the reconstruction after the fixes: {ui.md_escape(res.message)}")
 
 st.subheader("Export")
 e1, e2 = st.columns(2)
@@ -111,7 +112,7 @@ kind = e1.radio("Layout", layouts.EXPORT_KINDS, horizontal=True, key="arch_expor
 fmt = e2.radio("Format", layouts.EXPORT_FORMATS, horizontal=True, key="arch_export_fmt")
 problem = layouts.export_problem(source, kind)
 if problem:
-    st.error(f"Cannot export as {kind}: {problem}")
+    st.error(f"Cannot export as {kind}: {ui.md_escape(problem)}")
     st.stop()
 if kind != "native":
     st.caption(f"LoRA is merged with scale {scale:g} — the LoRA-scale assumption from the sidebar.")
