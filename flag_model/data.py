@@ -118,7 +118,9 @@ def _header_columns(head: bytes, label: str) -> list[str]:
     lim = limits()
     line = head.split(b"\n", 1)[0]
     if b"\n" not in head and len(head) >= lim.max_header_bytes:
-        raise DataError(f"{label}: " + too_big("the header line's length in bytes", len(head), "max_header_bytes"))
+        raise DataError(f"{label}: the header line is longer than this server's limit of {lim.max_header_bytes:,} "
+                        "bytes (max_header_bytes); refused before parsing. A market-data header is a few hundred "
+                        "bytes: is this the right file?")
     if line.count(b",") + 1 > lim.max_columns:
         raise DataError(f"{label}: " + too_big("the number of columns", line.count(b",") + 1, "max_columns"))
     if line.count(b'"') % 2:  # a quoted newline inside the header: let the parser read on, within 1 MiB

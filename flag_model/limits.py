@@ -29,8 +29,9 @@ class Limits:
     max_header_bytes: int = 16 << 20  # a safetensors JSON header, a CSV header line
     max_view_bytes: int = 2 << 30  # values declared by overlapping (e.g. stride-0) tensors beyond their data
     max_columns: int = 5_000  # columns of a market-data table
-    max_rows: int = 20_000_000  # rows of a market-data table
-    max_cells: int = 200_000_000  # rows × columns of a market-data table (1.6 GB as float64)
+    max_rows: int = 2_000_000  # rows of a market-data table read at once (about 19 years of 5-minute bars;
+    #                            60 float64 features of that many rows are 0.96 GB; the CLI streams larger files)
+    max_cells: int = 50_000_000  # rows × columns of a market-data table read at once (0.4 GB as float64)
     stats_chunk: int = 1 << 22  # values per chunk when statistics are computed over a tensor
 
 
@@ -54,7 +55,7 @@ def limits() -> Limits:
 def too_big(what: str, value: int | float, limit_name: str) -> str:
     """The sentence for a refused size: what, how much, the limit and how to raise it."""
     limit = getattr(limits(), limit_name)
-    return (f"{what} ({value:,}) is above this server's limit of {limit:,} ({limit_name}); refused before "
+    return (f"{what}: {value:,}, above this server's limit of {limit:,} ({limit_name}); refused before "
             f"allocating memory. If the file is genuine, the server operator can raise "
             f"FLAG_TRADER_{limit_name.upper()}.")
 
