@@ -87,8 +87,7 @@ if fixes:
     by_id = {fx.id: fx for fx in fixes}
     chosen = st.multiselect("Fixes to apply, in order", list(by_id), default=list(by_id), format_func=lambda i: by_id[i].title,
                             key=f"arch_fixes_{target_key}")
-    st.markdown("\n".join(f"{i}. **{ui.md_escape(by_id[x].title)}** — {ui.md_escape(by_id[x].detail)}"
-                           for i, x in enumerate(chosen, 1)))
+    st.markdown("\n".join(f"{i}. **{ui.md_escape(by_id[x].title)}** — {ui.md_escape(by_id[x].detail)}" for i, x in enumerate(chosen, 1)))
     drop = st.checkbox("Also drop the keys the target has no place for", key=f"arch_drop_{target_key}")
     if st.button("Apply fixes", type="primary", key="arch_apply"):
         applied = st.session_state[FIXED] = (ckpt.digest, target_key, tuple(chosen), drop)

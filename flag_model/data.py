@@ -541,7 +541,7 @@ def default_window(meta: Mapping[str, Any], max_length: int) -> int:
     """The window the checkpoint's metadata names (top level or in its config), else 64; at most max_length."""
     cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
     for value in (meta.get("window"), cfg.get("window"), cfg.get("window_size"), cfg.get("seq_len")):
-        if isinstance(value, (int, float)) and value >= 1:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:  # NaN fails >= 1
             return int(min(value, max_length))
     return min(DEFAULT_WINDOW, max_length)
 

@@ -283,8 +283,11 @@ def test_server_path_is_off_without_a_root(tiny_demo_path, monkeypatch) -> None:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
     at.sidebar.radio(key="ckpt_source").set_value("Server path").run()
     _assert_clean(at)
-    assert not [t for t in at.sidebar.text_input if t.key == "ckpt_path"]
+    assert at.sidebar.text_input(key="ckpt_path").disabled
     assert any("Server paths are off" in c.value for c in at.sidebar.caption)
+    at.sidebar.text_input(key="ckpt_path").input("/etc/passwd").run()  # e.g. a value kept in the session
+    _assert_clean(at)
+    assert at.session_state["_flag_loaded"].ckpt is None and "Server paths are off" in at.sidebar.error[0].value
 
 
 def test_server_path_reads_only_inside_the_root(tiny_demo_path, monkeypatch, root: Path) -> None:
@@ -312,8 +315,8 @@ def test_server_path_reads_only_inside_the_root(tiny_demo_path, monkeypatch, roo
     at.text_input(key="tensors_second_path").input("link_out.pt").run()
     _assert_clean(at, "tensors")
     assert any("no readable file" in e.value for e in at.error)
+    at.session_state["pred_path"] = "../outside.env"  # typed before the page first runs: no demo-market scoring
     at.switch_page(pages["predictions"]).run()
-    at.text_input(key="pred_path").input("../outside.env").run()
     _assert_clean(at, "predictions")
     assert any("no readable file" in e.value for e in at.error)
     at.text_input(key="pred_path").input("bars.csv").run()
@@ -356,7 +359,7 @@ def test_crafted_checkpoints_through_every_page(tiny_demo_path, name) -> None:
         assert main.get("plotly_chart") or main.error or main.info or main.warning, f"{page.file} shows nothing"
 
 
-def test_refused_uploads_show_an_inert_name_and_no_content(tiny_demo_path) -> None:
+def test_refused_uploads_show_an_inert_name_and_no_content(tiny_demo_path, monkeypatch, root: Path) -> None:
     """A text file named like a link, uploaded as a checkpoint and as market data (with a link in a column name
     and in a cell): plain, escaped messages."""
     from streamlit.testing.v1 import AppTest
@@ -371,7 +374,9 @@ def test_refused_uploads_show_an_inert_name_and_no_content(tiny_demo_path) -> No
     assert at.sidebar.error and "\\[Session expired" in at.sidebar.error[0].value
     at.sidebar.radio(key="ckpt_source").set_value("Demo").run()
     pred = next(pg.file for pg in app_pages() if pg.file.endswith("predictions.py"))
-    at.switch_page(pred).run()
+    monkeypatch.setenv("FLAG_TRADER_SERVER_ROOT", str(root))
+    at.session_state["pred_path"] = "missing.csv"  # the page stops at the data source instead of scoring the demo
+    at.switch_page(pred).run()  # an upload takes precedence over the path
     df = _bars(120).rename(columns={"volume": LINK})
     df.loc[5, "close"] = LINK
     at.file_uploader(key="pred_upload").upload(f"{LINK}.csv", df.to_csv(index=False).encode(), "text/csv").run()
