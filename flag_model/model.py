@@ -193,14 +193,6 @@ def find_mismatch(expected: Mapping[str, tuple[int, ...]],
     return ModelMismatchError(missing, unexpected, mismatched) if missing or unexpected or mismatched else None
 
 
-def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy `state_dict` into `model`, or raise ModelMismatchError naming every key that does not fit."""
-    error = find_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
-    if error is not None:
-        raise error
-    model.load_state_dict(state_dict, strict=True)
-
-
 def build_model(
     ckpt: Any,
     num_heads: int | None = None,
