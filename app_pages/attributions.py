@@ -5,6 +5,7 @@ import streamlit as st
 from flag_model import plots, ui
 from flag_model.analysis import attribution as attr
 from flag_model.data import rolling_windows
+from flag_model.ui.faithfulness import faithfulness_panel
 
 st.title("Attributions")
 ckpt, model = ui.require_model()
@@ -128,3 +129,4 @@ if st.button("Compute global importance", type="primary", key="attr_global") or 
     b1.plotly_chart(plots.global_importance_bars(table, top_k))
     b2.plotly_chart(plots.class_breakdown_bars(table, actions, min(top_k, 12)))
     ui.download_table(table, "global_importance", key="global_importance")
+faithfulness_panel(model, model_key, data_key, fm.values, start, length, opts, means)

@@ -6,7 +6,7 @@ from flag_model import plots, ui
 from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
                                          equity_curve, evaluate, label_text, predictions_frame, undecided_note)
 from flag_model.data import MODES, NORMALISATIONS, check_window, default_window, drift_table
-from flag_model.features import WARMUP, LabelRule
+from flag_model.features import WARMUP
 from flag_model.ui import predictions as pw
 
 st.title("Predictions")
@@ -32,6 +32,7 @@ if source is not None and kind == pw.KINDS[0]:
     st.session_state[ui.MARKET] = (name, prep.frame)  # the Attention and Attributions pages use it too
 st.caption(f"**{ui.md_escape(name)}**: {len(prep.frame):,} rows from {prep.frame['datetime'].iloc[0]} to "
            f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}).")
+bars = ui.interval_notice(prep.frame["datetime"], ckpt.meta).data  # bar interval against training, gaps
 
 c = st.columns(4)
 norm = c[0].selectbox("Normalisation", NORMALISATIONS, key="pred_norm", help="checkpoint: the training mean/std "
@@ -43,6 +44,7 @@ mode = c[2].radio("Mode", MODES, horizontal=True, key="pred_mode", help="rolling
 precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key="pred_precision")
 
 fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
+pw.feature_matrix(prep_key, prep, fm)
 for w in fm.warnings:
     st.warning(ui.md_escape(w))
 drift = drift_table(fm, ckpt.meta).sort_values("flags", key=lambda f: f == "", kind="stable")  # flagged first
@@ -64,11 +66,7 @@ st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
 has_prices = len(fm.close) > 0 and bool(np.isfinite(fm.close).all())
 if has_prices:
-    c = st.columns(2)
-    horizon = c[0].number_input("Label horizon (bars)", 1, 500, LabelRule().horizon, key="pred_horizon")
-    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, 100 * LabelRule().threshold, 0.05,
-                                  key="pred_threshold")
-    rule = LabelRule(int(horizon), threshold / 100)
+    rule = pw.label_rule(ckpt.meta, bars.median)
     pred = attach_labels(pred, fm.close, rule)
 
 st.subheader("Signals")
@@ -89,7 +87,7 @@ c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="s
 metrics = evaluate(pred, actions)
 if metrics is not None:
     st.subheader("Against labels")
-    st.caption(label_text(rule) + f". {metrics.n:,} scored bars have a label.")
+    st.caption(label_text(rule, bars.median) + f". {metrics.n:,} scored bars have a label.")
     c = st.columns(4)
     c[0].metric("Accuracy", f"{metrics.accuracy:.1%}",
                 f"{100 * (metrics.accuracy - metrics.majority_accuracy):+.1f} pp vs baseline")

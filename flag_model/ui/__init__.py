@@ -19,7 +19,8 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from .. import demo
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..config import ConfigError, ModelConfig
-from ..data import FeatureMatrix, checkpoint_features
+from ..data import FeatureMatrix, IntervalCheck, check_interval, checkpoint_features
+from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
 from ..tables import table_bytes
@@ -318,7 +319,25 @@ def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatri
         st.error(f"Could not compute features from {md_escape(name)}: {md_escape(exc)}. Check the upload on the "
                  "Predictions page.")
         st.stop()
+    interval_notice(fm.times, ckpt.meta)
     return name, fm, key
+
+
+def interval_notice(times: pd.DatetimeIndex | pd.Series, meta: dict, horizon: int | None = None) -> IntervalCheck:
+    """The data's bar interval against the checkpoint's training interval: a warning when they differ (a caption
+    when they agree), and the gaps in an expander. `horizon` (bars, default: the checkpoint's label rule) is
+    also given in time."""
+    if horizon is None:
+        horizon = LabelRule.from_meta(meta)[0].horizon
+    check = check_interval(times, meta, horizon)
+    (st.caption if check.matches else st.warning)(check.message)  # only numbers and durations: no user text
+    gaps = check.data.gaps
+    if len(gaps):
+        with st.expander(f"{len(gaps):,} gap(s) longer than 1.5 bars — windows across them mix distant bars"):
+            st.dataframe(gaps.head(1000).astype({"gap": str}), hide_index=True, width="stretch")
+            if len(gaps) > 1000:
+                st.caption(f"The first 1,000 of {len(gaps):,} gaps.")
+    return check
 
 
 def default_window(ckpt: Checkpoint, max_length: int) -> int:

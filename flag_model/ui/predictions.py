@@ -16,7 +16,9 @@ from ..data import (ColumnMapping, DataError, FeatureMatrix, Issue, Prepared, ch
                     column_features, detect_columns, feature_candidates, prepare_features, prepare_ohlcv,
                     read_table)
 from ..engine import InferenceEngine
-from ..features import WARMUP
+from ..data import horizon_text
+from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
+from . import download_table
 from ..model import FlagTrader
 from ..server_paths import ServerPathError
 from . import data_tag, md_escape, server_path_input
@@ -70,7 +72,9 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
     options = [_NONE, *columns]
     ohlcv_found = not detected.missing()
     with st.expander("Column mapping and validation", expanded=not ohlcv_found):
-        kind = st.radio("Input", KINDS, index=0 if ohlcv_found else 1, horizontal=True, key=f"pred_kind_{tag}")
+        # OHLCV unless the user picks feature columns: a missing OHLCV column is an error naming it, never a
+        # silent switch to treating open/high/low/close as features.
+        kind = st.radio("Input", KINDS, index=0, horizontal=True, key=f"pred_kind_{tag}")
         roles = {}
         cols = st.columns(6)
         for i, role in enumerate(("time", "open", "high", "low", "close", "volume")):
@@ -142,3 +146,52 @@ def offsets(names: tuple[str, ...]) -> np.ndarray:
     cols = st.columns(len(names))
     return np.array([cols[i].slider(f"{n} offset", -3.0, 3.0, 0.0, 0.05, key=f"pred_offset_{n}")
                      for i, n in enumerate(names)])
+
+
+def label_rule(meta: dict, bar: pd.Timedelta | None) -> LabelRule:
+    """Label horizon and threshold inputs, defaulting to the checkpoint's stored rule; the horizon is also shown
+    in time at the data's bar interval `bar`."""
+    stored, source = LabelRule.from_meta(meta)
+    c = st.columns(2)
+    horizon = int(c[0].number_input("Label horizon (bars)", 1, 500, stored.horizon, key="pred_horizon",
+                                    help=f"Default: the checkpoint's rule ({source})."))
+    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, 100 * stored.threshold, 0.05, key="pred_threshold",
+                                  help=f"Default: the checkpoint's rule ({source}).")
+    c[0].caption(f"{horizon_text(horizon, bar)} at this data's bars; default rule {source}.")
+    return LabelRule(horizon, threshold / 100)
+
+
+@st.cache_data(max_entries=2, show_spinner="Computing the feature matrix…")
+def _raw_features(prep_key: tuple, feature_set: str, _frame: pd.DataFrame) -> pd.DataFrame:
+    feats = compute_features(_frame, feature_set).reset_index(drop=True)
+    feats.insert(0, "datetime", _frame["datetime"].to_numpy()[len(_frame) - len(feats):])
+    return feats
+
+
+SHOWN_ROWS = 1_000  # rows drawn in the table; the downloads hold every row
+
+
+def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> None:
+    """The computed features (as the training pipeline made them, or as the model gets them) to view and
+    download with their timestamps, and what each simple-60 feature is (quirks included)."""
+    with st.expander("Feature matrix: view and download"):
+        ohlcv = not prepared.feature_columns
+        views = ((f"{fm.feature_set} as computed (raw)",) if ohlcv else ()) + ("model input (normalised, padded)",)
+        view = st.radio("Matrix", views, horizontal=True, key="pred_fm_view")
+        if view == views[0] and ohlcv:
+            table = _raw_features(prep_key, fm.feature_set, prepared.frame)
+        else:
+            table = pd.DataFrame(fm.values, columns=list(fm.names))
+            table.insert(0, "datetime", fm.times)
+        matrix, reference = st.tabs(["Matrix", "What each feature is"])
+        with matrix:
+            st.caption(f"{len(table):,} rows × {table.shape[1] - 1} features, one row per bar with a full "
+                       f"{WARMUP + 1}-bar window; the table shows the last {min(SHOWN_ROWS, len(table)):,} rows, the "
+                       "downloads hold all. Hover a column name for its definition and quirk.")
+            help_of = {n: feature_help(i) for i, n in enumerate(SIMPLE60_NAMES)}
+            config = {c: st.column_config.NumberColumn(help=help_of[c]) for c in table.columns if c in help_of}
+            st.dataframe(table.tail(SHOWN_ROWS), column_config=config, hide_index=True, width="stretch")
+            stem = "features_raw" if view == views[0] and ohlcv else "features_model_input"
+            download_table(table, stem, key="pred_fm_dl", label="Feature matrix as")
+        with reference:
+            st.dataframe(simple60_reference(), hide_index=True, width="stretch")
