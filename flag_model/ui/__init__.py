@@ -19,7 +19,8 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from .. import demo
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..config import ConfigError, ModelConfig
-from ..data import FeatureMatrix, IntervalCheck, check_interval, checkpoint_features
+from ..data import (FeatureMatrix, IntervalCheck, check_interval, checkpoint_features, format_timedelta,
+                   training_interval)
 from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
@@ -256,6 +257,8 @@ def sidebar() -> Loaded:
             loaded = Loaded(ckpt, None, None, ckpt.config_error)
         else:
             cfg = _assumption_widgets(ckpt.config, ckpt.digest)
+            bar, bar_source = training_interval(ckpt.meta)
+            st.sidebar.caption(f"Training bar interval: **{format_timedelta(bar)}** — {bar_source}.")
             model, err = _model(ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal, ckpt)
             if model is None:
                 st.sidebar.error(f"Does not fit — see Architecture.\n\n{md_escape(err)}")
