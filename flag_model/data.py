@@ -206,6 +206,13 @@ def read_table(src: str | Path | bytes | IO[bytes], name: str | None = None) -> 
     return df
 
 
+def csv_usecols(path: str | Path) -> range:
+    """The column positions of a CSV's header (checked like `read_table`), for readers of row ranges: a row wider
+    than the header is cut to it."""
+    with Path(path).open("rb") as f:
+        return range(len(_header_columns(f.read(limits().max_header_bytes), Path(path).name)))
+
+
 def iter_table_chunks(path: str | Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """A CSV or Parquet file in pieces of about `chunk_rows` rows, for bounded-memory streaming (header line or
     footer checked first, like `read_table`; CSV rows are cut to the header's columns)."""
@@ -221,8 +228,7 @@ def iter_table_chunks(path: str | Path, chunk_rows: int) -> Iterator[pd.DataFram
         for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
             yield batch.to_pandas()
     else:
-        columns = _header_columns(head, path.name)
-        with pd.read_csv(path, chunksize=chunk_rows, index_col=False, usecols=range(len(columns))) as reader:
+        with pd.read_csv(path, chunksize=chunk_rows, index_col=False, usecols=csv_usecols(path)) as reader:
             yield from reader
 
 
@@ -852,7 +858,7 @@ def rolling_windows(values: np.ndarray, length: int, stride: int = 1) -> np.ndar
 __all__ = [
     "BarInterval", "ColumnMapping", "DataError", "FeatureMatrix", "IntervalCheck", "Issue", "Prepared",
     "RunningMoments", "WARMUP", "bar_interval", "check_interval", "check_window", "format_timedelta",
-    "horizon_text", "training_interval", "checkpoint_features", "column_features", "default_window", "detect_columns",
+    "horizon_text", "training_interval", "checkpoint_features", "column_features", "csv_usecols", "default_window", "detect_columns",
     "drift_table", "feature_candidates", "iter_table_chunks", "parse_times", "prepare_features",
     "prepare_ohlcv", "read_table", "rolling_windows", "stored_stats",
 ]
