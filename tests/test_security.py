@@ -341,13 +341,14 @@ def _crafted_checkpoints() -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", list(_crafted_checkpoints()))
-def test_crafted_checkpoints_through_every_page(tiny_demo_path, name) -> None:
+def test_crafted_checkpoints_through_every_page(name) -> None:
     from streamlit.testing.v1 import AppTest
 
     from browser_util import app_pages
 
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
-    at.sidebar.radio(key="ckpt_source").set_value("Upload").run()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
+    at.session_state["ckpt_source"] = "Upload"  # straight to the upload: the demo is not needed
+    at.run()
     at.sidebar.file_uploader(key="ckpt_upload").upload(f"{LINK}.pt", _crafted_checkpoints()[name],
                                                        "application/octet-stream").run()
     _assert_clean(at, "sidebar")
@@ -366,8 +367,9 @@ def test_refused_uploads_show_an_inert_name_and_no_content(tiny_demo_path, monke
 
     from browser_util import app_pages
 
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
-    at.sidebar.radio(key="ckpt_source").set_value("Upload").run()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
+    at.session_state["ckpt_source"] = "Upload"
+    at.run()
     at.sidebar.file_uploader(key="ckpt_upload").upload(f"{LINK}.pt", f"PASSWORD={SECRET}\n".encode(),
                                                        "application/octet-stream").run()
     _assert_clean(at, "sidebar")
