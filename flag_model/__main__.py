@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,8 +51,9 @@ def _demo(args: argparse.Namespace) -> int:
     def report(frac: float, msg: str) -> None:
         print(f"\r[{frac:4.0%}] {msg:<70}", end="", file=sys.stderr, flush=True)
 
+    t0 = time.perf_counter()
     path = build_demo(args.size, progress=report, force=args.force)
-    print(file=sys.stderr)
+    print(f"\n{args.size} demo ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, args.out)
