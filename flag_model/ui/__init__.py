@@ -68,16 +68,16 @@ SERVER_PATHS_OFF = (f"Server paths are off on this server. The operator turns th
 
 def server_path_input(label: str, key: str, placeholder: str, where=None) -> Path | None:
     """A text field for a file inside the server folder -> its resolved path; None when empty. With no folder
-    configured the field is disabled and a caption says why. Raises ServerPathError (one message for missing and
+    configured a caption says why, and a typed path is refused without being looked at. Raises ServerPathError (one message for missing and
     not allowed)."""
     where = where or st
     root = server_folder()
-    text = where.text_input(label, key=key, placeholder=placeholder, disabled=root is None,
+    text = where.text_input(label, key=key, placeholder=placeholder,
                             help=f"A file inside the server folder {md_escape(root)} (relative to it, or its full "
                                  "path). Read on the machine running the app." if root else SERVER_PATHS_OFF)
     if root is None:
         where.caption(SERVER_PATHS_OFF)
-        if text.strip():  # typed before the option was turned off, or set in the session state
+        if text.strip():  # nothing is read, whatever the path
             raise ServerPathError(SERVER_PATHS_OFF)
         return None
     return resolve_under_root(text, root) if text.strip() else None
