@@ -68,8 +68,8 @@ SERVER_PATHS_OFF = (f"Server paths are off on this server. The operator turns th
 
 def server_path_input(label: str, key: str, placeholder: str, where=None) -> Path | None:
     """A text field for a file inside the server folder -> its resolved path; None when empty. With no folder
-    configured a caption says why, and a typed path is refused without being looked at. Raises ServerPathError (one message for missing and
-    not allowed)."""
+    configured a caption says why and a typed path is refused unread. Raises ServerPathError (one message for
+    missing and not allowed)."""
     where = where or st
     root = server_folder()
     text = where.text_input(label, key=key, placeholder=placeholder,
