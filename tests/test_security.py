@@ -297,7 +297,7 @@ def test_server_path_reads_only_inside_the_root(tiny_demo_path, monkeypatch, roo
     from browser_util import app_pages
 
     (root / "good.pt").write_bytes(tiny_demo_path.read_bytes())
-    _bars(120).to_csv(root / "bars.csv", index=False)
+    _bars(400).to_csv(root / "bars.csv", index=False)
     monkeypatch.setenv("FLAG_TRADER_SERVER_ROOT", str(root))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
     at.sidebar.radio(key="ckpt_source").set_value("Server path").run()
@@ -320,7 +320,8 @@ def test_server_path_reads_only_inside_the_root(tiny_demo_path, monkeypatch, roo
     assert any("no readable file" in e.value for e in at.error)
     at.text_input(key="pred_path").input("bars.csv").run()
     _assert_clean(at, "predictions")
-    assert not at.error and "bars.csv" in " ".join(c.value for c in at.caption)
+    assert not any("no readable file" in e.value for e in at.error), [e.value for e in at.error]
+    assert "bars\\.csv**: 400 rows" in " ".join(c.value for c in at.caption), [e.value for e in at.error]
 
 
 def _crafted_checkpoints() -> dict[str, bytes]:
@@ -379,6 +380,7 @@ def test_refused_uploads_show_an_inert_name_and_no_content(tiny_demo_path, monke
     at.session_state["pred_path"] = "missing.csv"  # the page stops at the data source instead of scoring the demo
     at.switch_page(pred).run()  # an upload takes precedence over the path
     df = _bars(120).rename(columns={"volume": LINK})
+    df["close"] = df["close"].astype(object)
     df.loc[5, "close"] = LINK
     at.file_uploader(key="pred_upload").upload(f"{LINK}.csv", df.to_csv(index=False).encode(), "text/csv").run()
     _assert_clean(at, "predictions")
