@@ -26,6 +26,7 @@ from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
 from ..tables import table_bytes
+from .layouts import fixed_or
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
@@ -286,7 +287,7 @@ def sidebar() -> Loaded:
     _keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
     try:
-        ckpt = _open_selected()
+        ckpt = fixed_or(_open_selected(), open_checkpoint_file)
     except CheckpointError as exc:
         st.sidebar.error(f"Could not open the checkpoint: {md_escape(exc)}")
         loaded = Loaded(None, None, None, str(exc))
