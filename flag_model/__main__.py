@@ -29,6 +29,24 @@ def _inspect(args: argparse.Namespace) -> int:
           f"prefixes removed: {', '.join(info['prefixes_stripped']) or 'none'}")
     print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items()))
     print("  dtypes: " + ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items()))
+    fam = info["family"]
+    print(f"family: {fam['title']} ({fam['family']}), {fam['score']:.0%} of keys ({fam['matched']}/{fam['expected']})"
+          if fam["confident"] else f"family: no confident match (closest {fam['title']}, {fam['score']:.0%})")
+    print(f"  {fam['headline']}")
+    if fam["sizes"]:
+        print(f"  sizes: {fam['sizes']}")
+    print(f"  LoRA: rank {fam['lora_rank']}" + (f" on {', '.join(fam['lora_targets'])}" if fam["lora_targets"] else "")
+          if fam["lora_rank"] else "  LoRA: none")
+    print(f"  converts to: {fam['converts_to']}")
+    if fam.get("adapter_config"):
+        a = fam["adapter_config"]
+        print(f"  adapter config: r={a.get('r')}, lora_alpha={a.get('lora_alpha')}, rsLoRA={a.get('use_rslora')}, "
+              f"targets={a.get('target_modules')}, base model={a.get('base_model_name_or_path')}; "
+              f"scale {fam['lora_scale']} ({fam['lora_scale_source']})" if fam.get("lora_scale") is not None else "")
+    if info["read_mode"] == "restricted":
+        print("  read in restricted mode: foreign objects became inert records, nothing from the file was called:")
+        for where, cls in info["foreign_objects"].items():
+            print(f"    {where}: {cls}")
     for k, v in info["metadata"].items():
         print(f"  meta {k}: {v[:100]}")
     if "config" in info:
