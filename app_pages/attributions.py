@@ -13,14 +13,14 @@ cfg = ui.loaded().config
 model_key = (ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 means, means_note = attr.feature_means(fm, ckpt.meta)
 actions = attr.action_names(cfg.n_actions)
 n = len(fm.values)
 
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-length = c1.slider("Window length", 1, min(cfg.max_length, n), min(ui.default_window(ckpt, cfg.max_length), n))
+length = ui.int_slider(c1, "Window length", 1, min(cfg.max_length, n), ui.default_window(ckpt, cfg.max_length))
 start = c2.slider("Window (first row)", 0, n - length, n - length) if n > length else 0
 choice = c3.selectbox("Explain class", ("predicted", *actions), key="attr_class")
 offset = c4.number_input("Deciding step (0 = last bar)", -(length - 1), 0, 0)
@@ -39,8 +39,8 @@ with st.expander("More options"):
     max_steps = o3.number_input("Step cap", 1, 4096, 800)
     patch = (o3.number_input("Occlusion patch: steps", 1, length, min(8, length)),
              o4.number_input("Occlusion patch: features", 1, cfg.state_dim, 1))
-    top_k = o4.slider("Top features shown", 5, cfg.state_dim, min(20, cfg.state_dim))
-st.caption(f"{name}: bars {fm.times[start]} → {fm.times[start + length - 1]} · features {fm.feature_set}, "
+    top_k = ui.int_slider(o4, "Top features shown", min(5, cfg.state_dim), cfg.state_dim, 20)
+st.caption(f"{ui.md_escape(name)}: bars {fm.times[start]} → {fm.times[start + length - 1]} · features {fm.feature_set}, "
            f"normalisation {fm.normalisation} · baseline *{baseline}*: "
            f"{means_note if baseline == attr.MEANS else attr.BASELINE_NOTES[baseline]}")
 
@@ -52,7 +52,7 @@ args = (model, fm.values, means, fm.names)
 try:
     res = aw.attribute(model_key, data_key, start, length, method, tuple(opts.items()), *args)
 except ValueError as exc:
-    st.error(f"Cannot attribute this window: {exc}")
+    st.error(f"Cannot attribute this window: {ui.md_escape(exc)}")
     st.stop()
 
 left, right = st.columns([1, 2])

@@ -22,10 +22,10 @@ def _scan(digest: str, _sd) -> tuple:
 counts, dtypes, findings = _scan(ckpt.digest, ckpt.state_dict)
 
 if ld.model is not None:
-    st.success(f"**{ckpt.source}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the reconstruction.")
+    st.success(f"**{ui.md_escape(ckpt.source)}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the reconstruction.")
 else:
-    st.error(f"**{ckpt.source}** does not load into the reconstruction. Open **Architecture check** to see why "
-             f"and fix it.\n\n```\n{ld.error}\n```")
+    st.error(f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. Open **Architecture check** "
+             f"to see why and fix it.\n\n{ui.md_escape(ld.error)}")
 
 st.subheader("Layout family")
 ui_layouts.family_panel(ui_layouts.recognition(ckpt))
@@ -63,10 +63,10 @@ with right:
 
 st.subheader("Health scan")
 for row in findings.itertuples():
-    extra = f" — e.g. `{row.examples}`" if row.examples else ""
-    st.markdown(f"{ICONS[row.level]} **{row.check}**: {row.message}{extra}")
+    extra = f" — e.g. {ui.md_escape(row.examples)}" if row.examples else ""
+    st.markdown(f"{ICONS[row.level]} **{row.check}**: {ui.md_escape(row.message)}{extra}")
 for w in ckpt.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 
 st.subheader("Stored metadata")
 meta = metadata_table(ckpt)
