@@ -48,10 +48,10 @@ st.info(f"**Assumptions** (not recoverable from the weights; change them in the 
         f"**{'pre' if cfg.norm_first else 'post'}-norm** · LoRA scale **{cfg.lora_scale:g}**.")
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 n = len(fm.values)
 c1, c2, c3 = st.columns([1, 1, 2])
-length = c1.slider("Window length", 1, min(cfg.max_length, n), min(ui.default_window(ckpt, cfg.max_length), n))
+length = ui.int_slider(c1, "Window length", 1, min(cfg.max_length, n), ui.default_window(ckpt, cfg.max_length))
 by = c2.radio("Choose the window by", ("time", "index"), horizontal=True)
 ends = fm.times[length - 1:]  # the decision bar of each window
 if len(ends) == 1:
@@ -67,7 +67,7 @@ else:
 wa = _window(ckpt.digest, assumptions, data_key, start, length, model, fm.values)
 L, H = wa.maps.shape[:2]
 probs = " · ".join(f"{a} {p:.0%}" for a, p in zip(action_names(len(wa.probs[-1])), wa.probs[-1]))
-st.caption(f"{name}: bars {fm.times[start]} → {fm.times[start + length - 1]} ({length} steps). "
+st.caption(f"{ui.md_escape(name)}: bars {fm.times[start]} → {fm.times[start + length - 1]} ({length} steps). "
            f"Decision at the last bar: {probs}.")
 
 grid_tab, zoom_tab, roll_tab, stat_tab, many_tab = st.tabs(

@@ -4,7 +4,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import attribution as attr
-from flag_model.data import rolling_windows
+from flag_model.ui import attributions as aw
 from flag_model.ui.faithfulness import faithfulness_panel
 
 st.title("Attributions")
@@ -13,33 +13,14 @@ cfg = ui.loaded().config
 model_key = (ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 means, means_note = attr.feature_means(fm, ckpt.meta)
 actions = attr.action_names(cfg.n_actions)
 n = len(fm.values)
 
 
-@st.cache_data(max_entries=32, show_spinner="Running Captum…")
-def _attribute(model_key: tuple, data_key: str, start: int, length: int, method: str, opts: tuple,
-               _model, _values, _means, _names):
-    return attr.attribute(_model, _values[start:start + length], method, feature_mean=_means,
-                          feature_names=_names, **dict(opts))
-
-
-@st.cache_data(max_entries=8, show_spinner=False)
-def _global(model_key: tuple, data_key: str, length: int, count: int, method: str, opts: tuple,
-            _model, _values, _means, _names):
-    bar = st.progress(0.0, text="Attributing many windows…")  # made here so that a cache hit shows nothing
-    windows = rolling_windows(_values, length)
-    result = attr.global_importance(
-        _model, windows, attr.evenly_spaced(len(windows), count), method, feature_mean=_means, feature_names=_names,
-        progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total} windows"), **dict(opts))
-    bar.empty()
-    return result
-
-
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-length = c1.slider("Window length", 1, min(cfg.max_length, n), min(ui.default_window(ckpt, cfg.max_length), n))
+length = ui.int_slider(c1, "Window length", 1, min(cfg.max_length, n), ui.default_window(ckpt, cfg.max_length))
 start = c2.slider("Window (first row)", 0, n - length, n - length) if n > length else 0
 choice = c3.selectbox("Explain class", ("predicted", *actions), key="attr_class")
 offset = c4.number_input("Deciding step (0 = last bar)", -(length - 1), 0, 0)
@@ -47,7 +28,7 @@ m1, m2, m3, m4 = st.columns(4)
 method = m1.selectbox("Method", attr.METHODS, key="attr_method")
 baseline = m2.selectbox("Baseline", attr.BASELINES, disabled=method not in attr.BASELINE_METHODS, key="attr_baseline")
 steps = m3.number_input("Steps (IG) / samples (GradientSHAP)", 1, 2048, 50,
-                        disabled=method not in attr.PATH_METHODS)
+                        disabled=method not in attr.PATH_METHODS, key="attr_steps")
 batch = m4.number_input("Internal batch (rows per pass)", 1, 1024, 64)
 with st.expander("More options"):
     o1, o2, o3, o4 = st.columns(4)
@@ -58,8 +39,8 @@ with st.expander("More options"):
     max_steps = o3.number_input("Step cap", 1, 4096, 800)
     patch = (o3.number_input("Occlusion patch: steps", 1, length, min(8, length)),
              o4.number_input("Occlusion patch: features", 1, cfg.state_dim, 1))
-    top_k = o4.slider("Top features shown", 5, cfg.state_dim, min(20, cfg.state_dim))
-st.caption(f"{name}: bars {fm.times[start]} → {fm.times[start + length - 1]} · features {fm.feature_set}, "
+    top_k = ui.int_slider(o4, "Top features shown", min(5, cfg.state_dim), cfg.state_dim, 20)
+st.caption(f"{ui.md_escape(name)}: bars {fm.times[start]} → {fm.times[start + length - 1]} · features {fm.feature_set}, "
            f"normalisation {fm.normalisation} · baseline *{baseline}*: "
            f"{means_note if baseline == attr.MEANS else attr.BASELINE_NOTES[baseline]}")
 
@@ -69,9 +50,9 @@ opts = dict(target=None if choice == "predicted" else actions.index(choice), pos
             auto_threshold=float(threshold) if auto else None, max_steps=int(max_steps))
 args = (model, fm.values, means, fm.names)
 try:
-    res = _attribute(model_key, data_key, start, length, method, tuple(opts.items()), *args)
+    res = aw.attribute(model_key, data_key, start, length, method, tuple(opts.items()), *args)
 except ValueError as exc:
-    st.error(f"Cannot attribute this window: {exc}")
+    st.error(f"Cannot attribute this window: {ui.md_escape(exc)}")
     st.stop()
 
 left, right = st.columns([1, 2])
@@ -101,7 +82,7 @@ st.subheader("Agreement between methods")
 chosen = st.multiselect("Methods to compare on this window", attr.METHODS,
                         [attr.IG, attr.SALIENCY, attr.IXG, attr.DEEPLIFT, attr.ABLATION])
 if st.toggle("Compare", key="attr_compare") and chosen:
-    results = [_attribute(model_key, data_key, start, length, m, tuple(opts.items()), *args) for m in chosen]
+    results = [aw.attribute(model_key, data_key, start, length, m, tuple(opts.items()), *args) for m in chosen]
     a1, a2 = st.columns(2)
     a1.plotly_chart(plots.agreement_heatmap(attr.agreement(results), "Spearman ρ of |per-feature totals|"))
     rollout = {"Attention rollout": attr.rollout_importance(model, fm.values[start:start + length], res.position)}
@@ -119,7 +100,7 @@ g_opts = {k: opts[k] for k in ("target", "position", "baseline", "steps", "inter
                                "occlusion_patch")}
 if st.button("Compute global importance", type="primary", key="attr_global") or st.session_state.get("_attr_global"):
     st.session_state["_attr_global"] = True
-    gi = _global(model_key, data_key, length, count, g_method, tuple(g_opts.items()), *args)
+    gi = aw.global_importance(model_key, data_key, length, count, g_method, tuple(g_opts.items()), *args)
     table = gi.table()
     counts = ", ".join(f"{a} {c}" for a, c in gi.class_counts().items())
     st.caption(f"{len(gi.totals)} windows in {gi.seconds:.1f} s, each explained for "

@@ -52,7 +52,7 @@ f2.metric("ΔW dominates W", int(metrics["dominating"].sum()))
 f3.metric("Outliers across blocks", int(metrics["outlier"].sum()))
 flagged = metrics[metrics["flags"] != ""]
 if len(flagged):
-    st.warning("\n".join(f"- `{p}`: {f}" for p, f in zip(flagged["path"], flagged["flags"])))
+    st.warning("\n".join(f"- {ui.md_escape(p)}: {f}" for p, f in zip(flagged["path"], flagged["flags"])))
 
 with st.expander("All metrics (table and CSV)"):
     st.dataframe(metrics, hide_index=True, width="stretch")
@@ -78,7 +78,7 @@ st.caption("ΔW has at most r non-zero singular values. Frozen random-init base 
 st.subheader("Ablation: switch adapters off")
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 blocks = sorted(metrics["block"].unique())
 modules = [m for m in SHORT_NAMES if SHORT_NAMES[m] in set(metrics["module"])]
 with st.form("lora_ablation"):
@@ -86,12 +86,12 @@ with st.form("lora_ablation"):
     chosen_blocks = a1.multiselect("Blocks", blocks, default=blocks)
     chosen_modules = a2.multiselect("Modules", modules, default=modules, format_func=SHORT_NAMES.get)
     a3, a4 = st.columns(2)
-    length = a3.slider("Window length", 1, min(cfg.max_length, len(fm.values)),
-                       min(ui.default_window(ckpt, cfg.max_length), len(fm.values)))
+    length = ui.int_slider(a3, "Window length", 1, min(cfg.max_length, len(fm.values)),
+                           ui.default_window(ckpt, cfg.max_length))
     count = a4.slider("Sample windows (spread over the data)", 4, 256, 32)
     run = st.form_submit_button("Run ablation", type="primary")
 st.caption(f"LoRA is switched off on a copy for the adapters in the chosen blocks **and** modules; the shared "
-           f"model is not touched. Windows come from {name}; the decision is the last position.")
+           f"model is not touched. Windows come from {ui.md_escape(name)}; the decision is the last position.")
 if run:
     st.session_state["_lora_ablation_on"] = True
 if st.session_state.get("_lora_ablation_on"):

@@ -3,7 +3,8 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.health import dtype_counts, findings_frame, health_scan, parameter_counts
-from flag_model.analysis.summary import config_table, file_table, metadata_table
+from flag_model.analysis.summary import config_table, file_table, foreign_table, metadata_table
+from flag_model.ui import layouts as ui_layouts
 
 ICONS = {"error": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
          "info": ":blue[:material/info:]", "ok": ":green[:material/check_circle:]"}
@@ -21,10 +22,18 @@ def _scan(digest: str, _sd) -> tuple:
 counts, dtypes, findings = _scan(ckpt.digest, ckpt.state_dict)
 
 if ld.model is not None:
-    st.success(f"**{ckpt.source}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the reconstruction.")
+    st.success(f"**{ui.md_escape(ckpt.source)}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the reconstruction.")
 else:
-    st.error(f"**{ckpt.source}** does not load into the reconstruction. Open **Architecture check** to see why "
-             f"and fix it.\n\n```\n{ld.error}\n```")
+    st.error(f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. Open **Architecture check** "
+             f"to see why and fix it.\n\n{ui.md_escape(ld.error)}")
+
+st.subheader("Layout family")
+ui_layouts.family_panel(ui_layouts.recognition(ckpt))
+if ckpt.read_mode == "restricted":
+    st.info("**Read in restricted mode.** The pickle holds Python objects of classes the safe loader refuses. Their "
+            "tensors and plain values were read; each object became an inert record of its class and fields — "
+            "nothing from the file was imported or called.")
+    st.dataframe(foreign_table(ckpt), hide_index=True, width="stretch")
 
 c = st.columns(4)
 c[0].metric("Tensors", f"{ckpt.n_tensors:,}")
@@ -59,10 +68,10 @@ with right:
 
 st.subheader("Health scan")
 for row in findings.itertuples():
-    extra = f" — e.g. `{row.examples}`" if row.examples else ""
-    st.markdown(f"{ICONS[row.level]} **{row.check}**: {row.message}{extra}")
+    extra = f" — e.g. {ui.md_escape(row.examples)}" if row.examples else ""
+    st.markdown(f"{ICONS[row.level]} **{row.check}**: {ui.md_escape(row.message)}{extra}")
 for w in ckpt.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 
 st.subheader("Stored metadata")
 meta = metadata_table(ckpt)

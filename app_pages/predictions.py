@@ -4,7 +4,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
-                                         equity_curve, evaluate, label_text, predictions_frame)
+                                         equity_curve, evaluate, label_text, predictions_frame, undecided_note)
 from flag_model.data import MODES, NORMALISATIONS, check_window, default_window, drift_table
 from flag_model.features import WARMUP
 from flag_model.ui import predictions as pw
@@ -46,7 +46,7 @@ precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key="pre
 fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
 pw.feature_matrix(prep_key, prep, fm)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 drift = drift_table(fm, ckpt.meta).sort_values("flags", key=lambda f: f == "", kind="stable")  # flagged first
 flagged = drift[drift["flags"] != ""]
 with st.expander(f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs flagged"):
@@ -54,13 +54,14 @@ with st.expander(f"Drift against the checkpoint's stored statistics — {len(fla
                  hide_index=True, width="stretch")
 issue = check_window(len(fm.values), int(window), cfg.max_length, WARMUP if kind == pw.KINDS[0] else 0)
 if issue is not None:
-    st.error(issue.message)
+    st.error(ui.md_escape(issue.message))
     st.stop()
 
 scorable = len(fm.values) - (int(window) - 1 if mode == "rolling" else 0)
-last = st.number_input("Bars to score (the most recent)", 1, scorable, min(scorable, pw.DEFAULT_SCORED),
-                       key="pred_last", help="Large files take a while on a CPU; raise this to score more history.")
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
+quick = pw.quick_bars(ckpt.digest, assumptions, precision, int(window), mode, eng, scorable)
+last = st.number_input("Bars to score (the most recent)", 1, scorable, quick, step=100, key="pred_last",
+                       help=pw.BARS_HELP.format(scorable=scorable))
 st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
            f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
@@ -73,9 +74,9 @@ st.subheader("Signals")
 offsets = pw.offsets(pred.actions)
 probs, actions = decide(pred.logits, offsets)
 shares = class_shares(actions, pred.actions)
-alarm = collapse_alarm(shares)
-if alarm:
-    st.error(alarm)
+for alarm in (collapse_alarm(shares), undecided_note(actions)):
+    if alarm:
+        st.error(alarm)
 if has_prices:
     st.plotly_chart(plots.price_signals(pred.times, pred.close, actions, pred.actions), width="stretch")
 st.plotly_chart(plots.probability_timeline(pred.times, probs, pred.actions), width="stretch")

@@ -57,7 +57,7 @@ name = st.selectbox("Tensor", names, index=first_base, key="tensors_pick")
 detail = _detail(ckpt.digest, name, ckpt.state_dict[name])
 spec = detail.spectrum
 if spec is not None:
-    (st.info if spec.looks_like_init else st.success)(f"**{name}**: {spec.verdict}")
+    (st.info if spec.looks_like_init else st.success)(f"**{ui.md_escape(name)}**: {ui.md_escape(spec.verdict)}")
 left, right = st.columns(2)
 left.plotly_chart(plots.value_histogram(detail.hist_edges, detail.hist_counts, name), width="stretch")
 if spec is not None:
@@ -80,7 +80,7 @@ if not grid.empty and grid.notna().any().any():
     st.caption("Relative change ‖b − a‖ / ‖a‖ per tensor; darkest = unchanged, blank = not in both files.")
 odd = diff[diff["status"].isin(["added", "removed", "reshaped"])]
 if len(odd):
-    st.warning(f"Keys added (only in **{other.source}**), removed (only in this file) or reshaped: {len(odd)}.")
+    st.warning(f"Keys added (only in **{ui.md_escape(other.source)}**), removed (only in this file) or reshaped: {len(odd)}.")
     st.dataframe(odd[["name", "status", "shape_a", "shape_b"]], hide_index=True, width="stretch")
 with st.expander("Every key"):
     st.dataframe(diff, hide_index=True, width="stretch")

@@ -35,7 +35,7 @@ from ..config import ModelConfig
 from ..data import DataError, FeatureMatrix, check_interval, checkpoint_features, default_window
 from ..engine import InferenceEngine, forward_flops
 from ..features import LabelRule
-from ..model import FlagTrader, load_strict
+from ..model import build_model
 from .predict import NO_LABEL, action_names, evaluate_arrays, row_labels
 
 Progress = Callable[[int, int, str], None]  # (window passes done, total, what is running)
@@ -208,9 +208,9 @@ def labelled_data(ohlcv: pd.DataFrame, meta: Mapping[str, Any], state_dim: int, 
 def _engine(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, scale: float, precision: str,
             device: str | None = None) -> InferenceEngine:
     """An engine holding the weights merged with LoRA scale `scale` (the model itself is dropped)."""
-    model = FlagTrader(cfg.with_assumptions(lora_scale=scale))
-    load_strict(model, state_dict)
-    return InferenceEngine(model.eval(), precision, device)
+    model = build_model(state_dict, num_heads=cfg.num_heads, lora_scale=scale, norm_first=cfg.norm_first,
+                        causal=cfg.causal)  # strict, shapes checked before allocating
+    return InferenceEngine(model, precision, device)
 
 
 def score_combination(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, hyp: Hypothesis,

@@ -5,10 +5,11 @@ sessions and must be treated as read-only. What a user uploads lives in their ow
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from .. import demo
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..config import ConfigError, ModelConfig
-from ..data import FeatureMatrix, IntervalCheck, check_interval, checkpoint_features
+from ..data import (FeatureMatrix, IntervalCheck, check_interval, checkpoint_features, format_timedelta,
+                   training_interval)
 from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
+from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
 from ..tables import table_bytes
+from .layouts import fixed_or
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
@@ -30,7 +34,6 @@ _DRAWN = "_flag_sidebar_run"  # token of the script run that last drew the sideb
 MARKET = "market_data"  # (name, OHLCV DataFrame) uploaded on the Predictions page
 
 SOURCES = ("Demo", "Upload", "Server path")
-_demo_lock = threading.Lock()
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
@@ -50,6 +53,66 @@ def download_table(df: pd.DataFrame, stem: str, key: str, label: str = "Download
                        on_click="ignore")
     c2.download_button(f"{label} Parquet", lambda: table_bytes(df, "parquet"), f"{stem}.parquet",
                        "application/vnd.apache.parquet", key=f"{key}_parquet", on_click="ignore")
+
+
+def server_folder() -> Path | None:
+    """The folder server paths are read under: FLAG_TRADER_SERVER_ROOT, else `server_root` in
+    .streamlit/secrets.toml; None (server paths off) when neither names a folder."""
+    configured = st.secrets.get("server_root") if st.secrets.load_if_toml_exists() else None
+    return server_root(configured if isinstance(configured, str) else None)
+
+
+SERVER_PATHS_OFF = (f"Server paths are off on this server. The operator turns them on by naming a folder in "
+                    f"{ROOT_ENV} (or `server_root` in .streamlit/secrets.toml); only files inside it can be opened. "
+                    "Upload the file instead.")
+
+
+def server_path_input(label: str, key: str, placeholder: str, where=None) -> Path | None:
+    """A text field for a file inside the server folder -> its resolved path; None when empty. With no folder
+    configured a caption says why and a typed path is refused unread. Raises ServerPathError (one message for
+    missing and not allowed)."""
+    where = where or st
+    root = server_folder()
+    text = where.text_input(label, key=key, placeholder=placeholder,
+                            help=f"A file inside the server folder {md_escape(root)} (relative to it, or its full "
+                                 "path). Read on the machine running the app." if root else SERVER_PATHS_OFF)
+    if root is None:
+        where.caption(SERVER_PATHS_OFF)
+        if text.strip():  # nothing is read, whatever the path
+            raise ServerPathError(SERVER_PATHS_OFF)
+        return None
+    return resolve_under_root(text, root) if text.strip() else None
+
+
+def int_slider(where, label: str, lo: int, hi: int, value: int, **kwargs) -> int:
+    """A slider over lo..hi, or (when the range holds one value, e.g. a model with max_length 1) that value as a
+    caption: Streamlit refuses a slider whose min equals its max."""
+    if hi <= lo:
+        where.caption(f"{label}: {lo} (the only possible value)")
+        return lo
+    return where.slider(label, lo, hi, min(max(value, lo), hi), **kwargs)
+
+
+def data_tag(data_key: str) -> str:
+    """A short widget-key tag from a hash of the whole data key (two files in one folder never share widgets)."""
+    return hashlib.sha256(data_key.encode()).hexdigest()[:16]
+
+
+class LazyProgress:
+    """A progress bar that appears only once work has run `delay` seconds, so quick work shows none.
+    Call it as `progress(fraction, message)` from the work; `done()` removes it."""
+
+    def __init__(self, delay: float = 1.0) -> None:
+        self._slot = st.empty()
+        self._start = time.monotonic()
+        self._delay = delay
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if time.monotonic() - self._start >= self._delay:
+            self._slot.progress(min(max(fraction, 0.0), 1.0), text=md_escape(message))
+
+    def done(self) -> None:
+        self._slot.empty()
 
 
 def demo_size() -> str:
@@ -101,17 +164,43 @@ def open_checkpoint_file(src: str | os.PathLike | bytes, name: str | None = None
     return _checkpoint_from_path(str(path), stat.st_mtime if stat else 0.0, stat.st_size if stat else -1)
 
 
-def _ensure_demo() -> Path:
+DEMO_SOURCE = "built-in demo"
+
+
+@st.cache_resource(max_entries=2, show_spinner="Reading the demo checkpoint…")
+def _demo_checkpoint(path: str, mtime: float, size: int) -> Checkpoint:
+    """The demo checkpoint, named as the built-in demo rather than by its cache path."""
+    return dataclasses.replace(load_checkpoint(path), source=DEMO_SOURCE)
+
+
+def _open_demo() -> Checkpoint | None:
+    """The cached demo checkpoint; None while it is being built in the background (never blocks)."""
     size = demo_size()
     path = demo.demo_path(size)
-    if path.exists():
-        return path
-    with _demo_lock:  # one build per process, other sessions wait for it
-        if not path.exists():
-            bar = st.progress(0.0, text="Building the demo checkpoint (once, about two minutes)…")
-            demo.build_demo(size, progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg))
-            bar.empty()
-    return path
+    if not path.exists():
+        demo.start_build(size)  # one build per process, shared by every session
+        return None
+    stat = path.stat()
+    return _demo_checkpoint(str(path), stat.st_mtime, stat.st_size)
+
+
+def _build_text(status: demo.BuildStatus) -> str:
+    left = "estimating the time left" if status.seconds_left is None else f"about {status.seconds_left:.0f} s left"
+    return f"Building the demo checkpoint (once): {status.message} — {left}"
+
+
+@st.fragment(run_every=1.0)
+def _build_progress() -> None:
+    """Progress of the background demo build, refreshed every second; reruns the page when it is done."""
+    statuses = demo.running_builds()
+    for status in statuses:
+        if status.error:
+            st.error(f"The demo checkpoint could not be built: {md_escape(status.error)}. "
+                     "Reload the page to try again; Upload and Server path work meanwhile.")
+        else:
+            st.progress(min(status.fraction, 1.0), text=_build_text(status))
+    if not statuses:
+        st.rerun()  # the build finished: rerun the page, which then shows the demo (and no more of this)
 
 
 # Sidebar widgets are drawn inside each page's run, so Streamlit treats them as that page's widgets and would
@@ -136,7 +225,7 @@ def _remember_upload() -> None:
 def _open_selected() -> Checkpoint | None:
     source = st.sidebar.radio("Checkpoint source", SOURCES, key="ckpt_source", horizontal=True)
     if source == "Demo":
-        return open_checkpoint_file(_ensure_demo())
+        return _open_demo()
     if source == "Upload":
         up = st.sidebar.file_uploader(
             "Checkpoint file", type=["pt", "pth", "bin", "safetensors"], key=_UPLOAD, on_change=_remember_upload,
@@ -147,11 +236,13 @@ def _open_selected() -> Checkpoint | None:
         kept = st.session_state.get(_KEPT_UPLOAD)
         if kept is None:
             return None
-        st.sidebar.caption(f"Using **{kept[0]}**, uploaded earlier in this session.")
+        st.sidebar.caption(f"Using **{md_escape(kept[0])}**, uploaded earlier in this session.")
         return open_checkpoint_file(kept[1], kept[0])
-    path = st.sidebar.text_input("Path on the server", key="ckpt_path", placeholder="/data/flag_trader_best.pt",
-                                 help="For files larger than the upload limit. Read on the machine running the app.")
-    return open_checkpoint_file(path) if path.strip() else None
+    try:
+        path = server_path_input("Path on the server", "ckpt_path", "flag_trader_best.pt", st.sidebar)
+    except ServerPathError as exc:
+        raise CheckpointError(str(exc)) from None
+    return open_checkpoint_file(path) if path is not None else None
 
 
 def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
@@ -167,12 +258,16 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
     chosen = st.session_state[f"heads_{tag}"]  # e.g. adopted from Hypotheses: may be a divisor above 64
     heads_options = sorted({h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0} | {cfg.num_heads}
                            | ({chosen} if isinstance(chosen, int) and chosen > 0 and cfg.d_model % chosen == 0 else set()))
-    heads = sb.selectbox("Attention heads", heads_options, key=f"heads_{tag}", help=cfg.provenance.get("num_heads"))
+
+    def why(name: str) -> str:  # provenance names keys and stored values from the file: shown inert
+        return md_escape(cfg.provenance.get(name, ""))
+
+    heads = sb.selectbox("Attention heads", heads_options, key=f"heads_{tag}", help=why("num_heads"))
     scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=f"scale_{tag}",
-                            help=cfg.provenance.get("lora_scale"))
+                            help=why("lora_scale"))
     norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=f"norm_{tag}",
-                    help=cfg.provenance.get("norm_first"))
-    causal = sb.toggle("Causal mask", key=f"causal_{tag}", help=cfg.provenance.get("causal"))
+                    help=why("norm_first"))
+    causal = sb.toggle("Causal mask", key=f"causal_{tag}", help=why("causal"))
     return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
 
 
@@ -204,28 +299,38 @@ def sidebar() -> Loaded:
     st.session_state[_DRAWN] = token
     _keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
+    if st.session_state.get("ckpt_source", SOURCES[0]) == "Demo" and not demo.demo_path(demo_size()).exists():
+        demo.start_build(demo_size())  # in the background, before the progress below is drawn
+    if demo.running_builds():  # right under the header: the same place in every run, so it is never drawn twice
+        with st.sidebar:
+            _build_progress()
     try:
-        ckpt = _open_selected()
+        ckpt = fixed_or(_open_selected(), open_checkpoint_file)
     except CheckpointError as exc:
-        st.sidebar.error(f"Could not open the checkpoint: {exc}")
+        st.sidebar.error(f"Could not open the checkpoint: {md_escape(exc)}")
         loaded = Loaded(None, None, None, str(exc))
     else:
-        if ckpt is None:
+        if ckpt is None and st.session_state.get("ckpt_source", SOURCES[0]) == "Demo":
+            loaded = Loaded(None, None, None, "the built-in demo is being built — its progress is in the sidebar; "
+                                              "Upload and Server path work meanwhile")
+        elif ckpt is None:
             st.sidebar.info("Choose a checkpoint file.")
             loaded = Loaded(None, None, None, "no checkpoint chosen")
         elif ckpt.config is None:
             st.sidebar.error(f"{ckpt.n_tensors} tensors read, but the file does not fit — see Architecture.\n\n"
-                             f"{ckpt.config_error}")
+                             f"{md_escape(ckpt.config_error)}")
             loaded = Loaded(ckpt, None, None, ckpt.config_error)
         else:
             cfg = _assumption_widgets(ckpt.config, ckpt.digest)
+            bar, bar_source = training_interval(ckpt.meta)
+            st.sidebar.caption(f"Training bar interval: **{format_timedelta(bar)}** — {bar_source}.")
             model, err = _model(ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal, ckpt)
             if model is None:
-                st.sidebar.error(f"Does not fit — see Architecture.\n\n{err}")
+                st.sidebar.error(f"Does not fit — see Architecture.\n\n{md_escape(err)}")
             else:
                 st.sidebar.success(f"{ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly")
             for w in ckpt.warnings:
-                st.sidebar.warning(w)
+                st.sidebar.warning(md_escape(w))
             loaded = Loaded(ckpt, model, cfg, err)
     st.session_state[LOADED] = loaded
     return loaded
@@ -240,7 +345,7 @@ def require_checkpoint() -> Checkpoint:
     """The open checkpoint, or a message and a stop of this page's script."""
     ld = loaded()
     if ld.ckpt is None:
-        st.info(f"Open a checkpoint in the sidebar first ({ld.error}).")
+        st.info(f"Open a checkpoint in the sidebar first ({md_escape(ld.error)}).")
         st.stop()
     return ld.ckpt
 
@@ -251,7 +356,7 @@ def require_model() -> tuple[Checkpoint, FlagTrader]:
     ld = loaded()
     if ld.model is None:
         st.error(f"This checkpoint does not load into the reconstruction, so this page cannot run. "
-                 f"The Architecture page shows why.\n\n{ld.error}")
+                 f"The Architecture page shows why.\n\n{md_escape(ld.error)}")
         st.stop()
     return ckpt, ld.model
 
@@ -314,12 +419,12 @@ def second_checkpoint(key: str, prompt: str) -> Checkpoint:
     """Upload or server-path widgets for a checkpoint to compare with; stops the page (with `prompt`) until one
     is chosen, and shows a CheckpointError in red instead of failing."""
     up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key=f"{key}_second_upload")
-    path = st.text_input("…or its path on the server", key=f"{key}_second_path")
-    if up is None and not path.strip():
-        st.info(prompt)
-        st.stop()
     try:
-        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else open_checkpoint_file(path.strip())
-    except CheckpointError as exc:
-        st.error(f"Could not open the second checkpoint: {exc}")
+        path = server_path_input("…or its path on the server", f"{key}_second_path", "other_checkpoint.pt")
+        if up is None and path is None:
+            st.info(prompt)
+            st.stop()
+        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else open_checkpoint_file(path)
+    except (CheckpointError, ServerPathError) as exc:
+        st.error(f"Could not open the second checkpoint: {md_escape(exc)}")
         st.stop()

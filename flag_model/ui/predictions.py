@@ -7,7 +7,7 @@ precision (it holds its own weight copies, so the shared model is never touched)
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import time
 
 import numpy as np
 import pandas as pd
@@ -22,10 +22,16 @@ from ..data import horizon_text
 from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
 from . import download_table
 from ..model import FlagTrader
+from ..server_paths import ServerPathError
+from . import data_tag, md_escape, server_path_input
 
 UPLOAD_KEY = "pred_upload"
 KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
-DEFAULT_SCORED = 20_000  # bars scored by default: about a minute for the 12-block model on two CPU cores
+QUICK_SECONDS = 1.5  # the default scores what this machine does in about this long, so the page opens in ~3 s
+QUICK_BARS = (200, 5_000)  # ...but never fewer or more bars than these
+BARS_HELP = (f"By default what this machine scores in about {QUICK_SECONDS:g} s; raise it to score more history "
+             "(up to all {scorable:,}, with a progress bar).")
+_KEPT_RESULT = "_pred_result"  # (settings, Predictions) of this session's last scoring
 _NONE = "—"
 
 
@@ -44,21 +50,19 @@ def data_source() -> tuple[str, str, pd.DataFrame] | None:
     An unreadable file gives an error and stops the page."""
     up = st.file_uploader("Market data: CSV or Parquet with OHLCV bars or feature columns",
                           type=["csv", "parquet", "pq"], key=UPLOAD_KEY)
-    path = st.text_input("…or a path on the server (for files above the upload limit)", key="pred_path",
-                         placeholder="/data/ETH_USDT_5m.csv")
     try:
+        path = server_path_input("…or a path on the server (for files above the upload limit)", "pred_path",
+                                 "ETH_USDT_5m.csv")
         if up is not None:
             data = up.getvalue()
             digest = hashlib.sha256(data).hexdigest()
             return up.name, digest, _read_bytes(digest, up.name, data)
-        if path.strip():
-            p = Path(path.strip()).expanduser().resolve()
-            if not p.is_file():
-                raise DataError(f"no file at {p}; check the path (it is read on the machine running the app).")
-            stat = p.stat()
-            return p.name, f"{p}:{stat.st_mtime}:{stat.st_size}", _read_path(str(p), stat.st_mtime, stat.st_size)
-    except DataError as exc:
-        st.error(str(exc))
+        if path is not None:
+            stat = path.stat()
+            return (path.name, f"{path}:{stat.st_mtime}:{stat.st_size}",
+                    _read_path(str(path), stat.st_mtime, stat.st_size))
+    except (DataError, ServerPathError, OSError) as exc:
+        st.error(f"Could not read the market data: {md_escape(exc)}")
         st.stop()
     return None
 
@@ -68,7 +72,7 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
     """Input kind, column mapping (detected by name, editable), feature columns in order, price column for
     labels (feature mode) and the repair switch. Widget keys carry the data key: a new file starts from
     its own detected mapping."""
-    tag = data_key[:16]
+    tag = data_tag(data_key)
     detected = detect_columns(df.columns)
     columns = [str(c) for c in df.columns]
     options = [_NONE, *columns]
@@ -114,7 +118,7 @@ def prepare(data_key: str, kind: str, mapping: ColumnMapping, features: tuple[st
 def show_issues(issues: tuple[Issue, ...], limit: int = 12) -> None:
     """Errors in red, warnings in orange; a long list is cut with a count."""
     for issue in issues[:limit]:
-        (st.error if issue.severity == "error" else st.warning)(issue.message)
+        (st.error if issue.severity == "error" else st.warning)(md_escape(issue.message))
     if len(issues) > limit:
         st.caption(f"…and {len(issues) - limit} more.")
 
@@ -133,13 +137,47 @@ def engine(digest: str, assumptions: tuple, precision: str, _model: FlagTrader) 
     return InferenceEngine(_model, precision)
 
 
+@st.cache_resource(max_entries=8, show_spinner="Timing the engine…")
+def _bars_per_second(digest: str, assumptions: tuple, precision: str, window: int, mode: str,
+                     _engine: InferenceEngine) -> float:
+    """Bars this engine scores per second at this window and mode, timed once per process on 16 windows."""
+    probe = np.zeros((16, window, _engine.config.state_dim), np.float32)
+    last_only = mode == "rolling"
+    _engine.run(probe[:2], last_only)  # the first call pays one-time kernel set-up
+    start = time.perf_counter()
+    _engine.run(probe, last_only)
+    return len(probe) * (1 if last_only else window) / max(time.perf_counter() - start, 1e-6)
+
+
+def quick_bars(digest: str, assumptions: tuple, precision: str, window: int, mode: str, engine: InferenceEngine,
+               scorable: int) -> int:
+    """The default number of most recent bars to score: about QUICK_SECONDS of work on this machine, in
+    hundreds, within QUICK_BARS and at most `scorable`."""
+    rate = _bars_per_second(digest, assumptions, precision, window, mode, engine)
+    bars = int(rate * QUICK_SECONDS) // 100 * 100
+    return max(1, min(scorable, max(QUICK_BARS[0], min(QUICK_BARS[1], bars))))
+
+
 @st.cache_data(max_entries=6, show_spinner=False)
-def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
-                window: int, mode: str, last: int, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
+def _predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
+                 window: int, mode: str, last: int, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
     bar = st.progress(0.0, text="Running the model…")  # made here so that a cache hit replays nothing visible
     pred = predict_features(_fm, _engine, window, mode, last=last,
                             progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} windows"))
     bar.empty()
+    return pred
+
+
+def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
+                window: int, mode: str, last: int, engine: InferenceEngine, fm: FeatureMatrix) -> Predictions:
+    """Scores of the `last` most recent bars, with a progress bar; this session keeps its latest result, so
+    coming back to the page never scores again (the shared cache may have dropped it for other sessions')."""
+    settings = (digest, assumptions, precision, prep_key, normalisation, window, mode, last)
+    kept = st.session_state.get(_KEPT_RESULT)
+    if kept is not None and kept[0] == settings:
+        return kept[1]
+    pred = _predictions(*settings, engine, fm)
+    st.session_state[_KEPT_RESULT] = (settings, pred)
     return pred
 
 

@@ -8,7 +8,18 @@ import streamlit as st
 from .. import plots
 from ..analysis import whatif as wi
 from ..data import FeatureMatrix
-from . import download_table
+from . import download_table, int_slider
+
+
+def requested(clicked: bool, key: str, settings: tuple) -> bool:
+    """Whether on-demand work should show: its button was pressed for exactly these settings, now or earlier in
+    this session. Changed settings show a note instead of silently recomputing (the work can take minutes)."""
+    if clicked:
+        st.session_state[key] = settings
+    stored = st.session_state.get(key)
+    if stored is not None and stored != settings:
+        st.info("The settings changed since the last run: press the button to run it for these.")
+    return stored == settings
 
 
 def pick_window(fm: FeatureMatrix, default_length: int, max_length: int, key: str,
@@ -17,7 +28,7 @@ def pick_window(fm: FeatureMatrix, default_length: int, max_length: int, key: st
     With `length` given only the time is asked (e.g. a second window of the same length)."""
     n = len(fm.values)
     if length is None:
-        length = st.slider("Window length", 1, min(max_length, n), min(default_length, n), key=f"{key}_len")
+        length = int_slider(st, "Window length", 1, min(max_length, n), default_length, key=f"{key}_len")
     ends = fm.times[length - 1:]  # the decision bar of each window
     if len(ends) == 1:
         return 0, length
