@@ -196,16 +196,33 @@ def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> A
             return _refuse(name, ", ".join(refused[:5]))
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
         raise CheckpointError(
-            f"{name}: the safe loader refused this pickle ({(detail.group(1) if detail else msg.splitlines()[0])[:200]}). "
+            f"{name}: the safe loader refused this pickle ({_brief(detail.group(1) if detail else msg.splitlines()[0])}). "
             "It holds something other than tensors and plain values; it was not executed. "
             "Re-save only the state dict (torch.save(model.state_dict(), path)) from trusted code."
         ) from None
     except Exception as exc:  # noqa: BLE001 - whatever a damaged archive makes torch raise is a damaged file
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = _brief(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"{name}: the {fmt} archive is damaged or truncated ({first}). "
             "Copy the file again (check its size against the original) or re-save it."
         ) from None
+
+
+def _brief(text: str, limit: int = 200) -> str:
+    """A library's error message cut to whole sentences within `limit` characters (never mid-sentence);
+    a first sentence longer than that is cut at a word and marked with '…'."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text.rstrip(".")
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    out = sentences[0]
+    for sentence in sentences[1:]:
+        if len(out) + 1 + len(sentence) > limit:
+            break
+        out += " " + sentence
+    if len(out) > limit:
+        out = out[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+    return out.rstrip(".")  # it is quoted in parentheses inside a sentence
 
 
 def _refuse(name: str, what: str) -> Any:
@@ -231,7 +248,7 @@ def _safetensors_load(name: str, path: Path | None, data: bytes | None) -> tuple
         metadata = json.loads(header).get("__metadata__") or {}
     except Exception as exc:  # noqa: BLE001 - SafetensorError, bad JSON, a header that is not an object...
         raise CheckpointError(
-            f"{name}: the safetensors file is damaged or truncated ({str(exc)[:200]}). Copy or export it again."
+            f"{name}: the safetensors file is damaged or truncated ({_brief(str(exc))}). Copy or export it again."
         ) from None
     return tensors, metadata
 

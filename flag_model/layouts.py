@@ -803,7 +803,10 @@ def explain(file: Mapping[str, Any], target: Mapping[str, Any], ranking: pd.Data
     for p in sorted(_prefixes(unexpected), key=len, reverse=True):
         n = sum(1 for k in unexpected if k.startswith(p) and k[len(p):] in ts)
         if n:
-            out.append(Explanation("prefix", f"{n} file keys carry the prefix '{p}' that the target does not have "
+            carrying = sum(1 for k in F if k.startswith(p))
+            who = f"all {carrying}" if carrying == len(F) else f"{carrying} of the {len(F)}"
+            out.append(Explanation("prefix", f"{who} file keys carry the prefix '{p}' that the target does not have; "
+                                   f"without it {n} of them match a target key "
                                    f"(e.g. '{next(k for k in unexpected if k.startswith(p) and k[len(p):] in ts)}').",
                                    (f"strip_prefix:{p}",)))
             break

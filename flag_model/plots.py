@@ -103,21 +103,31 @@ def spectrum_vs_init(singular_values: np.ndarray, expected: np.ndarray, edge: fl
 def change_heatmap(grid: pd.DataFrame) -> go.Figure:
     """blocks × in-block tensors of the relative change ‖b − a‖ / ‖a‖ between two checkpoints (log10 colour).
 
-    Unchanged tensors get the bottom colour, an infinite change (a all zero) the top one; blank cells are
-    tensors one of the files does not have.
+    Unchanged tensors are light grey, an infinite change (a all zero, b not) red with "∞" — neither takes a colour
+    of the finite scale; blank cells are tensors one of the files does not have. When nothing changed (identical
+    files) there is no colour bar, only a note.
     """
     z = grid.to_numpy(dtype=float)
     finite = z[np.isfinite(z) & (z > 0)]
-    lo, hi = (np.log10(finite.min()) - 0.5, np.log10(finite.max())) if finite.size else (-1.0, 0.0)
+    lo, hi = (np.log10(finite.min()), np.log10(finite.max())) if finite.size else (0.0, 0.0)
+    if hi - lo < 1e-9:  # one distinct value: give the scale some width around it
+        lo, hi = lo - 0.5, hi + 0.5
     with np.errstate(divide="ignore", invalid="ignore"):
-        logz = np.where(z > 0, np.log10(z), lo)
-    logz = np.where(np.isinf(z), hi, np.where(np.isnan(z), np.nan, logz))
+        logz = np.where(np.isfinite(z) & (z > 0), np.log10(z), np.nan)
     text = np.vectorize(lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else "0 (unchanged)" if v == 0
                                                           else f"{v:.3g}"))(z)
-    fig = go.Figure(go.Heatmap(z=logz, x=[str(c) for c in grid.columns], y=[f"block {b}" for b in grid.index],
-                               colorscale="Viridis", zmin=lo, zmax=hi, customdata=text,
-                               colorbar=dict(title="log10 rel. change"),
-                               hovertemplate="%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"))
+    x, y = [str(c) for c in grid.columns], [f"block {b}" for b in grid.index]
+    hover = "%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"
+    special = np.where(z == 0, 0.0, np.where(np.isposinf(z), 1.0, np.nan))  # unchanged / infinite
+    fig = go.Figure(go.Heatmap(z=special, x=x, y=y, zmin=0, zmax=1, showscale=False, customdata=text,
+                               colorscale=[[0, "#e4e7eb"], [0.5, "#e4e7eb"], [0.5, "#d62728"], [1, "#d62728"]],
+                               text=np.where(np.isposinf(z), "∞", ""), texttemplate="%{text}", hovertemplate=hover))
+    if finite.size:
+        fig.add_trace(go.Heatmap(z=logz, x=x, y=y, colorscale="Viridis", zmin=lo, zmax=hi, customdata=text,
+                                 colorbar=dict(title="log10 rel. change"), hovertemplate=hover))
+    else:
+        changed = "no finite change" if np.isposinf(z).any() else "identical: every shared tensor is unchanged"
+        fig.add_annotation(text=changed, showarrow=False, xref="paper", yref="paper", x=0.5, y=1.08)
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(tickangle=-45)
     fig.update_layout(height=max(260, 28 * len(grid) + 180), margin=dict(l=10, r=10, t=30, b=10))
@@ -169,7 +179,8 @@ def lora_heatmap(grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: 
     """blocks × modules heatmap of one metric (`grid`), every metric on hover, flags drawn as symbols.
 
     An invisible marker sits on each cell so that clicking a cell selects it (plotly heatmaps emit no
-    point selection); the symbols are ✕ dead, ▲ ΔW dominates W, ! outlier across blocks.
+    point selection); the symbols are ✕ dead, ▲ ΔW dominates W, ! outlier across blocks, ? NaN/Inf. An adapter
+    without a colour (a dead one on a log scale, a NaN) gets a grey cell with a dark symbol, never white on white.
     """
     z = grid.to_numpy(dtype=float)
     if log:
@@ -178,14 +189,23 @@ def lora_heatmap(grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: 
     x = [str(c) for c in grid.columns]
     y = [f"block {b}" for b in grid.index]
     custom, template = _cell_hover(metrics, grid, labels)
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", hoverinfo="skip",
-                               colorbar=dict(title=("log10 " if log else "") + label)))
     flags = metrics.set_index(["block", "module"]).reindex(pd.MultiIndex.from_product([grid.index, grid.columns]))
-    symbols = [("✕" if d else "") + ("▲" if m else "") + ("!" if o else "") for d, m, o in
-               zip(flags["dead"].fillna(False), flags["dominating"].fillna(False), flags["outlier"].fillna(False))]
+    present = flags["path"].notna().to_numpy().reshape(z.shape)
+    blank = present & ~np.isfinite(z)
+    fig = go.Figure(go.Heatmap(z=np.where(blank, 0.0, np.nan), x=x, y=y, colorscale=[[0, "#c9ced6"], [1, "#c9ced6"]],
+                               showscale=False, hoverinfo="skip"))
+    if np.isfinite(z).any():
+        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", hoverinfo="skip",
+                                 colorbar=dict(title=("log10 " if log else "") + label)))
+    def flag(col: str) -> np.ndarray:
+        return flags[col].fillna(False).astype(bool).to_numpy() if col in flags else np.zeros(len(flags), bool)
+    bad = flag("bad_base") | flag("bad_lora")
+    symbols = [("?" if b else "") + ("✕" if d else "") + ("▲" if m else "") + ("!" if o else "") for b, d, m, o in
+               zip(bad, flag("dead"), flag("dominating"), flag("outlier"))]
+    colours = np.where(blank.ravel(), "#1f2a36", "white")
     gx, gy = np.meshgrid(x, y)
     fig.add_trace(go.Scatter(
-        x=gx.ravel(), y=gy.ravel(), mode="markers+text", text=symbols, textfont=dict(color="white", size=16),
+        x=gx.ravel(), y=gy.ravel(), mode="markers+text", text=symbols, textfont=dict(color=list(colours), size=16),
         marker=dict(size=28, symbol="square", color="rgba(0,0,0,0)"), customdata=custom.reshape(-1, custom.shape[-1]),
         hovertemplate=template, showlegend=False,
     ))
@@ -409,6 +429,12 @@ def class_breakdown_bars(table: pd.DataFrame, names: tuple[str, ...], top_k: int
 MAX_LINE_POINTS = 5_000  # long time series are thinned (or bin-averaged) to this many points
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, 22nd, 101st…"""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _bins(n: int, max_points: int = MAX_LINE_POINTS) -> int:
     """Bars per plotted point so that at most max_points are drawn."""
     return max(1, -(-n // max_points))
@@ -437,7 +463,7 @@ def price_signals(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarra
         idx = np.flatnonzero(actions == names.index(name))
         step = max(1, -(-len(idx) // max_markers))
         idx = idx[::step]
-        label = f"{name} ({'every ' + str(step) + 'th, ' if step > 1 else ''}{len(idx):,} shown)"
+        label = f"{name} ({'every ' + ordinal(step) + ', ' if step > 1 else ''}{len(idx):,} shown)"
         fig.add_trace(go.Scattergl(x=times[idx], y=close[idx], mode="markers", name=label,
                                    marker=dict(symbol=symbol, size=7, color=ACTION_COLORS[name])))
     fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="close",
