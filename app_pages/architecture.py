@@ -66,10 +66,10 @@ st.caption("One tree over the keys of both sides: green matched, red mis-shaped,
            "purple unexpected (file only), yellow mixed. Click a box to zoom.")
 bad = table[table["status"] != "matched"]
 if len(bad):
-    st.dataframe(bad.style.apply(lambda r: [STYLE[r["status"]]] * len(r), axis=1), hide_index=True,
-                 width="stretch", height=min(400, 38 + 35 * len(bad)))
+    ui.table(bad.style.apply(lambda r: [STYLE[r["status"]]] * len(r), axis=1), "key_differences", "arch_bad",
+             height=min(400, 38 + 35 * len(bad)))
 with st.expander("Every key, aligned"):
-    st.dataframe(table, hide_index=True, width="stretch")
+    ui.table(table, "keys_aligned", "arch_keys")
 
 notes = layouts.explain(sd, target, ranking)
 if notes:

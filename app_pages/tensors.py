@@ -77,10 +77,11 @@ for col, status in zip(c, ("same", "changed", "reshaped", "added", "removed")):
 grid = tensors.diff_grid(diff)
 if not grid.empty and grid.notna().any().any():
     st.plotly_chart(plots.change_heatmap(grid), width="stretch")
-    st.caption("Relative change ‖b − a‖ / ‖a‖ per tensor; darkest = unchanged, blank = not in both files.")
+    st.caption("Relative change ‖b − a‖ / ‖a‖ per tensor (log colour); grey = unchanged, red ∞ = changed from all "
+               "zeros (infinite relative change), blank = not in both files.")
 odd = diff[diff["status"].isin(["added", "removed", "reshaped"])]
 if len(odd):
     st.warning(f"Keys added (only in **{other.source}**), removed (only in this file) or reshaped: {len(odd)}.")
-    st.dataframe(odd[["name", "status", "shape_a", "shape_b"]], hide_index=True, width="stretch")
+    ui.table(odd[["name", "status", "shape_a", "shape_b"]], "keys_added_removed", "tensors_odd")
 with st.expander("Every key"):
-    st.dataframe(diff, hide_index=True, width="stretch")
+    ui.table(diff, "tensor_diff", "tensors_diff")

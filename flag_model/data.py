@@ -459,6 +459,21 @@ def check_window(n_rows: int, window: int, max_length: int, warmup: int = 0) -> 
     return None
 
 
+def bar_interval_text(times: Sequence[Any] | pd.Series | pd.DatetimeIndex) -> str:
+    """The median spacing of consecutive bars in words ("5 min", "1 h", "1 day"); "one bar" for fewer than two."""
+    t = pd.DatetimeIndex(times)
+    if len(t) < 2:
+        return "one bar"
+    step = pd.Timedelta(np.median(np.diff(t.as_unit("ns").asi8)), "ns")
+    for unit, name in ((pd.Timedelta(days=1), "day"), (pd.Timedelta(hours=1), "h"), (pd.Timedelta(minutes=1), "min"),
+                       (pd.Timedelta(seconds=1), "s")):
+        if step >= unit:
+            count = step / unit
+            text = f"{count:g}" if count == int(count) else f"{count:.2g}"
+            return f"{text} {name}{'s' if name == 'day' and count != 1 else ''}"
+    return str(step)
+
+
 def default_window(meta: Mapping[str, Any], max_length: int) -> int:
     """The window the checkpoint's metadata names (top level or in its config), else 64; at most max_length."""
     cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}

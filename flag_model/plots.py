@@ -321,11 +321,15 @@ def head_stat_heatmap(stats: pd.DataFrame, column: str, label: str,
     return fig
 
 
-def future_by_query_lines(future: np.ndarray) -> go.Figure:
-    """Share of attention on later positions per query step, one line per layer (mean over heads)."""
+def future_by_query_lines(future: np.ndarray, uniform: np.ndarray | None = None) -> go.Figure:
+    """Share of attention on later positions per query step, one line per layer (mean over heads), and the
+    share uniform attention would give (dotted)."""
     L, S = future.shape
     x = np.arange(S) - (S - 1)
     fig = go.Figure([go.Scatter(x=x, y=future[i], name=f"layer {i}", mode="lines") for i in range(L)])
+    if uniform is not None:
+        fig.add_trace(go.Scatter(x=x, y=uniform, name="uniform attention", mode="lines",
+                                 line=dict(color="#7f7f7f", dash="dot", width=2)))
     fig.update_layout(height=300, xaxis_title="query step (0 = decision bar)", yaxis_title="share on future keys",
                       yaxis_range=[0, 1], margin=dict(l=10, r=10, t=30, b=10))
     return fig

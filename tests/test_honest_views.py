@@ -88,3 +88,15 @@ def test_truncated_file_message_is_complete_sentences():
     inner = str(err.value).split("(", 1)[1].rsplit(")", 1)[0]
     assert not inner.endswith(("is", "file", "the")) and (inner.endswith(("error", "…")) or len(inner) < 200)
     assert str(err.value).endswith("re-save it.")
+
+
+def test_the_status_names_each_assumption_and_who_set_it():
+    from flag_model.analysis.summary import assumptions_line
+
+    cfg = make_model().config  # no stored config: everything assumed
+    assert assumptions_line(cfg, cfg) == "4 heads (assumed) · post-norm (assumed) · no mask (assumed) · LoRA scale 1 (assumed)"
+    changed = cfg.with_assumptions(num_heads=2, causal=True)
+    assert assumptions_line(cfg, changed) == "2 heads (set) · post-norm (assumed) · causal mask (set) · LoRA scale 1 (assumed)"
+    stored = load_checkpoint(save_bytes({"model_state_dict": make_model().state_dict(),
+                                         "config": {"num_heads": 4, "norm_first": True}})).config
+    assert assumptions_line(stored, stored).startswith("4 heads (stored) · pre-norm (stored) · no mask (assumed)")

@@ -28,6 +28,24 @@ def config_table(cfg: ModelConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def assumptions_line(file_config: ModelConfig, current: ModelConfig) -> str:
+    """The assumptions in use, each marked with where its value comes from, for the load status:
+    "8 heads (assumed) · post-norm (assumed) · no mask (assumed) · LoRA scale 1 (assumed)". A value the user
+    changed from the file's default is marked "(set)", one read from the stored training config "(stored)"."""
+    words = {"num_heads": f"{current.num_heads} heads", "norm_first": "pre-norm" if current.norm_first else "post-norm",
+             "causal": "causal mask" if current.causal else "no mask", "lora_scale": f"LoRA scale {current.lora_scale:g}"}
+    parts = []
+    for name in ("num_heads", "norm_first", "causal", "lora_scale"):
+        if getattr(current, name) != getattr(file_config, name):
+            mark = "set"
+        elif "stored config" in file_config.provenance.get(name, ""):
+            mark = "stored"
+        else:
+            mark = "assumed"
+        parts.append(f"{words[name]} ({mark})")
+    return " · ".join(parts)
+
+
 def lora_targets_text(targets: tuple[str, ...], n_blocks: int) -> str:
     """Which projections carry LoRA, in words: "q, k, v, out, ffn.0, ffn.3 in all 12 blocks (72 adapters)";
     blocks are named when the projections differ between them."""

@@ -13,15 +13,21 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ..analysis.predict import Predictions, predict_features
+from .. import plots
+from ..analysis.bootstrap import N_BOOT
+from ..analysis.predict import (Predictions, decision_rows, equity_curve, evaluate, label_text,
+                                predict_features)
 from ..data import (ColumnMapping, DataError, FeatureMatrix, Issue, Prepared, checkpoint_features,
-                    column_features, detect_columns, feature_candidates, prepare_features, prepare_ohlcv,
-                    read_table)
+                    column_features, detect_columns, drift_table, feature_candidates, prepare_features,
+                    prepare_ohlcv, read_table)
 from ..engine import InferenceEngine
-from ..features import WARMUP
+from ..features import WARMUP, LabelRule
 from ..model import FlagTrader
+from . import download_table, md_escape, upload_limit_note
+from .session import bounded
 
 UPLOAD_KEY = "pred_upload"
+_KEPT_UPLOAD = "_flag_kept_market_upload"  # (name, bytes) of this session's uploaded market data
 KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
 DEFAULT_SCORED = 20_000  # bars scored by default: about a minute for the 12-block model on two CPU cores
 _NONE = "—"
@@ -37,24 +43,42 @@ def _read_path(path: str, mtime: float, size: int) -> pd.DataFrame:
     return read_table(path)
 
 
-def data_source() -> tuple[str, str, pd.DataFrame] | None:
-    """An uploaded file or a server path as (name, data key, raw frame); None when neither is given.
-    An unreadable file gives an error and stops the page."""
+def _remember_upload() -> None:
+    up = st.session_state.get(UPLOAD_KEY)
+    st.session_state[_KEPT_UPLOAD] = (up.name, up.getvalue()) if up is not None else None
+
+
+def _forget_upload() -> None:
+    st.session_state[_KEPT_UPLOAD] = None
+
+
+def data_source() -> tuple[str, str, pd.DataFrame, str] | None:
+    """An uploaded file (kept for the session: the uploader itself empties on a page switch) or a server path as
+    (name, data key, raw frame, source); None when neither is given. An unreadable file gives an error and stops
+    the page."""
     up = st.file_uploader("Market data: CSV or Parquet with OHLCV bars or feature columns",
-                          type=["csv", "parquet", "pq"], key=UPLOAD_KEY)
+                          type=["csv", "parquet", "pq"], key=UPLOAD_KEY, on_change=_remember_upload)
+    kept = st.session_state.get(_KEPT_UPLOAD) if up is None else None
+    if kept is not None:
+        c1, c2 = st.columns([4, 1])
+        c1.caption(f"Using **{md_escape(kept[0])}**, uploaded earlier in this session.")
+        c2.button("Forget it", key="pred_kept_forget", on_click=_forget_upload)
+    else:
+        st.caption(upload_limit_note())
     path = st.text_input("…or a path on the server (for files above the upload limit)", key="pred_path",
                          placeholder="/data/ETH_USDT_5m.csv")
     try:
-        if up is not None:
-            data = up.getvalue()
+        if up is not None or kept is not None:
+            name, data = (up.name, up.getvalue()) if up is not None else kept
             digest = hashlib.sha256(data).hexdigest()
-            return up.name, digest, _read_bytes(digest, up.name, data)
+            return name, digest, _read_bytes(digest, name, data), "upload"
         if path.strip():
             p = Path(path.strip()).expanduser().resolve()
             if not p.is_file():
                 raise DataError(f"no file at {p}; check the path (it is read on the machine running the app).")
             stat = p.stat()
-            return p.name, f"{p}:{stat.st_mtime}:{stat.st_size}", _read_path(str(p), stat.st_mtime, stat.st_size)
+            return (p.name, f"{p}:{stat.st_mtime}:{stat.st_size}", _read_path(str(p), stat.st_mtime, stat.st_size),
+                    "server path")
     except DataError as exc:
         st.error(str(exc))
         st.stop()
@@ -90,7 +114,7 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
                                 index=options.index(mapping.close) if mapping.close else 0, key=f"pred_price_{tag}")
             close = None if pick == _NONE else pick
         repair = st.checkbox("Repair: drop unparseable times, sort, keep the last duplicate, carry missing values "
-                             "forward (each repair is listed below)", key="pred_repair")
+                             "forward (each repair is listed below)", key=f"pred_repair_{tag}")
     return kind, mapping, features, close, repair
 
 
@@ -140,7 +164,80 @@ def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple
 
 
 def offsets(names: tuple[str, ...]) -> np.ndarray:
-    """One logit-offset slider per class (added before softmax and argmax)."""
-    cols = st.columns(len(names))
-    return np.array([cols[i].slider(f"{n} offset", -3.0, 3.0, 0.0, 0.05, key=f"pred_offset_{n}")
-                     for i, n in enumerate(names)])
+    """One logit-offset slider per class (added before softmax and argmax), in a form: dragging or pressing
+    arrow keys reruns nothing until "Apply" (a rerun of this page per key press froze the browser)."""
+    with st.form("pred_offsets_form", border=False):
+        cols = st.columns(len(names) + 1, vertical_alignment="bottom")
+        values = [cols[i].slider(f"{n} offset", -3.0, 3.0, step=0.05, key=bounded(f"pred_offset_{n}", -3.0, 3.0, 0.0))
+                  for i, n in enumerate(names)]
+        cols[-1].form_submit_button("Apply offsets")
+    return np.array(values)
+
+
+def show_drift(fm: FeatureMatrix, meta: dict) -> None:
+    """The drift table against the checkpoint's stored statistics, flagged inputs first, with its download."""
+    drift = drift_table(fm, meta).sort_values("flags", key=lambda f: f == "", kind="stable")
+    flagged = drift[drift["flags"] != ""]
+    with st.expander(f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs "
+                     "flagged"):
+        st.dataframe(drift.style.apply(lambda r: ["background-color: #fde2e1" if r["flags"] else ""] * len(r),
+                                       axis=1), hide_index=True, width="stretch")
+        download_table(drift, "drift", key="pred_drift")
+
+
+def _interval(ci: tuple[float, float], pct: bool) -> str:
+    return f"{ci[0]:.1%} – {ci[1]:.1%}" if pct else f"{ci[0]:.3f} – {ci[1]:.3f}"
+
+
+def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule) -> None:
+    """Accuracy and F1 with block-bootstrap intervals, the majority baseline, the confusion matrix, per-class
+    scores and (blocks mode) accuracy by position with its band — each table with a download."""
+    metrics = evaluate(pred, actions, n_boot=N_BOOT, block=max(pred.window, rule.horizon))
+    if metrics is None:
+        return
+    ci = metrics.intervals
+    st.subheader("Against labels")
+    st.caption(f"{label_text(rule)}. {metrics.n:,} scored bars have a label. Ranges: {ci.level:.0%} block-bootstrap "
+               f"intervals ({ci.n_boot:,} replicates, {ci.method}) — neighbouring bars are not independent.")
+    c = st.columns(4)
+    c[0].metric("Accuracy", f"{metrics.accuracy:.1%}",
+                f"{100 * (metrics.accuracy - metrics.majority_accuracy):+.1f} pp vs baseline",
+                help=f"{ci.level:.0%} interval {_interval(ci.accuracy, True)}")
+    c[0].caption(_interval(ci.accuracy, True))
+    c[1].metric("F1 macro", f"{metrics.f1_macro:.3f}", help=f"{ci.level:.0%} interval {_interval(ci.f1_macro, False)}")
+    c[1].caption(_interval(ci.f1_macro, False))
+    c[2].metric(f"Majority baseline ({metrics.majority_class})", f"{metrics.majority_accuracy:.1%}")
+    c[3].metric("Scored bars", f"{metrics.n:,}")
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(plots.confusion_heatmap(metrics.confusion), width="stretch")
+        download_table(metrics.confusion.reset_index(), "confusion_matrix", key="pred_confusion")
+    with right:
+        st.dataframe(metrics.per_class.style.format({"precision": "{:.1%}", "recall": "{:.1%}", "f1": "{:.3f}"}),
+                     width="stretch")
+        download_table(metrics.per_class.reset_index(), "metrics_per_class", key="pred_per_class")
+    if metrics.by_position is not None:
+        st.plotly_chart(plots.accuracy_by_position(metrics.by_position, metrics.majority_accuracy), width="stretch")
+        st.caption("Without a causal mask every position sees the bars after it: high accuracy early in the "
+                   "window is look-ahead, not skill. Only the last position is what a live trader gets.")
+        download_table(metrics.by_position, "accuracy_by_position", key="pred_by_position")
+    else:
+        st.caption("Switch to **blocks** mode to see accuracy by position in the window.")
+
+
+def show_equity(pred: Predictions, actions: np.ndarray, fee_bps: float) -> None:
+    """The equity sanity check on the rows a live trader acts on (blocks mode: each window's last position)."""
+    rows = decision_rows(pred)
+    eq = equity_curve(pred.times[rows], pred.close[rows], actions[rows], pred.actions, fee_bps / 1e4)
+    if eq is None:
+        st.caption("Too few decisions with prices for an equity curve.")
+        return
+    held = ("each window's decision (its last position) is held until the next window's, "
+            f"{pred.window} bars later; earlier positions of a block see later bars and are not traded"
+            if pred.mode == "blocks" else "each bar's decision is held from its close to the next")
+    st.caption(f"Long on BUY, flat on HOLD, short on SELL; {held}. {eq.trades:,} position changes. "
+               "No slippage, funding or execution delay.")
+    st.plotly_chart(plots.equity_lines(eq.frame), width="stretch")
+    st.dataframe(eq.stats.style.format({"total return": "{:+.1%}", "Sharpe (annualised)": "{:.2f}",
+                                        "max drawdown": "{:.1%}"}), width="stretch")
+    download_table(eq.stats.reset_index(names="curve"), "equity_stats", key="pred_equity")
