@@ -13,6 +13,7 @@ PAGES = [
     st.Page("app_pages/attention.py", title="Attention", icon=":material/visibility:"),
     st.Page("app_pages/attributions.py", title="Attributions", icon=":material/insights:"),
     st.Page("app_pages/predictions.py", title="Predictions", icon=":material/candlestick_chart:"),
+    st.Page("app_pages/whatif.py", title="What-if", icon=":material/science:"),
 ]
 
 st.navigation(PAGES).run()

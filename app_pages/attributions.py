@@ -5,7 +5,8 @@ from flag_model import plots, ui
 from flag_model.analysis import attribution as attr
 from flag_model.data import rolling_windows
 from flag_model.ui import attributions as aw
-from flag_model.ui.session import bounded, window_by_time
+from flag_model.ui.faithfulness import faithfulness_panel
+from flag_model.ui.session import bounded, keep, window_by_time
 
 st.title("Attributions")
 ckpt, model = ui.require_model()
@@ -42,11 +43,11 @@ c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
 top = min(cfg.max_length, n)
 length = c1.slider("Window length", 1, top, key=bounded("attr_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), n)))
 start = window_by_time(fm.times, length, "attr_when", container=c2)
-choice = c3.selectbox("Explain class", ("predicted", *actions), key="attr_class")
+choice = c3.selectbox("Explain class", ("predicted", *actions), key=keep("attr_class"))
 offset = c4.number_input("Deciding step (0 = last bar)", -(length - 1), 0, key=bounded("attr_offset", -(length - 1), 0, 0))
 m1, m2, m3, m4 = st.columns(4)
-method = m1.selectbox("Method", attr.METHODS, key="attr_method")
-baseline = m2.selectbox("Baseline", attr.BASELINES, disabled=method not in attr.BASELINE_METHODS, key="attr_baseline")
+method = m1.selectbox("Method", attr.METHODS, key=keep("attr_method"))
+baseline = m2.selectbox("Baseline", attr.BASELINES, disabled=method not in attr.BASELINE_METHODS, key=keep("attr_baseline"))
 steps = m3.number_input("Steps (IG) / samples (GradientSHAP)", 1, 2048, disabled=method not in attr.PATH_METHODS,
                         key=bounded("attr_steps", 1, 2048, 50))
 batch = m4.number_input("Internal batch (rows per pass)", 1, 1024, key=bounded("attr_batch", 1, 1024, 64))
@@ -80,10 +81,10 @@ f2.plotly_chart(plots.signed_bars(list(offsets), res.per_time, "Per time step (s
                                   horizontal=False))
 
 st.subheader("Agreement between methods")
-chosen = st.multiselect("Methods to compare on this window", attr.METHODS, key="attr_compare_methods",
+chosen = st.multiselect("Methods to compare on this window", attr.METHODS, key=keep("attr_compare_methods"),
                         default=None if "attr_compare_methods" in st.session_state else
                         [attr.IG, attr.SALIENCY, attr.IXG, attr.DEEPLIFT, attr.ABLATION])
-if st.toggle("Compare", key="attr_compare") and chosen:
+if st.toggle("Compare", key=keep("attr_compare")) and chosen:
     results = [_attribute(model_key, data_key, start, length, m, tuple(opts.items()), *args) for m in chosen]
     a1, a2 = st.columns(2)
     a1.plotly_chart(plots.agreement_heatmap(attr.agreement(results), "Spearman ρ of |per-feature totals|"))
@@ -96,7 +97,7 @@ if st.toggle("Compare", key="attr_compare") and chosen:
 st.subheader("Global importance over many windows")
 g1, g2 = st.columns(2)
 count = g1.slider("Windows (spread evenly over the data)", 10, 1000, step=10, key=bounded("attr_count", 10, 1000, 200))
-g_method = g2.selectbox("Method", attr.METHODS, index=attr.METHODS.index(attr.IXG), key="attr_global_method",
+g_method = g2.selectbox("Method", attr.METHODS, index=attr.METHODS.index(attr.IXG), key=keep("attr_global_method"),
                         help="Input × Gradient and Saliency cost one pass per batch; IG costs `steps` passes.")
 g_opts = {k: opts[k] for k in ("target", "position", "baseline", "steps", "internal_batch_size", "output",
                                "occlusion_patch")}
@@ -112,3 +113,4 @@ if st.button("Compute global importance", type="primary", key="attr_global") or 
     b1.plotly_chart(plots.global_importance_bars(table, more.top_k))
     b2.plotly_chart(plots.class_breakdown_bars(table, actions, min(more.top_k, 12)))
     ui.download_table(table, "global_importance", key="global_importance")
+faithfulness_panel(model, model_key, data_key, fm.values, start, length, opts, means)

@@ -6,7 +6,7 @@ from flag_model.analysis import lora
 from flag_model.analysis.attention import spread_starts
 from flag_model.config import SHORT_NAMES
 from flag_model.data import rolling_windows
-from flag_model.ui.session import bounded, subset
+from flag_model.ui.session import bounded, keep, subset
 
 st.title("LoRA adapters")
 ckpt, model = ui.require_model()
@@ -38,8 +38,8 @@ st.caption(f"{len(metrics)} adapters of rank {cfg.lora_rank}. ΔW = scale·(A @ 
            "— an **assumption** (alpha / r) set in the sidebar; every norm of ΔW scales with it.")
 
 c1, c2 = st.columns([3, 1])
-metric = c1.selectbox("Metric", list(lora.METRICS), format_func=lora.METRICS.get, key="lora_metric")
-log = c2.toggle("Log colour scale", key=f"lora_log_{metric}",
+metric = c1.selectbox("Metric", list(lora.METRICS), format_func=lora.METRICS.get, key=keep("lora_metric"))
+log = c2.toggle("Log colour scale", key=keep(f"lora_log_{metric}"),
                 value=metric in ("delta_fro", "rel_norm", "spectral", "amplification"))
 event = st.plotly_chart(
     plots.lora_heatmap(lora.metric_grid(metrics, metric), metrics, lora.METRICS[metric], lora.METRICS, log),
@@ -73,7 +73,7 @@ if points:
         hit = metrics[(metrics["block"] == int(click[0].split()[-1])) & (metrics["module"] == click[1])]
         if len(hit):
             st.session_state["lora_cell"] = hit["path"].iloc[0]
-path = st.selectbox("Adapter", paths, key="lora_cell")
+path = st.selectbox("Adapter", paths, key=keep("lora_cell"))
 row = metrics.set_index("path").loc[path]
 st.plotly_chart(plots.lora_spectra(_spectra(ckpt.digest, cfg.lora_scale, path, model),
                                    f"{path}  ({row['d_out']}×{row['d_in']}, rank {row['rank']})"))

@@ -6,9 +6,9 @@ from flag_model import plots, ui
 from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
                                          predictions_frame)
 from flag_model.data import MODES, NORMALISATIONS, check_window, default_window
-from flag_model.features import WARMUP, LabelRule
+from flag_model.features import WARMUP
 from flag_model.ui import predictions as pw
-from flag_model.ui.session import MarketData, bounded, set_market
+from flag_model.ui.session import MarketData, bounded, keep, set_market
 
 st.title("Predictions")
 ckpt, model = ui.require_model()
@@ -34,18 +34,20 @@ if source is not None and kind == pw.KINDS[0]:
 st.caption(f"**{ui.md_escape(name)}**: {len(prep.frame):,} rows from {prep.frame['datetime'].iloc[0]} to "
            f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}). Row numbers in messages count "
            "the file's data lines from 1; everywhere else bars are named by their time.")
+bars = ui.interval_notice(prep.frame["datetime"], ckpt.meta).data  # bar interval against training, gaps
 
 c = st.columns(4)
-norm = c[0].selectbox("Normalisation", NORMALISATIONS, key="pred_norm", help="checkpoint: the training mean/std "
+norm = c[0].selectbox("Normalisation", NORMALISATIONS, key=keep("pred_norm"), help="checkpoint: the training mean/std "
                       "stored in the file; none: raw; data: z-scores of this data")
 window = c[1].number_input("Window length", 1, cfg.max_length, help="default: the length the checkpoint's metadata "
                            "names", key=bounded("pred_window", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length)))
-mode = c[2].radio("Mode", MODES, horizontal=True, key="pred_mode", help="rolling: stride 1, the last position "
+mode = c[2].radio("Mode", MODES, horizontal=True, key=keep("pred_mode"), help="rolling: stride 1, the last position "
                   "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % "
                   "evaluation), the newest partial block by the last window")
-precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key="pred_precision")
+precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key=keep("pred_precision"))
 
 fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
+pw.feature_matrix(prep_key, prep, fm)
 for w in fm.warnings:
     st.warning(w)
 pw.show_drift(fm, dict(ckpt.meta))
@@ -63,11 +65,7 @@ st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
 has_prices = len(fm.close) > 0 and bool(np.isfinite(fm.close).all())
 if has_prices:
-    c = st.columns(2)
-    horizon = c[0].number_input("Label horizon (bars)", 1, 500, key=bounded("pred_horizon", 1, 500, LabelRule().horizon))
-    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, step=0.05,
-                                  key=bounded("pred_threshold", 0.0, 20.0, 100 * LabelRule().threshold))
-    rule = LabelRule(int(horizon), threshold / 100)
+    rule = pw.label_rule(ckpt.meta, bars.median)
     pred = attach_labels(pred, fm.close, rule)
 
 st.subheader("Signals")
@@ -86,7 +84,7 @@ c[1].plotly_chart(plots.confidence_histogram(probs, actions, pred.actions), widt
 c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="stretch")
 
 if has_prices:
-    pw.show_metrics(pred, actions, rule)
+    pw.show_metrics(pred, actions, rule, bars.median)
     st.subheader("Equity curve — a sanity check, not a backtester")
     fee_bps = st.number_input("Fee per unit of position change (basis points)", 0.0, 100.0, step=0.5,
                               key=bounded("pred_fee", 0.0, 100.0, 5.0))

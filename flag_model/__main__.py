@@ -12,7 +12,7 @@ from .config import ConfigError
 from .model import ModelMismatchError
 
 # Subcommand modules each expose add_parsers(subparsers); every parser sets `func(args) -> int`.
-_EXTENSIONS: tuple[str, ...] = ("cli_predict", "cli_layouts")
+_EXTENSIONS: tuple[str, ...] = ("cli_predict", "cli_layouts", "cli_whatif")
 
 
 def _inspect(args: argparse.Namespace) -> int:

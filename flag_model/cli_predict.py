@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from .data import MODES, NORMALISATIONS, RunningMoments, default_window, iter_table_chunks
+from .data import (MODES, NORMALISATIONS, IntervalCheck, RunningMoments, check_interval, default_window,
+                   detect_columns, iter_table_chunks, parse_times)
 from .engine import PRECISIONS
 from .features import LabelRule
 
@@ -77,13 +78,20 @@ def _predict(args: argparse.Namespace) -> int:
     ckpt, model = _load(args)
     cfg = model.config
     window = args.window or default_window(ckpt.meta, cfg.max_length)
-    rule = LabelRule(args.horizon, args.threshold)
+    stored, rule_source = LabelRule.from_meta(ckpt.meta)
+    rule = LabelRule(stored.horizon if args.horizon is None else args.horizon,
+                     stored.threshold if args.threshold is None else args.threshold)
     engine = InferenceEngine(model, args.precision)
     _say(f"{Path(args.checkpoint).name}: window {window}, {args.mode} mode, {args.normalisation} normalisation; "
          f"engine {engine.info.dtype} on {engine.info.device} ({engine.info.reason})")
 
     def chunks() -> Iterator[pd.DataFrame]:
         return iter_table_chunks(args.data, args.chunk_rows)
+
+    check = _interval_check(chunks(), ckpt.meta, rule.horizon)
+    _say(("" if check.matches else "NOTICE: ") + check.message.replace("**", ""))
+    if args.horizon is None or args.threshold is None:
+        _say(f"label rule: {rule.describe()} (default {rule_source})")
 
     stats = None
     if args.normalisation == "data":
@@ -113,10 +121,18 @@ def _predict(args: argparse.Namespace) -> int:
     metrics = evaluate_arrays(np.concatenate(labels), act, names,
                               np.concatenate(positions) if args.mode == "blocks" else None, window)
     if metrics is not None:
-        _say(f"{label_text(rule)}.\nscores: accuracy {metrics.accuracy:.4f}, F1-macro {metrics.f1_macro:.4f}, "
+        _say(f"{label_text(rule, check.data.median)}.\nscores: accuracy {metrics.accuracy:.4f}, F1-macro {metrics.f1_macro:.4f}, "
              f"majority baseline {metrics.majority_accuracy:.4f} ({metrics.majority_class}) over {metrics.n:,} rows")
     _say(f"wrote {rows:,} rows to {args.out} in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
     return 0
+
+
+def _interval_check(chunks: Iterator[pd.DataFrame], meta: Any, horizon: int) -> IntervalCheck:
+    """The data's bar interval (median over the first chunk) against the checkpoint's training interval."""
+    first = next(iter(chunks), None)
+    time_col = detect_columns(first.columns).time if first is not None else None
+    times = parse_times(first[time_col])[0] if time_col is not None else np.array([], dtype="datetime64[ns]")
+    return check_interval(times[~np.isnat(times)], meta, horizon)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -168,8 +184,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fast",
                    help="fast: bf16 where native (or GPU); exact: float32")
     p.add_argument("--normalisation", choices=NORMALISATIONS, default="checkpoint")
-    p.add_argument("--horizon", type=int, default=LabelRule().horizon, help="label horizon in bars")
-    p.add_argument("--threshold", type=float, default=LabelRule().threshold, help="label threshold (0.002 = 0.2 %%)")
+    p.add_argument("--horizon", type=int, help="label horizon in bars (default: the checkpoint's stored rule, "
+                   f"else {LabelRule().horizon})")
+    p.add_argument("--threshold", type=float, help="label threshold, 0.002 = 0.2 %% (default: the checkpoint's "
+                   f"stored rule, else {LabelRule().threshold})")
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows read per chunk")
     _assumption_args(p)
     p.set_defaults(func=_predict)

@@ -350,9 +350,13 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
     warnings (drop bad times, sort, keep the last duplicate, carry values forward). `row_offset` shifts
     row numbers for chunks of a larger file."""
     issues: list[Issue] = []
+    listed = f"{', '.join(map(str, df.columns[:12]))}{'…' if len(df.columns) > 12 else ''}"
     for role in mapping.missing():
-        issues.append(Issue("error", f"no column for '{role}'; map one in 'Column mapping' (columns: "
-                            f"{', '.join(map(str, df.columns[:12]))}{'…' if len(df.columns) > 12 else ''})."))
+        names = ", ".join(_ROLE_NAMES[role][:4])
+        issues.append(Issue("error", f"missing column '{role}': OHLCV input needs a {role} column and none of this "
+                            f"file's columns ({listed}) is named like one ({names}, …). Map one in 'Column mapping "
+                            "and validation', or, if the file holds precomputed features, choose 'Precomputed "
+                            "feature columns' there.", role))
     for role, col in mapping.as_dict().items():
         if col is not None and col not in df.columns:
             issues.append(Issue("error", f"column '{col}' mapped to '{role}' is not in the file.", col))
@@ -459,21 +463,6 @@ def check_window(n_rows: int, window: int, max_length: int, warmup: int = 0) -> 
     return None
 
 
-def bar_interval_text(times: Sequence[Any] | pd.Series | pd.DatetimeIndex) -> str:
-    """The median spacing of consecutive bars in words ("5 min", "1 h", "1 day"); "one bar" for fewer than two."""
-    t = pd.DatetimeIndex(times)
-    if len(t) < 2:
-        return "one bar"
-    step = pd.Timedelta(np.median(np.diff(t.as_unit("ns").asi8)), "ns")
-    for unit, name in ((pd.Timedelta(days=1), "day"), (pd.Timedelta(hours=1), "h"), (pd.Timedelta(minutes=1), "min"),
-                       (pd.Timedelta(seconds=1), "s")):
-        if step >= unit:
-            count = step / unit
-            text = f"{count:g}" if count == int(count) else f"{count:.2g}"
-            return f"{text} {name}{'s' if name == 'day' and count != 1 else ''}"
-    return str(step)
-
-
 def default_window(meta: Mapping[str, Any], max_length: int) -> int:
     """The window the checkpoint's metadata names (top level or in its config), else 64; at most max_length."""
     cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
@@ -481,6 +470,113 @@ def default_window(meta: Mapping[str, Any], max_length: int) -> int:
         if isinstance(value, (int, float)) and value >= 1:
             return int(min(value, max_length))
     return min(DEFAULT_WINDOW, max_length)
+
+
+# Bar interval
+
+
+TRAINING_BAR_ASSUMED = pd.Timedelta(minutes=5)  # FLAG-TRADER's pipeline was written for 5-minute bars
+
+
+def format_timedelta(td: pd.Timedelta) -> str:
+    """A bar length in words: "5 min", "1 h", "2 days", "30 s"."""
+    secs = td.total_seconds()
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if secs >= size and secs % size == 0:
+            n = int(secs // size)
+            return f"{n} {unit}{'s' if unit == 'day' and n != 1 else ''}"
+    return f"{secs:g} s"
+
+
+@dataclass(frozen=True)
+class BarInterval:
+    """The spacing of a series of bars: the median step, and every step longer than 1.5 medians (a gap)."""
+
+    median: pd.Timedelta | None  # None with fewer than 2 bars
+    gaps: pd.DataFrame  # columns: after (time), next bar (time), gap (Timedelta), missing bars (int)
+    n_bars: int
+
+    @property
+    def text(self) -> str:
+        return "unknown" if self.median is None else format_timedelta(self.median)
+
+
+def bar_interval(times: Sequence[Any] | np.ndarray | pd.DatetimeIndex) -> BarInterval:
+    """Median spacing and the gaps of sorted bar times (n,)."""
+    t = pd.DatetimeIndex(times).as_unit("ns")  # asi8 below is then nanoseconds whatever the input unit
+    empty = pd.DataFrame({"after": pd.DatetimeIndex([]), "next bar": pd.DatetimeIndex([]),
+                          "gap": pd.to_timedelta([]), "missing bars": np.zeros(0, dtype=np.int64)})
+    if len(t) < 2:
+        return BarInterval(None, empty, len(t))
+    step = np.diff(t.asi8)
+    median = pd.Timedelta(int(np.median(step)), "ns")
+    at = np.flatnonzero(step > 1.5 * median.value) if median.value > 0 else np.zeros(0, dtype=np.int64)
+    gaps = pd.DataFrame({"after": t[at], "next bar": t[at + 1], "gap": pd.to_timedelta(step[at], "ns"),
+                         "missing bars": (np.round(step[at] / max(median.value, 1)) - 1).astype(np.int64)})
+    return BarInterval(median, gaps if len(at) else empty, len(t))
+
+
+def training_interval(meta: Mapping[str, Any]) -> tuple[pd.Timedelta, str]:
+    """The bar interval the checkpoint was trained on and where that comes from: ``bar_interval`` stored at
+    the top level or in its config (a pandas duration string like "5min", or seconds), else 5 minutes,
+    assumed for FLAG-TRADER files (its pipeline was written for 5-minute bars)."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    stored = meta.get("bar_interval", cfg.get("bar_interval"))
+    try:
+        if isinstance(stored, str):
+            td = pd.Timedelta(stored)
+        elif isinstance(stored, (int, float)) and not isinstance(stored, bool):
+            td = pd.Timedelta(seconds=float(stored))
+        else:
+            td = None
+    except (ValueError, OverflowError):
+        td = None
+    if td is not None and td > pd.Timedelta(0):
+        return td, "stored in the checkpoint"
+    return TRAINING_BAR_ASSUMED, "assumed: the checkpoint does not say; FLAG-TRADER was trained on 5-minute bars"
+
+
+@dataclass(frozen=True)
+class IntervalCheck:
+    """The data's bar interval against the checkpoint's training interval."""
+
+    data: BarInterval
+    training: pd.Timedelta
+    training_source: str
+    matches: bool
+    message: str
+
+
+def check_interval(times: Sequence[Any] | np.ndarray | pd.DatetimeIndex, meta: Mapping[str, Any],
+                   horizon: int | None = None) -> IntervalCheck:
+    """Compare the data's median bar spacing with the training interval; the message says what differs
+    (the label horizon in time when ``horizon`` bars is given)."""
+    data = bar_interval(times)
+    training, source = training_interval(meta)
+    matches = data.median is None or data.median == training
+    assumed = " (assumed)" if source.startswith("assumed") else ""
+    gaps = f"; {len(data.gaps):,} gap(s) in the data" if len(data.gaps) else ""
+    if data.median is None:
+        message = (f"The bar interval of this data is unknown (fewer than 2 bars with a time); training used "
+                   f"{format_timedelta(training)} bars{assumed}.")
+    elif matches:
+        message = (f"Bars every {data.text}, as in training ({format_timedelta(training)}{assumed}){gaps}.")
+    else:
+        ratio = data.median / training
+        message = (f"Bar interval differs from training: this data has a bar every **{data.text}** (median), the "
+                   f"checkpoint was trained on **{format_timedelta(training)}** bars ({source}). Every simple-60 "
+                   f"feature counts bars, so its returns, volatilities, SMAs and volume levels span {ratio:g}× the "
+                   "time they did in training, and the hour and weekday features meet other patterns")
+        if horizon:
+            message += (f"; the label 'return over the next {horizon} bars' is {format_timedelta(horizon * data.median)} "
+                        f"here instead of {format_timedelta(horizon * training)}")
+        message += f"{gaps}. Predictions on such data are outside what the model was trained on."
+    return IntervalCheck(data, training, source, matches, message)
+
+
+def horizon_text(horizon: int, bar: pd.Timedelta | None) -> str:
+    """The label horizon in bars and in time: "5 bars (25 min)"."""
+    return f"{horizon} bars" + (f" ({format_timedelta(horizon * bar)})" if bar is not None else "")
 
 
 # Feature matrices
@@ -665,8 +761,9 @@ def rolling_windows(values: np.ndarray, length: int, stride: int = 1) -> np.ndar
 
 
 __all__ = [
-    "ColumnMapping", "DataError", "FeatureMatrix", "Issue", "Prepared", "RunningMoments", "WARMUP",
-    "check_window", "checkpoint_features", "column_features", "default_window", "detect_columns",
+    "BarInterval", "ColumnMapping", "DataError", "FeatureMatrix", "IntervalCheck", "Issue", "Prepared",
+    "RunningMoments", "WARMUP", "bar_interval", "check_interval", "check_window", "format_timedelta",
+    "horizon_text", "training_interval", "checkpoint_features", "column_features", "default_window", "detect_columns",
     "drift_table", "feature_candidates", "iter_table_chunks", "parse_times", "prepare_features",
     "prepare_ohlcv", "read_table", "rolling_windows", "stored_stats",
 ]

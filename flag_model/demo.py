@@ -27,7 +27,7 @@ from .model import FlagTrader
 
 Progress = Callable[[float, str], None]
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: simple-60 exactly as FEATURES.md; the bar interval stored
 START = pd.Timestamp("2025-01-06 00:00:00")
 BAR = pd.Timedelta(minutes=5)
 
@@ -202,6 +202,7 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
         "feature_mean": mean.tolist(),
         "feature_std": std.tolist(),
         "label_rule": {"horizon": LabelRule().horizon, "threshold": LabelRule().threshold},
+        "bar_interval": "5min",  # the synthetic market's BAR; pages compare uploaded data against it
         "epoch": spec.steps,
         "train_loss": loss.item(),
         "val_accuracy": val_acc,

@@ -340,7 +340,7 @@ POS_COLOR, NEG_COLOR = "#b2182b", "#2166ac"  # the ends of the RdBu_r heatmap sc
 
 
 def attribution_heatmap(attr: np.ndarray, feature_names: tuple[str, ...], offsets: np.ndarray,
-                        title: str) -> go.Figure:
+                        title: str, zlabel: str = "attribution") -> go.Figure:
     """attr (S, D) as features (rows) × time steps (columns), diverging colours centred at 0."""
     z = np.asarray(attr, dtype=np.float64).T  # (D, S)
     names, x = list(feature_names), np.asarray(offsets)
@@ -350,8 +350,8 @@ def attribution_heatmap(attr: np.ndarray, feature_names: tuple[str, ...], offset
     lim = float(np.nanmax(np.abs(z))) if z.size else 0.0
     fig = go.Figure(go.Heatmap(
         z=z, x=x, y=names, colorscale="RdBu_r", zmid=0, zmin=-(lim or 1), zmax=lim or 1,
-        colorbar=dict(title="attribution", thickness=12),
-        hovertemplate="%{y} at t%{x:+d}<br>attribution %{z:.4g}<extra></extra>"))
+        colorbar=dict(title=zlabel, thickness=12),
+        hovertemplate="%{y} at t%{x:+d}<br>" + zlabel + " %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", tickfont=dict(size=10), dtick=1 if len(names) <= 80 else None)
     fig.update_xaxes(title="time step (0 = deciding bar)")
     fig.update_layout(title=title, height=max(380, 13 * len(names) + 120), margin=dict(l=10, r=10, t=50, b=10))
@@ -550,4 +550,64 @@ def equity_lines(frame: pd.DataFrame) -> go.Figure:
                      go.Scattergl(x=f["datetime"], y=f["buy_and_hold"], name="buy and hold", line_color="#9aa5b1")])
     fig.update_layout(height=300, yaxis_title="growth of 1", margin=dict(l=10, r=10, t=30, b=10),
                       legend=dict(orientation="h", y=1.1))
+    return fig
+
+
+# What-if
+def before_after_bars(before: np.ndarray, after: np.ndarray, names: tuple[str, ...], title: str,
+                      after_label: str = "after the edit") -> go.Figure:
+    """Decision probabilities (n_actions,) before and after side by side; the deciding class in bold text."""
+    fig = go.Figure()
+    for label, probs, opacity in (("before", before, 0.45), (after_label, after, 1.0)):
+        top = int(np.argmax(probs))
+        fig.add_bar(x=list(names), y=probs, name=label, opacity=opacity,
+                    marker_color=[ACTION_COLORS.get(n, "#1f77b4") for n in names],
+                    text=[f"<b>{p:.1%}</b>" if i == top else f"{p:.1%}" for i, p in enumerate(probs)],
+                    textposition="outside", hovertemplate=f"{label}<br>%{{x}}: %{{y:.2%}}<extra></extra>")
+    fig.update_layout(barmode="group", height=280, title=title, yaxis=dict(range=[0, 1.15], title="probability"),
+                      legend=dict(orientation="h", y=-0.15), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def stability_lines(curves: dict[str, pd.DataFrame]) -> go.Figure:
+    """Share of decisions unchanged against the noise size k (in σ per feature), one line per curve
+    (frames from Stability.curve())."""
+    fig = go.Figure()
+    for name, df in curves.items():
+        fig.add_scatter(x=df["k"], y=df["share unchanged"], mode="lines+markers", name=name,
+                        hovertemplate="k = %{x:g} σ: %{y:.1%} unchanged<extra>" + name + "</extra>")
+    fig.update_xaxes(type="log", title="noise k · σ per feature")
+    fig.update_layout(height=300, title="Decision stability under Gaussian noise",
+                      yaxis=dict(range=[0, 1.05], title="share of decisions unchanged", tickformat=".0%"),
+                      legend=dict(orientation="h", y=-0.25), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def deletion_insertion_lines(frame: pd.DataFrame, title: str) -> go.Figure:
+    """Deletion and insertion curves (Curves.frame()) of a method and of random orders, two panels."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Deletion (lower area is better)",
+                                                        "Insertion (higher area is better)"))
+    for col, curve in ((1, "deletion"), (2, "insertion")):
+        part = frame[frame["curve"] == curve]
+        for order, df in part.groupby("order", sort=False):
+            rand = order == "random (mean)"
+            fig.add_scatter(x=df["fraction"], y=df["probability"], mode="lines", name=order, row=1, col=col,
+                            line=dict(color="#9aa5b1" if rand else "#3b7dd8", dash="dash" if rand else "solid"),
+                            showlegend=col == 1, hovertemplate="%{x:.0%} of cells: p = %{y:.3f}<extra></extra>")
+    fig.update_xaxes(title="share of cells moved", tickformat=".0%")
+    fig.update_yaxes(title="probability of the class", range=[0, 1.02])
+    fig.update_layout(height=320, title=title, legend=dict(orientation="h", y=-0.3), margin=dict(l=10, r=10, t=70, b=10))
+    return fig
+
+
+def randomisation_lines(frame: pd.DataFrame) -> go.Figure:
+    """Spearman ρ with the original attributions against the blocks whose adapters were re-initialised."""
+    fig = go.Figure()
+    for method, df in frame.groupby("method", sort=False):
+        fig.add_scatter(x=df["randomised"], y=df["spearman"], mode="lines+markers", name=method,
+                        customdata=df["decision"],
+                        hovertemplate="%{x}: ρ = %{y:.3f}<br>decision %{customdata}<extra>" + method + "</extra>")
+    fig.update_layout(height=320, title="Randomisation check: LoRA adapters re-initialised from the top block down",
+                      xaxis_title="adapters re-initialised", yaxis=dict(range=[-0.2, 1.05], title="Spearman ρ of |cells|"),
+                      legend=dict(orientation="h", y=-0.3), margin=dict(l=10, r=10, t=50, b=10))
     return fig

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flag_model.data import (ColumnMapping, DataError, RunningMoments, check_window, checkpoint_features,
-                             column_features, default_window, detect_columns, drift_table, iter_table_chunks,
-                             parse_times, prepare_features, prepare_ohlcv, read_table, rolling_windows)
+from flag_model.data import (ColumnMapping, DataError, RunningMoments, bar_interval, check_interval, check_window,
+                             checkpoint_features, column_features, default_window, detect_columns, drift_table,
+                             format_timedelta, horizon_text, iter_table_chunks, parse_times, prepare_features,
+                             prepare_ohlcv, read_table, rolling_windows, training_interval)
 from flag_model.demo import synthetic_ohlcv
 from flag_model.features import SIMPLE60_NAMES, LabelRule, compute_labels, simple60
 
@@ -239,3 +240,44 @@ def test_labels_on_the_real_eth_file(eth_csv):
     labels = compute_labels(prep.frame["close"].to_numpy(), LabelRule())[50:]
     assert len(labels) == 51_802
     assert np.bincount(labels).tolist() == [12_754, 25_699, 13_349]
+
+
+def test_missing_ohlcv_column_is_an_error_naming_it(bars):
+    df = bars.drop(columns="volume")
+    prep = prepare_ohlcv(df, detect_columns(df.columns))
+    assert not prep.ok and prep.frame is None
+    (err,) = prep.errors
+    assert err.column == "volume" and "missing column 'volume'" in err.message
+    assert "Precomputed feature columns" in err.message  # the other mode is named, never switched to
+
+
+def test_bar_interval_median_and_gaps():
+    times = pd.date_range("2025-03-01", periods=200, freq="1h").delete([20, 21, 22, 100])
+    bi = bar_interval(pd.Series(times).astype(str).pipe(pd.to_datetime))
+    assert bi.median == pd.Timedelta(hours=1) and bi.text == "1 h" and bi.n_bars == 196
+    assert bi.gaps["after"].tolist() == [times[19], times[96]]  # positions after the deletions
+    assert bi.gaps["gap"].tolist() == [pd.Timedelta(hours=4), pd.Timedelta(hours=2)]
+    assert bi.gaps["missing bars"].tolist() == [3, 1]
+    assert bar_interval(times[:1]).median is None
+    assert [format_timedelta(pd.Timedelta(x)) for x in ("5min", "1h", "1D", "2D", "30s", "90s")] == [
+        "5 min", "1 h", "1 day", "2 days", "30 s", "90 s"]
+
+
+def test_training_interval_stored_or_assumed():
+    assert training_interval({"bar_interval": "15min"}) == (pd.Timedelta(minutes=15), "stored in the checkpoint")
+    assert training_interval({"config": {"bar_interval": 3600}})[0] == pd.Timedelta(hours=1)
+    for meta in ({}, {"bar_interval": "soon"}, {"bar_interval": -5}, {"bar_interval": True}):
+        td, source = training_interval(meta)
+        assert td == pd.Timedelta(minutes=5) and source.startswith("assumed"), meta
+
+
+def test_interval_check_says_what_differs():
+    hourly = pd.date_range("2025-03-01", periods=100, freq="1h")
+    check = check_interval(hourly, {}, horizon=5)
+    assert not check.matches and check.training_source.startswith("assumed")
+    msg = check.message.replace("**", "")
+    assert "every 1 h" in msg and "5 min bars (assumed" in msg and "12×" in msg
+    assert "5 h here instead of 25 min" in msg
+    same = check_interval(pd.date_range("2025-03-01", periods=100, freq="5min"), {"bar_interval": "5min"}, 5)
+    assert same.matches and "as in training" in same.message
+    assert horizon_text(5, pd.Timedelta(hours=1)) == "5 bars (5 h)" and horizon_text(3, None) == "3 bars"

@@ -63,7 +63,7 @@ def test_upload_runs_and_is_shared_with_other_pages(bars):
     assert metric(at, "Scored bars") == f"{len(bars) - 50 - (window - 1) - 5:,}"
     labels = [b.label for b in at.get("download_button")]
     assert labels[-2:] == ["Predictions as CSV", "Predictions as Parquet"]
-    assert len(labels) == 2 * 5  # every table: drift, confusion, per class, equity stats and the predictions
+    assert len(labels) == 2 * 6  # every table: drift, features, confusion, per class, equity stats and the predictions
     at.radio(key="pred_mode").set_value("blocks").run()
     assert not at.exception
     assert any("look-ahead" in c.value for c in at.caption)
@@ -95,7 +95,44 @@ def test_feature_columns_are_padded_with_a_warning(bars):
     feats = feats[sorted(feats.columns)]  # 45 alphabetical indicator columns: the mistake of DESIGN §1
     feats.insert(0, "time", raw["datetime"].iloc[50:].astype(str).to_numpy())
     at = upload(page(), "indicators.csv", feats)
-    assert next(r for r in at.radio if r.label == "Input").value.startswith("Precomputed")
+    kind = next(r for r in at.radio if r.label == "Input")
+    assert kind.value.startswith("OHLCV")  # never switched silently: missing OHLCV columns are named errors
+    assert any("missing column 'open'" in e.value for e in at.error) and ui.MARKET not in at.session_state
+    kind.set_value(next(o for o in kind.options if o.startswith("Precomputed"))).run()
+    assert not at.exception and not at.error
     assert any("15 zero columns" in w.value for w in at.warning)
     assert ui.MARKET not in at.session_state
     assert not at.get("metric")  # no prices, no labels
+
+
+def test_hourly_data_shows_the_interval_notice_the_horizon_in_time_and_the_feature_matrix(bars):
+    hourly = bars.assign(Timestamp=bars["Timestamp"].iloc[0] + 3_600_000 * pd.RangeIndex(len(bars)))
+    at = upload(page(), "hourly.csv", hourly)
+    notice = next(w.value for w in at.warning if "Bar interval differs" in w.value)
+    assert "**1 h**" in notice and "**5 min**" in notice and "stored in the checkpoint" in notice
+    assert "5 h here instead of 25 min" in notice
+    assert at.number_input(key="pred_horizon").value == 5  # the demo checkpoint's stored rule
+    assert any("5 bars (5 h)" in c.value for c in at.caption)
+    assert any("training counted them as HOLD" in c.value for c in at.caption)
+    labels = [b.label for b in at.get("download_button")]
+    assert "Feature matrix as CSV" in labels and "Feature matrix as Parquet" in labels
+    at.switch_page("app_pages/attention.py").run()
+    assert not at.exception and any("Bar interval differs" in w.value for w in at.warning)
+
+
+def test_missing_volume_is_an_error_naming_the_column(bars):
+    at = upload(page(), "no_volume.csv", bars.drop(columns="Vol"))
+    assert any("missing column 'volume'" in e.value for e in at.error)
+    assert next(r for r in at.radio if r.label == "Input").value.startswith("OHLCV")
+    assert not at.get("metric") and ui.MARKET not in at.session_state
+
+
+def test_feature_matrix_download_matches_the_features(bars):
+    from flag_model.data import prepare_ohlcv, detect_columns
+    from flag_model.ui.predictions import _raw_features
+
+    prep = prepare_ohlcv(bars, detect_columns(bars.columns))
+    table = _raw_features(("k",), "simple-60", prep.frame)
+    assert list(table.columns[:2]) == ["datetime", "ret_50"] and len(table) == len(bars) - 50
+    assert table["datetime"].iloc[0] == prep.frame["datetime"].iloc[50]
+    pd.testing.assert_frame_equal(table.drop(columns="datetime"), simple60(prep.frame).reset_index(drop=True))

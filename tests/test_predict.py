@@ -256,3 +256,21 @@ def test_scoring_only_the_most_recent_rows(bars, model, mode):
         np.testing.assert_array_equal(part.row, np.arange(first, n))
     np.testing.assert_allclose(part.logits, full.logits[np.isin(full.row, part.row)], atol=1e-5, rtol=0)
     assert len(predict_features(fm, engine, w, mode, last=10 ** 6)) == len(full)
+
+
+def test_cli_predict_says_when_the_bar_interval_differs(tmp_path, tiny_demo_path, bars, capsys):
+    five = tmp_path / "five.csv"
+    bars.iloc[:200].to_csv(five, index=False)
+    assert main(["predict", str(tiny_demo_path), str(five), "--out", str(tmp_path / "a.csv"), "--window", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "NOTICE" not in err and "as in training (5 min)" in err
+    assert "(default stored in the checkpoint)" in err and "counted as HOLD in training" in err
+    hourly = tmp_path / "hourly.csv"
+    bars.iloc[:200].assign(datetime=pd.date_range("2025-01-01", periods=200, freq="1h"),
+                           timestamp=lambda d: d["datetime"].astype("datetime64[ms]").astype("int64")).to_csv(
+        hourly, index=False)
+    assert main(["predict", str(tiny_demo_path), str(hourly), "--out", str(tmp_path / "b.csv"), "--window", "8",
+                 "--horizon", "3", "--threshold", "0.002"]) == 0
+    err = capsys.readouterr().err
+    assert "NOTICE: Bar interval differs" in err and "every 1 h" in err and "3 h here instead of 15 min" in err
+    assert "Label = return over the next 3 bars (3 h)" in err

@@ -31,13 +31,14 @@ def start(page: str | None = None) -> AppTest:
 @pytest.mark.parametrize("spec", app_pages(), ids=lambda p: Path(p.file).stem)
 def test_every_settings_widget_is_kept_and_no_trigger_is(spec):
     at = start(spec.file)
+    registered = at.session_state[session._KEPT_KEYS]
     settings = [w for kind in SETTINGS for w in at.get(kind)]
     assert settings, "a page without settings widgets?"
     for w in settings:
-        assert w.key is not None and session.kept(w.key), f"{spec.title}: {type(w).__name__} '{w.label}' is not kept"
+        assert w.key in registered, f"{spec.title}: {type(w).__name__} '{w.label}' is not kept (use ui.session.keep)"
     for kind in TRIGGERS:
         for w in at.get(kind):
-            assert not session.kept(getattr(w, "key", None)), f"{spec.title}: trigger {kind} '{w.key}' would be set"
+            assert getattr(w, "key", None) not in registered, f"{spec.title}: trigger {kind} '{w.key}' would be set"
 
 
 def test_settings_and_uploaded_data_survive_a_round_trip_through_other_pages():

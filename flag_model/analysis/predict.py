@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import (MODES, WARMUP, ColumnMapping, DataError, FeatureMatrix, check_window,
-                    checkpoint_features, detect_columns, prepare_ohlcv, rolling_windows)
+                    checkpoint_features, detect_columns, horizon_text, prepare_ohlcv, rolling_windows)
 from ..engine import InferenceEngine, Progress
 from ..features import ACTIONS, LabelRule, compute_labels
 from .bootstrap import Intervals, score_intervals
@@ -162,11 +162,13 @@ def row_labels(close: np.ndarray, rule: LabelRule) -> np.ndarray:
     return np.where(known, labels, NO_LABEL)
 
 
-def label_text(rule: LabelRule) -> str:
-    """The rule in words, as scored here (bars without `horizon` future bars carry no label)."""
+def label_text(rule: LabelRule, bar: pd.Timedelta | None = None) -> str:
+    """The rule in words, as scored here (bars without `horizon` future bars carry no label); with the
+    data's bar interval `bar` the horizon is also given in time."""
     pct = 100 * rule.threshold
-    return (f"Label = return over the next {rule.horizon} bars: BUY above +{pct:g} %, SELL below -{pct:g} %, "
-            f"else HOLD; the last {rule.horizon} bars have no future and are not scored")
+    return (f"Label = return over the next {horizon_text(rule.horizon, bar)}: BUY above +{pct:g} %, SELL below "
+            f"-{pct:g} %, else HOLD; the last {rule.horizon} bars have no future: unknown here and not scored "
+            "(training counted them as HOLD)")
 
 
 def attach_labels(pred: Predictions, close: np.ndarray, rule: LabelRule) -> Predictions:

@@ -21,10 +21,11 @@ from .. import demo
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..analysis.summary import assumptions_line
 from ..config import ConfigError, ModelConfig
-from ..data import FeatureMatrix, checkpoint_features
+from ..data import FeatureMatrix, IntervalCheck, check_interval, checkpoint_features
+from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..tables import table_bytes
-from .session import MARKET, MarketData, draw_data_slot, keep_widget_state
+from .session import MARKET, MarketData, draw_data_slot, keep, keep_widget_state
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
@@ -144,7 +145,7 @@ def _remember_upload() -> None:
 
 
 def _open_selected() -> Checkpoint | None:
-    source = st.sidebar.radio("Checkpoint source", SOURCES, key="ckpt_source", horizontal=True)
+    source = st.sidebar.radio("Checkpoint source", SOURCES, key=keep("ckpt_source"), horizontal=True)
     if source == "Demo":
         return open_checkpoint_file(_ensure_demo())
     if source == "Upload":
@@ -160,7 +161,7 @@ def _open_selected() -> Checkpoint | None:
             return None
         st.sidebar.caption(f"Using **{kept[0]}**, uploaded earlier in this session.")
         return open_checkpoint_file(kept[1], kept[0])
-    path = st.sidebar.text_input("Path on the server", key="ckpt_path", placeholder="/data/flag_trader_best.pt",
+    path = st.sidebar.text_input("Path on the server", key=keep("ckpt_path"), placeholder="/data/flag_trader_best.pt",
                                  help="For files larger than the upload limit. Read on the machine running the app.")
     return open_checkpoint_file(path) if path.strip() else None
 
@@ -176,12 +177,12 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
                 f"norm_{tag}": "pre-norm" if cfg.norm_first else "post-norm", f"causal_{tag}": cfg.causal}
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
-    heads = sb.selectbox("Attention heads", heads_options, key=f"heads_{tag}", help=cfg.provenance.get("num_heads"))
-    scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=f"scale_{tag}",
+    heads = sb.selectbox("Attention heads", heads_options, key=keep(f"heads_{tag}"), help=cfg.provenance.get("num_heads"))
+    scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=keep(f"scale_{tag}"),
                             help=cfg.provenance.get("lora_scale"))
-    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=f"norm_{tag}",
+    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=keep(f"norm_{tag}"),
                     help=cfg.provenance.get("norm_first"))
-    causal = sb.toggle("Causal mask", key=f"causal_{tag}", help=cfg.provenance.get("causal"))
+    causal = sb.toggle("Causal mask", key=keep(f"causal_{tag}"), help=cfg.provenance.get("causal"))
     return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
 
 
@@ -281,9 +282,28 @@ def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatri
     try:
         fm, key = _market_features(ckpt.digest, state_dim, ohlcv, dict(ckpt.meta))
     except (ValueError, KeyError) as exc:
-        st.error(f"Could not compute features from {name}: {exc}. Check the upload on the Predictions page.")
+        st.error(f"Could not compute features from {md_escape(name)}: {md_escape(exc)}. Check the upload on the "
+                 "Predictions page.")
         st.stop()
+    interval_notice(fm.times, ckpt.meta)
     return name, fm, key
+
+
+def interval_notice(times: pd.DatetimeIndex | pd.Series, meta: dict, horizon: int | None = None) -> IntervalCheck:
+    """The data's bar interval against the checkpoint's training interval: a warning when they differ (a caption
+    when they agree), and the gaps in an expander. `horizon` (bars, default: the checkpoint's label rule) is
+    also given in time."""
+    if horizon is None:
+        horizon = LabelRule.from_meta(meta)[0].horizon
+    check = check_interval(times, meta, horizon)
+    (st.caption if check.matches else st.warning)(check.message)  # only numbers and durations: no user text
+    gaps = check.data.gaps
+    if len(gaps):
+        with st.expander(f"{len(gaps):,} gap(s) longer than 1.5 bars — windows across them mix distant bars"):
+            st.dataframe(gaps.head(1000).astype({"gap": str}), hide_index=True, width="stretch")
+            if len(gaps) > 1000:
+                st.caption(f"The first 1,000 of {len(gaps):,} gaps.")
+    return check
 
 
 def default_window(ckpt: Checkpoint, max_length: int) -> int:
@@ -297,7 +317,7 @@ def second_checkpoint(key: str, prompt: str) -> Checkpoint:
     """Upload or server-path widgets for a checkpoint to compare with; stops the page (with `prompt`) until one
     is chosen, and shows a CheckpointError in red instead of failing."""
     up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key=f"{key}_second_upload")
-    path = st.text_input("…or its path on the server", key=f"{key}_second_path")
+    path = st.text_input("…or its path on the server", key=keep(f"{key}_second_path"))
     if up is None and not path.strip():
         st.info(prompt)
         st.stop()

@@ -8,6 +8,7 @@ import streamlit as st
 from .. import plots
 from ..analysis import attention
 from . import download_table
+from .session import keep
 
 QUERIES = {"all": "every query (mean over positions)", "deciding": "the deciding bar's query (last position)"}
 
@@ -16,7 +17,7 @@ def show_stats(stats: dict[str, pd.DataFrame], future: np.ndarray, last_k: int, 
                key: str) -> None:
     """Four layer × head heatmaps for the chosen queries (all, or the deciding bar's), each titled with the
     uniform-attention baseline; the future share per query against its uniform line; both tables to download."""
-    which = st.radio("Statistics of", list(QUERIES), format_func=QUERIES.get, horizontal=True, key=f"attn_{key}_queries")
+    which = st.radio("Statistics of", list(QUERIES), format_func=QUERIES.get, horizontal=True, key=keep(f"attn_{key}_queries"))
     base = attention.uniform_baseline(length, last_k, causal, None if which == "all" else -1)
     ranges = {"entropy": (0.0, float(np.log(length))), "last_k_share": (0.0, 1.0), "future_share": (0.0, 1.0)}
     labels = {**attention.STATS, "entropy": "entropy (nats)", "last_k_share": f"share on the last {last_k} steps"}

@@ -7,7 +7,7 @@ import streamlit as st
 
 from .. import plots
 from ..analysis import attribution as attr
-from .session import bounded
+from .session import bounded, keep
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,10 @@ class MoreOptions:
 def more_options(length: int, state_dim: int) -> MoreOptions:
     with st.expander("More options"):
         o1, o2, o3, o4 = st.columns(4)
-        output = o1.radio("Explain the", attr.OUTPUTS, horizontal=True, key="attr_output", help="Logits are "
+        output = o1.radio("Explain the", attr.OUTPUTS, horizontal=True, key=keep("attr_output"), help="Logits are "
                           "additive: IG's completeness f(x) − f(baseline) = Σ attributions holds in logit units.")
         st.session_state.setdefault("attr_auto", True)
-        auto = o2.toggle("Auto steps (IG)", key="attr_auto",
+        auto = o2.toggle("Auto steps (IG)", key=keep("attr_auto"),
                          help="Double the steps until the relative delta is below the threshold.")
         threshold = o2.number_input("Threshold (relative delta)", 0.001, 1.0, format="%.3f",
                                     key=bounded("attr_threshold", 0.001, 1.0, 0.05))

@@ -21,10 +21,11 @@ from ..data import (ColumnMapping, DataError, FeatureMatrix, Issue, Prepared, ch
                     column_features, detect_columns, drift_table, feature_candidates, prepare_features,
                     prepare_ohlcv, read_table)
 from ..engine import InferenceEngine
-from ..features import WARMUP, LabelRule
+from ..data import horizon_text
+from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
 from ..model import FlagTrader
 from . import download_table, md_escape, upload_limit_note
-from .session import bounded
+from .session import bounded, keep
 
 UPLOAD_KEY = "pred_upload"
 _KEPT_UPLOAD = "_flag_kept_market_upload"  # (name, bytes) of this session's uploaded market data
@@ -65,7 +66,7 @@ def data_source() -> tuple[str, str, pd.DataFrame, str] | None:
         c2.button("Forget it", key="pred_kept_forget", on_click=_forget_upload)
     else:
         st.caption(upload_limit_note())
-    path = st.text_input("…or a path on the server (for files above the upload limit)", key="pred_path",
+    path = st.text_input("…or a path on the server (for files above the upload limit)", key=keep("pred_path"),
                          placeholder="/data/ETH_USDT_5m.csv")
     try:
         if up is not None or kept is not None:
@@ -96,25 +97,27 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
     options = [_NONE, *columns]
     ohlcv_found = not detected.missing()
     with st.expander("Column mapping and validation", expanded=not ohlcv_found):
-        kind = st.radio("Input", KINDS, index=0 if ohlcv_found else 1, horizontal=True, key=f"pred_kind_{tag}")
+        # OHLCV unless the user picks feature columns: a missing OHLCV column is an error naming it, never a
+        # silent switch to treating open/high/low/close as features.
+        kind = st.radio("Input", KINDS, index=0, horizontal=True, key=keep(f"pred_kind_{tag}"))
         roles = {}
         cols = st.columns(6)
         for i, role in enumerate(("time", "open", "high", "low", "close", "volume")):
             guess = getattr(detected, role)
             roles[role] = cols[i].selectbox(role, options, index=options.index(guess) if guess else 0,
-                                            key=f"pred_map_{role}_{tag}", disabled=kind != KINDS[0] and role != "time")
+                                            key=keep(f"pred_map_{role}_{tag}"), disabled=kind != KINDS[0] and role != "time")
         mapping = ColumnMapping(**{r: (None if v == _NONE else v) for r, v in roles.items()})
         features: list[str] = []
         close = None
         if kind == KINDS[1]:
             candidates = feature_candidates(df, mapping)
             features = st.multiselect(f"Feature columns, in the model's input order (at most {state_dim})",
-                                      candidates, default=candidates[:state_dim], key=f"pred_features_{tag}")
+                                      candidates, default=candidates[:state_dim], key=keep(f"pred_features_{tag}"))
             pick = st.selectbox("Price column for labels and the equity check (optional)", options,
-                                index=options.index(mapping.close) if mapping.close else 0, key=f"pred_price_{tag}")
+                                index=options.index(mapping.close) if mapping.close else 0, key=keep(f"pred_price_{tag}"))
             close = None if pick == _NONE else pick
         repair = st.checkbox("Repair: drop unparseable times, sort, keep the last duplicate, carry missing values "
-                             "forward (each repair is listed below)", key=f"pred_repair_{tag}")
+                             "forward (each repair is listed below)", key=keep(f"pred_repair_{tag}"))
     return kind, mapping, features, close, repair
 
 
@@ -189,7 +192,7 @@ def _interval(ci: tuple[float, float], pct: bool) -> str:
     return f"{ci[0]:.1%} – {ci[1]:.1%}" if pct else f"{ci[0]:.3f} – {ci[1]:.3f}"
 
 
-def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule) -> None:
+def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule, bar: pd.Timedelta | None) -> None:
     """Accuracy and F1 with block-bootstrap intervals, the majority baseline, the confusion matrix, per-class
     scores and (blocks mode) accuracy by position with its band — each table with a download."""
     metrics = evaluate(pred, actions, n_boot=N_BOOT, block=max(pred.window, rule.horizon))
@@ -197,7 +200,7 @@ def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule) -> Non
         return
     ci = metrics.intervals
     st.subheader("Against labels")
-    st.caption(f"{label_text(rule)}. {metrics.n:,} scored bars have a label. Ranges: {ci.level:.0%} block-bootstrap "
+    st.caption(f"{label_text(rule, bar)}. {metrics.n:,} scored bars have a label. Ranges: {ci.level:.0%} block-bootstrap "
                f"intervals ({ci.n_boot:,} replicates, {ci.method}) — neighbouring bars are not independent.")
     c = st.columns(4)
     c[0].metric("Accuracy", f"{metrics.accuracy:.1%}",
@@ -241,3 +244,52 @@ def show_equity(pred: Predictions, actions: np.ndarray, fee_bps: float) -> None:
     st.dataframe(eq.stats.style.format({"total return": "{:+.1%}", "Sharpe (annualised)": "{:.2f}",
                                         "max drawdown": "{:.1%}"}), width="stretch")
     download_table(eq.stats.reset_index(names="curve"), "equity_stats", key="pred_equity")
+
+
+def label_rule(meta: dict, bar: pd.Timedelta | None) -> LabelRule:
+    """Label horizon and threshold inputs, defaulting to the checkpoint's stored rule; the horizon is also shown
+    in time at the data's bar interval `bar`."""
+    stored, source = LabelRule.from_meta(meta)
+    c = st.columns(2)
+    horizon = int(c[0].number_input("Label horizon (bars)", 1, 500, stored.horizon, key=keep("pred_horizon"),
+                                    help=f"Default: the checkpoint's rule ({source})."))
+    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, 100 * stored.threshold, 0.05, key=keep("pred_threshold"),
+                                  help=f"Default: the checkpoint's rule ({source}).")
+    c[0].caption(f"{horizon_text(horizon, bar)} at this data's bars; default rule {source}.")
+    return LabelRule(horizon, threshold / 100)
+
+
+@st.cache_data(max_entries=2, show_spinner="Computing the feature matrix…")
+def _raw_features(prep_key: tuple, feature_set: str, _frame: pd.DataFrame) -> pd.DataFrame:
+    feats = compute_features(_frame, feature_set).reset_index(drop=True)
+    feats.insert(0, "datetime", _frame["datetime"].to_numpy()[len(_frame) - len(feats):])
+    return feats
+
+
+SHOWN_ROWS = 1_000  # rows drawn in the table; the downloads hold every row
+
+
+def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> None:
+    """The computed features (as the training pipeline made them, or as the model gets them) to view and
+    download with their timestamps, and what each simple-60 feature is (quirks included)."""
+    with st.expander("Feature matrix: view and download"):
+        ohlcv = not prepared.feature_columns
+        views = ((f"{fm.feature_set} as computed (raw)",) if ohlcv else ()) + ("model input (normalised, padded)",)
+        view = st.radio("Matrix", views, horizontal=True, key=keep("pred_fm_view"))
+        if view == views[0] and ohlcv:
+            table = _raw_features(prep_key, fm.feature_set, prepared.frame)
+        else:
+            table = pd.DataFrame(fm.values, columns=list(fm.names))
+            table.insert(0, "datetime", fm.times)
+        matrix, reference = st.tabs(["Matrix", "What each feature is"])
+        with matrix:
+            st.caption(f"{len(table):,} rows × {table.shape[1] - 1} features, one row per bar with a full "
+                       f"{WARMUP + 1}-bar window; the table shows the last {min(SHOWN_ROWS, len(table)):,} rows, the "
+                       "downloads hold all. Hover a column name for its definition and quirk.")
+            help_of = {n: feature_help(i) for i, n in enumerate(SIMPLE60_NAMES)}
+            config = {c: st.column_config.NumberColumn(help=help_of[c]) for c in table.columns if c in help_of}
+            st.dataframe(table.tail(SHOWN_ROWS), column_config=config, hide_index=True, width="stretch")
+            stem = "features_raw" if view == views[0] and ohlcv else "features_model_input"
+            download_table(table, stem, key="pred_fm_dl", label="Feature matrix as")
+        with reference:
+            st.dataframe(simple60_reference(), hide_index=True, width="stretch")

@@ -3,9 +3,10 @@ the widgets whose ranges depend on the data (clamped instead of failing).
 
 Streamlit forgets a widget's value when a run does not draw it (another page is open). Its documented remedy
 is to re-assert the key in `st.session_state` at the start of every run, which turns the value into session
-state that outlives the widget. That is done here for every settings widget — keys starting with one of
-KEPT_PREFIXES — except the trigger widgets (buttons, uploads, selections), whose state Streamlit refuses to
-set; their keys end with one of TRIGGER_SUFFIXES (checked for every page by tests/test_session_state.py).
+state that outlives the widget. That is done here for every settings widget whose key is registered with
+`keep(key)` (or `bounded`/`choice`/`subset`, which also fit a kept value into a changed range). Trigger
+widgets (buttons, uploads, chart or table selections) are never registered: Streamlit refuses to set their
+state. tests/test_session_state.py checks every page: each settings widget kept, no trigger.
 """
 from __future__ import annotations
 
@@ -16,31 +17,36 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ..data import bar_interval_text
+from ..data import bar_interval
 
-KEPT_PREFIXES = ("ckpt_source", "ckpt_path", "heads_", "scale_", "norm_", "causal_", "pred_", "attn_", "attr_",
-                 "lora_", "arch_", "tensors_", "overview_")
-TRIGGER_SUFFIXES = ("_upload", "_apply", "_download", "_csv", "_parquet", "_heatmap", "_table", "_global", "_run",
-                    "_forget", "_compute", "_submit")
+_KEPT_KEYS = "_flag_kept_keys"  # the set of registered settings keys of this session
 MARKET = "market_data"  # this session's MarketData, set on the Predictions page
 _SLOT = "_flag_data_slot"  # the sidebar placeholder of the current-data entry, redrawn when the data change
 
 
+def keep(key: str) -> str:
+    """Register a settings widget's key to be kept across pages (use as `key=keep("pred_mode")`); -> the key.
+    Never for trigger widgets (buttons, uploads, chart or table selections): Streamlit refuses to set those."""
+    st.session_state.setdefault(_KEPT_KEYS, set()).add(key)
+    return key
+
+
 def kept(key: object) -> bool:
-    """Whether a session-state key is a settings widget whose value is kept across pages."""
-    return isinstance(key, str) and key.startswith(KEPT_PREFIXES) and not key.endswith(TRIGGER_SUFFIXES)
+    """Whether a session-state key is a registered settings widget."""
+    return key in st.session_state.get(_KEPT_KEYS, ())
 
 
 def keep_widget_state() -> None:
-    """Re-assert every kept key (call at the start of each run, before any widget is drawn)."""
-    for key in list(st.session_state.keys()):
-        if kept(key):
+    """Re-assert every registered key (call at the start of each run, before any widget is drawn)."""
+    for key in list(st.session_state.get(_KEPT_KEYS, ())):
+        if key in st.session_state:
             st.session_state[key] = st.session_state[key]
 
 
 def bounded(key: str, lo: Any, hi: Any, default: Any) -> str:
     """A kept value clamped into [lo, hi] (the range changes with the data), else `default`. Returns the key,
     for a widget drawn without its own `value`."""
+    keep(key)
     value = st.session_state.get(key, default)
     try:
         value = min(max(value, lo), hi)
@@ -52,6 +58,7 @@ def bounded(key: str, lo: Any, hi: Any, default: Any) -> str:
 
 def choice(key: str, options: Sequence[Any], default: Any) -> str:
     """A kept selection that is still among `options`, else `default`. Returns the key."""
+    keep(key)
     if st.session_state.get(key, default) not in options:
         st.session_state[key] = default
     st.session_state.setdefault(key, default)
@@ -60,6 +67,7 @@ def choice(key: str, options: Sequence[Any], default: Any) -> str:
 
 def subset(key: str, options: Sequence[Any], default: Sequence[Any]) -> str:
     """A kept multiselection without the values no longer among `options` (default when never set)."""
+    keep(key)
     st.session_state[key] = [v for v in st.session_state.get(key, default) if v in options]
     return key
 
@@ -76,7 +84,7 @@ class MarketData:
 
 def describe(data: MarketData) -> str:
     """"name · 51,852 rows · 5 min bars · upload" for the sidebar."""
-    return f"{data.name} · {len(data.frame):,} rows · {bar_interval_text(data.frame['datetime'])} bars · {data.source}"
+    return f"{data.name} · {len(data.frame):,} rows · {bar_interval(data.frame['datetime']).text} bars · {data.source}"
 
 
 def draw_data_slot(data: MarketData) -> None:
