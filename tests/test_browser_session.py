@@ -11,12 +11,11 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 
 from conftest import make_model, save_bytes
-from test_browser import (MAIN, OUT, SIDEBAR, _choose_upload_source, _upload, act, browser, check_page,  # noqa: F401
-                          open_url, page, server, settle)
+from test_browser import (MAIN, SIDEBAR, _choose_upload_source, _upload, act, browser, check_page,  # noqa: F401
+                          open_url, page, server)
 
 SHOTS = Path(os.environ["FLAG_TRADER_SHOTS"]) if os.environ.get("FLAG_TRADER_SHOTS") else None
 
