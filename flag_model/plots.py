@@ -531,10 +531,17 @@ def confusion_heatmap(confusion: pd.DataFrame) -> go.Figure:
 
 
 def accuracy_by_position(by_position: pd.DataFrame, baseline: float) -> go.Figure:
-    """Accuracy at each position of the window (blocks mode) against the majority baseline."""
-    fig = go.Figure(go.Scatter(x=by_position["position"], y=by_position["accuracy"], mode="lines+markers",
-                               name="accuracy", customdata=by_position["n"],
-                               hovertemplate="position %{x}: %{y:.1%} over %{customdata:,} bars<extra></extra>"))
+    """Accuracy at each position of the window (blocks mode) against the majority baseline, with its interval
+    band when `by_position` has lo/hi columns."""
+    fig = go.Figure()
+    if {"lo", "hi"} <= set(by_position.columns):
+        x = list(by_position["position"])
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=list(by_position["hi"]) + list(by_position["lo"])[::-1],
+                                 fill="toself", fillcolor="rgba(59,125,216,0.18)", line=dict(width=0),
+                                 name="95 % interval", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=by_position["position"], y=by_position["accuracy"], mode="lines+markers",
+                             name="accuracy", customdata=by_position["n"], line_color="#3b7dd8",
+                             hovertemplate="position %{x}: %{y:.1%} over %{customdata:,} bars<extra></extra>"))
     fig.add_hline(y=baseline, line_dash="dot", line_color="#7f7f7f", annotation_text="majority baseline")
     fig.update_layout(height=280, xaxis_title="position in the window (last = decision in rolling mode)",
                       yaxis=dict(title="accuracy", tickformat=".0%"), margin=dict(l=10, r=10, t=30, b=10))

@@ -54,7 +54,8 @@ def test_uploaded_data_and_settings_survive_a_round_trip(server, page, tmp_path)
 def test_fast_arrow_keys_on_an_offset_slider_do_not_freeze_the_page(server, page):
     open_url(page, f"{server}/predictions")
     runs = page.flag_runs
-    thumb = page.locator('[data-testid="stSlider"]').filter(has_text="BUY offset").get_by_role("slider")
+    slider = page.locator('[data-testid="stSlider"]').filter(has_text="BUY offset")
+    thumb, shown = slider.get_by_role("slider"), slider.locator('[data-testid="stSliderThumbValue"]')
     thumb.focus()
     started = runs.started
     for _ in range(20):
@@ -63,10 +64,10 @@ def test_fast_arrow_keys_on_an_offset_slider_do_not_freeze_the_page(server, page
     page.wait_for_timeout(1500)
     assert runs.started == started, "arrow keys on the slider started script runs"
     assert page.locator('[data-stale="true"]').count() == 0
-    assert thumb.get_attribute("aria-valuenow") == "1"  # 20 steps of 0.05
+    assert shown.inner_text() == "1.00"  # 20 steps of 0.05, all taken
     act(page, page.get_by_role("button", name="Apply offsets").click)
     assert page.locator('[data-stale="true"]').count() == 0
-    assert thumb.get_attribute("aria-valuenow") == "1"
+    assert shown.inner_text() == "1.00"
     act(page, lambda: page.locator('[data-testid="stRadio"]').filter(has_text="Mode").get_by_text(
         "blocks", exact=True).click())  # the page still answers
     check_page(page, "offsets-after-fast-keys")
@@ -86,7 +87,10 @@ def test_blocks_mode_scores_through_the_newest_bar(server, page, tmp_path):
         page.get_by_role("button", name="Predictions as CSV").click()
     got = pd.read_csv(dl.value.path())
     assert pd.Timestamp(got["datetime"].iloc[-1]) == pd.Timestamp(bars["datetime"].iloc[-1])
-    assert got["position"].iloc[-1] == window - 1 and len(got) == len(bars) - 50  # every bar with features
+    assert got["position"].iloc[-1] == window - 1
+    # whole blocks from a block boundary (the kept "bars to score" of rolling mode), then every bar to the newest
+    assert len(got) > len(bars) - 50 - window and got["position"].iloc[0] == 0
+    assert (pd.to_datetime(got["datetime"]).diff().dropna() == pd.Timedelta(minutes=5)).all()
 
 
 def _crafted_checkpoint(tmp_path: Path) -> Path:

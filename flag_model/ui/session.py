@@ -101,13 +101,15 @@ def _fill(slot, data: MarketData) -> None:
 
 def set_market(data: MarketData | None) -> None:
     """Make `data` the session's current data (None: back to the demo market) and redraw the sidebar entry."""
+    from . import market_data
+
     if data is None:
         st.session_state.pop(MARKET, None)
-        return
-    st.session_state[MARKET] = data
+    else:
+        st.session_state[MARKET] = data
     slot = st.session_state.get(_SLOT)
     if slot is not None:
-        _fill(slot, data)
+        _fill(slot, market_data())
 
 
 def window_by_time(times: pd.DatetimeIndex, length: int, key: str, label: str = "Decision bar (last bar of the "
