@@ -5,7 +5,6 @@ import streamlit as st
 
 from flag_model import layouts, plots, ui
 from flag_model.analysis.tensors import key_status_tree
-from flag_model.ui.session import keep
 
 STYLE = {s: f"background-color: {c}33" for s, c in plots.STATUS_COLORS.items()}
 TARGETS = {"reconstruction": "Reconstruction (current assumptions)",
@@ -33,7 +32,7 @@ ranking = _ranking(ckpt.digest, sd)
 with st.expander("How the file matches each known layout"):
     st.plotly_chart(plots.layout_ranking_bars(ranking), width="stretch")
 
-choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.get, key=keep("arch_target"))
+choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.get, key=ui.keep("arch_target"))
 if choice == "second":
     other = ui.second_checkpoint("arch", "Open the checkpoint to compare against.")
     target, how, target_key = layouts.shapes_of(other.state_dict), f"the keys of {other.source}", other.digest
@@ -45,9 +44,9 @@ else:
         st.stop()
     with st.expander("Target sizes — e.g. what another loader assumed"):
         s = st.columns(3)
-        d = s[0].number_input("hidden size d", 1, value=size.d_model, key=keep(f"arch_d_{ckpt.digest[:12]}"))
-        f = s[1].number_input("FFN width F", 1, value=size.ffn_dim, key=keep(f"arch_f_{ckpt.digest[:12]}"))
-        n = s[2].number_input("blocks", 1, value=max(size.n_blocks, 1), key=keep(f"arch_n_{ckpt.digest[:12]}"))
+        d = s[0].number_input("hidden size d", 1, value=size.d_model, key=ui.keep(f"arch_d_{ckpt.digest[:12]}"))
+        f = s[1].number_input("FFN width F", 1, value=size.ffn_dim, key=ui.keep(f"arch_f_{ckpt.digest[:12]}"))
+        n = s[2].number_input("blocks", 1, value=max(size.n_blocks, 1), key=ui.keep(f"arch_n_{ckpt.digest[:12]}"))
     target, how = layouts.target_shapes(choice, sd, ld.config, d_model=d, ffn_dim=f, n_blocks=n)
     target_key = f"{choice}-{d}-{f}-{n}-{hash(ld.config)}"
 if ld.config is None and choice == "reconstruction":
@@ -87,9 +86,9 @@ if fixes:
     st.subheader("Fix")
     by_id = {fx.id: fx for fx in fixes}
     chosen = st.multiselect("Fixes to apply, in order", list(by_id), default=list(by_id), format_func=lambda i: by_id[i].title,
-                            key=keep(f"arch_fixes_{target_key}"))
+                            key=ui.keep(f"arch_fixes_{target_key}"))
     st.markdown("\n".join(f"{i}. **{by_id[x].title}** — {by_id[x].detail}" for i, x in enumerate(chosen, 1)))
-    drop = st.checkbox("Also drop the keys the target has no place for", key=keep(f"arch_drop_{target_key}"))
+    drop = st.checkbox("Also drop the keys the target has no place for", key=ui.keep(f"arch_drop_{target_key}"))
     if st.button("Apply fixes", type="primary", key="arch_apply"):
         applied = st.session_state[FIXED] = (ckpt.digest, target_key, tuple(chosen), drop)
 source = sd
@@ -106,10 +105,10 @@ if applied and applied[:2] == (ckpt.digest, target_key):
 
 st.subheader("Export")
 e1, e2 = st.columns(2)
-kind = e1.radio("Layout", layouts.EXPORT_KINDS, horizontal=True, key=keep("arch_export_kind"),
+kind = e1.radio("Layout", layouts.EXPORT_KINDS, horizontal=True, key=ui.keep("arch_export_kind"),
                 help="native: FLAG-TRADER keys with LoRA · merged: W + scale·(A@B)ᵀ under the native names, no lora "
                      "keys · stock: nn.TransformerEncoderLayer names (encoder.layers.N.self_attn.in_proj_weight …)")
-fmt = e2.radio("Format", layouts.EXPORT_FORMATS, horizontal=True, key=keep("arch_export_fmt"))
+fmt = e2.radio("Format", layouts.EXPORT_FORMATS, horizontal=True, key=ui.keep("arch_export_fmt"))
 problem = layouts.export_problem(source, kind)
 if problem:
     st.error(f"Cannot export as {kind}: {problem}")

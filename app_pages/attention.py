@@ -39,7 +39,8 @@ for w in fm.warnings:
 n = len(fm.values)
 c1, c2 = st.columns([1, 3])
 top = min(cfg.max_length, n)
-length = c1.slider("Window length", 1, top, key=bounded("attn_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), n)))
+length = c1.slider("Window length", 1, top,
+                   key=bounded("attn_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), n)))
 start = window_by_time(fm.times, length, "attn_when", container=c2)
 wa = _window(ckpt.digest, assumptions, data_key, start, length, model, fm.values)
 L, H = wa.maps.shape[:2]
@@ -71,7 +72,8 @@ with roll_tab:
 
 
 with stat_tab:
-    last_k = st.number_input("k for the share on the last k steps", 1, length, key=bounded("attn_last_k", 1, length, min(8, length)))
+    last_k = st.number_input("k for the share on the last k steps", 1, length,
+                             key=bounded("attn_last_k", 1, length, min(8, length)))
     stats = {q: attention.head_stats(wa.maps, last_k, None if q == "all" else -1) for q in ("all", "deciding")}
     show_stats(stats, attention.future_by_query(wa.maps).mean(1), last_k, length, cfg.causal, "one")
 with many_tab:

@@ -41,13 +41,16 @@ def _global(model_key: tuple, data_key: str, length: int, count: int, method: st
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
 top = min(cfg.max_length, n)
-length = c1.slider("Window length", 1, top, key=bounded("attr_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), n)))
+length = c1.slider("Window length", 1, top,
+                   key=bounded("attr_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), n)))
 start = window_by_time(fm.times, length, "attr_when", container=c2)
 choice = c3.selectbox("Explain class", ("predicted", *actions), key=keep("attr_class"))
-offset = c4.number_input("Deciding step (0 = last bar)", -(length - 1), 0, key=bounded("attr_offset", -(length - 1), 0, 0))
+offset = c4.number_input("Deciding step (0 = last bar)", -(length - 1), 0,
+                         key=bounded("attr_offset", -(length - 1), 0, 0))
 m1, m2, m3, m4 = st.columns(4)
 method = m1.selectbox("Method", attr.METHODS, key=keep("attr_method"))
-baseline = m2.selectbox("Baseline", attr.BASELINES, disabled=method not in attr.BASELINE_METHODS, key=keep("attr_baseline"))
+baseline = m2.selectbox("Baseline", attr.BASELINES, disabled=method not in attr.BASELINE_METHODS,
+                        key=keep("attr_baseline"))
 steps = m3.number_input("Steps (IG) / samples (GradientSHAP)", 1, 2048, disabled=method not in attr.PATH_METHODS,
                         key=bounded("attr_steps", 1, 2048, 50))
 batch = m4.number_input("Internal batch (rows per pass)", 1, 1024, key=bounded("attr_batch", 1, 1024, 64))

@@ -46,8 +46,8 @@ event = st.plotly_chart(
     on_select="rerun", selection_mode="points", key="lora_heatmap",
 )
 st.caption("Hover a cell for every metric; click a cell to open its spectra below. ✕ dead adapter (B ≈ 0) · "
-           "▲ ΔW dominates W (‖ΔW‖_F > ‖W‖_F) · ! outlier across blocks · ? NaN/Inf in W, A or B. Grey: no colour "
-           "on this scale (zero on a log scale, or not a number).")
+           "▲ ΔW dominates W (‖ΔW‖_F > ‖W‖_F) · ! outlier across blocks · ? NaN/Inf in W, A or B. "
+           "Grey: no colour on this scale (zero on a log scale, or not a number).")
 
 f1, f2, f3 = st.columns(3)
 f1.metric("Dead adapters", int(metrics["dead"].sum()))
@@ -89,10 +89,12 @@ modules = [m for m in SHORT_NAMES if SHORT_NAMES[m] in set(metrics["module"])]
 with st.form("lora_ablation"):
     a1, a2 = st.columns(2)
     chosen_blocks = a1.multiselect("Blocks", blocks, key=subset("lora_blocks", blocks, blocks))
-    chosen_modules = a2.multiselect("Modules", modules, format_func=SHORT_NAMES.get, key=subset("lora_modules", modules, modules))
+    chosen_modules = a2.multiselect("Modules", modules, format_func=SHORT_NAMES.get,
+                                    key=subset("lora_modules", modules, modules))
     a3, a4 = st.columns(2)
     top = min(cfg.max_length, len(fm.values))
-    length = a3.slider("Window length", 1, top, key=bounded("lora_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), top)))
+    length = a3.slider("Window length", 1, top,
+                       key=bounded("lora_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), top)))
     count = a4.slider("Sample windows (spread over the data)", 4, 256, key=bounded("lora_count", 4, 256, 32))
     run = st.form_submit_button("Run ablation", type="primary")
 st.caption(f"LoRA is switched off on a copy for the adapters in the chosen blocks **and** modules; the shared "

@@ -43,9 +43,12 @@ def _flip(model_key: tuple, data_key: str, start: int, length: int, target: int,
 @st.cache_data(max_entries=16, show_spinner=False)
 def _stability(model_key: tuple, data_key: str, length: int, starts: tuple, samples: int, _model, _values, _sigma):
     bar = st.progress(0.0, text="Adding noise…") if len(starts) > 1 else None
-    return wi.decision_stability(_model, rolling_windows(_values, length), _sigma, n_samples=samples,
-                                 indices=starts, progress=None if bar is None else
-                                 lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows")).curve()
+    res = wi.decision_stability(_model, rolling_windows(_values, length), _sigma, n_samples=samples, indices=starts,
+                                progress=None if bar is None else
+                                lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows"))
+    if bar is not None:
+        bar.empty()
+    return res.curve()
 
 
 c1, c2 = st.columns([1, 2])
@@ -72,30 +75,30 @@ with flip_tab:
     iterations = f2.number_input("Gradient steps", 10, 3000, 300, step=50, key=keep("wi_iter"))
     rival = f3.toggle("Compare with random directions (same budget)", True, key=keep("wi_rival"))
     feats, steps = uw.cells_controls(fm.names, length, "wi_flip", all_features=True)
-    if st.button("Find the smallest flip", type="primary", key="wi_search") or st.session_state.get("_wi_flip"):
-        st.session_state["_wi_flip"] = True
+    settings = (model_key, data_key, start, length, actions.index(target), feats, steps, int(iterations), rival)
+    if uw.requested(st.button("Find the smallest flip", type="primary", key="wi_search"), "_wi_flip", settings):
         try:
-            flip, other = _flip(model_key, data_key, start, length, actions.index(target), feats, steps,
-                                int(iterations), rival, model, fm.values, fm.names)
+            flip, other = _flip(*settings, model, fm.values, fm.names)
         except ValueError as exc:
             st.info(ui.md_escape(exc))
         else:
             uw.show_flip(flip, other, "wi_flip")
 
 with stable_tab:
-    s1, s2 = st.columns(2)
-    samples = s1.slider("Noisy copies per noise level", 8, 256, 32, step=8, key=keep("wi_samples"))
-    count = s2.slider("Windows for the curve over the data", 10, 500, 50, step=10, key=keep("wi_count"))
-    sigma = wi.feature_sigma(fm.values)
-    curves = {"this window": _stability(model_key, data_key, length, (start,), samples, model, fm.values, sigma)}
-    n_windows = len(fm.values) - length + 1
-    if st.button("Over many windows", key="wi_many") or st.session_state.get("_wi_many"):
-        st.session_state["_wi_many"] = True
-        starts = tuple(int(i) for i in evenly_spaced(n_windows, count))
-        curves[f"{len(starts)} windows (mean)"] = _stability(model_key, data_key, length, starts, samples, model,
-                                                             fm.values, sigma)
-    st.plotly_chart(plots.stability_lines(curves))
-    st.caption("σ is each input's standard deviation over the loaded data (in the model's units); padded zero "
-               "columns get no noise. A share near 100 % at k = 0.1 means the decision survives noise of a tenth "
-               "of a feature's usual spread.")
-    st.dataframe(curves[list(curves)[-1]], hide_index=True)
+    s1, s2, s3 = st.columns([2, 2, 1])
+    samples = s1.slider("Noisy copies per noise level", 4, 256, 16, step=4, key=keep("wi_samples"))
+    count = s2.slider("Windows for the curve over the data", 10, 500, 30, step=10, key=keep("wi_count"))
+    many = s3.toggle("Over many windows", False, key=keep("wi_many"))
+    settings = (model_key, data_key, start, length, samples, many and count)
+    if uw.requested(st.button("Measure stability", type="primary", key="wi_stable"), "_wi_stable", settings):
+        sigma = wi.feature_sigma(fm.values)
+        curves = {"this window": _stability(model_key, data_key, length, (start,), samples, model, fm.values, sigma)}
+        if many:
+            starts = tuple(int(i) for i in evenly_spaced(len(fm.values) - length + 1, count))
+            curves[f"{len(starts)} windows (mean)"] = _stability(model_key, data_key, length, starts, samples,
+                                                                 model, fm.values, sigma)
+        st.plotly_chart(plots.stability_lines(curves))
+        st.caption("σ is each input's standard deviation over the loaded data (in the model's units); padded zero "
+                   "columns get no noise. A share near 100 % at k = 0.1 means the decision survives noise of a "
+                   "tenth of a feature's usual spread.")
+        st.dataframe(curves[list(curves)[-1]], hide_index=True)

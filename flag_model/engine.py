@@ -6,7 +6,8 @@ into one [3d, d] matrix) into plain tensors; the shared model is never touched. 
 the CPU, or a GPU), or in exact float32 on request. Kernels: oneDNN's linear with the FFN's GELU fused
 (checked against F.linear once; F.linear otherwise), attention by `scaled_dot_product_attention`, except
 bf16 windows of up to BMM_ATTENTION_MAX_LENGTH positions on the CPU, where two batched matmuls and a
-softmax were measured several times faster than SDPA's flash kernel.
+softmax were measured several times faster than SDPA's flash kernel, and the single decision query (SDPA's
+one-query kernel depends on the thread count; the matmul path gives the same logits on any number of threads).
 
 In rolling mode only the decision (last) position's output is needed, so the last block computes K and V
 for every position but the query, attention, FFN, norms and head for the last position only.
@@ -226,7 +227,7 @@ class InferenceEngine:
         self._bmm_attention = self.device.type == "cpu" and self.dtype == torch.bfloat16
         kernels = ("oneDNN linear, GELU fused" if self._onednn else "torch linear") + "; attention: " + (
             f"batched matmul up to {BMM_ATTENTION_MAX_LENGTH} positions, SDPA above" if self._bmm_attention
-            else "SDPA")
+            else "SDPA") + "; the decision query alone: batched matmul"
         self.info = EngineInfo(precision=precision, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                                batch_size=batch_size or 0, threads=threads, reason=reason, kernels=kernels)
 
@@ -255,7 +256,10 @@ class InferenceEngine:
         q = q.view(B, Sq, h, d // h).transpose(1, 2)
         k = k.view(B, S, h, d // h).transpose(1, 2)
         v = v.view(B, S, h, d // h).transpose(1, 2)
-        if self._bmm_attention and S <= BMM_ATTENTION_MAX_LENGTH:
+        # A single query (the decision position) always takes the matmul path: SDPA's one-query kernel splits
+        # the keys across threads, so its result would depend on the thread count (measured: 2e-7 between 1
+        # and 2 threads), and a cluster worker must give the same logits as one process whatever its threads.
+        if Sq == 1 or (self._bmm_attention and S <= BMM_ATTENTION_MAX_LENGTH):
             q, k, v = (a.reshape(B * h, -1, d // h) for a in (q, k, v))
             mask = (torch.full((Sq, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1) if causal
                     else torch.zeros(1, 1, 1, dtype=q.dtype, device=q.device))

@@ -456,9 +456,13 @@ def simple60(ohlcv: pd.DataFrame) -> pd.DataFrame:
             wday >= 5.0,
         )
         out = np.column_stack(columns).astype(np.float64)
-    # As the pipeline did: clean in float64, then store as float32.
+    # As the pipeline did: clean in float64, then store as float32. A value beyond float32's range (only from
+    # absurd inputs such as volumes near 1e300) would be stored as +-inf there; it becomes 0 too, because a model
+    # input must be finite.
     np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return pd.DataFrame(out.astype(np.float32), index=ohlcv.index[WARMUP:], columns=list(SIMPLE60_NAMES))
+    out32 = out.astype(np.float32)
+    np.nan_to_num(out32, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return pd.DataFrame(out32, index=ohlcv.index[WARMUP:], columns=list(SIMPLE60_NAMES))
 
 
 _COMPUTE: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {"simple-60": simple60}

@@ -603,7 +603,8 @@ def deletion_insertion_lines(frame: pd.DataFrame, title: str) -> go.Figure:
                             showlegend=col == 1, hovertemplate="%{x:.0%} of cells: p = %{y:.3f}<extra></extra>")
     fig.update_xaxes(title="share of cells moved", tickformat=".0%")
     fig.update_yaxes(title="probability of the class", range=[0, 1.02])
-    fig.update_layout(height=320, title=title, legend=dict(orientation="h", y=-0.3), margin=dict(l=10, r=10, t=70, b=10))
+    fig.update_layout(height=320, title=title, legend=dict(orientation="h", y=-0.3),
+                      margin=dict(l=10, r=10, t=70, b=10))
     return fig
 
 
@@ -615,6 +616,7 @@ def randomisation_lines(frame: pd.DataFrame) -> go.Figure:
                         customdata=df["decision"],
                         hovertemplate="%{x}: ρ = %{y:.3f}<br>decision %{customdata}<extra>" + method + "</extra>")
     fig.update_layout(height=320, title="Randomisation check: LoRA adapters re-initialised from the top block down",
-                      xaxis_title="adapters re-initialised", yaxis=dict(range=[-0.2, 1.05], title="Spearman ρ of |cells|"),
+                      xaxis_title="adapters re-initialised",
+                      yaxis=dict(range=[-0.2, 1.05], title="Spearman ρ of |cells|"),
                       legend=dict(orientation="h", y=-0.3), margin=dict(l=10, r=10, t=50, b=10))
     return fig

@@ -308,3 +308,30 @@ def test_write_readme_screenshot(browser):
     target.parent.mkdir(exist_ok=True)
     img.save(target, optimize=True)
     assert target.stat().st_size < 300_000
+
+
+def test_hourly_data_and_a_missing_column_are_made_visible(server, page, tmp_path):
+    """Hourly bars: the interval notice and the feature matrix download are shown; a file without volume gets
+    an error naming the column instead of a silent switch to feature columns."""
+    import pandas as pd
+
+    from flag_model.demo import synthetic_ohlcv
+
+    spec = next((p for p in PAGES if Path(p.file).stem == "predictions"), None)
+    if spec is None:
+        pytest.skip("app.py has no Predictions page yet")
+    hourly = synthetic_ohlcv(400, seed=4).drop(columns="timestamp")
+    hourly["datetime"] = pd.date_range("2025-03-03", periods=len(hourly), freq="1h")
+    good, bad = tmp_path / "hourly_bars.csv", tmp_path / "hourly_no_volume.csv"
+    good.write_text(hourly.to_csv(index=False))
+    bad.write_text(hourly.drop(columns="volume").to_csv(index=False))
+    open_url(page, f"{server}/{spec.url_path}")
+    _upload(page, MAIN, good, "hourly_bars.csv: 400 rows")
+    main = check_page(page, "predictions-hourly")
+    assert "Bar interval differs from training" in main and "5 h here instead of 25 min" in main
+    page.get_by_text("Feature matrix: view and download").first.click()
+    page.get_by_text("Feature matrix as CSV").first.wait_for(state="visible")
+    _upload(page, MAIN, bad, "missing column 'volume'")
+    assert page.locator(EXCEPTION).count() == 0
+    page.screenshot(path=str(OUT / "predictions-missing-volume.png"))
+

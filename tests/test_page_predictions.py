@@ -114,6 +114,7 @@ def test_hourly_data_shows_the_interval_notice_the_horizon_in_time_and_the_featu
     assert at.number_input(key="pred_horizon").value == 5  # the demo checkpoint's stored rule
     assert any("5 bars (5 h)" in c.value for c in at.caption)
     assert any("training counted them as HOLD" in c.value for c in at.caption)
+    assert any("Training bar interval: **5 min** — stored in the checkpoint" in c.value for c in at.sidebar.caption)
     labels = [b.label for b in at.get("download_button")]
     assert "Feature matrix as CSV" in labels and "Feature matrix as Parquet" in labels
     at.switch_page("app_pages/attention.py").run()

@@ -5,6 +5,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from flag_model.analysis import whatif as wi
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting forward, backward hooks")
 
@@ -44,11 +45,19 @@ def test_whatif_edit_flip_and_stability(tiny_demo_path):
     assert any(b.proto.label == "Edited cells CSV" for b in at.get("download_button"))
 
     charts = len(at.get("plotly_chart"))
-    at.slider(key="wi_count").set_value(10)
-    at.button(key="wi_many").click().run()
+    at.slider(key="wi_samples").set_value(8)
+    at.button(key="wi_stable").click().run()
     assert not at.exception, at.exception
-    assert len(at.get("plotly_chart")) == charts  # the same stability chart, now with two lines
-    assert "share unchanged" in at.dataframe[-1].value.columns
+    assert len(at.get("plotly_chart")) == charts + 1
+    at.slider(key="wi_count").set_value(10)
+    at.toggle(key="wi_many").set_value(True).run()
+    assert not at.exception, at.exception
+    assert any("settings changed" in i.value for i in at.info)  # not recomputed silently
+    at.button(key="wi_stable").click().run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == charts + 1  # the same stability chart, now with two lines
+    curve = at.dataframe[-1].value
+    assert list(curve["k"]) == list(wi.DEFAULT_KS) and curve["share unchanged"].between(0, 1).all()
 
 
 def test_attributions_how_faithful_panel(tiny_demo_path):

@@ -59,7 +59,8 @@ class Curves:
     @property
     def areas(self) -> dict[str, float]:
         f = self.fractions
-        return {"deletion area": self.area(self.deletion, f), "random deletion area": self.area(self.random_deletion, f),
+        return {"deletion area": self.area(self.deletion, f),
+                "random deletion area": self.area(self.random_deletion, f),
                 "insertion area": self.area(self.insertion, f),
                 "random insertion area": self.area(self.random_insertion, f)}
 
@@ -157,8 +158,8 @@ class Faithfulness:
 
 def faithfulness(model: nn.Module, window: np.ndarray, methods: Sequence[str] = DEFAULT_METHODS,
                  target: int | None = None, position: int = -1, baseline: str = ZEROS,
-                 feature_mean: np.ndarray | None = None, output: str = "logit", steps: int = 32, n_points: int = 21,
-                 n_random: int = 8, infidelity_share: float = 0.1, infidelity_samples: int = 16,
+                 feature_mean: np.ndarray | None = None, output: str = "logit", steps: int = 32, n_points: int = 16,
+                 n_random: int = 4, infidelity_share: float = 0.1, infidelity_samples: int = 16,
                  sensitivity_radius: float = 0.1, sensitivity_samples: int = 4, seed: int = 0,
                  progress: Progress | None = None) -> Faithfulness:
     """Faithfulness of `methods` on one window (S, D) for class `target` (None: the predicted class).

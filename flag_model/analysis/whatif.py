@@ -250,7 +250,8 @@ def _result(model: nn.Module, method: str, w: np.ndarray, edited: np.ndarray, ta
                       time.perf_counter() - t0, action_names(model.config.n_actions), names, tuple(notes))
 
 
-def _shrink(model: nn.Module, w: np.ndarray, delta: np.ndarray, target: int, min_margin: float) -> tuple[np.ndarray, int]:
+def _shrink(model: nn.Module, w: np.ndarray, delta: np.ndarray, target: int,
+            min_margin: float) -> tuple[np.ndarray, int]:
     """Make a flipping delta sparser, then smaller, while w + delta still decides `target` with min_margin.
     Returns the new delta and the forward evaluations used."""
     evals = 0
@@ -360,7 +361,8 @@ def random_flip(
     feature_names: Sequence[str] | None = None,
 ) -> FlipResult:
     """The baseline search: random Gaussian directions u on the editable cells, each scaled to the smallest
-    t (u has unit RMS per editable cell, t in σ: doubling from 1/64 up to max_scale, then 8 bisection steps) with w + t·u deciding `target`.
+    t (u has unit RMS per editable cell, t in σ: doubling from 1/64 up to max_scale, then 8 bisection steps)
+    with w + t·u deciding `target`.
     Keeps the smallest-L1 flip; stops when `budget` forward evaluations are spent."""
     t0 = time.perf_counter()
     w, mask = _prepare(model, window, target, features, steps)

@@ -21,7 +21,8 @@ from .. import demo
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..analysis.summary import assumptions_line
 from ..config import ConfigError, ModelConfig
-from ..data import FeatureMatrix, IntervalCheck, check_interval, checkpoint_features
+from ..data import (FeatureMatrix, IntervalCheck, check_interval, checkpoint_features, format_timedelta,
+                   training_interval)
 from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..tables import table_bytes
@@ -219,6 +220,8 @@ def sidebar() -> Loaded:
             loaded = Loaded(ckpt, None, None, ckpt.config_error)
         else:
             cfg = _assumption_widgets(ckpt.config, ckpt.digest)
+            bar, bar_source = training_interval(ckpt.meta)
+            st.sidebar.caption(f"Training bar interval: **{format_timedelta(bar)}** — {bar_source}.")
             model, err = _model(ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal, ckpt)
             if model is None:
                 st.sidebar.error(f"Does not fit — see Architecture ({assumptions_line(ckpt.config, cfg)}).\n\n{err}")

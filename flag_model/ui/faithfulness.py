@@ -11,6 +11,7 @@ from ..analysis import attribution as attr
 from ..analysis import faithfulness as fa
 from . import download_table
 from .session import keep
+from .whatif import requested
 
 _KEYS = ("target", "position", "baseline", "output")  # the Attributions page's options that apply here
 
@@ -49,15 +50,14 @@ def faithfulness_panel(model: Any, model_key: tuple, data_key: str, values: np.n
     c1, c2, c3 = st.columns([3, 1, 1])
     methods = c1.multiselect("Methods", attr.METHODS, [attr.IG, attr.SALIENCY, attr.IXG, attr.ABLATION],
                              key=keep("faith_methods"))
-    n_random = c2.number_input("Random orders", 1, 64, 8, key=keep("faith_random"))
+    n_random = c2.number_input("Random orders", 1, 64, 4, key=keep("faith_random"))
     steps = c3.number_input("Steps (IG, GradientSHAP)", 2, 256, 32, key=keep("faith_steps"))
     chosen = tuple((k, opts[k]) for k in _KEYS)
     if not methods:
         st.info("Choose at least one method.")
         return
     args = (model_key, data_key, start, length, tuple(methods), chosen, int(steps))
-    if st.button("Measure faithfulness", key="faith_run") or st.session_state.get("_faith_run"):
-        st.session_state["_faith_run"] = True
+    if requested(st.button("Measure faithfulness", key="faith_run"), "_faith_run", (*args, int(n_random))):
         res = _measure(*args, int(n_random), model, values, means)
         st.caption(f"Explaining **{res.target_name}** on this window; {res.seconds:.1f} s.")
         st.dataframe(res.table, hide_index=True)
@@ -67,8 +67,7 @@ def faithfulness_panel(model: Any, model_key: tuple, data_key: str, values: np.n
     st.caption("Randomisation check: the LoRA adapters are re-initialised from the top block down on a private copy "
                "(A as at creation, B random with the trained B's spread); a method whose attributions stay highly "
                "rank-correlated with the original explains the input more than what the model learned.")
-    if st.button("Run the randomisation check", key="faith_rand") or st.session_state.get("_faith_rand"):
-        st.session_state["_faith_rand"] = True
+    if requested(st.button("Run the randomisation check", key="faith_rand"), "_faith_rand", args):
         table = _randomise(*args, model, values, means)
         st.plotly_chart(plots.randomisation_lines(table))
         download_table(table, "randomisation_check", key="faith_rand_table")

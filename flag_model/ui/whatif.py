@@ -12,6 +12,17 @@ from . import download_table
 from .session import keep
 
 
+def requested(clicked: bool, key: str, settings: tuple) -> bool:
+    """Whether on-demand work should show: its button was pressed for exactly these settings, now or earlier in
+    this session. Changed settings show a note instead of silently recomputing (the work can take minutes)."""
+    if clicked:
+        st.session_state[key] = settings
+    stored = st.session_state.get(key)
+    if stored is not None and stored != settings:
+        st.info("The settings changed since the last run: press the button to run it for these.")
+    return stored == settings
+
+
 def pick_window(fm: FeatureMatrix, default_length: int, max_length: int, key: str,
                 label: str = "Decision bar (last bar of the window)", length: int | None = None) -> tuple[int, int]:
     """Window length and the window chosen by its decision bar's date/time -> (first row, length).
