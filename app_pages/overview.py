@@ -45,7 +45,8 @@ with left:
         table = config_table(ld.config)
         ui.table(table.style.apply(
             lambda r: ["background-color: #fff4e0" if r["kind"] == "assumption" else ""] * len(r), axis=1),
-            "configuration", "overview_config", full_height=True)
+            "configuration", "overview_config", full_height=True,
+            column_config={"value": st.column_config.TextColumn(width="large")})
 with right:
     st.subheader("File")
     ui.table(file_table(ckpt), "file", "overview_file", full_height=True)

@@ -369,7 +369,10 @@ def _health_warnings(sd: Mapping[str, torch.Tensor]) -> list[str]:
     amax = {k: float(t.abs().amax()) for k, t in sd.items() if t.numel() and t.dtype != torch.bool}
     bad = [k for k, v in amax.items() if not math.isfinite(v)]
     if bad:
-        out.append(f"{len(bad)} tensors contain NaN or Inf (e.g. {bad[0]}); predictions will be NaN.")
+        nan = sum(int(torch.isnan(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
+        inf = sum(int(torch.isinf(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
+        out.append(f"{len(bad)} tensor{'s contain' if len(bad) > 1 else ' contains'} NaN or Inf ({nan:,} NaN and "
+                   f"{inf:,} Inf elements; e.g. {bad[0]}); predictions will be NaN.")
     # A flipped exponent bit turns a weight into ~1e30: finite, but the forward pass overflows to NaN.
     huge = [k for k, v in amax.items() if math.isfinite(v) and v > 1e4]
     if huge:

@@ -116,9 +116,13 @@ def test_dead_and_nan_adapters_overview_and_status(server, page, tmp_path):
     assert "NaN" in main and "4 NaN and 0 Inf" in main
     for field in ("norm_first", "causal", "lora_targets"):
         assert page.locator('[data-testid="stDataFrame"]').first.get_by_text(field).count() or field in main
+    alert = page.locator(f'{SIDEBAR} [data-testid="stAlert"]').filter(has_text="loaded strictly")
     if SHOTS:
         SHOTS.mkdir(parents=True, exist_ok=True)
-        page.locator(MAIN).screenshot(path=str(SHOTS / "overview-table.png"))
+        page.locator('[data-testid="stDataFrame"]').first.screenshot(path=str(SHOTS / "overview-table.png"))
+        page.locator(MAIN).get_by_text("Health scan", exact=True).scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "overview-health.png"))
+        alert.scroll_into_view_if_needed()
         page.locator(SIDEBAR).screenshot(path=str(SHOTS / "status.png"))
     _nav(page, server, "lora")
     main = check_page(page, "crafted-lora")
@@ -126,10 +130,9 @@ def test_dead_and_nan_adapters_overview_and_status(server, page, tmp_path):
     assert main.count("dead (B ≈ 0)") <= 3  # one summary line, not 72 warnings
     if SHOTS:
         page.screenshot(path=str(SHOTS / "lora-dead-nan.png"), full_page=True)
-    heads = page.locator(f'{SIDEBAR} [data-testid="stSelectbox"]').filter(has_text="Attention heads")
-    act(page, heads.click)
-    act(page, lambda: page.get_by_role("option", name="2", exact=True).click())
-    status = page.locator(f'{SIDEBAR} [data-testid="stAlert"]').filter(has_text="loaded strictly").inner_text()
-    assert "2 heads (set)" in status
+    act(page, page.locator(f'{SIDEBAR} [data-testid="stCheckbox"]').filter(has_text="Causal mask").click)
+    status = alert.inner_text()
+    assert "4 heads (stored) · post-norm (assumed) · causal mask (set)" in status  # the status follows the change
     if SHOTS:
+        alert.scroll_into_view_if_needed()
         page.locator(SIDEBAR).screenshot(path=str(SHOTS / "status-after-change.png"))
