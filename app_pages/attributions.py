@@ -3,7 +3,6 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import attribution as attr
-from flag_model.data import rolling_windows
 from flag_model.ui import attributions as aw
 from flag_model.ui.faithfulness import faithfulness_panel
 from flag_model.ui.session import bounded, keep, window_by_time
@@ -18,25 +17,6 @@ for w in fm.warnings:
 means, means_note = attr.feature_means(fm, ckpt.meta)
 actions = attr.action_names(cfg.n_actions)
 n = len(fm.values)
-
-
-@st.cache_data(max_entries=32, show_spinner="Running Captum…")
-def _attribute(model_key: tuple, data_key: str, start: int, length: int, method: str, opts: tuple,
-               _model, _values, _means, _names):
-    return attr.attribute(_model, _values[start:start + length], method, feature_mean=_means,
-                          feature_names=_names, **dict(opts))
-
-
-@st.cache_data(max_entries=8, show_spinner=False)
-def _global(model_key: tuple, data_key: str, length: int, count: int, method: str, opts: tuple,
-            _model, _values, _means, _names):
-    bar = st.progress(0.0, text="Attributing many windows…")  # made here so that a cache hit shows nothing
-    windows = rolling_windows(_values, length)
-    result = attr.global_importance(
-        _model, windows, attr.evenly_spaced(len(windows), count), method, feature_mean=_means, feature_names=_names,
-        progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total} windows"), **dict(opts))
-    bar.empty()
-    return result
 
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
@@ -64,7 +44,7 @@ opts = dict(target=None if choice == "predicted" else actions.index(choice), pos
             occlusion_patch=more.patch, auto_threshold=more.threshold if more.auto else None, max_steps=more.max_steps)
 args = (model, fm.values, means, fm.names)
 try:
-    res = _attribute(model_key, data_key, start, length, method, tuple(opts.items()), *args)
+    res = aw.attribute(model_key, data_key, start, length, method, tuple(opts.items()), *args)
 except ValueError as exc:
     st.error(f"Cannot attribute this window: {exc}")
     st.stop()
@@ -88,7 +68,7 @@ chosen = st.multiselect("Methods to compare on this window", attr.METHODS, key=k
                         default=None if "attr_compare_methods" in st.session_state else
                         [attr.IG, attr.SALIENCY, attr.IXG, attr.DEEPLIFT, attr.ABLATION])
 if st.toggle("Compare", key=keep("attr_compare")) and chosen:
-    results = [_attribute(model_key, data_key, start, length, m, tuple(opts.items()), *args) for m in chosen]
+    results = [aw.attribute(model_key, data_key, start, length, m, tuple(opts.items()), *args) for m in chosen]
     a1, a2 = st.columns(2)
     a1.plotly_chart(plots.agreement_heatmap(attr.agreement(results), "Spearman ρ of |per-feature totals|"))
     rollout = {"Attention rollout": attr.rollout_importance(model, fm.values[start:start + length], res.position)}
@@ -106,7 +86,7 @@ g_opts = {k: opts[k] for k in ("target", "position", "baseline", "steps", "inter
                                "occlusion_patch")}
 if st.button("Compute global importance", type="primary", key="attr_global") or st.session_state.get("_attr_global"):
     st.session_state["_attr_global"] = True
-    gi = _global(model_key, data_key, length, count, g_method, tuple(g_opts.items()), *args)
+    gi = aw.global_importance(model_key, data_key, length, count, g_method, tuple(g_opts.items()), *args)
     table = gi.table()
     counts = ", ".join(f"{a} {c}" for a, c in gi.class_counts().items())
     st.caption(f"{len(gi.totals)} windows in {gi.seconds:.1f} s, each explained for "

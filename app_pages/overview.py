@@ -3,7 +3,8 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.health import dtype_counts, findings_frame, health_scan, parameter_counts
-from flag_model.analysis.summary import assumptions_line, config_table, file_table, metadata_table
+from flag_model.analysis.summary import assumptions_line, config_table, file_table, foreign_table, metadata_table
+from flag_model.ui import layouts as ui_layouts
 
 ICONS = {"error": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
          "info": ":blue[:material/info:]", "ok": ":green[:material/check_circle:]"}
@@ -26,6 +27,14 @@ if ld.model is not None:
 else:
     st.error(f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. Open **Architecture check** to see why "
              f"and fix it.\n\n```\n{ld.error}\n```")
+
+st.subheader("Layout family")
+ui_layouts.family_panel(ui_layouts.recognition(ckpt))
+if ckpt.read_mode == "restricted":
+    st.info("**Read in restricted mode.** The pickle holds Python objects of classes the safe loader refuses. Their "
+            "tensors and plain values were read; each object became an inert record of its class and fields — "
+            "nothing from the file was imported or called.")
+    st.dataframe(foreign_table(ckpt), hide_index=True, width="stretch")
 
 c = st.columns(4)
 c[0].metric("Tensors", f"{ckpt.n_tensors:,}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,6 +29,24 @@ def _inspect(args: argparse.Namespace) -> int:
           f"prefixes removed: {', '.join(info['prefixes_stripped']) or 'none'}")
     print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items()))
     print("  dtypes: " + ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items()))
+    fam = info["family"]
+    print(f"family: {fam['title']} ({fam['family']}), {fam['score']:.0%} of keys ({fam['matched']}/{fam['expected']})"
+          if fam["confident"] else f"family: no confident match (closest {fam['title']}, {fam['score']:.0%})")
+    print(f"  {fam['headline']}")
+    if fam["sizes"]:
+        print(f"  sizes: {fam['sizes']}")
+    print(f"  LoRA: rank {fam['lora_rank']}" + (f" on {', '.join(fam['lora_targets'])}" if fam["lora_targets"] else "")
+          if fam["lora_rank"] else "  LoRA: none")
+    print(f"  converts to: {fam['converts_to']}")
+    if fam.get("adapter_config"):
+        a = fam["adapter_config"]
+        print(f"  adapter config: r={a.get('r')}, lora_alpha={a.get('lora_alpha')}, rsLoRA={a.get('use_rslora')}, "
+              f"targets={a.get('target_modules')}, base model={a.get('base_model_name_or_path')}; "
+              f"scale {fam['lora_scale']} ({fam['lora_scale_source']})" if fam.get("lora_scale") is not None else "")
+    if info["read_mode"] == "restricted":
+        print("  read in restricted mode: foreign objects became inert records, nothing from the file was called:")
+        for where, cls in info["foreign_objects"].items():
+            print(f"    {where}: {cls}")
     for k, v in info["metadata"].items():
         print(f"  meta {k}: {v[:100]}")
     if "config" in info:
@@ -50,8 +69,9 @@ def _demo(args: argparse.Namespace) -> int:
     def report(frac: float, msg: str) -> None:
         print(f"\r[{frac:4.0%}] {msg:<70}", end="", file=sys.stderr, flush=True)
 
+    t0 = time.perf_counter()
     path = build_demo(args.size, progress=report, force=args.force)
-    print(file=sys.stderr)
+    print(f"\n{args.size} demo ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, args.out)

@@ -1,12 +1,14 @@
 """Read any supported checkpoint file safely into a `Checkpoint`.
 
-Only `torch.load(..., weights_only=True)` is used: a pickle that needs a class the safe loader refuses is
-reported by name and never executed. Files opened by path are memory-mapped.
+Files are read with `torch.load(..., weights_only=True)` (memory-mapped when opened by path). A pickle that
+also holds foreign objects (a dataclass config, argparse Namespace, numpy scalars) is then read by the restricted
+reader of `safe_pickle`: tensors and plain values only, foreign objects as inert records, nothing from the file
+called. A pickle that names what only an attack needs (os.system, eval, ...) is refused, naming it.
+A PEFT `save_pretrained` folder (or its adapter_config.json / adapter_model.*) is read with its adapter config.
 """
 from __future__ import annotations
 
 import _compat_pickle
-import builtins
 import hashlib
 import io
 import json
@@ -24,7 +26,7 @@ from typing import Any, BinaryIO, Mapping
 import torch
 
 from .config import ConfigError, ModelConfig, infer_config
-from .layouts import strip_prefixes
+from .safe_pickle import RestrictedPickleError, classify_global, restricted_load
 
 # Wrapper keys under which training scripts saved the model, most specific first.
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "weights")
@@ -32,6 +34,27 @@ CONFIG_KEYS = ("config", "model_config", "hparams", "args")
 # Entries that hold tensors but are not model weights.
 _TRAINING_STATE = re.compile(r"^(optimizer|optim|scheduler|lr_scheduler|scaler)", re.I)
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# Wrappers that training code adds around module names (DataParallel, a `model.` attribute, torch.compile).
+KNOWN_PREFIXES: tuple[str, ...] = ("module.", "model.", "_orig_mod.")
+# Files of a PEFT save_pretrained folder, weights first choice first.
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_CONFIG = "adapter_config.json"
+# adapter_config.json fields shown to the user.
+ADAPTER_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules", "base_model_name_or_path", "lora_dropout",
+                  "peft_type", "task_type", "layers_to_transform", "modules_to_save", "use_dora", "rank_pattern",
+                  "alpha_pattern", "peft_version")
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Remove wrapper prefixes shared by *every* key, repeatedly; return the new dict and what was removed."""
+    sd, removed = dict(state_dict), []
+    while sd:
+        prefix = next((p for p in KNOWN_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        removed.append(prefix)
+    return sd, tuple(removed)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -56,6 +79,10 @@ class Checkpoint:
     warnings: list[str] = field(default_factory=list)
     config: ModelConfig | None = None
     config_error: str | None = None
+    # "weights_only" (torch's safe loader) or "restricted" (safe_pickle: foreign objects became inert records)
+    read_mode: str = "weights_only"
+    foreign_objects: dict[str, str] = field(default_factory=dict)  # where in the saved object -> module.Class
+    adapter_config: dict[str, Any] | None = None  # a PEFT folder's adapter_config.json (ADAPTER_FIELDS)
 
     def require_config(self) -> ModelConfig:
         """The inferred config, or ConfigError saying why this file has none."""
@@ -83,8 +110,13 @@ def _read_source(src: str | os.PathLike | bytes | bytearray | memoryview | Binar
                                   "machine running the tool).") from None
         if not path.exists():
             raise CheckpointError(f"{path}: no such file. Check the path (it is read on the machine running the tool).")
-        if path.is_dir():
-            raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt, .pth, .bin or .safetensors).")
+        if path.is_dir() or path.name == PEFT_CONFIG:
+            folder = path if path.is_dir() else path.parent
+            weights = next((folder / n for n in PEFT_WEIGHTS if (folder / n).is_file()), None)
+            if weights is None:
+                raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt, .pth, .bin or "
+                                      f".safetensors), or a PEFT save_pretrained folder with {' or '.join(PEFT_WEIGHTS)}.")
+            return str(weights), weights, None
         return str(path), path, None
     if isinstance(src, (bytes, bytearray, memoryview)):
         return "uploaded bytes", None, bytes(src)
@@ -134,10 +166,6 @@ def _describe_unknown(name: str, head: bytes) -> str:
             "The file may be corrupt or of another kind; re-export it with torch.save or safetensors.")
 
 
-# Modules whose globals torch's safe loader may allow; anything else in a refused pickle is named as the cause.
-_SAFE_MODULES = ("torch", "collections", "_codecs", "numpy", "builtins", "copyreg")
-
-
 def _pickle_globals(raw: bytes) -> list[str]:
     """`module.name` of every global the pickle(s) in `raw` import, in Python 3 spelling.
 
@@ -167,8 +195,8 @@ def _pickle_globals(raw: bytes) -> list[str]:
 
 
 def _refused_globals(fmt: str, path: Path | None, data: bytes | None, limit: int = 1 << 26) -> list[str]:
-    """Globals in the file's pickle outside the modules tensors and plain values come from (builtin
-    functions such as eval count as outside; builtin types do not)."""
+    """Globals in the file's pickle that the restricted reader refuses (os.system, eval, a pickled torch module...);
+    found by parsing opcodes only."""
     try:
         if fmt == "torch zip":
             with zipfile.ZipFile(path if path is not None else io.BytesIO(data)) as zf:
@@ -180,20 +208,22 @@ def _refused_globals(fmt: str, path: Path | None, data: bytes | None, limit: int
             raw = data[:limit]
     except Exception:  # noqa: BLE001 - no readable pickle: fall back to torch's own message
         return []
-    return [g for g in _pickle_globals(raw) if g.split(".")[0] not in _SAFE_MODULES
-            or (g.startswith("builtins.") and not isinstance(getattr(builtins, g[9:], None), type))]
+    return [g for g in _pickle_globals(raw) if classify_global(*g.rsplit(".", 1)) == "refused"]
 
 
-def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> Any:
+def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> tuple[Any, dict[str, str] | None]:
+    """-> (saved object, None) from torch's safe loader, or (object, {path: class}) from the restricted reader."""
     try:
         if path is not None:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch zip"))
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch zip")), None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        refused = _refused_globals(fmt, path, data) or re.findall(r"GLOBAL ([\w.]+)", msg)[:1]
+        refused = _refused_globals(fmt, path, data)
         if refused:
             return _refuse(name, ", ".join(refused[:5]))
+        if "GLOBAL" in msg or "Unsupported global" in msg or "Unsupported class" in msg:
+            return _restricted(name, fmt, path, data)
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
         raise CheckpointError(
             f"{name}: the safe loader refused this pickle ({_brief(detail.group(1) if detail else msg.splitlines()[0])}). "
@@ -223,6 +253,26 @@ def _brief(text: str, limit: int = 200) -> str:
     if len(out) > limit:
         out = out[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
     return out.rstrip(".")  # it is quoted in parentheses inside a sentence
+
+
+def _restricted(name: str, fmt: str, path: Path | None, data: bytes | None) -> tuple[Any, dict[str, str]]:
+    """The restricted reader (safe_pickle) for pickles holding foreign objects; nothing from the file is called."""
+    try:
+        if fmt == "torch zip":
+            with zipfile.ZipFile(path if path is not None else io.BytesIO(data)) as zf:
+                res = restricted_load(fmt, zf=zf)
+        else:
+            res = restricted_load(fmt, raw=path.read_bytes() if path is not None else data)
+    except RestrictedPickleError as exc:
+        if exc.malformed:
+            raise CheckpointError(f"{name}: the file could not be read even in restricted mode ({exc.refused}: "
+                                  f"{exc.why}); it may be damaged. Copy it again or re-save the state dict.") from None
+        return _refuse(name, exc.refused)
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle or archive, whatever the unpickler raised
+        first = _brief(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{name}: the file could not be read even in restricted mode ({first}); it may be "
+                              "damaged. Re-save the state dict (torch.save(model.state_dict(), path)).") from None
+    return res.obj, res.foreign
 
 
 def _refuse(name: str, what: str) -> Any:
@@ -416,8 +466,9 @@ def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | Bi
         tensors, st_meta = _safetensors_load(display, path, data)
         obj: Any = tensors
         extra_meta: dict[str, Any] = {k: v for k, v in st_meta.items()}
+        foreign = None
     else:
-        obj, extra_meta = _torch_load(display, fmt, path, data), {}
+        (obj, foreign), extra_meta = _torch_load(display, fmt, path, data), {}
     sd, meta, wrapper_keys, sd_key = _unwrap(obj, display)
     _check_tensors(sd, display)
     meta.update(extra_meta)
@@ -428,12 +479,22 @@ def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | Bi
         )
     sd, stripped = strip_prefixes(sd)
     warnings = [f"removed the key prefix '{p}' from every key" for p in stripped]
+    if foreign is not None:
+        classes = sorted(set(foreign.values()))
+        warnings.append(f"read in restricted mode: the pickle holds {len(foreign)} Python object(s) of "
+                        f"{len(classes)} class(es) the safe loader refuses ({', '.join(classes[:4])}"
+                        f"{', …' if len(classes) > 4 else ''}); their fields were read as inert records and "
+                        "nothing from the file was called.")
+    adapter = _adapter_config(path) if path is not None else None
+    if adapter is not None:
+        meta["adapter_config"] = adapter
     warnings += _health_warnings(sd)
     stored = _stored_config(meta)
     ckpt = Checkpoint(
         state_dict=sd, meta=meta, source=display, format=fmt, wrapper_keys=wrapper_keys, state_dict_key=sd_key,
         prefixes_stripped=stripped, digest=_digest(path, data), size_bytes=size, stored_config=stored,
-        warnings=warnings,
+        warnings=warnings, read_mode="weights_only" if foreign is None else "restricted",
+        foreign_objects=dict(foreign or {}), adapter_config=adapter,
     )
     try:
         ckpt.config, more = infer_config(sd, stored)
@@ -446,6 +507,17 @@ def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | Bi
         if not 0.0 <= ckpt.config.lora_scale <= 1e4:  # NaN, Inf, negative or so large the forward pass overflows
             _infer_without_stored(ckpt, ValueError(f"its lora_alpha gives a LoRA scale of {ckpt.config.lora_scale:.3g}"))
     return ckpt
+
+
+def _adapter_config(weights: Path) -> dict[str, Any] | None:
+    """The adapter_config.json beside a PEFT adapter_model.* file (ADAPTER_FIELDS only), or None."""
+    if weights.name not in PEFT_WEIGHTS or not (weights.parent / PEFT_CONFIG).is_file():
+        return None
+    try:
+        raw = json.loads((weights.parent / PEFT_CONFIG).read_text(encoding="utf-8")[:1_000_000])
+    except (OSError, ValueError):
+        return None
+    return {k: raw.get(k) for k in ADAPTER_FIELDS if k in raw} if isinstance(raw, dict) else None
 
 
 def _infer_without_stored(ckpt: Checkpoint, exc: Exception) -> None:

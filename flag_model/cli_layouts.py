@@ -8,7 +8,6 @@ from typing import Any
 
 from . import layouts
 from .checkpoint import load_checkpoint
-from .config import infer_config
 
 
 def add_parsers(sub: Any) -> None:
@@ -41,31 +40,41 @@ def diff_report(path: str, against: str) -> dict[str, Any]:
     """Everything `diff` prints, as plain values."""
     ckpt = load_checkpoint(path)
     sd = ckpt.state_dict
-    if against in layouts.TARGETS:
-        target, how = layouts.target_shapes(against, sd, ckpt.config)
+    rec = layouts.recognise_checkpoint(ckpt)
+    if against in layouts.TARGETS or against in layouts.TARGET_ALIASES:
+        target, how = layouts.target_shapes(against, sd, ckpt.config, rec)
+        flag_target = layouts.TARGET_ALIASES.get(against, against) in ("reconstruction", "native", "peft", "stock",
+                                                                        "sketch")
     elif Path(against).expanduser().exists():
         other = load_checkpoint(against)
         target, how = layouts.shapes_of(other.state_dict), f"keys of {other.source}"
+        flag_target = False
     else:
         raise layouts.LayoutError(f"--against '{against}' is neither a known target ({', '.join(layouts.TARGETS)}) "
                                   "nor an existing checkpoint file.")
-    ranking = layouts.rank_layouts(sd)
     diff = layouts.diff_keys(sd, target)
     scale = ckpt.config.lora_scale if ckpt.config else 1.0
-    fixes = layouts.suggest_fixes(sd, target, lora_scale=scale) if not diff.ok else []
+    # A file recognised as a different model gets no rename chain towards FLAG-TRADER: it would only line up
+    # the stems they share and look "nearly convertible".
+    foreign = rec.best.score >= layouts.recognize.CLOSE and not rec.best.family.convertible and flag_target
+    fixes = layouts.suggest_fixes(sd, target, lora_scale=scale) if not diff.ok and not foreign else []
     after = layouts.diff_keys(layouts.apply_fixes(layouts.meta_like(sd), fixes), target) if fixes else diff
     shapes = layouts.shapes_of(sd)
     return {
-        "file": ckpt.source, "target": against, "target_description": how,
-        "ranking_headline": layouts.ranking_headline(ranking),
-        "ranking": ranking[["layout", "title", "score", "matched", "layout_keys"]].to_dict("records"),
+        "file": ckpt.source, "target": against, "target_description": how, "read_mode": ckpt.read_mode,
+        "family": rec.to_dict(),
+        "ranking_headline": rec.headline(),
+        "ranking": rec.table()[["layout", "title", "score", "matched", "layout_keys", "sizes", "lora_rank"]
+                               ].to_dict("records"),
         "counts": diff.counts(), "n_file": diff.n_file, "n_target": diff.n_target, "ok": diff.ok,
         "missing": [{"key": k, "shape": list(target[k])} for k in diff.missing],
         "unexpected": [{"key": k, "shape": list(shapes[k])} for k in diff.unexpected],
         "mismatched": [{"key": k, "file_shape": list(a), "target_shape": list(b)} for k, a, b in diff.mismatched],
         "explanations": [{"rule": e.rule, "message": e.message, "fixes": list(e.fixes)}
-                         for e in layouts.explain(sd, target, ranking)],
+                         for e in layouts.explain(sd, target, rec)],
         "suggested_fixes": [{"id": f.id, "title": f.title, "detail": f.detail} for f in fixes],
+        "no_fixes_because": (f"the file is a {rec.best.family.title} checkpoint, a different model: renames would "
+                             "only line up the stems they share") if foreign and not diff.ok else None,
         "after_fixes": after.counts(),
     }
 
@@ -93,6 +102,8 @@ def run_diff(args: argparse.Namespace) -> int:
         print("why:")
         for e in rep["explanations"]:
             print(f"  - [{e['rule']}] {e['message']}")
+    if rep["no_fixes_because"]:
+        print(f"no fixes suggested: {rep['no_fixes_because']}.")
     if rep["suggested_fixes"]:
         print("suggested fixes, in order:")
         for i, f in enumerate(rep["suggested_fixes"], 1):
@@ -107,15 +118,19 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     fmt = args.format or ("safetensors" if out.suffix == ".safetensors" else "pt")
     ckpt = load_checkpoint(args.path)
-    native, fixes = layouts.to_native(ckpt.state_dict)
-    cfg = infer_config(native, ckpt.stored_config)[0]
-    scale = cfg.lora_scale if args.lora_scale is None else args.lora_scale
-    data = layouts.export_file(native, args.to, fmt, ckpt.stored_config, lora_scale=scale)
+    native, cfg, fixes, note = layouts.export_plan(ckpt.state_dict, ckpt.stored_config, family_wins=False,
+                                                  lora_scale=args.lora_scale)
+    scale = cfg.lora_scale
+    data = layouts.export_file(native, args.to, fmt, ckpt.stored_config, lora_scale=scale,
+                               norm_first=cfg.norm_first)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     print(f"wrote {out}: {args.to} layout, {fmt}, {len(data) / 2**20:.1f} MiB")
     if fixes:
         print("fixes applied: " + "; ".join(f.title for f in fixes))
+    if note:
+        print(f"assumptions stored with the file: {note}")
+    print(f"norm placement: {'pre-norm' if cfg.norm_first else 'post-norm'} ({cfg.provenance.get('norm_first', '')})")
     if args.to != "native" and cfg.lora_rank:
         print(f"LoRA merged with scale {scale:g} ({'given' if args.lora_scale is not None else cfg.provenance.get('lora_scale')})")
     return 0

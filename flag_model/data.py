@@ -6,6 +6,7 @@ Row numbers in messages are 1-based data rows (the header is not counted: CSV li
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -597,6 +598,14 @@ def stored_stats(meta: Mapping[str, Any], width: int) -> tuple[np.ndarray, np.nd
     return None
 
 
+def stored_clip(meta: Mapping[str, Any]) -> float | None:
+    """The bound ±c the training clipped normalised features to ("feature_clip" in the checkpoint dict), if any."""
+    clip = meta.get("feature_clip")
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip) and clip > 0:
+        return float(clip)
+    return None
+
+
 def _finish(vals: np.ndarray, names: tuple[str, ...], meta: Mapping[str, Any], state_dim: int,
             normalisation: str, stats: tuple[np.ndarray, np.ndarray] | None, warnings: list[str],
             ) -> tuple[np.ndarray, tuple[str, ...], str, np.ndarray, np.ndarray, int]:
@@ -613,6 +622,9 @@ def _finish(vals: np.ndarray, names: tuple[str, ...], meta: Mapping[str, Any], s
             normalisation = "none"
         else:
             vals = (vals - ck[0]) / ck[1]
+            clip = stored_clip(meta)
+            if clip is not None:  # the training pipeline clipped its normalised features: do the same
+                vals = vals.clip(-clip, clip)
     pad = 0
     if vals.shape[1] < state_dim:
         pad = state_dim - vals.shape[1]
@@ -641,7 +653,8 @@ def checkpoint_features(
 ) -> FeatureMatrix:
     """OHLCV bars -> the features a checkpoint expects, normalised as asked, padded/cut to state_dim.
 
-    normalisation: "checkpoint" (stored mean/std; falls back to none with a warning), "none", or "data"
+    normalisation: "checkpoint" (stored mean/std, then clipped to ±"feature_clip" where the checkpoint stores
+    one, as its training did; falls back to none with a warning), "none", or "data"
     (z-scores from this data, or from `stats` (mean, std) of the state_dim unnormalised columns when given,
     e.g. by a first streaming pass). Padding with
     zero columns is reported as a warning, never silent. `origin` fixes the time the "years" feature counts
@@ -765,5 +778,5 @@ __all__ = [
     "RunningMoments", "WARMUP", "bar_interval", "check_interval", "check_window", "format_timedelta",
     "horizon_text", "training_interval", "checkpoint_features", "column_features", "default_window", "detect_columns",
     "drift_table", "feature_candidates", "iter_table_chunks", "parse_times", "prepare_features",
-    "prepare_ohlcv", "read_table", "rolling_windows", "stored_stats",
+    "prepare_ohlcv", "read_table", "rolling_windows", "stored_clip", "stored_stats",
 ]

@@ -319,6 +319,15 @@ def _engine_key(spec: ScoreSpec) -> tuple:
             spec.batch_size)
 
 
+def dask_setup(worker: Any) -> None:
+    """Run by `dask worker --preload flag_model.distributed` (and local clusters) as a worker starts: import
+    torch, the engine and the readers then, not in the worker's first task."""
+    import pyarrow.parquet  # noqa: F401
+
+    from . import checkpoint, engine, model  # noqa: F401
+    from .analysis import predict  # noqa: F401
+
+
 # Tasks
 
 
@@ -472,9 +481,8 @@ def local_client(n_workers: int, **cluster_kw: Any) -> Iterator[Any]:
 
     if n_workers < 1:
         raise ValueError("--workers must be at least 1.")
-    # preload: workers import torch and the engine while the cluster starts, not in their first task.
     kw = dict(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
-              dashboard_address=None, silence_logs=logging.ERROR, preload=["flag_model.engine"])
+              dashboard_address=None, silence_logs=logging.ERROR, preload=[__name__])  # see dask_setup
     kw.update(cluster_kw)
     with LocalCluster(**kw) as cluster, Client(cluster) as client:
         yield client

@@ -147,14 +147,14 @@ def key_status_treemap(tree: pd.DataFrame) -> go.Figure:
 
 
 def layout_ranking_bars(ranking: pd.DataFrame) -> go.Figure:
-    """Share of key patterns each known layout has in common with the file, best first."""
+    """How well the file matches each family at the sizes that family reads from the file, best first."""
     r = ranking.iloc[::-1]
     fig = go.Figure(go.Bar(
         x=r["score"], y=r["title"], orientation="h", marker_color=["#2ca02c" if s >= 0.9 else "#9aa5b1" for s in r["score"]],
         text=[f"{s:.0%} · {m}/{n} keys" for s, m, n in zip(r["score"], r["matched"], r["layout_keys"])],
-        textposition="auto", hovertemplate="%{y}: %{x:.0%} of key patterns<extra></extra>",
+        textposition="auto", hovertemplate="%{y}: %{x:.0%} of keys match at the sizes read from the file<extra></extra>",
     ))
-    fig.update_layout(height=60 + 32 * len(r), xaxis=dict(range=[0, 1], tickformat=".0%", title="key patterns in common"),
+    fig.update_layout(height=60 + 32 * len(r), xaxis=dict(range=[0, 1], tickformat=".0%", title="keys matched (family at the sizes read from the file)"),
                       margin=dict(l=10, r=10, t=10, b=10))
     return fig
 

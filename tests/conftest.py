@@ -77,10 +77,18 @@ def full_layout_config(d: int = 256, f: int = 1024) -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def tiny_demo_path() -> Path:
-    """The tiny demo checkpoint (2 blocks, d=32), trained once per test session."""
+    """The tiny demo checkpoint (2 blocks, d=32): seeded, not trained (about a second), built once per run."""
     from flag_model.demo import build_demo
 
     return build_demo("tiny")
+
+
+@pytest.fixture(scope="session")
+def full_demo_path() -> Path:
+    """The trained full demo (the documented 343-tensor layout), built once per run; tests using it are `slow`."""
+    from flag_model.demo import build_demo
+
+    return build_demo("full")
 
 
 @pytest.fixture(scope="session")

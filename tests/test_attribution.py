@@ -256,3 +256,37 @@ def test_evenly_spaced():
     assert A.evenly_spaced(3, 10).tolist() == [0, 1, 2]
     with pytest.raises(ValueError):
         A.evenly_spaced(0, 5)
+
+
+@pytest.mark.parametrize("method", A.METHODS)
+def test_progress_counts_every_forward_pass(method):
+    """The progress of one attribution reaches exactly 1.0: forward_rows predicts Captum's passes."""
+    model = make_model(max_length=32)
+    window = np.random.default_rng(0).standard_normal((12, 60)).astype(np.float32)
+    calls: list[tuple[float, str]] = []
+    A.attribute(model, window, method, steps=7, internal_batch_size=4, occlusion_patch=(5, 7),
+                   progress=lambda f, msg: calls.append((f, msg)))
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    total = A.forward_rows(method, 1, 12, 60, 7, (5, 7))
+    assert calls[-1][1].endswith(f"{total:,} / {total:,} model passes")
+    assert sum(f < 1.0 for f in fractions) == len(fractions) - 1  # never full before the last pass
+
+
+def test_merged_copy_is_the_same_function_and_follows_weight_changes():
+    """Gradient methods run on a cached copy with LoRA merged into the base weights: same outputs as the model,
+    never the model itself, rebuilt when a weight changes in place."""
+    model = make_model(max_length=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 12, 60)
+    fast = A._worker(model, A.IG)
+    assert fast is not model and A._worker(model, A.SALIENCY) is fast
+    assert not any(p.requires_grad for p in fast.parameters())
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert A._worker(model, A.DEEPLIFT) is not fast  # hooks go on a fresh copy
+    with torch.no_grad():
+        model.transformer_blocks[0].attention.q_proj.lora.lora_B.mul_(3.0)
+    again = A._worker(model, A.IG)
+    assert again is not fast
+    torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)

@@ -335,3 +335,54 @@ def test_hourly_data_and_a_missing_column_are_made_visible(server, page, tmp_pat
     assert page.locator(EXCEPTION).count() == 0
     page.screenshot(path=str(OUT / "predictions-missing-volume.png"))
 
+
+def _visit(pg, server: str, spec) -> float:
+    """Open `spec` through the sidebar's navigation; seconds until its run has finished and its figure is drawn."""
+    start = time.monotonic()
+    act(pg, pg.locator(f'[data-testid="stSidebarNavLink"][href="{server}/{spec.url_path}"]').click)
+    check_page(pg, f"visit-{Path(spec.file).stem}")
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_first_minute_from_a_fresh_home(browser, tmp_path, tiny_ckpt_bytes):
+    """`streamlit run` from a fresh home folder with no demo cached: the first page is usable while the full demo
+    builds (its progress in the sidebar, Upload working), then the demo opens and every page is visited twice.
+    The times go to test-output/first-minute.json and the screenshots to test-output/ (no time is asserted:
+    they depend on the machine and its load, which is recorded with them)."""
+    import json
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "FLAG_TRADER_DEMO_SIZE": "full", "FLAG_TRADER_CACHE": str(home / ".cache" / "flag")}
+    times: dict[str, object] = {"load_before": os.getloadavg()}
+    t0 = time.monotonic()
+    with streamlit_server(env, OUT / "streamlit-first-minute.log") as url:
+        context, pg = new_page(browser)
+        open_url(pg, url)
+        times["usable_s"] = time.monotonic() - t0
+        sidebar = pg.locator(SIDEBAR)
+        sidebar.get_by_text("Building the demo checkpoint").first.wait_for(state="visible")
+        pg.screenshot(path=str(OUT / "first-minute-building.png"))
+        assert pg.locator(EXCEPTION).count() == 0 and "being built" in pg.locator(MAIN).inner_text()
+        mine = tmp_path / "mine.pt"
+        mine.write_bytes(tiny_ckpt_bytes)
+        _choose_upload_source(pg)
+        _upload(pg, SIDEBAR, mine, "tensors loaded strictly")  # works while the demo builds
+        check_page(pg, "first-minute-upload-while-building")
+        radio = sidebar.locator('[data-testid="stRadio"]').filter(has_text="Checkpoint source")
+        act(pg, lambda: radio.get_by_text("Demo", exact=True).click())
+        sidebar.get_by_text("343/343 tensors loaded strictly").wait_for(state="visible", timeout=3_000_000)
+        times["demo_ready_s"] = time.monotonic() - t0
+        settle(pg)
+        assert "built-in demo" in check_page(pg, "first-minute-demo-ready")
+        first, second = {}, {}
+        for spec in PAGES[1:] + PAGES[:1]:
+            first[spec.title] = _visit(pg, url, spec)
+        for spec in PAGES[1:] + PAGES[:1]:
+            second[spec.title] = _visit(pg, url, spec)
+        times.update(first_visit_s=first, second_visit_s=second, load_after=os.getloadavg())
+        context.close()
+    (OUT / "first-minute.json").write_text(json.dumps(times, indent=1))
+    print(json.dumps(times, indent=1))

@@ -123,7 +123,7 @@ def test_cli_bad_file_is_named_and_the_others_finish(files, client, tmp_path, ca
 def test_a_worker_killed_mid_run_still_gives_complete_output(files, client, tmp_path):
     big = tmp_path / "DDD.csv"
     synthetic_ohlcv(12_000, seed=5).to_csv(big, index=False)
-    spec, _ = make_spec(files / "tiny.pt", window=WINDOW, partition_windows=1)
+    spec, _ = make_spec(files / "tiny.pt", window=WINDOW, partition_windows=1, batch_size=256)  # ~50 parts
     killed: dict[str, int] = {}
 
     def kill_one_busy_worker(futures):
@@ -145,6 +145,6 @@ def test_a_worker_killed_mid_run_still_gives_complete_output(files, client, tmp_
     assert killed and killed["remaining"] > 0  # the worker died while parts were still to do
     assert result.errors == []
     for path, name in ((big, "DDD"), (files / "AAA.csv", "AAA")):
-        expected = single_process(files, path.name, tmp_path, data=path)
+        expected = single_process(files, path.name, tmp_path, "--batch-size", "256", data=path)
         pd.testing.assert_frame_equal(read_output(out, name), expected, check_exact=True)
     assert not list(out.rglob("*.tmp"))

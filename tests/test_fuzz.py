@@ -11,6 +11,8 @@ for flipped legacy bytes vary by a few between runs).
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import gzip
 import io
 import json
@@ -735,3 +737,110 @@ def test_odd_server_paths_give_a_readable_error(tiny_demo_path, tmp_path):
     for p in [*ODD_PATHS, str(tmp_path)]:
         at.text_input(key="pred_path").input(p).run()
         assert not at.exception, (repr(p[:40]), [e.message for e in at.exception])
+
+
+# ---- the restricted reader (safe_pickle) on its own --------------------------------------------------------
+
+class _MarkingDict(collections.OrderedDict):
+    """An OrderedDict subclass whose methods would create a marker file if they ever ran."""
+
+    marker = ""
+
+    def __setitem__(self, key, value):
+        open(self.marker, "w").close()
+        super().__setitem__(key, value)
+
+    def __setstate__(self, state):
+        open(self.marker, "w").close()
+
+
+try:
+    import torch as _torch
+
+    class _MarkingParameter(_torch.nn.Parameter):
+        """A Parameter subclass whose __setstate__ would create a marker file if it ever ran."""
+
+        marker = ""
+
+        def __setstate__(self, state):
+            open(self.marker, "w").close()
+
+        def __reduce_ex__(self, proto):  # the way torch pickles a Parameter subclass that carries state
+            return (_torch._tensor._rebuild_from_type_v2,
+                    (_torch._utils._rebuild_parameter, type(self), (self.data, False, collections.OrderedDict()),
+                     {"flag": 1}))
+except ImportError:  # the worker subprocess imports this file too
+    pass
+
+
+@dataclasses.dataclass
+class _Config:
+    hidden_dim: int = 8
+    n_heads: int = 2
+
+
+@pytest.mark.parametrize("container", ["raw pickle", "torch zip", "legacy"])
+def test_restricted_reader_refuses_every_malicious_global_itself(tmp_path: Path, container: str) -> None:
+    """Bypassing the opcode scan: the reader's own find_class refuses each payload and nothing runs."""
+    import zipfile
+
+    from flag_model.safe_pickle import RestrictedPickleError, classify_global, restricted_load
+
+    marker = tmp_path / "marker"
+    for name, (needs, payload) in _payloads(marker).items():
+        data = _containers(payload)[container]
+        with pytest.raises(RestrictedPickleError) as err:
+            if container == "torch zip":
+                with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                    restricted_load("torch zip", zf=zf)
+            else:
+                restricted_load("torch legacy", raw=data)
+        assert classify_global(*err.value.refused.rsplit(".", 1)) == "refused", (name, err.value.refused)
+        assert not marker.exists(), f"{name} ({container}) ran"
+
+
+def test_foreign_classes_are_inert_records_and_their_methods_never_run(tmp_path: Path) -> None:
+    import argparse
+
+    import numpy as np
+    import torch
+
+    from flag_model import load_checkpoint
+
+    marker = tmp_path / "marker"
+    _MarkingDict.marker = str(marker)
+    odict = _MarkingDict()
+    dict.__setitem__(odict, "a", torch.ones(2))
+    _MarkingParameter.marker = str(marker)
+    param = _MarkingParameter(torch.arange(3.0))
+    obj = {"model_state_dict": {"w": torch.ones(2, 3), "p": param}, "extra": odict, "config": _Config(),
+           "args": argparse.Namespace(lr=0.1, steps=np.int64(7)), "acc": np.float32(0.5)}
+    for legacy in (False, True):
+        buf = io.BytesIO()
+        torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
+        assert not marker.exists()
+        ckpt = load_checkpoint(buf.getvalue(), name="foreign.pt")
+        assert not marker.exists(), "a method of a class named in the file ran"
+        assert ckpt.read_mode == "restricted"
+        assert type(ckpt.state_dict["p"]) is torch.Tensor and ckpt.state_dict["p"].tolist() == [0.0, 1.0, 2.0]
+        assert ckpt.meta["config"] == {"__class__": f"{__name__}._Config", "hidden_dim": 8, "n_heads": 2}
+        assert ckpt.meta["args"]["steps"] == 7 and ckpt.meta["acc"] == 0.5
+        assert ckpt.foreign_objects["extra"].endswith("_MarkingDict")
+        assert ckpt.stored_config["n_heads"] == 2
+        assert any("nothing from the file was called" in w for w in ckpt.warnings)
+
+
+def test_restricted_reader_refuses_a_pickled_torch_module_and_bad_storage(tmp_path: Path) -> None:
+    import torch
+
+    from flag_model import CheckpointError, load_checkpoint
+
+    buf = io.BytesIO()
+    torch.save({"config": _Config(), "m": torch.nn.Linear(2, 2)}, buf)
+    with pytest.raises(CheckpointError, match=r"torch\.nn\.modules\.linear\.Linear"):
+        load_checkpoint(buf.getvalue())
+    buf = io.BytesIO()
+    torch.save({"config": _Config(), "w": torch.ones(4)}, buf)
+    damaged = _rezip(buf.getvalue(), replace={"archive/data/0": b"\x00" * 3})  # 3 bytes for 4 floats
+    with pytest.raises(CheckpointError, match="restricted"):
+        load_checkpoint(damaged)

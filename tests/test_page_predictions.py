@@ -99,7 +99,8 @@ def test_feature_columns_are_padded_with_a_warning(bars):
     assert kind.value.startswith("OHLCV")  # never switched silently: missing OHLCV columns are named errors
     assert any("missing column 'open'" in e.value for e in at.error) and ui.MARKET not in at.session_state
     kind.set_value(next(o for o in kind.options if o.startswith("Precomputed"))).run()
-    assert not at.exception and not at.error
+    # The tiny demo is untrained: on these shifted inputs its collapse alarm may ring, which is right.
+    assert not at.exception and all("Collapse alarm" in e.value for e in at.error), [e.value for e in at.error]
     assert any("15 zero columns" in w.value for w in at.warning)
     assert ui.MARKET not in at.session_state
     assert not at.get("metric")  # no prices, no labels

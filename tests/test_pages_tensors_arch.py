@@ -27,7 +27,7 @@ def _upload(at: AppTest, name: str, data: bytes) -> AppTest:
 
 
 def _texts(elements) -> str:
-    return " ".join(e.value for e in elements)
+    return " ".join(e.value for e in elements).replace("\\", "")  # pages escape markdown in library text
 
 
 def test_tensor_tree_on_demo_says_base_is_untrained_init(tiny_demo_path):
@@ -95,8 +95,7 @@ def test_architecture_wrong_hidden_size_is_explained(tiny_demo_path):
 def test_architecture_fixes_a_peft_upload_with_one_click(tiny_demo_path, tiny_state_dict):
     peft = apply_fixes(tiny_state_dict, ["native_to_peft", "add_prefix:base_model.model."])
     at = _upload(_page("app_pages/architecture.py"), "peft.pt", save_bytes(peft))
-    assert "This file is the PEFT / HF LoRA layout" in _texts(at.success)
-    assert "no FLAG-TRADER configuration" in _texts(at.warning)
+    assert "This file is the PEFT-wrapped FLAG-TRADER layout" in _texts(at.success)
     assert "PEFT / HF layout" in _texts(at.markdown)
     at.button(key="arch_apply").click().run()
     assert not at.exception
@@ -116,12 +115,49 @@ def test_architecture_second_checkpoint_target_and_broken_file(tiny_demo_path, t
 
 
 def test_architecture_for_a_foreign_layout_without_config(tiny_demo_path):
-    from flag_model.layouts import LayoutSize, a2c_layout
+    from flag_model.layouts import LAYOUTS, LayoutSize
     import torch
 
-    sd = {k: torch.randn(s) for k, s in a2c_layout(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}
+    sd = {k: torch.randn(s) for k, s in LAYOUTS["a2c"].keys(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}
     at = _upload(_page("app_pages/architecture.py"), "a2c.pt", save_bytes(sd))
     assert "Transformer-A2C" in _texts(at.warning) + _texts(at.success)
     assert "not FLAG-TRADER" in _texts(at.markdown)
     at = _upload(_page("app_pages/tensors.py"), "a2c.pt", save_bytes(sd))
     assert at.metric[0].value == str(len(sd))
+
+
+def test_architecture_sketch_fixed_and_used_as_the_session_checkpoint(tiny_demo_path):
+    """The sketch: explained as the sketch, fixed with one click, then made the session's checkpoint — the sidebar
+    and the Overview then say it loads strictly, pre-norm."""
+    import family_generators as gen
+
+    _, data, _ = gen.make_sketch(60, 32, 2, 4)
+    at = _upload(_page("app_pages/architecture.py"), "sketch.pt", data)
+    assert "This file is the hand-written sketch (Option 2) layout" in _texts(at.success)
+    assert "pre-norm" in _texts(at.markdown)
+    at.button(key="arch_apply").click().run()
+    assert not at.exception, at.exception
+    assert "63/63 tensors load strictly" in _texts(at.success)
+    at.button(key="arch_use_fixed").click().run()
+    assert not at.exception, at.exception
+    assert "63/63 tensors loaded strictly" in _texts(at.sidebar.success)
+    assert "Using the fixed checkpoint" in _texts(at.sidebar.info)
+    assert at.sidebar.radio(key=next(r.key for r in at.sidebar.radio if r.key.startswith("norm_"))).value == "pre-norm"
+    at.switch_page("app_pages/overview.py").run()
+    assert not at.exception, at.exception
+    assert "loaded strictly into the reconstruction" in _texts(at.success)
+
+
+def test_architecture_a_different_model_gets_no_fix_chain_and_overview_shows_records(tiny_demo_path):
+    import family_generators as gen
+
+    _, data, _ = gen.make_cgdt_engine(20, 32, 4, 2, 8)
+    at = _upload(_page("app_pages/architecture.py"), "engine.pt", data)
+    assert "This file is the CGDT decision engine layout" in _texts(at.success)
+    assert "No fixes are offered" in _texts(at.info)
+    assert not any(b.key == "arch_apply" for b in at.button)
+    at.switch_page("app_pages/overview.py").run()
+    assert not at.exception, at.exception
+    assert "Read in restricted mode" in _texts(at.info)
+    records = at.dataframe[0].value
+    assert "family_generators.CGDTConfig" in set(records["class"])

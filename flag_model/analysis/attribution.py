@@ -22,8 +22,11 @@ a private deep copy. Everything runs with gradients enabled, outside inference m
 from __future__ import annotations
 
 import copy
+import math
+import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -138,17 +141,37 @@ class GlobalImportance:
 
 
 class DecisionOutput(nn.Module):
-    """(B, S, state_dim) -> (B, n_actions): logits (or probabilities) of the deciding position only."""
+    """(B, S, state_dim) -> (B, n_actions): logits (or probabilities) of the deciding position only.
+    `on_rows(n)`, if given, is told the number of windows of every forward pass (progress of Captum's loops)."""
 
-    def __init__(self, model: nn.Module, position: int, output: str = "logit") -> None:
+    def __init__(self, model: nn.Module, position: int, output: str = "logit",
+                 on_rows: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.model = model
         self.position = position
         self.output = output
+        self.on_rows = on_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.model(x)[:, self.position, :]
+        if self.on_rows is not None:
+            self.on_rows(x.shape[0])
         return y.softmax(-1) if self.output == "probability" else y
+
+
+def forward_rows(method: str, n_windows: int, length: int, width: int, steps: int,
+                 patch: tuple[int, int]) -> int:
+    """Windows Captum passes through the model for one `_run` of `method` on n_windows windows (for progress)."""
+    if method == IG:
+        return n_windows * (steps + 2)  # the path points, then f(x) and f(baseline) for the delta
+    if method == SHAP:
+        return n_windows * steps * 3  # the samples, then f(x) and f(baseline) once per sample for the delta
+    if method == OCCLUSION:
+        p = (min(patch[0], length), min(patch[1], width))
+        return n_windows * (1 + math.ceil(length / p[0]) * math.ceil(width / p[1]))
+    if method == ABLATION:
+        return n_windows * (1 + width)
+    return n_windows * (4 if method == DEEPLIFT else 1)  # DeepLift: x with its baseline, then both for the delta
 
 
 def feature_means(fm: FeatureMatrix, meta: Mapping[str, object]) -> tuple[np.ndarray, str]:
@@ -222,9 +245,10 @@ def _patch_cells(length: int, width: int, patch: tuple[int, int]) -> np.ndarray:
 
 
 def _run(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tensor, target: torch.Tensor, position: int,
-         output: str, steps: int, batch: int, patch: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+         output: str, steps: int, batch: int, patch: tuple[int, int],
+         on_rows: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Captum on a batch x (B, S, D) -> attributions (B, S, D) and per-window delta (B,) or None."""
-    f = DecisionOutput(model, position, output)
+    f = DecisionOutput(model, position, output, on_rows)
     if method == IG:
         return IntegratedGradients(f).attribute(x, base, target=target, n_steps=steps,
                                                 internal_batch_size=max(batch, x.shape[0]),
@@ -258,12 +282,43 @@ def _run(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tensor, tar
 
 
 def _worker(model: nn.Module, method: str) -> nn.Module:
-    """The model itself for read-only methods; a private eval copy for DeepLift (hooks) or a model in training mode."""
+    """DeepLift (hooks) or a model in training mode: a fresh private eval copy. Every other method: the
+    cached merged copy (see `_merged_copy`), shared read-only like the model itself."""
     if method != DEEPLIFT and not model.training:
-        return model
+        return _merged_copy(model)
     private = copy.deepcopy(model).eval()
     for p in private.parameters():
         p.requires_grad_(False)  # only input gradients are needed
+    return private
+
+
+_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (tensor versions, merged copy)
+_MERGED_LOCK = threading.Lock()
+
+
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    """Version counters of every tensor: any in-place change of a weight changes them."""
+    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+
+
+def _merged_copy(model: nn.Module) -> nn.Module:
+    """A private eval copy of `model` computing the same function, with each LoRA adapter merged into its base
+    weight (one matmul per projection instead of three) and no parameter gradients: Integrated Gradients'
+    batched steps run about a fifth faster. Kept per model while its weights are unchanged."""
+    with _MERGED_LOCK:
+        hit = _MERGED.get(model)
+        if hit is not None and hit[0] == _versions(model):
+            return hit[1]
+    private = copy.deepcopy(model).eval()
+    linears = private.linears() if hasattr(private, "linears") else {}
+    with torch.no_grad():
+        for lin in linears.values():
+            lin.base.weight.copy_(lin.merged_weight())  # W + scale (A B)^T, or W where the adapter is off
+            lin.lora_enabled = False
+    for p in private.parameters():
+        p.requires_grad_(False)
+    with _MERGED_LOCK:
+        _MERGED[model] = (_versions(model), private)
     return private
 
 
@@ -290,12 +345,14 @@ def attribute(
     feature_names: Sequence[str] | None = None,
     auto_threshold: float | None = None,
     max_steps: int = 800,
+    progress: Callable[[float, str], None] | None = None,
 ) -> AttributionResult:
     """Attribute the deciding output of one window (S, state_dim) to its inputs with one Captum method.
 
     target: class index, or None for the class the model predicts at `position`. internal_batch_size:
     rows (windows) per forward pass inside path and perturbation methods. auto_threshold (Integrated
     Gradients only): double `steps` until relative_delta < auto_threshold or steps would exceed max_steps.
+    progress(fraction, message) is called after every forward pass Captum makes (fraction of this round).
     """
     x_np = np.asarray(window, dtype=np.float32)[None]
     _check(model, x_np, method, baseline, output, steps)
@@ -322,8 +379,17 @@ def attribute(
         tgt_t = torch.tensor([tgt])
         n = steps if method in PATH_METHODS else None
         while True:
+            total, done = forward_rows(method, 1, length, width, n or 1, occlusion_patch), 0
+
+            def on_rows(rows: int) -> None:
+                nonlocal done
+                done += rows
+                if progress is not None:
+                    label = f"{method}" + (f", {n} steps" if n else "")
+                    progress(min(done / total, 1.0), f"{label}: {min(done, total):,} / {total:,} model passes")
+
             attr, delta = _run(worker, method, x, base, tgt_t, pos, output, n or 1, internal_batch_size,
-                               occlusion_patch)
+                               occlusion_patch, on_rows)
             d = None if delta is None else float(delta.view(-1)[0])
             rel = _relative(d, change)
             if method != IG or auto_threshold is None or rel is None or rel < auto_threshold:

@@ -83,10 +83,13 @@ def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
                            f"non-finite values: {nan:,} NaN and {inf:,} Inf of their {total:,} elements.", bad))
     else:
         out.append(Finding("ok", "NaN / Inf", "every tensor is finite."))
-    zero = tuple(k for k, t in floats.items() if t.numel() and not t.any() and not k.endswith("lora_B"))
-    out.append(Finding("warning", "all-zero tensors", f"{_count(len(zero), 'tensor')} {'is' if len(zero) == 1 else 'are'} all zeros.", zero) if zero
+    # native `…lora_B` and PEFT `…lora_B.weight` / `…lora_B.<adapter>.weight`
+    is_b = {k: bool(re.search(r"lora_B(\.[^.]+)?(\.weight)?$", k)) for k in floats}
+    zero = tuple(k for k, t in floats.items() if t.numel() and not t.any() and not is_b[k])
+    out.append(Finding("warning", "all-zero tensors", f"{_count(len(zero), 'tensor')} {'is' if len(zero) == 1 else 'are'} "
+                       "all zeros.", zero) if zero
                else Finding("ok", "all-zero tensors", "no tensor is all zeros (LoRA B checked separately)."))
-    b_keys = [k for k in floats if k.endswith("lora_B")]
+    b_keys = [k for k in floats if is_b[k]]
     dead = tuple(k for k in b_keys if floats[k].abs().max().item() < _B_ZERO)
     if not b_keys:
         out.append(Finding("info", "LoRA adapters", "the file has no LoRA adapters."))

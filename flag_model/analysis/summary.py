@@ -8,6 +8,7 @@ import pandas as pd
 
 from ..checkpoint import Checkpoint
 from ..config import SHORT_NAMES, ModelConfig
+from ..layouts import recognise_checkpoint
 from ..model import expected_shapes, find_mismatch
 from .health import dtype_counts, findings_frame, health_scan, parameter_counts
 
@@ -95,9 +96,23 @@ def metadata_table(ckpt: Checkpoint) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["key", "value"])
 
 
+def foreign_table(ckpt: Checkpoint) -> pd.DataFrame:
+    """Objects of foreign classes the restricted reader turned into inert records: where, class, stored fields."""
+    rows = []
+    for where, cls in ckpt.foreign_objects.items():
+        value: Any = ckpt.meta
+        for part in where.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        fields = ", ".join(f"{k}={v}" for k, v in value.items() if k != "__class__") if isinstance(value, dict) \
+            else ("" if value is None else str(value))
+        rows.append({"where": where, "class": cls, "read as": fields[:300]})
+    return pd.DataFrame(rows, columns=["where", "class", "read as"])
+
+
 def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
     """Everything `python -m flag_model inspect --json` prints; plain JSON values only."""
     counts = parameter_counts(ckpt.state_dict)
+    rec = recognise_checkpoint(ckpt)
     out: dict[str, Any] = {
         "source": ckpt.source, "format": ckpt.format, "size_bytes": ckpt.size_bytes, "sha256": ckpt.digest,
         "wrapper_keys": list(ckpt.wrapper_keys), "state_dict_key": ckpt.state_dict_key,
@@ -106,11 +121,15 @@ def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
         "dtypes": {k: int(v) for k, v in dtype_counts(ckpt.state_dict)["tensors"].items()},
         "metadata": {r.key: r.value for r in metadata_table(ckpt).itertuples()},
         "warnings": list(ckpt.warnings),
+        "read_mode": ckpt.read_mode, "foreign_objects": dict(ckpt.foreign_objects),
+        "family": rec.to_dict(),
         "health": findings_frame(health_scan(ckpt.state_dict)).drop(columns="examples").to_dict("records"),
     }
-    if ckpt.config is None:
+    if ckpt.config is None or rec.confident and rec.best.family.name != "native":
         out["fits"] = False
-        out["config_error"] = ckpt.config_error
+        out["config_error"] = ckpt.config_error or (
+            f"this is a {rec.best.family.title} file, not FLAG-TRADER's own layout; it converts to "
+            f"{rec.best.family.converts_to} (see `diff --against reconstruction`).")
         return out
     cfg = ckpt.config
     mismatch = find_mismatch(expected_shapes(cfg), ckpt.state_dict)

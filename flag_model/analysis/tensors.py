@@ -132,24 +132,26 @@ def tensor_tree(stats: pd.DataFrame, color: str = "std", root: str = "checkpoint
     Leaves are tensors; inner nodes aggregate their leaves (min/max/sum where that is the meaning,
     element-weighted mean otherwise). `elements` of a node is the sum of its leaves.
     """
-    by_name = stats.set_index("name")
-    nodes, below = _hierarchy(list(stats["name"]), root)
+    names = list(stats["name"])
+    row_of = {n: i for i, n in enumerate(names)}
+    values = stats[color].astype(float).to_numpy()
+    elements = stats["elements"].to_numpy(dtype=np.int64)
+    agg = _AGG.get(color)
+    nodes, below = _hierarchy(names, root)
     rows = []
-    for node, parent, label in nodes:
-        sub = by_name.loc[below[node]]
-        vals = sub[color].astype(float)
-        agg = _AGG.get(color)
-        if agg == "min":
-            c = vals.min()
-        elif agg == "max":
-            c = vals.max()
+    for node, parent, label in nodes:  # numpy per node: the 12-block file has ~600 nodes
+        idx = np.fromiter((row_of[k] for k in below[node]), dtype=np.int64)
+        vals, elems = values[idx], elements[idx]
+        known = ~np.isnan(vals)
+        if agg in ("min", "max"):
+            c = float(getattr(vals[known], agg)()) if known.any() else math.nan
         elif agg == "sum":
-            c = vals.sum()
+            c = float(vals[known].sum())
         else:
-            w = sub["elements"].astype(float).where(vals.notna(), 0.0)
-            c = float((vals.fillna(0) * w).sum() / w.sum()) if w.sum() else math.nan
-        rows.append({"id": node, "parent": parent, "label": label, "elements": int(sub["elements"].sum()),
-                     "n_tensors": len(sub), "color": c})
+            w = np.where(known, elems, 0).astype(float)
+            c = float((np.where(known, vals, 0.0) * w).sum() / w.sum()) if w.sum() else math.nan
+        rows.append({"id": node, "parent": parent, "label": label, "elements": int(elems.sum()),
+                     "n_tensors": len(idx), "color": c})
     return pd.DataFrame(rows)
 
 

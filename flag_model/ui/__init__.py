@@ -5,10 +5,11 @@ sessions and must be treated as read-only. What a user uploads lives in their ow
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,13 @@ from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..tables import table_bytes
 from .session import MARKET, MarketData, draw_data_slot, keep, keep_widget_state
+from .layouts import fixed_or
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
 _DRAWN = "_flag_sidebar_run"  # token of the script run that last drew the sidebar
 
 SOURCES = ("Demo", "Upload", "Server path")
-_demo_lock = threading.Lock()
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
@@ -64,6 +65,23 @@ def table(df: pd.DataFrame | Styler, stem: str, key: str, full_height: bool = Fa
         kwargs["height"] = 38 + 35 * len(data)
     st.dataframe(df, **{"hide_index": True, "width": "stretch", **kwargs})
     download_table(data if isinstance(data.index, pd.RangeIndex) else data.reset_index(), stem, key)
+
+
+class LazyProgress:
+    """A progress bar that appears only once work has run `delay` seconds, so quick work shows none.
+    Call it as `progress(fraction, message)` from the work; `done()` removes it."""
+
+    def __init__(self, delay: float = 1.0) -> None:
+        self._slot = st.empty()
+        self._start = time.monotonic()
+        self._delay = delay
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if time.monotonic() - self._start >= self._delay:
+            self._slot.progress(min(max(fraction, 0.0), 1.0), text=md_escape(message))
+
+    def done(self) -> None:
+        self._slot.empty()
 
 
 def demo_size() -> str:
@@ -115,17 +133,43 @@ def open_checkpoint_file(src: str | os.PathLike | bytes, name: str | None = None
     return _checkpoint_from_path(str(path), stat.st_mtime if stat else 0.0, stat.st_size if stat else -1)
 
 
-def _ensure_demo() -> Path:
+DEMO_SOURCE = "built-in demo"
+
+
+@st.cache_resource(max_entries=2, show_spinner="Reading the demo checkpoint…")
+def _demo_checkpoint(path: str, mtime: float, size: int) -> Checkpoint:
+    """The demo checkpoint, named as the built-in demo rather than by its cache path."""
+    return dataclasses.replace(load_checkpoint(path), source=DEMO_SOURCE)
+
+
+def _open_demo() -> Checkpoint | None:
+    """The cached demo checkpoint; None while it is being built in the background (never blocks)."""
     size = demo_size()
     path = demo.demo_path(size)
-    if path.exists():
-        return path
-    with _demo_lock:  # one build per process, other sessions wait for it
-        if not path.exists():
-            bar = st.progress(0.0, text="Building the demo checkpoint (once, about two minutes)…")
-            demo.build_demo(size, progress=lambda f, msg: bar.progress(min(f, 1.0), text=msg))
-            bar.empty()
-    return path
+    if not path.exists():
+        demo.start_build(size)  # one build per process, shared by every session
+        return None
+    stat = path.stat()
+    return _demo_checkpoint(str(path), stat.st_mtime, stat.st_size)
+
+
+def _build_text(status: demo.BuildStatus) -> str:
+    left = "estimating the time left" if status.seconds_left is None else f"about {status.seconds_left:.0f} s left"
+    return f"Building the demo checkpoint (once): {status.message} — {left}"
+
+
+@st.fragment(run_every=1.0)
+def _build_progress() -> None:
+    """Progress of the background demo build, refreshed every second; reruns the page when it is done."""
+    statuses = demo.running_builds()
+    for status in statuses:
+        if status.error:
+            st.error(f"The demo checkpoint could not be built: {md_escape(status.error)}. "
+                     "Reload the page to try again; Upload and Server path work meanwhile.")
+        else:
+            st.progress(min(status.fraction, 1.0), text=_build_text(status))
+    if not statuses:
+        st.rerun()  # the build finished: rerun the page, which then shows the demo (and no more of this)
 
 
 # Widgets are drawn inside each page's run, so Streamlit would forget their values on a page switch; every
@@ -148,7 +192,7 @@ def _remember_upload() -> None:
 def _open_selected() -> Checkpoint | None:
     source = st.sidebar.radio("Checkpoint source", SOURCES, key=keep("ckpt_source"), horizontal=True)
     if source == "Demo":
-        return open_checkpoint_file(_ensure_demo())
+        return _open_demo()
     if source == "Upload":
         up = st.sidebar.file_uploader(
             "Checkpoint file", type=["pt", "pth", "bin", "safetensors"], key=_UPLOAD, on_change=_remember_upload,
@@ -206,12 +250,15 @@ def sidebar() -> Loaded:
     keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
     try:
-        ckpt = _open_selected()
+        ckpt = fixed_or(_open_selected(), open_checkpoint_file)
     except CheckpointError as exc:
         st.sidebar.error(f"Could not open the checkpoint: {exc}")
         loaded = Loaded(None, None, None, str(exc))
     else:
-        if ckpt is None:
+        if ckpt is None and st.session_state.get("ckpt_source", SOURCES[0]) == "Demo":
+            loaded = Loaded(None, None, None, "the built-in demo is being built — its progress is in the sidebar; "
+                                              "Upload and Server path work meanwhile")
+        elif ckpt is None:
             st.sidebar.info("Choose a checkpoint file.")
             loaded = Loaded(None, None, None, "no checkpoint chosen")
         elif ckpt.config is None:
@@ -231,6 +278,9 @@ def sidebar() -> Loaded:
             for w in ckpt.warnings:
                 st.sidebar.warning(w)
             loaded = Loaded(ckpt, model, cfg, err)
+    if demo.running_builds():
+        with st.sidebar:
+            _build_progress()
     st.session_state[LOADED] = loaded
     draw_data_slot(market_data())
     return loaded

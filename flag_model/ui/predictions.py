@@ -7,6 +7,7 @@ precision (it holds its own weight copies, so the shared model is never touched)
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,11 @@ from .session import bounded, keep
 UPLOAD_KEY = "pred_upload"
 _KEPT_UPLOAD = "_flag_kept_market_upload"  # (name, bytes) of this session's uploaded market data
 KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
-DEFAULT_SCORED = 20_000  # bars scored by default: about a minute for the 12-block model on two CPU cores
+QUICK_SECONDS = 1.5  # the default scores what this machine does in about this long, so the page opens in ~3 s
+QUICK_BARS = (200, 5_000)  # ...but never fewer or more bars than these
+BARS_HELP = (f"By default what this machine scores in about {QUICK_SECONDS:g} s; raise it to score more history "
+             "(up to all {scorable:,}, with a progress bar).")
+_KEPT_RESULT = "_pred_result"  # (settings, Predictions) of this session's last scoring
 _NONE = "—"
 
 
@@ -156,13 +161,47 @@ def engine(digest: str, assumptions: tuple, precision: str, _model: FlagTrader) 
     return InferenceEngine(_model, precision)
 
 
+@st.cache_resource(max_entries=8, show_spinner="Timing the engine…")
+def _bars_per_second(digest: str, assumptions: tuple, precision: str, window: int, mode: str,
+                     _engine: InferenceEngine) -> float:
+    """Bars this engine scores per second at this window and mode, timed once per process on 16 windows."""
+    probe = np.zeros((16, window, _engine.config.state_dim), np.float32)
+    last_only = mode == "rolling"
+    _engine.run(probe[:2], last_only)  # the first call pays one-time kernel set-up
+    start = time.perf_counter()
+    _engine.run(probe, last_only)
+    return len(probe) * (1 if last_only else window) / max(time.perf_counter() - start, 1e-6)
+
+
+def quick_bars(digest: str, assumptions: tuple, precision: str, window: int, mode: str, engine: InferenceEngine,
+               scorable: int) -> int:
+    """The default number of most recent bars to score: about QUICK_SECONDS of work on this machine, in
+    hundreds, within QUICK_BARS and at most `scorable`."""
+    rate = _bars_per_second(digest, assumptions, precision, window, mode, engine)
+    bars = int(rate * QUICK_SECONDS) // 100 * 100
+    return max(1, min(scorable, max(QUICK_BARS[0], min(QUICK_BARS[1], bars))))
+
+
 @st.cache_data(max_entries=6, show_spinner=False)
-def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
-                window: int, mode: str, last: int, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
+def _predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
+                 window: int, mode: str, last: int, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
     bar = st.progress(0.0, text="Running the model…")  # made here so that a cache hit replays nothing visible
     pred = predict_features(_fm, _engine, window, mode, last=last,
                             progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} windows"))
     bar.empty()
+    return pred
+
+
+def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
+                window: int, mode: str, last: int, engine: InferenceEngine, fm: FeatureMatrix) -> Predictions:
+    """Scores of the `last` most recent bars, with a progress bar; this session keeps its latest result, so
+    coming back to the page never scores again (the shared cache may have dropped it for other sessions')."""
+    settings = (digest, assumptions, precision, prep_key, normalisation, window, mode, last)
+    kept = st.session_state.get(_KEPT_RESULT)
+    if kept is not None and kept[0] == settings:
+        return kept[1]
+    pred = _predictions(*settings, engine, fm)
+    st.session_state[_KEPT_RESULT] = (settings, pred)
     return pred
 
 

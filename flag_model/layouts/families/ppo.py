@@ -1,0 +1,60 @@
+"""PPO RegimeConditionedPolicy (shared/layouts/ppo_policy*.txt): feature projection, learned pos_encoding,
+regime embedding, nn.TransformerEncoder of stock nn.TransformerEncoderLayer, actor and critic MLPs on the
+[encoding, regime] concatenation (2·d inputs)."""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from ..keys import LayoutError, Shape, find, indices, lin
+from .base import Family, LayoutSize, need, positional, sequential, sequential_keys, stored_heads
+from .stock import stock_block
+
+
+def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
+    emb = need(find(shapes, r"^(.*?)feature_proj\.weight$", lambda s: len(s) == 2), "feature_proj.weight")
+    root = emb[2].group(1)
+    (d, state_dim), prov = emb[1], {}
+    prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, feature_dim]"
+    blocks = indices(shapes, rf"^{re.escape(root)}transformer\.layers\.(\d+)\.")
+    if not blocks:
+        raise LayoutError("no transformer.layers.N keys")
+    prov["n_blocks"] = f"{len(blocks)} distinct transformer.layers.N indices"
+    hit = find(shapes, r"transformer\.layers\.\d+\.linear1\.weight$", lambda s: len(s) == 2)
+    ffn = hit[1][0] if hit else 4 * d
+    prov["ffn_dim"] = f"{hit[0]} {list(hit[1])} = [F, d]" if hit else "default 4·d"
+    length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}pos_encoding$", d)
+    reg = find(shapes, rf"^{re.escape(root)}regime_embed\.weight$", lambda s: len(s) == 2)
+    regimes = reg[1][0] if reg else 0
+    actor, critic = sequential(shapes, f"{root}actor."), sequential(shapes, f"{root}critic.")
+    actions = actor[-1][2] if actor else 3
+    prov["n_actions"] = f"last layer of actor ({actions} outputs)" if actor else "default 3"
+    heads, prov["num_heads"] = stored_heads(stored)
+    return LayoutSize(max(blocks) + 1, d, ffn, state_dim, actions, length, 0, (), heads,
+                      (("actor", actor), ("critic", critic), ("prefix", root), ("regimes", regimes)), prov)
+
+
+def expected(s: LayoutSize) -> dict[str, Shape]:
+    root, d = s.get("prefix", ""), s.d_model
+    out: dict[str, Shape] = {f"{root}pos_encoding": (1, s.max_length, d)} if s.max_length else {}
+    out.update(lin(f"{root}feature_proj", s.state_dim, d))
+    if s.get("regimes"):
+        out[f"{root}regime_embed.weight"] = (s.get("regimes"), d)
+    for b in range(s.n_blocks):
+        out.update(stock_block(f"{root}transformer.layers.{b}.", d, s.ffn_dim))
+    actor = s.get("actor") or ((0, "linear", d), (3, "linear", s.n_actions))
+    critic = s.get("critic") or ((0, "linear", d), (3, "linear", 1))
+    return {**out, **sequential_keys(f"{root}actor.", actor, 2 * d), **sequential_keys(f"{root}critic.", critic, 2 * d)}
+
+
+FAMILY = Family(
+    name="ppo", title="PPO policy",
+    description="a regime-conditioned PPO policy: feature_proj, regime_embed, a stock nn.TransformerEncoder "
+                "(transformer.layers.N.self_attn.in_proj_weight, linear1/linear2), actor and critic on 2·d "
+                "inputs — a different model, not FLAG-TRADER",
+    converts_to="nothing: a different model (regime conditioning, actor-critic heads, no LoRA)",
+    convertible=False, carries_lora=False,
+    signature=(r"(^|\.)feature_proj\.weight$", r"(^|\.)regime_embed\.weight$",
+               r"transformer\.layers\.\d+\.self_attn\.in_proj_weight$"),
+    infer=infer, expected=expected,
+)

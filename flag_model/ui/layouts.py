@@ -1,0 +1,100 @@
+"""Streamlit pieces of the Architecture and Overview pages that show a recognised layout family, the fixed
+checkpoint hook and the export panel (the library calls live in flag_model.layouts)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from .. import layouts
+from ..checkpoint import Checkpoint
+
+FIXED = "_flag_fixed_checkpoint"  # session key: {"origin": digest, "name": str, "data": bytes, "note": str}
+
+
+@st.cache_resource(max_entries=8, show_spinner="Recognising the layout…")  # frozen, read-only
+def _recognise(digest: str, _ckpt: Checkpoint) -> layouts.Recognition:
+    return layouts.recognise_checkpoint(_ckpt)
+
+
+def recognition(ckpt: Checkpoint) -> layouts.Recognition:
+    """The one recognition result of this checkpoint (cached per digest), shared by every page."""
+    return _recognise(ckpt.digest, ckpt)
+
+
+def family_panel(rec: layouts.Recognition) -> None:
+    """Headline, the family's explanation (what it is, sizes, LoRA, evidence, what it converts to)."""
+    from . import md_escape
+
+    best = rec.best
+    (st.success if rec.confident else st.warning)(md_escape(rec.headline()))
+    lines = [f"**{md_escape(best.family.title)}** — {md_escape(best.family.description)}."]
+    if best.size is not None:
+        lines.append(f"- **Sizes read from the file:** {md_escape(best.size.summary())}")
+    if best.lora_rank:
+        lines.append(f"- **LoRA:** rank {best.lora_rank} on {md_escape(', '.join(best.lora_targets()))}")
+    if rec.adapter_config:
+        scale, how = layouts.lora_scale_for(rec)
+        a = rec.adapter_config
+        lines.append(f"- **Adapter config:** r={a.get('r')}, alpha={a.get('lora_alpha')}, rsLoRA={a.get('use_rslora')}, "
+                     f"targets {md_escape(a.get('target_modules'))}, base model "
+                     f"{md_escape(a.get('base_model_name_or_path'))}" + (f"; scale {scale:.3g} ({md_escape(how)})"
+                                                                           if scale is not None else ""))
+    lines.append(f"- **Evidence keys:** {md_escape(', '.join(best.evidence[:4]) or 'none')}")
+    lines.append(f"- **Converts to:** {md_escape(best.family.converts_to)}")
+    if not rec.confident and rec.unexplained:
+        lines.append("- **Largest unexplained key groups:** " + md_escape(
+            ", ".join(f"{g} ({n} keys)" for g, n in rec.unexplained)))
+    st.markdown("\n".join(lines))
+
+
+def use_fixed(ckpt: Checkpoint, source: dict, stored: dict | None, assumptions: dict[str, Any]) -> None:
+    """A button that makes the fixed state dict (as a native file with its config) this session's checkpoint;
+    the file is written only when the button is pressed."""
+    if not st.button("Use the fixed checkpoint", key="arch_use_fixed", help="Every page then works on the fixed "
+                     "model (kept in this session only; the sidebar can switch back)."):
+        return
+    try:
+        data = layouts.export_file(source, "native", "pt", stored, **assumptions)
+    except (layouts.LayoutError, ValueError) as exc:
+        st.error(f"The fixed checkpoint cannot become the session's checkpoint: {exc}")
+        return
+    st.session_state[FIXED] = {"origin": ckpt.digest, "name": f"{Path(ckpt.source).stem}-fixed.pt", "data": data}
+    st.rerun()
+
+
+def stock_panel(key: str, source: dict, stored: dict | None, assumptions: dict[str, Any], stem: str) -> None:
+    """For a stock export: the loading snippet and the max |Δlogit| of rebuilding it from its stored config.
+    `key` identifies `source` (file digest and the fixes applied) for the cache."""
+    st.caption("The stock file stores activation='gelu', norm_first, batch_first, layer_norm_eps, nhead and "
+               "dim_feedforward in its config; rebuild it with stock torch modules only:")
+    st.code(layouts.stock_snippet(f"{stem}-stock.pt"), language="python")
+    try:
+        check = _reload_check(key, tuple(sorted(assumptions.items())), source, stored)
+    except (layouts.LayoutError, ValueError, RuntimeError) as exc:
+        st.error(f"Reload check failed: {exc}")
+        return
+    (st.success if check.max_abs_logit_diff < 1e-4 else st.error)(
+        f"Reload check: rebuilt from the stored config with nn.TransformerEncoderLayer, loaded strictly; max |Δlogit| "
+        f"against the reconstruction = {check.max_abs_logit_diff:.2e} on {check.windows} random windows of "
+        f"{check.length} steps.")
+
+
+@st.cache_data(max_entries=8, show_spinner="Checking the stock export…")
+def _reload_check(key: str, assumptions: tuple, _source: dict, _stored: dict | None) -> layouts.ReloadCheck:
+    return layouts.stock_reload_check(_source, _stored, **dict(assumptions))
+
+
+def fixed_or(ckpt: Checkpoint | None, open_file) -> Checkpoint | None:
+    """The sidebar hook: this session's fixed checkpoint when it was made from `ckpt`, else `ckpt`."""
+    from . import md_escape
+
+    fixed = st.session_state.get(FIXED)
+    if ckpt is None or fixed is None or fixed["origin"] != ckpt.digest:
+        return ckpt
+    if st.sidebar.button("Back to the original file", key="fixed_revert"):
+        del st.session_state[FIXED]
+        return ckpt
+    st.sidebar.info(f"Using the fixed checkpoint **{md_escape(fixed['name'])}** made on the Architecture page.")
+    return open_file(fixed["data"], fixed["name"])

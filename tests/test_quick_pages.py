@@ -1,0 +1,60 @@
+"""Pages that open quickly: Predictions scores a bounded default and keeps its result for the session; a slow
+attribution shows its progress."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO
+from flag_model.ui import predictions as pw
+
+pytestmark = pytest.mark.usefixtures("tiny_demo_path")
+
+
+def _open(page: str) -> AppTest:
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
+    at.run()
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_predictions_scores_a_bounded_default_and_keeps_it_for_the_session(monkeypatch):
+    scored: list[int] = []
+    real = pw.predict_features
+    monkeypatch.setattr(pw, "predict_features", lambda *a, **k: scored.append(k["last"]) or real(*a, **k))
+    pw._predictions.clear()
+    at = _open("app_pages/predictions.py")
+    default, scorable = at.number_input(key="pred_last").value, at.number_input(key="pred_last").max
+    assert scorable > pw.QUICK_BARS[0]  # the tiny demo market has more bars than the smallest default
+    assert pw.QUICK_BARS[0] <= default <= min(scorable, pw.QUICK_BARS[1]) and default < scorable
+    assert scored == [default]
+    at.switch_page("app_pages/overview.py").run()
+    pw._predictions.clear()  # as if other sessions had pushed this result out of the shared cache
+    at.switch_page("app_pages/predictions.py").run()
+    assert not at.exception and scored == [default]  # this session kept its result: nothing scored again
+    at.number_input(key="pred_last").set_value(scorable).run()  # more on request
+    assert not at.exception and scored == [default, scorable]
+
+
+def test_a_slow_attribution_shows_its_progress(monkeypatch):
+    from flag_model.analysis import attribution as attr
+
+    seen: list[float] = []
+    real = attr.attribute
+
+    def slow(*a, progress=None, **k):
+        def tick(fraction, message):
+            time.sleep(0.2)  # each pass takes a while: past a second the bar appears
+            seen.append(fraction)
+            progress(fraction, message)
+        return real(*a, progress=tick, **k)
+
+    monkeypatch.setattr(attr, "attribute", slow)
+    at = _open("app_pages/attributions.py")
+    at.number_input(key="attr_steps").set_value(37).run()  # a setting no other test used: not cached
+    assert not at.exception and seen and seen[-1] == 1.0
+    assert not at.get("progress")  # removed when done
