@@ -60,7 +60,7 @@ scorable = len(fm.values) - (int(window) - 1 if mode == "rolling" else 0)
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
 quick = pw.quick_bars(ckpt.digest, assumptions, precision, int(window), mode, eng, scorable)
 last = st.number_input("Bars to score (the most recent)", 1, scorable, step=100,
-                       key=bounded("pred_last", 1, scorable, quick), help=pw.BARS_HELP.format(scorable=scorable))
+                       key=bounded("pred_last", 1, scorable, quick, data_key), help=pw.BARS_HELP.format(scorable=scorable))
 st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
            f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)

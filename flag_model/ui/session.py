@@ -43,10 +43,14 @@ def keep_widget_state() -> None:
             st.session_state[key] = st.session_state[key]
 
 
-def bounded(key: str, lo: Any, hi: Any, default: Any) -> str:
-    """A kept value clamped into [lo, hi] (the range changes with the data), else `default`. Returns the key,
-    for a widget drawn without its own `value`."""
+def bounded(key: str, lo: Any, hi: Any, default: Any, tag: object = None) -> str:
+    """A kept value clamped into [lo, hi] (the range changes with the data), else `default`; a new `tag` (e.g.
+    another data set) starts again from `default`. Returns the key, for a widget drawn without its own `value`."""
     keep(key)
+    if tag is not None and st.session_state.get(f"_{key}_tag", tag) != tag:
+        st.session_state.pop(key, None)
+    if tag is not None:
+        st.session_state[f"_{key}_tag"] = tag
     value = st.session_state.get(key, default)
     try:
         value = min(max(value, lo), hi)
