@@ -35,7 +35,7 @@ else:
     try:
         size = layouts.infer_sizes(sd, rec)
     except layouts.LayoutError as exc:
-        st.error(str(exc))
+        st.error(ui.md_escape(exc))
         st.stop()
     with st.expander("Target sizes — e.g. what another loader assumed"):
         s = st.columns(3)
@@ -51,7 +51,7 @@ diff = layouts.diff_keys(sd, target)
 for col, (label, n_keys) in zip(st.columns(4), diff.counts().items()):
     col.metric(label.capitalize(), n_keys)
 (st.success if diff.ok else st.error)(
-    f"{diff.summary()}." + (" The file loads strictly into this target." if diff.ok else ""))
+    f"{ui.md_escape(diff.summary())}." + (" The file loads strictly into this target." if diff.ok else ""))
 table = layouts.diff_table(sd, target)
 st.plotly_chart(plots.key_status_treemap(key_status_tree(table)), width="stretch")
 st.caption("One tree over the keys of both sides: green matched, red mis-shaped, orange missing (target only), purple "
@@ -68,8 +68,8 @@ if notes:
     st.subheader("Why")
     st.markdown("\n".join(f"- **{e.rule.replace('_', ' ')}** — {ui.md_escape(e.message)}" for e in notes))
 
-a = ld.config
-assumptions = {} if a is None else {k: getattr(a, k) for k in ("num_heads", "lora_scale", "norm_first", "causal")}
+assumptions = {**{k: getattr(ld.config, k) for k in ("num_heads", "lora_scale", "norm_first", "causal") if ld.config},
+               **layouts.family_assumptions(sd, rec)[0]}  # the sketch's own code: pre-norm, scale 1
 scale = assumptions.get("lora_scale", 1.0)
 foreign = rec.best.score >= layouts.recognize.CLOSE and not rec.best.family.convertible and choice != "second"
 if foreign and not diff.ok:
@@ -95,7 +95,7 @@ if applied and applied[:2] == (ckpt.digest, target_key):
         st.error(f"The fixes could not be applied: {ui.md_escape(exc)}")
         st.stop()
     st.info(f"After the fixes ({len(applied[2])} applied{', extra keys dropped' if applied[3] else ''}): "
-            f"{layouts.diff_keys(source, target).summary()}.")
+            f"{ui.md_escape(layouts.diff_keys(source, target).summary())}.")
     res = layouts.strict_load(source, ckpt.stored_config, **assumptions)
     (st.success if res.ok else st.error)(f"Strict load into the reconstruction after the fixes: {res.message}")
     if res.ok:

@@ -35,12 +35,12 @@ st.info(f"**Assumptions** (not recoverable from the weights; change them in the 
         f"**{'pre' if cfg.norm_first else 'post'}-norm** · LoRA scale **{cfg.lora_scale:g}**.")
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 n = len(fm.values)
 c1, c2 = st.columns([1, 3])
 top = min(cfg.max_length, n)
-length = c1.slider("Window length", 1, top,
-                   key=bounded("attn_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), n)))
+dflt = min(ui.default_window(ckpt, cfg.max_length), n)
+length = ui.int_slider(c1, "Window length", 1, top, dflt, key=bounded("attn_length", 1, top, dflt))
 start = window_by_time(fm.times, length, "attn_when", container=c2)
 wa = _window(ckpt.digest, assumptions, data_key, start, length, model, fm.values)
 L, H = wa.maps.shape[:2]

@@ -13,7 +13,7 @@ cfg = ui.loaded().config
 model_key = (ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 means, means_note = attr.feature_means(fm, ckpt.meta)
 actions = attr.action_names(cfg.n_actions)
 n = len(fm.values)
@@ -21,8 +21,8 @@ n = len(fm.values)
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
 top = min(cfg.max_length, n)
-length = c1.slider("Window length", 1, top,
-                   key=bounded("attr_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), n)))
+dflt = min(ui.default_window(ckpt, cfg.max_length), n)
+length = ui.int_slider(c1, "Window length", 1, top, dflt, key=bounded("attr_length", 1, top, dflt))
 start = window_by_time(fm.times, length, "attr_when", container=c2)
 choice = c3.selectbox("Explain class", ("predicted", *actions), key=keep("attr_class"))
 offset = c4.number_input("Deciding step (0 = last bar)", -(length - 1), 0,
@@ -46,7 +46,7 @@ args = (model, fm.values, means, fm.names)
 try:
     res = aw.attribute(model_key, data_key, start, length, method, tuple(opts.items()), *args)
 except ValueError as exc:
-    st.error(f"Cannot attribute this window: {exc}")
+    st.error(f"Cannot attribute this window: {ui.md_escape(exc)}")
     st.stop()
 
 aw.show_result(res, actions, more.threshold)

@@ -83,7 +83,7 @@ st.caption("ΔW has at most r non-zero singular values. Frozen random-init base 
 st.subheader("Ablation: switch adapters off")
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 blocks = sorted(metrics["block"].unique())
 modules = [m for m in SHORT_NAMES if SHORT_NAMES[m] in set(metrics["module"])]
 with st.form("lora_ablation"):
@@ -93,8 +93,8 @@ with st.form("lora_ablation"):
                                     key=subset("lora_modules", modules, modules))
     a3, a4 = st.columns(2)
     top = min(cfg.max_length, len(fm.values))
-    length = a3.slider("Window length", 1, top,
-                       key=bounded("lora_length", 1, top, min(ui.default_window(ckpt, cfg.max_length), top)))
+    dflt = min(ui.default_window(ckpt, cfg.max_length), top)
+    length = ui.int_slider(a3, "Window length", 1, top, dflt, key=bounded("lora_length", 1, top, dflt))
     count = a4.slider("Sample windows (spread over the data)", 4, 256, key=bounded("lora_count", 4, 256, 32))
     run = st.form_submit_button("Run ablation", type="primary")
 st.caption(f"LoRA is switched off on a copy for the adapters in the chosen blocks **and** modules; the shared "

@@ -26,7 +26,7 @@ if ld.model is not None:
                f"reconstruction with {assumptions_line(ckpt.config, ld.config)}.")
 else:
     st.error(f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. Open **Architecture check** to see why "
-             f"and fix it.\n\n```\n{ld.error}\n```")
+             f"and fix it.\n\n{ui.md_escape(ld.error)}")
 
 st.subheader("Layout family")
 ui_layouts.family_panel(ui_layouts.recognition(ckpt))
@@ -71,7 +71,7 @@ for row in findings.itertuples():
 with st.expander("Health scan as a table"):
     ui.table(findings, "health_scan", "overview_health")
 for w in ckpt.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 
 st.subheader("Stored metadata")
 meta = metadata_table(ckpt)

@@ -4,7 +4,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
-                                         predictions_frame)
+                                         predictions_frame, undecided_note)
 from flag_model.data import MODES, NORMALISATIONS, check_window, default_window
 from flag_model.features import WARMUP
 from flag_model.ui import predictions as pw
@@ -49,11 +49,11 @@ precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key=keep
 fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
 pw.feature_matrix(prep_key, prep, fm)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 pw.show_drift(fm, dict(ckpt.meta))
 issue = check_window(len(fm.values), int(window), cfg.max_length, WARMUP if kind == pw.KINDS[0] else 0)
 if issue is not None:
-    st.error(issue.message)
+    st.error(ui.md_escape(issue.message))
     st.stop()
 
 scorable = len(fm.values) - (int(window) - 1 if mode == "rolling" else 0)
@@ -73,9 +73,9 @@ st.subheader("Signals")
 offsets = pw.offsets(pred.actions)
 probs, actions = decide(pred.logits, offsets)
 shares = class_shares(actions, pred.actions)
-alarm = collapse_alarm(shares)
-if alarm:
-    st.error(alarm)
+for alarm in (collapse_alarm(shares), undecided_note(actions)):
+    if alarm:
+        st.error(alarm)
 if has_prices:
     st.plotly_chart(plots.price_signals(pred.times, pred.close, actions, pred.actions), width="stretch")
 st.plotly_chart(plots.probability_timeline(pred.times, probs, pred.actions), width="stretch")

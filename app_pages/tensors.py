@@ -58,7 +58,7 @@ name = st.selectbox("Tensor", names, index=first_base, key=keep("tensors_pick"))
 detail = _detail(ckpt.digest, name, ckpt.state_dict[name])
 spec = detail.spectrum
 if spec is not None:
-    (st.info if spec.looks_like_init else st.success)(f"**{name}**: {spec.verdict}")
+    (st.info if spec.looks_like_init else st.success)(f"**{ui.md_escape(name)}**: {ui.md_escape(spec.verdict)}")
 left, right = st.columns(2)
 left.plotly_chart(plots.value_histogram(detail.hist_edges, detail.hist_counts, name), width="stretch")
 if spec is not None:
@@ -82,7 +82,7 @@ if not grid.empty and grid.notna().any().any():
                "zeros (infinite relative change), blank = not in both files.")
 odd = diff[diff["status"].isin(["added", "removed", "reshaped"])]
 if len(odd):
-    st.warning(f"Keys added (only in **{other.source}**), removed (only in this file) or reshaped: {len(odd)}.")
+    st.warning(f"Keys added (only in **{ui.md_escape(other.source)}**), removed (only in this file) or reshaped: {len(odd)}.")
     ui.table(odd[["name", "status", "shape_a", "shape_b"]], "keys_added_removed", "tensors_odd")
 with st.expander("Every key"):
     ui.table(diff, "tensor_diff", "tensors_diff")

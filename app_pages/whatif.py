@@ -15,7 +15,7 @@ cfg = ui.loaded().config
 model_key = (ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
-    st.warning(w)
+    st.warning(ui.md_escape(w))
 means, means_note = feature_means(fm, ckpt.meta)
 actions = action_names(cfg.n_actions)
 

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Mapping
 import torch
 
 from .config import ConfigError, ModelConfig, infer_config
+from .limits import abs_max, limits, too_big
 from .safe_pickle import RestrictedPickleError, classify_global, restricted_load
 
 # Wrapper keys under which training scripts saved the model, most specific first.
@@ -112,7 +113,8 @@ def _read_source(src: str | os.PathLike | bytes | bytearray | memoryview | Binar
             raise CheckpointError(f"{path}: no such file. Check the path (it is read on the machine running the tool).")
         if path.is_dir() or path.name == PEFT_CONFIG:
             folder = path if path.is_dir() else path.parent
-            weights = next((folder / n for n in PEFT_WEIGHTS if (folder / n).is_file()), None)
+            # the folder itself, or the `lora/` save_pretrained folder the PEFT FLAGTrader class writes beside heads.pt
+            weights = next((f / n for f in (folder, folder / "lora") for n in PEFT_WEIGHTS if (f / n).is_file()), None)
             if weights is None:
                 raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt, .pth, .bin or "
                                       f".safetensors), or a PEFT save_pretrained folder with {' or '.join(PEFT_WEIGHTS)}.")
@@ -158,12 +160,26 @@ def _describe_unknown(name: str, head: bytes) -> str:
         printable = sum(c.isprintable() or c in "\r\n\t" for c in sample) >= 0.95 * max(len(sample), 1)
     except UnicodeDecodeError:
         printable = False
+    # Never quote the file's content: on a shared server the file may be someone else's.
     if printable and sample:
         kind = "JSON" if sample[:1] in "{[" else "text"
-        return (f"{name} is a {kind} file (it starts with {sample[:40]!r}), not a checkpoint. "
+        return (f"{name} is a {kind} file, not a checkpoint. "
                 "Open the .pt/.pth/.bin/.safetensors file the training script saved.")
-    return (f"{name} is not a PyTorch or safetensors checkpoint (first bytes {head[:8].hex(' ')}). "
+    return (f"{name} is not a PyTorch or safetensors checkpoint (its first bytes are no known format). "
             "The file may be corrupt or of another kind; re-export it with torch.save or safetensors.")
+
+
+def _whole_pickle(raw: bytes) -> bool:
+    """True when `raw` parses as complete pickles up to its end (opcodes only, nothing runs). A text file whose
+    lines happen to read as a GLOBAL opcode does not, so its content is never quoted as a class name."""
+    f = io.BytesIO(raw)
+    try:
+        while f.tell() < len(raw):
+            for _ in pickletools.genops(f):
+                pass
+    except Exception:  # noqa: BLE001 - any parse failure means "not a pickle"
+        return False
+    return True
 
 
 def _pickle_globals(raw: bytes) -> list[str]:
@@ -211,8 +227,34 @@ def _refused_globals(fmt: str, path: Path | None, data: bytes | None, limit: int
     return [g for g in _pickle_globals(raw) if classify_global(*g.rsplit(".", 1)) == "refused"]
 
 
+def _check_zip(name: str, path: Path | None, data: bytes | None, size: int) -> None:
+    """Refuse a torch zip whose members would inflate far beyond the file (a zip bomb) or beyond the limit,
+    from the zip directory alone. torch writes members uncompressed, so a genuine file inflates to its own size."""
+    lim = limits()
+    try:
+        with zipfile.ZipFile(path if path is not None else io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # torch.load reports the damage in its own words
+    if len(infos) > lim.max_tensors + 16:
+        raise CheckpointError(f"{name}: " + too_big("the number of zip members", len(infos), "max_tensors"))
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > lim.max_inflation * size + (1 << 20):
+            raise CheckpointError(
+                f"{name}: a zip member would inflate to {info.file_size:,} bytes from a {size:,}-byte file (more "
+                f"than {lim.max_inflation:g}× the file; max_inflation). torch saves members uncompressed, so this is "
+                "not a checkpoint torch wrote; it was refused before inflating.")
+    if total > lim.max_decompressed_bytes:
+        raise CheckpointError(f"{name}: " + too_big("the bytes the zip members inflate to", total,
+                                                   "max_decompressed_bytes"))
+
+
 def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> tuple[Any, dict[str, str] | None]:
     """-> (saved object, None) from torch's safe loader, or (object, {path: class}) from the restricted reader."""
+    if fmt == "torch zip":
+        _check_zip(name, path, data, path.stat().st_size if path is not None else len(data))
     try:
         if path is not None:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch zip")), None
@@ -283,23 +325,68 @@ def _refuse(name: str, what: str) -> Any:
     )
 
 
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1}
+
+
+def _check_safetensors_header(name: str, header: bytes, size: int) -> None:
+    """Refuse, from the JSON header alone, files whose tensors would be too many, too large, of an unknown dtype or
+    outside the file: before safetensors allocates anything."""
+    lim = limits()
+    try:
+        entries = json.loads(header)
+    except ValueError:
+        raise CheckpointError(f"{name}: the safetensors header is not valid JSON; the file is damaged. "
+                              "Copy or export it again.") from None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{name}: the safetensors header is not a JSON object; the file is damaged.")
+    tensors = {k: v for k, v in entries.items() if k != "__metadata__"}
+    if len(tensors) > lim.max_tensors:
+        raise CheckpointError(f"{name}: " + too_big("the number of tensors", len(tensors), "max_tensors"))
+    total = 0
+    for key, e in tensors.items():
+        shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
+        ok = (isinstance(shape, list) and all(type(d) is int and 0 <= d for d in shape)
+              and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+              and 0 <= offsets[0] <= offsets[1] <= size)
+        if not ok:
+            raise CheckpointError(f"{name}: the safetensors header entry for a tensor has an invalid shape or offsets "
+                                  "(negative, not integers, or beyond the end of the file); the file is damaged.")
+        numel = math.prod(shape)
+        total += numel
+        if total > lim.max_params:
+            raise CheckpointError(f"{name}: " + too_big("the values the header declares", total, "max_params"))
+        if e.get("dtype") in _ST_ITEMSIZE and numel * _ST_ITEMSIZE[e["dtype"]] != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{name}: a tensor's shape in the safetensors header does not match the bytes "
+                                  "stored for it; the file is damaged. Copy or export it again.")
+
+
 def _safetensors_load(name: str, path: Path | None, data: bytes | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors.torch import load, load_file
 
+    size = len(data) if data is not None else path.stat().st_size
+    if data is not None:
+        n = struct.unpack("<Q", data[:8])[0]
+        header = data[8:8 + min(n, limits().max_header_bytes)]
+    else:
+        with path.open("rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = f.read(min(n, limits().max_header_bytes))
+    if n > limits().max_header_bytes:
+        raise CheckpointError(f"{name}: " + too_big("the safetensors header length", n, "max_header_bytes"))
+    if n > size - 8:
+        raise CheckpointError(f"{name}: the safetensors header is longer than the file; the file is damaged or "
+                              "truncated. Copy or export it again.")
+    _check_safetensors_header(name, header, size - 8 - n)
     try:
-        if data is not None:
-            n = struct.unpack("<Q", data[:8])[0]
-            header, tensors = data[8:8 + n], load(data)
-        else:
-            with path.open("rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = f.read(n)
-            tensors = load_file(str(path))
+        tensors = load(data) if data is not None else load_file(str(path))
         metadata = json.loads(header).get("__metadata__") or {}
     except Exception as exc:  # noqa: BLE001 - SafetensorError, bad JSON, a header that is not an object...
         raise CheckpointError(
             f"{name}: the safetensors file is damaged or truncated ({_brief(str(exc))}). Copy or export it again."
         ) from None
+    if not isinstance(metadata, dict):
+        metadata = {}
     return tensors, metadata
 
 
@@ -376,14 +463,14 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int64, torch.uint8, torch.bool)
 
 
-_MAX_VIEW_BYTES = 2 << 30  # values declared by overlapping (e.g. stride-0) tensors beyond their stored data
-
-
 def _check_tensors(sd: Mapping[str, torch.Tensor], name: str) -> None:
     """Refuse tensors the analysis cannot hold: exotic dtypes/layouts, and views declaring far more values than
     the file stores (a stride-0 view can declare a 100000 x 100000 weight backed by one number; small ones,
     as in tests that mimic a large file, are allowed)."""
-    view_bytes = 0
+    lim = limits()
+    if len(sd) > lim.max_tensors:
+        raise CheckpointError(f"{name}: " + too_big("the number of tensors", len(sd), "max_tensors"))
+    view_bytes = params = 0
     for k, t in sd.items():
         if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized or t.dtype not in _DTYPES:
             kind = str(t.dtype).removeprefix("torch.") if t.layout == torch.strided else str(t.layout)
@@ -391,13 +478,16 @@ def _check_tensors(sd: Mapping[str, torch.Tensor], name: str) -> None:
                 f"{name}: tensor '{k}' is {kind} on {t.device.type}; weights must be dense real tensors "
                 "(float32/64, float16, bfloat16; integers and bools are read too). Re-save it as float32."
             )
+        params += t.numel()
+        if params > lim.max_params:
+            raise CheckpointError(f"{name}: " + too_big("the values in its tensors", params, "max_params"))
         declared, stored = t.numel() * t.element_size(), t.untyped_storage().nbytes()
         view_bytes += declared if declared > stored else 0
-        if view_bytes > _MAX_VIEW_BYTES:
+        if view_bytes > lim.max_view_bytes:
             raise CheckpointError(
                 f"{name}: tensor '{k}' declares shape {list(t.shape)} ({t.numel():,} values) but the file holds "
-                f"only {stored:,} bytes for it (overlapping strides), over {_MAX_VIEW_BYTES >> 30} GiB of such "
-                "views in all. Re-save it with .contiguous() (torch.save(model.state_dict(), path))."
+                f"only {stored:,} bytes for it (overlapping strides), over {lim.max_view_bytes:,} bytes of such "
+                "views in all (max_view_bytes). Re-save it with .contiguous() (torch.save(model.state_dict(), path))."
             )
 
 
@@ -416,7 +506,7 @@ def _stored_config(meta: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _health_warnings(sd: Mapping[str, torch.Tensor]) -> list[str]:
     out = []
-    amax = {k: float(t.abs().amax()) for k, t in sd.items() if t.numel() and t.dtype != torch.bool}
+    amax = {k: abs_max(t) for k, t in sd.items() if t.numel() and t.dtype != torch.bool}
     bad = [k for k, v in amax.items() if not math.isfinite(v)]
     if bad:
         nan = sum(int(torch.isnan(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
@@ -445,6 +535,19 @@ def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | Bi
     Unwraps saved-dict layouts and wrapper prefixes, keeps non-tensor entries as metadata, infers the
     configuration when the layout fits. Raises CheckpointError with a readable message for bad input.
     """
+    try:
+        return _load(src, name)
+    except CheckpointError:
+        raise
+    except MemoryError:
+        raise CheckpointError(f"{name or 'the file'}: reading it ran out of memory. The file declares more data than "
+                              "this machine can hold; see the limits in the README.") from None
+    except Exception as exc:  # noqa: BLE001 - whatever else a crafted file triggers is a refusal, never a traceback
+        raise CheckpointError(f"{name or 'the file'} could not be read as a checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}).") from None
+
+
+def _load(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, name: str | None) -> Checkpoint:
     display, path, data = _read_source(src)
     display = name or display
     size = path.stat().st_size if path is not None else len(data)
@@ -457,7 +560,12 @@ def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | Bi
             head = f.read(64)
     fmt = _sniff(head)
     if fmt == "unknown":
-        refused = _refused_globals(fmt, path, data, limit=1 << 20)  # e.g. a protocol-0 (text) pickle
+        if data is not None:
+            raw = data[:1 << 20]
+        else:
+            with path.open("rb") as f:
+                raw = f.read(1 << 20)
+        refused = _refused_globals(fmt, None, raw, limit=1 << 20) if _whole_pickle(raw) else []  # protocol-0 pickle
         if refused:
             _refuse(display, ", ".join(refused[:5]))
         raise CheckpointError(_describe_unknown(display, head))

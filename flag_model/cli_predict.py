@@ -150,7 +150,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _predict_one(args: argparse.Namespace) -> int:
     from .analysis.predict import (decide, evaluate_arrays, feature_stream, label_text, predictions_frame,
-                                   stream_predictions)
+                                   stream_predictions, undecided_note)
     from .engine import InferenceEngine
 
     t0 = time.perf_counter()
@@ -195,8 +195,10 @@ def _predict_one(args: argparse.Namespace) -> int:
     finally:
         out.close()
     act = np.concatenate(actions)
-    shares = np.bincount(act, minlength=len(names)) / len(act)
+    shares = np.bincount(act[act >= 0], minlength=len(names)) / max(len(act), 1)
     _say("actions: " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, shares)))
+    if (note := undecided_note(act)) is not None:
+        _say(f"warning: {note}")
     metrics = evaluate_arrays(np.concatenate(labels), act, names,
                               np.concatenate(positions) if args.mode == "blocks" else None, window)
     if metrics is not None:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .features import FEATURE_SETS, WARMUP, compute_features
+from .limits import limits, too_big
 
 NORMALISATIONS = ("checkpoint", "none", "data")
 MODES = ("rolling", "blocks")
@@ -112,49 +113,123 @@ class Prepared:
 # Reading
 
 
+def _header_columns(head: bytes, label: str) -> list[str]:
+    """The CSV header's column names from the file's first bytes; refuses a header line above max_header_bytes
+    or with more than max_columns fields before pandas sees the file."""
+    lim = limits()
+    line = head.split(b"\n", 1)[0]
+    if b"\n" not in head and len(head) >= lim.max_header_bytes:
+        raise DataError(f"{label}: the header line is longer than this server's limit of {lim.max_header_bytes:,} "
+                        "bytes (max_header_bytes); refused before parsing. A market-data header is a few hundred "
+                        "bytes: is this the right file?")
+    if line.count(b",") + 1 > lim.max_columns:
+        raise DataError(f"{label}: " + too_big("the number of columns", line.count(b",") + 1, "max_columns"))
+    if line.count(b'"') % 2:  # a quoted newline inside the header: let the parser read on, within 1 MiB
+        line = head[:1 << 20]
+    try:
+        columns = [str(c) for c in pd.read_csv(io.BytesIO(line + b"\n"), nrows=0, index_col=False).columns]
+    except Exception as exc:  # noqa: BLE001 - parsers raise many types; the user needs the reason
+        raise DataError(f"could not read the header of {label} as CSV ({type(exc).__name__}). Upload a CSV with "
+                        "a header row or a Parquet file.") from None
+    if len(columns) > lim.max_columns:
+        raise DataError(f"{label}: " + too_big("the number of columns", len(columns), "max_columns"))
+    return columns
+
+
+def _parquet_check(source: Any, label: str) -> None:
+    """Rows, columns and inflated size from the Parquet footer, before any row is read."""
+    import pyarrow.parquet as pq
+
+    lim = limits()
+    try:
+        meta = pq.read_metadata(source)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"could not read {label} as Parquet ({type(exc).__name__}: {str(exc)[:120]}). Upload a "
+                        "CSV with a header row or a Parquet file.") from None
+    if meta.num_columns > lim.max_columns:
+        raise DataError(f"{label}: " + too_big("the number of columns", meta.num_columns, "max_columns"))
+    if meta.num_rows > lim.max_rows:
+        raise DataError(f"{label}: " + too_big("the number of rows", meta.num_rows, "max_rows"))
+    if meta.num_rows * meta.num_columns > lim.max_cells:
+        raise DataError(f"{label}: " + too_big("rows × columns", meta.num_rows * meta.num_columns, "max_cells"))
+    inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if inflated > lim.max_decompressed_bytes:
+        raise DataError(f"{label}: " + too_big("the bytes its columns inflate to", inflated, "max_decompressed_bytes"))
+
+
 def read_table(src: str | Path | bytes | IO[bytes], name: str | None = None) -> pd.DataFrame:
     """A CSV or Parquet file (path, bytes or binary file object) as a DataFrame; Parquet is recognised by
-    its name or its magic bytes. Raises DataError with the reason when the file cannot be parsed."""
+    its name or its magic bytes. The CSV header line or the Parquet footer is checked against the resource
+    policy (`flag_model.limits`) first, and at most max_rows / max_cells rows are parsed. Raises DataError with
+    the reason when the file cannot be parsed or is too large; the message never quotes the file's content."""
     label = name or (str(src) if isinstance(src, (str, Path)) else "upload")
+    lim = limits()
     if isinstance(src, (str, Path)):
         path = Path(src).expanduser()
         if not path.is_file():
             raise DataError(f"no file at {path}; check the path (it is read on the machine running this).")
         with path.open("rb") as f:
-            head = f.read(4)
-        is_parquet = head == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
+            head = f.read(lim.max_header_bytes)
+        is_parquet = head[:4] == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
         source: Any = path
     else:
         data = src if isinstance(src, bytes) else src.read()
+        head = data[:lim.max_header_bytes]
         is_parquet = data[:4] == b"PAR1" or label.lower().endswith((".parquet", ".pq"))
         source = io.BytesIO(data)
     try:
-        with warnings.catch_warnings():
-            # A first data row longer than the header would silently become a (huge, slow) row index: refuse it.
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_parquet(source) if is_parquet else pd.read_csv(source, index_col=False)
-    except Exception as exc:  # parsers raise many types; the user needs the reason, not the class
+        if is_parquet:
+            _parquet_check(source, label)
+            if not isinstance(source, Path):
+                source.seek(0)
+            df = pd.read_parquet(source)
+        else:
+            columns = _header_columns(head, label)
+            max_rows = min(lim.max_rows, lim.max_cells // max(len(columns), 1))
+            # usecols: a first data row wider than the header is cut to the header's columns instead of
+            # silently becoming a (huge, slow) row index.
+            df = pd.read_csv(source, index_col=False, usecols=range(len(columns)), nrows=max_rows + 1)
+            if len(df) > max_rows:
+                raise DataError(f"{label}: " + too_big("the number of rows", len(df), "max_rows") +
+                                (" (rows × columns is bounded by max_cells)" if max_rows < lim.max_rows else ""))
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"{label} is too large to read on this machine (out of memory); upload a shorter stretch "
+                        "of bars or fewer columns.") from None
+    except Exception as exc:  # noqa: BLE001 - parsers raise many types; the user needs the reason, not the class
         kind = "Parquet" if is_parquet else "CSV"
-        raise DataError(f"could not read {label} as {kind}: {exc}. Upload a CSV with a header row or a Parquet file.") from exc
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DataError(f"could not read {label} as {kind} ({reason}). Upload a CSV with a header row or a "
+                        "Parquet file.") from None
     if df.empty or len(df.columns) == 0:
         raise DataError(f"{label} has no data rows; it needs a header row and one row per bar.")
     return df
 
 
+def csv_usecols(path: str | Path) -> range:
+    """The column positions of a CSV's header (checked like `read_table`), for readers of row ranges: a row wider
+    than the header is cut to it."""
+    with Path(path).open("rb") as f:
+        return range(len(_header_columns(f.read(limits().max_header_bytes), Path(path).name)))
+
+
 def iter_table_chunks(path: str | Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """A CSV or Parquet file in pieces of about `chunk_rows` rows, for bounded-memory streaming."""
+    """A CSV or Parquet file in pieces of about `chunk_rows` rows, for bounded-memory streaming (header line or
+    footer checked first, like `read_table`; CSV rows are cut to the header's columns)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"no file at {path}; check the path.")
     with path.open("rb") as f:
-        parquet = f.read(4) == b"PAR1"
-    if parquet:
+        head = f.read(limits().max_header_bytes)
+    if head[:4] == b"PAR1":
         import pyarrow.parquet as pq
 
+        _parquet_check(path, path.name)
         for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
             yield batch.to_pandas()
     else:
-        with pd.read_csv(path, chunksize=chunk_rows) as reader:
+        with pd.read_csv(path, chunksize=chunk_rows, index_col=False, usecols=csv_usecols(path)) as reader:
             yield from reader
 
 
@@ -197,7 +272,16 @@ def _numeric(df: pd.DataFrame, col: str, rows: np.ndarray, repair: bool, issues:
     raw = df[col]
     num = pd.to_numeric(raw, errors="coerce") if not pd.api.types.is_numeric_dtype(raw) else raw
     values = num.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.flatnonzero(np.isnan(values) & raw.notna().to_numpy())
+    infinite = np.isinf(values)
+    inf = np.flatnonzero(infinite)
+    if len(inf):  # an infinite price would give inf returns and, downstream, a meaningless decision
+        i = int(inf[0])
+        msg = f"column '{col}' has {len(inf)} infinite value(s); the first in row {rows[i]}."
+        issues.append(Issue("warning", msg + " Treated as missing.", col, int(rows[i])) if repair else
+                      Issue("error", msg + " Fix the file or tick 'Repair' to treat them as missing.", col,
+                            int(rows[i])))
+        values = np.where(infinite, np.nan, values)
+    bad = np.flatnonzero(np.isnan(values) & raw.notna().to_numpy() & ~infinite)
     if len(bad):
         i = int(bad[0])
         msg = f"column '{col}' has {len(bad)} non-numeric value(s); the first is {raw.iloc[i]!r} in row {rows[i]}."
@@ -468,7 +552,7 @@ def default_window(meta: Mapping[str, Any], max_length: int) -> int:
     """The window the checkpoint's metadata names (top level or in its config), else 64; at most max_length."""
     cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
     for value in (meta.get("window"), cfg.get("window"), cfg.get("window_size"), cfg.get("seq_len")):
-        if isinstance(value, (int, float)) and value >= 1:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:  # NaN fails >= 1
             return int(min(value, max_length))
     return min(DEFAULT_WINDOW, max_length)
 
@@ -589,12 +673,23 @@ def checkpoint_feature_set(meta: Mapping[str, Any]) -> str:
     return name if isinstance(name, str) and name in FEATURE_SETS else "simple-60"
 
 
+def stored_numbers(meta: Mapping[str, Any], key: str) -> np.ndarray | None:
+    """meta[key] as a float64 vector when it is a list of finite real numbers (a file may store anything there:
+    strings, nested lists, NaN); else None."""
+    value = meta.get(key)
+    if not isinstance(value, list) or not value or len(value) > limits().max_columns:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    arr = np.asarray(value, dtype=np.float64)
+    return arr if np.isfinite(arr).all() else None
+
+
 def stored_stats(meta: Mapping[str, Any], width: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mean, std) stored in the checkpoint dict, if present and of the right width."""
-    mean, std = meta.get("feature_mean"), meta.get("feature_std")
-    if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == width:
-        std_arr = np.asarray(std, dtype=np.float64)
-        return np.asarray(mean, dtype=np.float64), np.where(std_arr > 1e-12, std_arr, 1.0)
+    """(mean, std) stored in the checkpoint dict, if present, numeric, finite and of the right width."""
+    mean, std = stored_numbers(meta, "feature_mean"), stored_numbers(meta, "feature_std")
+    if mean is not None and std is not None and len(mean) == len(std) == width:
+        return mean, np.where(std > 1e-12, std, 1.0)
     return None
 
 
@@ -736,8 +831,8 @@ def drift_table(fm: FeatureMatrix, meta: Mapping[str, Any]) -> pd.DataFrame:
     n = fm.values.shape[1]
     mean = fm.raw_mean if fm.raw_mean is not None else fm.values.mean(axis=0)
     std = fm.raw_std if fm.raw_std is not None else fm.values.std(axis=0)
-    s_mean, s_std = meta.get("feature_mean"), meta.get("feature_std")
-    have = isinstance(s_mean, list) and isinstance(s_std, list) and len(s_mean) == len(s_std)
+    s_mean, s_std = stored_numbers(meta, "feature_mean"), stored_numbers(meta, "feature_std")
+    have = s_mean is not None and s_std is not None and len(s_mean) == len(s_std)
     s_names = meta.get("feature_names") if isinstance(meta.get("feature_names"), list) else []
     rows = []
     for i in range(n):
@@ -776,7 +871,7 @@ def rolling_windows(values: np.ndarray, length: int, stride: int = 1) -> np.ndar
 __all__ = [
     "BarInterval", "ColumnMapping", "DataError", "FeatureMatrix", "IntervalCheck", "Issue", "Prepared",
     "RunningMoments", "WARMUP", "bar_interval", "check_interval", "check_window", "format_timedelta",
-    "horizon_text", "training_interval", "checkpoint_features", "column_features", "default_window", "detect_columns",
+    "horizon_text", "training_interval", "checkpoint_features", "column_features", "csv_usecols", "default_window", "detect_columns",
     "drift_table", "feature_candidates", "iter_table_chunks", "parse_times", "prepare_features",
     "prepare_ohlcv", "read_table", "rolling_windows", "stored_clip", "stored_stats",
 ]

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .data import (MODES, WARMUP, ColumnMapping, DataError, RunningMoments, check_interval, checkpoint_features,
-                   detect_columns, iter_table_chunks, prepare_ohlcv)
+                   csv_usecols, detect_columns, iter_table_chunks, prepare_ohlcv)
 from .features import LabelRule
 
 SYMBOL_COLUMN = "symbol"
@@ -264,7 +264,8 @@ def read_rows(src: Source, start: int, stop: int) -> pd.DataFrame:
         groups = [i for i in range(len(sizes)) if ends[i] > start and ends[i] - sizes[i] < stop]
         first = int(ends[groups[0]] - sizes[groups[0]])
         return pf.read_row_groups(groups).slice(start - first, stop - start).to_pandas()
-    return pd.read_csv(path, skiprows=lambda i: 0 < i <= start, nrows=stop - start)  # as iter_table_chunks
+    return pd.read_csv(path, skiprows=lambda i: 0 < i <= start, nrows=stop - start, index_col=False,
+                       usecols=csv_usecols(path))  # as iter_table_chunks
 
 
 # The model on a worker: loaded once per process
@@ -392,7 +393,7 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
 
     import torch
 
-    from .analysis.predict import NO_LABEL, WindowRunner, decide, predictions_frame, row_labels
+    from .analysis.predict import NO_DECISION, NO_LABEL, WindowRunner, decide, predictions_frame, row_labels
 
     t0 = time.perf_counter()
     engine, meta = worker_engine(spec)
@@ -417,10 +418,10 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     os.replace(tmp, path)
     actions = decide(pred.logits)[1]
     k = len(pred.actions)
-    known = pred.labels != NO_LABEL
+    known = (pred.labels != NO_LABEL) & (actions != NO_DECISION)  # no decision from non-finite logits
     confusion = np.bincount(pred.labels[known] * k + actions[known], minlength=k * k).reshape(k, k)
     return PartResult(symbol=src.symbol, index=part.index, rows=len(pred),
-                      counts=np.bincount(actions, minlength=k), confusion=confusion, worker_pid=os.getpid(),
+                      counts=np.bincount(actions[actions != NO_DECISION], minlength=k), confusion=confusion, worker_pid=os.getpid(),
                       model_loads=_loads[_engine_key(spec)], dtype=engine.info.dtype, threads=torch.get_num_threads(),
                       seconds=time.perf_counter() - t0)
 

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .config import ModelConfig, infer_config
+from .config import ConfigError, ModelConfig, infer_config
+from .limits import limits, too_big
 
 
 class LoRA(nn.Module):
@@ -192,14 +193,6 @@ def find_mismatch(expected: Mapping[str, tuple[int, ...]],
     return ModelMismatchError(missing, unexpected, mismatched) if missing or unexpected or mismatched else None
 
 
-def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy `state_dict` into `model`, or raise ModelMismatchError naming every key that does not fit."""
-    error = find_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
-    if error is not None:
-        raise error
-    model.load_state_dict(state_dict, strict=True)
-
-
 def build_model(
     ckpt: Any,
     num_heads: int | None = None,
@@ -217,6 +210,19 @@ def build_model(
     else:
         state_dict, cfg = ckpt.state_dict, ckpt.require_config()
     cfg = cfg.with_assumptions(num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first, causal=causal)
-    model = FlagTrader(cfg)
-    load_strict(model, state_dict)
+    # Shapes first, on the meta device: a small file whose shapes claim a huge model is refused before any
+    # weight is allocated (the model is about as large as the file's declared values, bounded by max_params).
+    expected = expected_shapes(cfg)
+    error = find_mismatch(expected, state_dict)
+    if error is not None:
+        raise error
+    params = sum(math.prod(s) for s in expected.values())
+    if params > limits().max_params:
+        raise ConfigError(too_big("the model's parameter count", params, "max_params"))
+    try:
+        model = FlagTrader(cfg)
+        model.load_state_dict(state_dict, strict=True)
+    except (MemoryError, RuntimeError) as exc:  # allocation failure, or a storage that cannot be read
+        raise ConfigError(f"the model could not be built: {type(exc).__name__}: {str(exc)[:200]}. The machine may "
+                          "be short of memory; close other sessions or ask the operator.") from None
     return model.eval()

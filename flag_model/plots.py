@@ -1,6 +1,8 @@
 """Figure builders: analysis results in, plotly figures out. No model math here."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -9,6 +11,12 @@ from plotly.subplots import make_subplots
 
 ACTION_COLORS = {"SELL": "#d62728", "HOLD": "#7f7f7f", "BUY": "#2ca02c"}
 MAX_HEATMAP_CELLS = 250_000  # above this plotly pages get slow: downsample first
+
+
+def plain(text: object) -> str:
+    """User text (a tensor key, a CSV column) for a plotly label, title or tick: plotly renders a subset of HTML
+    (links included), so <, > and & become entities and show as typed."""
+    return html.escape(str(text), quote=False)
 
 
 def downsample_2d(a: np.ndarray, max_cells: int = MAX_HEATMAP_CELLS) -> tuple[np.ndarray, int, int]:
@@ -47,10 +55,10 @@ def tensor_treemap(tree: pd.DataFrame, label: str) -> go.Figure:
 
     Click a box to narrow the view to it; the path bar at the top goes back.
     """
-    hover = [f"<b>{i.rstrip('/')}</b><br>{e:,} elements in {n} tensor{'s' * (n > 1)}<br>{label}: {c:.4g}"
+    hover = [f"<b>{plain(i.rstrip('/'))}</b><br>{e:,} elements in {n} tensor{'s' * (n > 1)}<br>{label}: {c:.4g}"
              for i, e, n, c in zip(tree["id"], tree["elements"], tree["n_tensors"], tree["color"])]
     fig = go.Figure(go.Treemap(
-        ids=tree["id"], labels=tree["label"], parents=tree["parent"], values=tree["elements"],
+        ids=tree["id"], labels=[plain(x) for x in tree["label"]], parents=tree["parent"], values=tree["elements"],
         branchvalues="total", maxdepth=4, hovertext=hover, hoverinfo="text",
         marker=dict(colors=tree["color"], colorscale="Viridis", colorbar=dict(title=label, thickness=12)),
         pathbar=dict(visible=True), tiling=dict(pad=2),
@@ -64,7 +72,7 @@ def value_histogram(edges: np.ndarray, counts: np.ndarray, name: str) -> go.Figu
     centers = (edges[1:] + edges[:-1]) / 2
     fig = go.Figure(go.Bar(x=centers, y=counts, width=np.diff(edges), marker_color="#3b7dd8",
                            hovertemplate="%{x:.4g}: %{y:,}<extra></extra>"))
-    fig.update_layout(title=f"values of {name}", height=300, bargap=0, xaxis_title="value", yaxis_title="count",
+    fig.update_layout(title=f"values of {plain(name)}", height=300, bargap=0, xaxis_title="value", yaxis_title="count",
                       margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
@@ -80,7 +88,7 @@ def matrix_heatmap(matrix: np.ndarray, name: str, step: int = 1, shape: tuple[in
                                hovertemplate="row %{y}, col %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title="row")
     fig.update_xaxes(title="column")
-    fig.update_layout(title=f"{name} {list(shape or matrix.shape)}{note}", height=420, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(title=f"{plain(name)} {list(shape or matrix.shape)}{note}", height=420, margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
 
@@ -136,9 +144,9 @@ def change_heatmap(grid: pd.DataFrame) -> go.Figure:
 
 def key_status_treemap(tree: pd.DataFrame) -> go.Figure:
     """The aligned key tree of file vs target (key_status_tree), one colour per status; labels carry counts."""
-    hover = [f"<b>{i.rstrip('/')}</b><br>{s}" for i, s in zip(tree["id"], tree["status"])]
+    hover = [f"<b>{plain(i.rstrip('/'))}</b><br>{s}" for i, s in zip(tree["id"], tree["status"])]
     fig = go.Figure(go.Treemap(
-        ids=tree["id"], labels=tree["label"], parents=tree["parent"], values=tree["size"], branchvalues="remainder",
+        ids=tree["id"], labels=[plain(x) for x in tree["label"]], parents=tree["parent"], values=tree["size"], branchvalues="remainder",
         marker=dict(colors=[STATUS_COLORS[s] for s in tree["status"]]), hovertext=hover, hoverinfo="text",
         maxdepth=3, pathbar=dict(visible=True), tiling=dict(pad=2),
     ))
@@ -220,7 +228,7 @@ def lora_spectra(spectra: pd.DataFrame, title: str) -> go.Figure:
     """Singular values of ΔW, W and W + ΔW against their index k, log scale."""
     long = spectra.melt(id_vars="k", var_name="matrix", value_name="singular value").dropna()
     fig = px.line(long, x="k", y="singular value", color="matrix", log_y=True, markers=len(spectra) <= 64,
-                  color_discrete_map={"ΔW": "#d62728", "W": "#1f77b4", "W + ΔW": "#2ca02c"}, title=title)
+                  color_discrete_map={"ΔW": "#d62728", "W": "#1f77b4", "W + ΔW": "#2ca02c"}, title=plain(title))
     fig.update_yaxes(dtick=1, exponentformat="power")  # decades only: plotly's 2/5 minor labels read as values
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10), legend_title_text=None)
     return fig
@@ -343,7 +351,7 @@ def attribution_heatmap(attr: np.ndarray, feature_names: tuple[str, ...], offset
                         title: str, zlabel: str = "attribution") -> go.Figure:
     """attr (S, D) as features (rows) × time steps (columns), diverging colours centred at 0."""
     z = np.asarray(attr, dtype=np.float64).T  # (D, S)
-    names, x = list(feature_names), np.asarray(offsets)
+    names, x = [plain(n) for n in feature_names], np.asarray(offsets)
     if z.size > MAX_HEATMAP_CELLS:
         z, step, _ = downsample_2d(z)
         names, x = names[::step], x[::step]
@@ -362,6 +370,7 @@ def signed_bars(labels: list[str], values: np.ndarray, title: str, value_title: 
                 horizontal: bool = True) -> go.Figure:
     """Bars coloured by sign (red: for the explained class, blue: against); horizontal lists first on top."""
     values = np.asarray(values, dtype=np.float64)
+    labels = [plain(x) if isinstance(x, str) else x for x in labels]
     colors = np.where(values >= 0, POS_COLOR, NEG_COLOR)
     if horizontal:
         bar = go.Bar(x=values, y=labels, orientation="h", marker_color=colors,

@@ -69,6 +69,8 @@ class Runs:
             return
         msg = self._msg.FromString(bytes(payload))
         kind = msg.WhichOneof("type")
+        if kind in ("new_session", "script_finished") and msg.metadata.run.fragment_ids:
+            return  # a fragment's own rerun (the demo build's progress, every second) is not a page run
         if kind == "new_session":  # sent at the start of every run
             self.started += 1
             self.elements = set()
@@ -346,6 +348,8 @@ def _visit(pg, server: str, spec) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
+@pytest.mark.skipif(os.environ.get("FLAG_TRADER_FIRST_MINUTE") != "1",
+                    reason="a measurement: set FLAG_TRADER_FIRST_MINUTE=1 (builds the full demo from a fresh home)")
 def test_first_minute_from_a_fresh_home(browser, tmp_path, tiny_ckpt_bytes):
     """`streamlit run` from a fresh home folder with no demo cached: the first page is usable while the full demo
     builds (its progress in the sidebar, Upload working), then the demo opens and every page is visited twice.

@@ -68,11 +68,11 @@ def test_each_family_is_ranked_first_with_its_sizes(case, tmp_path):
     (4, 64, 32, 8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     (7, 96, 96, 2, ("o_proj",)),
 ])
-@pytest.mark.parametrize("open_as", ["folder", "adapter_config.json", "adapter_model.safetensors"])
+@pytest.mark.parametrize("open_as", ["folder", "parent folder", "adapter_config.json", "adapter_model.safetensors"])
 def test_peft_llm_adapter_folder_with_its_config(layers, hidden, kv, rank, targets, open_as, tmp_path, capsys):
     _, write, facts = gen.make_peft_llm(layers, hidden, kv, rank, targets, alpha=32, rslora=True)
     lora = write(tmp_path)
-    path = lora if open_as == "folder" else lora / open_as
+    path = {"folder": lora, "parent folder": tmp_path}.get(open_as, lora / open_as)
     ckpt = load_checkpoint(path)
     assert ckpt.adapter_config["r"] == rank and ckpt.adapter_config["use_rslora"] is True
     rec = layouts.recognise_checkpoint(ckpt)

@@ -59,9 +59,19 @@ def lowrank_svd(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> Low
     return LowRankSVD(U=qb @ uc, S=s, V=qa @ vhc.T)
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
     A, B = lin.lora.lora_A.detach(), lin.lora.lora_B.detach()
     W = lin.base.weight.detach()
+    if not (_finite(A, B, W) and math.isfinite(lin.scale)):  # an SVD of NaN/Inf fails or means nothing: NaN metrics
+        block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
+        module = path.split(".", 2)[2] if block >= 0 else path
+        return {"path": path, "block": block, "module": SHORT_NAMES.get(module, module), "d_out": W.shape[0],
+                "d_in": W.shape[1], "rank": A.shape[1], "scale": lin.scale, "w_fro": math.nan,
+                **{m: math.nan for m in METRICS}}
     svd = lowrank_svd(A, B, lin.scale)
     s = svd.S
     delta_fro = float(torch.linalg.vector_norm(s))
@@ -162,11 +172,13 @@ def spectra(model: FlagTrader, path: str) -> pd.DataFrame:
         raise ValueError(f"{path} has no LoRA adapter; choose one of the adapted modules.")
     with torch.inference_mode():
         W = lin.base.weight.detach().float()
-        s_delta = lowrank_svd(lin.lora.lora_A, lin.lora.lora_B, lin.scale).S.numpy()
         delta = lin.scale * (lin.lora.lora_A @ lin.lora.lora_B).T
-        s_w = torch.linalg.svdvals(W).numpy()
-        s_merged = torch.linalg.svdvals(W + delta).numpy()
-    n = len(s_w)
+        n = min(W.shape)
+        nan = np.full(n, np.nan)  # non-finite weights have no spectrum (the SVD fails or means nothing)
+        finite_delta = _finite(lin.lora.lora_A, lin.lora.lora_B) and math.isfinite(lin.scale)
+        s_delta = lowrank_svd(lin.lora.lora_A, lin.lora.lora_B, lin.scale).S.numpy() if finite_delta else nan
+        s_w = torch.linalg.svdvals(W).numpy() if _finite(W) else nan
+        s_merged = torch.linalg.svdvals(W + delta).numpy() if _finite(W) and finite_delta else nan
     padded = np.full(n, np.nan)
     padded[: min(n, len(s_delta))] = s_delta[:n]
     return pd.DataFrame({"k": np.arange(1, n + 1), "ΔW": padded, "W": s_w, "W + ΔW": s_merged})

@@ -26,6 +26,7 @@ from ..features import ACTIONS, LabelRule, compute_labels
 from .bootstrap import Intervals, score_intervals
 
 NO_LABEL = -1
+NO_DECISION = -1  # the action of a row whose logits are not finite: never turned into SELL/HOLD/BUY
 COLLAPSE_SHARE = 0.9
 _POSITIONS = {"SELL": -1.0, "HOLD": 0.0, "BUY": 1.0}
 
@@ -185,19 +186,35 @@ def decision_rows(pred: Predictions) -> np.ndarray:
 
 
 def decide(logits: np.ndarray, offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (n, A) float64 and argmax actions (n,) after adding per-class logit offsets."""
+    """Softmax probabilities (n, A) float64 and argmax actions (n,) after adding per-class logit offsets.
+
+    A row with a NaN or infinite logit has no decision: action NO_DECISION and NaN probabilities (argmax would
+    silently call it SELL, the first class)."""
     z = logits.astype(np.float64)
     if offsets is not None:
         z = z + np.asarray(offsets, dtype=np.float64)
+    ok = np.isfinite(z).all(axis=1)
+    z = np.where(ok[:, None], z, 0.0)
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
-    return p, z.argmax(axis=1)
+    p[~ok] = np.nan
+    return p, np.where(ok, z.argmax(axis=1), NO_DECISION)
+
+
+def undecided_note(actions: np.ndarray) -> str | None:
+    """A message when some rows have no decision because the model's logits were NaN or infinite."""
+    n = int((actions == NO_DECISION).sum())
+    if not n:
+        return None
+    return (f"{n:,} of {len(actions):,} bars have no decision: the model's logits there are NaN or infinite (damaged "
+            "weights, or inputs far outside the training range). They are left out of the shares, scores and the "
+            "equity curve (flat), and marked 'no decision' in the download.")
 
 
 def class_shares(actions: np.ndarray, names: tuple[str, ...]) -> pd.DataFrame:
-    """Count and share of each predicted action."""
-    counts = np.bincount(actions, minlength=len(names))[: len(names)]
+    """Count and share of each predicted action (rows without a decision are not counted)."""
+    counts = np.bincount(actions[actions != NO_DECISION], minlength=len(names))[: len(names)]
     return pd.DataFrame({"action": list(names), "count": counts, "share": counts / max(counts.sum(), 1)})
 
 
@@ -238,7 +255,7 @@ def evaluate(pred: Predictions, actions: np.ndarray, n_boot: int = 0, block: int
     metrics = evaluate_arrays(pred.labels, actions, pred.actions, pred.position if blocks else None, pred.window)
     if metrics is None or n_boot <= 0:
         return metrics
-    known = pred.labels != NO_LABEL
+    known = (pred.labels != NO_LABEL) & (actions != NO_DECISION)  # the rows evaluate_arrays scores
     ci = score_intervals(pred.labels[known], actions[known], len(pred.actions), block or pred.window,
                          groups=pred.row[known] // pred.window if blocks else None,
                          position=pred.position[known] if blocks else None, window=pred.window,
@@ -253,8 +270,8 @@ def evaluate_arrays(labels: np.ndarray, actions: np.ndarray, names: tuple[str, .
                     position: np.ndarray | None = None, window: int = 0) -> Metrics | None:
     """Accuracy, F1-macro (over classes present in labels or predictions, like scikit-learn), per-class
     precision/recall, confusion matrix, majority baseline and (given positions) accuracy by position in the
-    window. Rows labelled NO_LABEL are left out; None when no row has a label."""
-    known = labels != NO_LABEL
+    window. Rows labelled NO_LABEL or without a decision are left out; None when no row is left."""
+    known = (labels != NO_LABEL) & (actions != NO_DECISION)
     if not known.any():
         return None
     y, p, k = labels[known], actions[known], len(names)
@@ -311,7 +328,7 @@ def equity_curve(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarray
     SELL/HOLD/BUY."""
     if len(close) < 3 or not np.isfinite(close).all() or set(names) != set(_POSITIONS):
         return None
-    position = np.array([_POSITIONS[n] for n in names])[actions]  # held from bar t to t+1
+    position = np.array([*(_POSITIONS[n] for n in names), 0.0])[actions]  # held t to t+1; flat without a decision
     ret = close[1:] / close[:-1] - 1.0
     change = np.abs(np.diff(np.r_[0.0, position[:-1]]))
     strategy = position[:-1] * ret - fee * change
@@ -335,7 +352,7 @@ def predictions_frame(pred: Predictions, offsets: np.ndarray | None = None) -> p
         out[f"logit_{n}"] = pred.logits[:, i]
     for i, n in enumerate(names):
         out[f"prob_{n}"] = probs[:, i]
-    out["action"] = np.asarray(names, dtype=object)[act]
+    out["action"] = np.asarray([*names, "no decision"], dtype=object)[act]  # NO_DECISION picks the last
     if pred.labels is not None:
         lab = np.asarray([*names, ""], dtype=object)[np.where(pred.labels == NO_LABEL, len(names), pred.labels)]
         out["label"] = lab

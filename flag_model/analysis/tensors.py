@@ -1,7 +1,8 @@
 """Tensor table, module tree, per-tensor detail (histogram, spectrum against random init) and state-dict diffs.
 
-Statistics are computed with one torch reduction per tensor in float32 (no Python loops over elements),
-so all 343 tensors of a d=768 file (88 M parameters) take about a second.
+Statistics are computed with torch reductions over chunks of each tensor (no Python loops over elements, no
+full-size temporary: see `flag_model.limits`), so all 343 tensors of a d=768 file (88 M parameters) take about a
+second and a huge or stride-0 tensor costs one chunk of memory.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import torch
+
+from ..limits import pieces
 
 ROLES = ("embedding", "positional", "base", "lora_A", "lora_B", "norm", "head", "other")
 STATISTICS = ("mean", "std", "min", "max", "abs_max", "fro_norm", "zeros_share", "nonfinite")
@@ -52,6 +55,36 @@ def split_block(key: str) -> tuple[int | None, str]:
     return int(m.group(1)), rest
 
 
+def _moments(t: torch.Tensor) -> tuple[dict[str, float], int, int]:
+    """Statistics of one tensor over its finite values, chunk by chunk (flag_model.limits.pieces), merged with
+    Chan et al.'s parallel update: -> (mean/std/min/max/abs_max/fro_norm, zero count, non-finite count)."""
+    n_all = cnt = zeros = 0
+    mean = m2 = sq = 0.0
+    lo, hi = math.inf, -math.inf
+    for part in pieces(t):
+        x = part.reshape(-1).float()  # a copy of one chunk at most
+        n_all += x.numel()
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            x = x[finite]
+        m = x.numel()
+        if not m:
+            continue
+        a, b = torch.aminmax(x)
+        lo, hi = min(lo, float(a)), max(hi, float(b))
+        mean_b = float(x.sum(dtype=torch.float64)) / m
+        m2_b = float(torch.linalg.vector_norm((x.double() - mean_b))) ** 2
+        sq += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+        zeros += m - int(torch.count_nonzero(x))
+        total = cnt + m
+        delta = mean_b - mean
+        mean, m2, cnt = mean + delta * m / total, m2 + m2_b + delta * delta * cnt * m / total, total
+    if not cnt:
+        return {k: math.nan for k in ("mean", "std", "min", "max", "abs_max", "fro_norm")}, 0, n_all
+    return ({"mean": mean, "std": math.sqrt(m2 / cnt), "min": lo, "max": hi, "abs_max": max(-lo, hi),
+             "fro_norm": math.sqrt(sq)}, zeros, n_all - cnt)
+
+
 def tensor_stats(sd: Mapping[str, torch.Tensor]) -> pd.DataFrame:
     """One row per tensor: name, role, block, module, shape, dtype, elements, bytes and STATISTICS.
 
@@ -59,31 +92,8 @@ def tensor_stats(sd: Mapping[str, torch.Tensor]) -> pd.DataFrame:
     """
     rows = []
     for name, t in sd.items():
-        x = t.detach().reshape(-1)
-        x = x.float() if x.dtype != torch.float32 else x
-        n = x.numel()
-        bad = 0
-        if n:
-            lo, hi = (float(v) for v in torch.aminmax(x))
-            if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/Inf propagate to min/max: only then look
-                finite = torch.isfinite(x)
-                bad = n - int(finite.sum())
-                x = x[finite]
-        if x.numel():
-            if bad:
-                lo, hi = (float(v) for v in torch.aminmax(x))
-            # four float32 passes (aminmax, sum, norm, count_nonzero); var = ‖x‖²/n − mean² unless that
-            # cancels (LayerNorm weights: mean ~1, std ~1e-3), then one more pass over x − mean
-            m = x.numel()
-            mean = float(x.sum()) / m
-            fro = float(torch.linalg.vector_norm(x))
-            ms = fro * fro / m
-            var = max(ms - mean * mean, 0.0) if mean * mean < 0.5 * ms else float(torch.linalg.vector_norm(x - mean)) ** 2 / m
-            row = {"mean": mean, "std": math.sqrt(var), "min": lo, "max": hi, "abs_max": max(-lo, hi), "fro_norm": fro}
-            zeros = m - int(torch.count_nonzero(x))
-        else:
-            row = {k: math.nan for k in ("mean", "std", "min", "max", "abs_max", "fro_norm")}
-            zeros = 0
+        n = t.numel()
+        row, zeros, bad = _moments(t.detach())
         block, module = split_block(name)
         rows.append({
             "name": name, "role": tensor_role(name), "block": block, "module": module,

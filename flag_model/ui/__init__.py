@@ -26,6 +26,7 @@ from ..data import (FeatureMatrix, IntervalCheck, check_interval, checkpoint_fea
                    training_interval)
 from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
+from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
 from ..tables import table_bytes
 from .session import MARKET, MarketData, draw_data_slot, keep, keep_widget_state
 from .layouts import fixed_or
@@ -65,6 +66,49 @@ def table(df: pd.DataFrame | Styler, stem: str, key: str, full_height: bool = Fa
         kwargs["height"] = 38 + 35 * len(data)
     st.dataframe(df, **{"hide_index": True, "width": "stretch", **kwargs})
     download_table(data if isinstance(data.index, pd.RangeIndex) else data.reset_index(), stem, key)
+
+
+def server_folder() -> Path | None:
+    """The folder server paths are read under: FLAG_TRADER_SERVER_ROOT, else `server_root` in
+    .streamlit/secrets.toml; None (server paths off) when neither names a folder."""
+    configured = st.secrets.get("server_root") if st.secrets.load_if_toml_exists() else None
+    return server_root(configured if isinstance(configured, str) else None)
+
+
+SERVER_PATHS_OFF = (f"Server paths are off on this server. The operator turns them on by naming a folder in "
+                    f"{ROOT_ENV} (or `server_root` in .streamlit/secrets.toml); only files inside it can be opened. "
+                    "Upload the file instead.")
+
+
+def server_path_input(label: str, key: str, placeholder: str, where=None) -> Path | None:
+    """A text field for a file inside the server folder -> its resolved path; None when empty. With no folder
+    configured a caption says why and a typed path is refused unread. Raises ServerPathError (one message for
+    missing and not allowed)."""
+    where = where or st
+    root = server_folder()
+    text = where.text_input(label, key=key, placeholder=placeholder,
+                            help=f"A file inside the server folder {md_escape(root)} (relative to it, or its full "
+                                 "path). Read on the machine running the app." if root else SERVER_PATHS_OFF)
+    if root is None:
+        where.caption(SERVER_PATHS_OFF)
+        if text.strip():  # nothing is read, whatever the path
+            raise ServerPathError(SERVER_PATHS_OFF)
+        return None
+    return resolve_under_root(text, root) if text.strip() else None
+
+
+def int_slider(where, label: str, lo: int, hi: int, value: int, **kwargs) -> int:
+    """A slider over lo..hi, or (when the range holds one value, e.g. a model with max_length 1) that value as a
+    caption: Streamlit refuses a slider whose min equals its max."""
+    if hi <= lo:
+        where.caption(f"{label}: {lo} (the only possible value)")
+        return lo
+    return where.slider(label, lo, hi, min(max(value, lo), hi), **kwargs)
+
+
+def data_tag(data_key: str) -> str:
+    """A short widget-key tag from a hash of the whole data key (two files in one folder never share widgets)."""
+    return hashlib.sha256(data_key.encode()).hexdigest()[:16]
 
 
 class LazyProgress:
@@ -204,11 +248,13 @@ def _open_selected() -> Checkpoint | None:
         kept = st.session_state.get(_KEPT_UPLOAD)
         if kept is None:
             return None
-        st.sidebar.caption(f"Using **{kept[0]}**, uploaded earlier in this session.")
+        st.sidebar.caption(f"Using **{md_escape(kept[0])}**, uploaded earlier in this session.")
         return open_checkpoint_file(kept[1], kept[0])
-    path = st.sidebar.text_input("Path on the server", key=keep("ckpt_path"), placeholder="/data/flag_trader_best.pt",
-                                 help="For files larger than the upload limit. Read on the machine running the app.")
-    return open_checkpoint_file(path) if path.strip() else None
+    try:
+        path = server_path_input("Path on the server", keep("ckpt_path"), "flag_trader_best.pt", st.sidebar)
+    except ServerPathError as exc:
+        raise CheckpointError(str(exc)) from None
+    return open_checkpoint_file(path) if path is not None else None
 
 
 def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
@@ -222,12 +268,15 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
                 f"norm_{tag}": "pre-norm" if cfg.norm_first else "post-norm", f"causal_{tag}": cfg.causal}
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
-    heads = sb.selectbox("Attention heads", heads_options, key=keep(f"heads_{tag}"), help=cfg.provenance.get("num_heads"))
+    def why(name: str) -> str:  # provenance names keys and stored values from the file: shown inert
+        return md_escape(cfg.provenance.get(name, ""))
+
+    heads = sb.selectbox("Attention heads", heads_options, key=keep(f"heads_{tag}"), help=why("num_heads"))
     scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=keep(f"scale_{tag}"),
-                            help=cfg.provenance.get("lora_scale"))
+                            help=why("lora_scale"))
     norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=keep(f"norm_{tag}"),
-                    help=cfg.provenance.get("norm_first"))
-    causal = sb.toggle("Causal mask", key=keep(f"causal_{tag}"), help=cfg.provenance.get("causal"))
+                    help=why("norm_first"))
+    causal = sb.toggle("Causal mask", key=keep(f"causal_{tag}"), help=why("causal"))
     return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
 
 
@@ -249,10 +298,15 @@ def sidebar() -> Loaded:
     st.session_state[_DRAWN] = token
     keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
+    if st.session_state.get("ckpt_source", SOURCES[0]) == "Demo" and not demo.demo_path(demo_size()).exists():
+        demo.start_build(demo_size())  # in the background, before the progress below is drawn
+    if demo.running_builds():  # right under the header: the same place in every run, so it is never drawn twice
+        with st.sidebar:
+            _build_progress()
     try:
         ckpt = fixed_or(_open_selected(), open_checkpoint_file)
     except CheckpointError as exc:
-        st.sidebar.error(f"Could not open the checkpoint: {exc}")
+        st.sidebar.error(f"Could not open the checkpoint: {md_escape(exc)}")
         loaded = Loaded(None, None, None, str(exc))
     else:
         if ckpt is None and st.session_state.get("ckpt_source", SOURCES[0]) == "Demo":
@@ -263,7 +317,7 @@ def sidebar() -> Loaded:
             loaded = Loaded(None, None, None, "no checkpoint chosen")
         elif ckpt.config is None:
             st.sidebar.error(f"{ckpt.n_tensors} tensors read, but the file does not fit — see Architecture.\n\n"
-                             f"{ckpt.config_error}")
+                             f"{md_escape(ckpt.config_error)}")
             loaded = Loaded(ckpt, None, None, ckpt.config_error)
         else:
             cfg = _assumption_widgets(ckpt.config, ckpt.digest)
@@ -271,16 +325,13 @@ def sidebar() -> Loaded:
             st.sidebar.caption(f"Training bar interval: **{format_timedelta(bar)}** — {bar_source}.")
             model, err = _model(ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal, ckpt)
             if model is None:
-                st.sidebar.error(f"Does not fit — see Architecture ({assumptions_line(ckpt.config, cfg)}).\n\n{err}")
+                st.sidebar.error(f"Does not fit — see Architecture ({assumptions_line(ckpt.config, cfg)}).\n\n{md_escape(err)}")
             else:
                 st.sidebar.success(f"{ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly · "
                                    f"{assumptions_line(ckpt.config, cfg)}")
             for w in ckpt.warnings:
-                st.sidebar.warning(w)
+                st.sidebar.warning(md_escape(w))
             loaded = Loaded(ckpt, model, cfg, err)
-    if demo.running_builds():
-        with st.sidebar:
-            _build_progress()
     st.session_state[LOADED] = loaded
     draw_data_slot(market_data())
     return loaded
@@ -295,7 +346,7 @@ def require_checkpoint() -> Checkpoint:
     """The open checkpoint, or a message and a stop of this page's script."""
     ld = loaded()
     if ld.ckpt is None:
-        st.info(f"Open a checkpoint in the sidebar first ({ld.error}).")
+        st.info(f"Open a checkpoint in the sidebar first ({md_escape(ld.error)}).")
         st.stop()
     return ld.ckpt
 
@@ -306,7 +357,7 @@ def require_model() -> tuple[Checkpoint, FlagTrader]:
     ld = loaded()
     if ld.model is None:
         st.error(f"This checkpoint does not load into the reconstruction, so this page cannot run. "
-                 f"The Architecture page shows why.\n\n{ld.error}")
+                 f"The Architecture page shows why.\n\n{md_escape(ld.error)}")
         st.stop()
     return ckpt, ld.model
 
@@ -370,12 +421,12 @@ def second_checkpoint(key: str, prompt: str) -> Checkpoint:
     """Upload or server-path widgets for a checkpoint to compare with; stops the page (with `prompt`) until one
     is chosen, and shows a CheckpointError in red instead of failing."""
     up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key=f"{key}_second_upload")
-    path = st.text_input("…or its path on the server", key=keep(f"{key}_second_path"))
-    if up is None and not path.strip():
-        st.info(prompt)
-        st.stop()
     try:
-        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else open_checkpoint_file(path.strip())
-    except CheckpointError as exc:
-        st.error(f"Could not open the second checkpoint: {exc}")
+        path = server_path_input("…or its path on the server", f"{key}_second_path", "other_checkpoint.pt")
+        if up is None and path is None:
+            st.info(prompt)
+            st.stop()
+        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else open_checkpoint_file(path)
+    except (CheckpointError, ServerPathError) as exc:
+        st.error(f"Could not open the second checkpoint: {md_escape(exc)}")
         st.stop()

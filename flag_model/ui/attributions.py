@@ -10,7 +10,7 @@ import streamlit as st
 from .. import plots
 from ..analysis import attribution as attr
 from ..data import rolling_windows
-from . import LazyProgress
+from . import LazyProgress, int_slider
 from .session import bounded, keep
 
 
@@ -63,7 +63,9 @@ def more_options(length: int, state_dim: int) -> MoreOptions:
         max_steps = o3.number_input("Step cap", 1, 4096, key=bounded("attr_max_steps", 1, 4096, 800))
         patch = (o3.number_input("Occlusion patch: steps", 1, length, key=bounded("attr_patch_t", 1, length, min(8, length))),
                  o4.number_input("Occlusion patch: features", 1, state_dim, key=bounded("attr_patch_f", 1, state_dim, 1)))
-        top_k = o4.slider("Top features shown", 5, state_dim, key=bounded("attr_top_k", 5, state_dim, min(20, state_dim)))
+        lo = min(5, state_dim)
+        top_k = int_slider(o4, "Top features shown", lo, state_dim, min(20, state_dim),
+                           key=bounded("attr_top_k", lo, state_dim, min(20, state_dim)))
     return MoreOptions(output, float(threshold), bool(auto), int(max_steps), (int(patch[0]), int(patch[1])), int(top_k))
 
 

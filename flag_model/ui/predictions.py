@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +24,8 @@ from ..engine import InferenceEngine
 from ..data import horizon_text
 from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
 from ..model import FlagTrader
-from . import download_table, md_escape, upload_limit_note
+from ..server_paths import ServerPathError
+from . import data_tag, download_table, md_escape, server_path_input, upload_limit_note
 from .session import bounded, keep
 
 UPLOAD_KEY = "pred_upload"
@@ -71,22 +71,19 @@ def data_source() -> tuple[str, str, pd.DataFrame, str] | None:
         c2.button("Forget it", key="pred_kept_forget", on_click=_forget_upload)
     else:
         st.caption(upload_limit_note())
-    path = st.text_input("…or a path on the server (for files above the upload limit)", key=keep("pred_path"),
-                         placeholder="/data/ETH_USDT_5m.csv")
     try:
+        path = server_path_input("…or a path on the server (for files above the upload limit)", keep("pred_path"),
+                                 "ETH_USDT_5m.csv")
         if up is not None or kept is not None:
             name, data = (up.name, up.getvalue()) if up is not None else kept
             digest = hashlib.sha256(data).hexdigest()
             return name, digest, _read_bytes(digest, name, data), "upload"
-        if path.strip():
-            p = Path(path.strip()).expanduser().resolve()
-            if not p.is_file():
-                raise DataError(f"no file at {p}; check the path (it is read on the machine running the app).")
-            stat = p.stat()
-            return (p.name, f"{p}:{stat.st_mtime}:{stat.st_size}", _read_path(str(p), stat.st_mtime, stat.st_size),
-                    "server path")
-    except DataError as exc:
-        st.error(str(exc))
+        if path is not None:
+            stat = path.stat()
+            return (path.name, f"{path}:{stat.st_mtime}:{stat.st_size}",
+                    _read_path(str(path), stat.st_mtime, stat.st_size), "server path")
+    except (DataError, ServerPathError, OSError) as exc:
+        st.error(f"Could not read the market data: {md_escape(exc)}")
         st.stop()
     return None
 
@@ -96,7 +93,7 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
     """Input kind, column mapping (detected by name, editable), feature columns in order, price column for
     labels (feature mode) and the repair switch. Widget keys carry the data key: a new file starts from
     its own detected mapping."""
-    tag = data_key[:16]
+    tag = data_tag(data_key)
     detected = detect_columns(df.columns)
     columns = [str(c) for c in df.columns]
     options = [_NONE, *columns]
@@ -142,7 +139,7 @@ def prepare(data_key: str, kind: str, mapping: ColumnMapping, features: tuple[st
 def show_issues(issues: tuple[Issue, ...], limit: int = 12) -> None:
     """Errors in red, warnings in orange; a long list is cut with a count."""
     for issue in issues[:limit]:
-        (st.error if issue.severity == "error" else st.warning)(issue.message)
+        (st.error if issue.severity == "error" else st.warning)(md_escape(issue.message))
     if len(issues) > limit:
         st.caption(f"…and {len(issues) - limit} more.")
 

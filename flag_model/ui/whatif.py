@@ -8,7 +8,7 @@ import streamlit as st
 from .. import plots
 from ..analysis import whatif as wi
 from ..data import FeatureMatrix
-from . import download_table
+from . import download_table, int_slider
 from .session import keep
 
 
@@ -29,7 +29,7 @@ def pick_window(fm: FeatureMatrix, default_length: int, max_length: int, key: st
     With `length` given only the time is asked (e.g. a second window of the same length)."""
     n = len(fm.values)
     if length is None:
-        length = st.slider("Window length", 1, min(max_length, n), min(default_length, n), key=keep(f"{key}_len"))
+        length = int_slider(st, "Window length", 1, min(max_length, n), default_length, key=keep(f"{key}_len"))
     ends = fm.times[length - 1:]  # the decision bar of each window
     if len(ends) == 1:
         return 0, length
