@@ -71,7 +71,9 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
         module = path.split(".", 2)[2] if block >= 0 else path
         return {"path": path, "block": block, "module": SHORT_NAMES.get(module, module), "d_out": W.shape[0],
                 "d_in": W.shape[1], "rank": A.shape[1], "scale": lin.scale, "w_fro": math.nan,
-                **{m: math.nan for m in METRICS}}
+                **{m: math.nan for m in METRICS},
+                # A and B themselves: which part is not finite (the flags), and B = 0 stays a dead adapter
+                "a_fro": float(torch.linalg.vector_norm(A.double())), "b_fro": float(torch.linalg.vector_norm(B.double()))}
     svd = lowrank_svd(A, B, lin.scale)
     s = svd.S
     delta_fro = float(torch.linalg.vector_norm(s))
@@ -104,7 +106,7 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
 
 def _flag(df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: float,
           dominate_rel: float) -> pd.DataFrame:
-    df["bad_base"] = ~np.isfinite(df["w_fro"])
+    df["bad_base"] = ~np.isfinite(df["w_fro"]) & np.isfinite(df["a_fro"]) & np.isfinite(df["b_fro"])
     df["bad_lora"] = ~np.isfinite(df["a_fro"]) | ~np.isfinite(df["b_fro"])
     df["dead"] = ((df["b_fro"] == 0) | (df["rel_norm"] < dead_rel)) & ~df["bad_lora"]
     df["dominating"] = (df["rel_norm"] > dominate_rel) & ~df["bad_base"] & ~df["bad_lora"]

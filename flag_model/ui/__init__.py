@@ -422,7 +422,7 @@ def second_checkpoint(key: str, prompt: str) -> Checkpoint:
     is chosen, and shows a CheckpointError in red instead of failing."""
     up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key=f"{key}_second_upload")
     try:
-        path = server_path_input("…or its path on the server", f"{key}_second_path", "other_checkpoint.pt")
+        path = server_path_input("…or its path on the server", keep(f"{key}_second_path"), "other_checkpoint.pt")
         if up is None and path is None:
             st.info(prompt)
             st.stop()
