@@ -68,8 +68,8 @@ if notes:
     st.subheader("Why")
     st.markdown("\n".join(f"- **{e.rule.replace('_', ' ')}** — {ui.md_escape(e.message)}" for e in notes))
 
-a = ld.config
-assumptions = {} if a is None else {k: getattr(a, k) for k in ("num_heads", "lora_scale", "norm_first", "causal")}
+assumptions = {**{k: getattr(ld.config, k) for k in ("num_heads", "lora_scale", "norm_first", "causal") if ld.config},
+               **layouts.family_assumptions(sd, rec)[0]}  # the sketch's own code: pre-norm, scale 1
 scale = assumptions.get("lora_scale", 1.0)
 foreign = rec.best.score >= layouts.recognize.CLOSE and not rec.best.family.convertible and choice != "second"
 if foreign and not diff.ok:
