@@ -27,7 +27,7 @@ ui_layouts.family_panel(rec)
 with st.expander("How the file matches each known family"):
     st.plotly_chart(plots.layout_ranking_bars(rec.table()), width="stretch")
 
-choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.get, key="arch_target")
+choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.get, key=ui.keep("arch_target"))
 if choice == "second":
     other = ui.second_checkpoint("arch", "Open the checkpoint to compare against.")
     target, how, target_key = layouts.shapes_of(other.state_dict), f"the keys of {other.source}", other.digest
@@ -39,9 +39,9 @@ else:
         st.stop()
     with st.expander("Target sizes — e.g. what another loader assumed"):
         s = st.columns(3)
-        d = s[0].number_input("hidden size d", 1, value=size.d_model, key=f"arch_d_{ckpt.digest[:12]}")
-        f = s[1].number_input("FFN width F", 1, value=max(size.ffn_dim, 1), key=f"arch_f_{ckpt.digest[:12]}")
-        n = s[2].number_input("blocks", 1, value=max(size.n_blocks, 1), key=f"arch_n_{ckpt.digest[:12]}")
+        d = s[0].number_input("hidden size d", 1, value=size.d_model, key=ui.keep(f"arch_d_{ckpt.digest[:12]}"))
+        f = s[1].number_input("FFN width F", 1, value=max(size.ffn_dim, 1), key=ui.keep(f"arch_f_{ckpt.digest[:12]}"))
+        n = s[2].number_input("blocks", 1, value=max(size.n_blocks, 1), key=ui.keep(f"arch_n_{ckpt.digest[:12]}"))
     sizes = {k: v for k, v, was in (("d_model", d, size.d_model), ("ffn_dim", f, max(size.ffn_dim, 1)),
                                     ("n_blocks", n, max(size.n_blocks, 1))) if v != was}
     target, how = layouts.target_shapes(choice, sd, ld.config, rec, **sizes)
@@ -58,10 +58,10 @@ st.caption("One tree over the keys of both sides: green matched, red mis-shaped,
            "unexpected (file only), yellow mixed. Click a box to zoom.")
 bad = table[table["status"] != "matched"]
 if len(bad):
-    st.dataframe(bad.style.apply(lambda r: [STYLE[r["status"]]] * len(r), axis=1), hide_index=True,
-                 width="stretch", height=min(400, 38 + 35 * len(bad)))
+    ui.table(bad.style.apply(lambda r: [STYLE[r["status"]]] * len(r), axis=1), "key_differences", "arch_bad",
+             height=min(400, 38 + 35 * len(bad)))
 with st.expander("Every key, aligned"):
-    st.dataframe(table, hide_index=True, width="stretch")
+    ui.table(table, "keys_aligned", "arch_keys")
 
 notes = layouts.explain(sd, target, rec)
 if notes:
@@ -82,9 +82,9 @@ if fixes:
     st.subheader("Fix")
     by_id = {fx.id: fx for fx in fixes}
     chosen = st.multiselect("Fixes to apply, in order", list(by_id), default=list(by_id), format_func=lambda i: by_id[i].title,
-                            key=f"arch_fixes_{target_key}")
+                            key=ui.keep(f"arch_fixes_{target_key}"))
     st.markdown("\n".join(f"{i}. **{by_id[x].title}** — {ui.md_escape(by_id[x].detail)}" for i, x in enumerate(chosen, 1)))
-    drop = st.checkbox("Also drop the keys the target has no place for", key=f"arch_drop_{target_key}")
+    drop = st.checkbox("Also drop the keys the target has no place for", key=ui.keep(f"arch_drop_{target_key}"))
     if st.button("Apply fixes", type="primary", key="arch_apply"):
         applied = st.session_state[FIXED] = (ckpt.digest, target_key, tuple(chosen), drop)
 source = sd
@@ -103,10 +103,10 @@ if applied and applied[:2] == (ckpt.digest, target_key):
 
 st.subheader("Export")
 e1, e2 = st.columns(2)
-kind = e1.radio("Layout", layouts.EXPORT_KINDS, horizontal=True, key="arch_export_kind",
+kind = e1.radio("Layout", layouts.EXPORT_KINDS, horizontal=True, key=ui.keep("arch_export_kind"),
                 help="native: FLAG-TRADER keys with LoRA · merged: W + scale·(A@B)ᵀ under the native names, no lora "
                      "keys · stock: nn.TransformerEncoderLayer names (encoder.layers.N.self_attn.in_proj_weight …)")
-fmt = e2.radio("Format", layouts.EXPORT_FORMATS, horizontal=True, key="arch_export_fmt")
+fmt = e2.radio("Format", layouts.EXPORT_FORMATS, horizontal=True, key=ui.keep("arch_export_fmt"))
 problem = layouts.export_problem(source, kind)
 if problem:
     st.error(f"Cannot export as {kind}: {ui.md_escape(problem)}")

@@ -1,12 +1,12 @@
 """Attention: maps of one sample window, rollout, per-head statistics, and statistics over many windows."""
-import numpy as np
-import pandas as pd
 import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import attention
 from flag_model.analysis.lora import action_names
 from flag_model.data import rolling_windows
+from flag_model.ui.attention import show_stats
+from flag_model.ui.session import bounded, choice, window_by_time
 
 st.title("Attention")
 ckpt, model = ui.require_model()
@@ -29,19 +29,6 @@ def _summary(digest: str, assumptions: tuple, data_key: str, starts: tuple, leng
     return result
 
 
-def show_stats(stats, future, last_k: int, length: int, key: str) -> None:
-    """Four layer × head heatmaps (shares on 0..1, entropy on 0..ln S) and the future share per query."""
-    uniform = float(np.log(length))
-    ranges = {"entropy": (0.0, uniform), "last_k_share": (0.0, 1.0), "future_share": (0.0, 1.0)}
-    labels = {**attention.STATS, "entropy": f"entropy (nats; uniform = {uniform:.2f})",
-              "last_k_share": f"share on the last {last_k} steps"}
-    cols = st.columns(2)
-    for i, col in enumerate(attention.STATS):
-        fig = plots.head_stat_heatmap(stats, col, labels[col], ranges.get(col), diverging=col == "lookback")
-        cols[i % 2].plotly_chart(fig, key=f"{key}_{col}")
-    st.plotly_chart(plots.future_by_query_lines(future), key=f"{key}_future")
-
-
 mask = "causal mask (no future)" if cfg.causal else "no mask — every position sees the future"
 st.info(f"**Assumptions** (not recoverable from the weights; change them in the sidebar): "
         f"**{cfg.num_heads} heads** of size {cfg.head_dim} · **{mask}** · "
@@ -50,20 +37,11 @@ name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
     st.warning(ui.md_escape(w))
 n = len(fm.values)
-c1, c2, c3 = st.columns([1, 1, 2])
-length = ui.int_slider(c1, "Window length", 1, min(cfg.max_length, n), ui.default_window(ckpt, cfg.max_length))
-by = c2.radio("Choose the window by", ("time", "index"), horizontal=True)
-ends = fm.times[length - 1:]  # the decision bar of each window
-if len(ends) == 1:
-    start = 0
-elif by == "time":
-    gaps = ends[1:] - ends[:-1]
-    step = max(gaps.median(), pd.Timedelta(minutes=1)).to_pytimedelta()
-    when = c3.slider("Decision bar (last bar of the window)", ends[0].to_pydatetime(), ends[-1].to_pydatetime(),
-                     ends[-1].to_pydatetime(), step=step, format="YYYY-MM-DD HH:mm")
-    start = int(np.clip(ends.searchsorted(when, side="right") - 1, 0, len(ends) - 1))
-else:
-    start = int(c3.number_input("Window index (first row)", 0, len(ends) - 1, len(ends) - 1))
+c1, c2 = st.columns([1, 3])
+top = min(cfg.max_length, n)
+dflt = min(ui.default_window(ckpt, cfg.max_length), n)
+length = ui.int_slider(c1, "Window length", 1, top, dflt, key=bounded("attn_length", 1, top, dflt))
+start = window_by_time(fm.times, length, "attn_when", container=c2)
 wa = _window(ckpt.digest, assumptions, data_key, start, length, model, fm.values)
 L, H = wa.maps.shape[:2]
 probs = " · ".join(f"{a} {p:.0%}" for a, p in zip(action_names(len(wa.probs[-1])), wa.probs[-1]))
@@ -77,8 +55,9 @@ with grid_tab:
     st.caption("Rows are queries, columns keys; the colour scale is shared and capped at the 99.5th percentile.")
 with zoom_tab:
     z1, z2 = st.columns(2)
-    layer = z1.selectbox("Layer", range(L), index=L - 1)
-    head = z2.selectbox("Head", ["mean of heads", *range(H)])
+    layer = z1.selectbox("Layer", range(L), key=choice("attn_layer", range(L), L - 1))
+    head = z2.selectbox("Head", ["mean of heads", *range(H)], key=choice("attn_head", ["mean of heads", *range(H)],
+                                                                                     "mean of heads"))
     a = wa.maps[layer].mean(0) if head == "mean of heads" else wa.maps[layer, head]
     st.plotly_chart(plots.attention_map(a, f"layer {layer}, {head if isinstance(head, str) else f'head {head}'}"))
     st.caption("Cells right of the dashed diagonal are attention on later bars — information the model would "
@@ -93,18 +72,17 @@ with roll_tab:
 
 
 with stat_tab:
-    last_k = st.number_input("k for the share on the last k steps", 1, length, min(8, length))
-    stats = attention.head_stats(wa.maps, last_k)
-    show_stats(stats, attention.future_by_query(wa.maps).mean(1), last_k, length, "one")
-    ui.download_table(stats, "attention_heads", key="attention_heads")
+    last_k = st.number_input("k for the share on the last k steps", 1, length,
+                             key=bounded("attn_last_k", 1, length, min(8, length)))
+    stats = {q: attention.head_stats(wa.maps, last_k, None if q == "all" else -1) for q in ("all", "deciding")}
+    show_stats(stats, attention.future_by_query(wa.maps).mean(1), last_k, length, cfg.causal, "one")
 with many_tab:
-    count = st.slider("Windows (spread evenly over the data)", 8, 1024, 64, step=8)
+    count = st.slider("Windows (spread evenly over the data)", 8, 1024, step=8, key=bounded("attn_count", 8, 1024, 64))
     starts = tuple(int(s) for s in attention.spread_starts(n, length, count))
     if st.button("Compute statistics over many windows", type="primary") or st.session_state.get("_attn_many"):
         st.session_state["_attn_many"] = True
         summary = _summary(ckpt.digest, assumptions, data_key, starts, length, last_k, model, fm.values)
         st.caption(f"Mean over {summary.n_windows} windows of length {length} from {name}; the table has the "
                    "standard deviations.")
-        show_stats(summary.stats, summary.future_by_query, last_k, length, "many")
-        st.dataframe(summary.stats, hide_index=True, width="stretch")
-        ui.download_table(summary.stats, "attention_heads_many", key="many_csv")
+        show_stats({"all": summary.stats, "deciding": summary.decision_stats}, summary.future_by_query, last_k,
+                   length, cfg.causal, "many")

@@ -6,6 +6,7 @@ from flag_model.analysis import lora
 from flag_model.analysis.attention import spread_starts
 from flag_model.config import SHORT_NAMES
 from flag_model.data import rolling_windows
+from flag_model.ui.session import bounded, keep, subset
 
 st.title("LoRA adapters")
 ckpt, model = ui.require_model()
@@ -37,26 +38,30 @@ st.caption(f"{len(metrics)} adapters of rank {cfg.lora_rank}. ΔW = scale·(A @ 
            "— an **assumption** (alpha / r) set in the sidebar; every norm of ΔW scales with it.")
 
 c1, c2 = st.columns([3, 1])
-metric = c1.selectbox("Metric", list(lora.METRICS), format_func=lora.METRICS.get, key="lora_metric")
-log = c2.toggle("Log colour scale", value=metric in ("delta_fro", "rel_norm", "spectral", "amplification"))
+metric = c1.selectbox("Metric", list(lora.METRICS), format_func=lora.METRICS.get, key=keep("lora_metric"))
+log = c2.toggle("Log colour scale", key=keep(f"lora_log_{metric}"),
+                value=metric in ("delta_fro", "rel_norm", "spectral", "amplification"))
 event = st.plotly_chart(
     plots.lora_heatmap(lora.metric_grid(metrics, metric), metrics, lora.METRICS[metric], lora.METRICS, log),
     on_select="rerun", selection_mode="points", key="lora_heatmap",
 )
-st.caption("Hover a cell for every metric; click a cell to open its spectra below. "
-           "✕ dead adapter (B ≈ 0) · ▲ ΔW dominates W (‖ΔW‖_F > ‖W‖_F) · ! outlier across blocks.")
+st.caption("Hover a cell for every metric; click a cell to open its spectra below. ✕ dead adapter (B ≈ 0) · "
+           "▲ ΔW dominates W (‖ΔW‖_F > ‖W‖_F) · ! outlier across blocks · ? NaN/Inf in W, A or B. "
+           "Grey: no colour on this scale (zero on a log scale, or not a number).")
 
 f1, f2, f3 = st.columns(3)
 f1.metric("Dead adapters", int(metrics["dead"].sum()))
 f2.metric("ΔW dominates W", int(metrics["dominating"].sum()))
 f3.metric("Outliers across blocks", int(metrics["outlier"].sum()))
-flagged = metrics[metrics["flags"] != ""]
-if len(flagged):
-    st.warning("\n".join(f"- {ui.md_escape(p)}: {f}" for p, f in zip(flagged["path"], flagged["flags"])))
+if metrics["dead"].all():
+    st.error(f"All {len(metrics)} adapters are dead (B ≈ 0): LoRA changes nothing in this file — it was saved "
+             "before training, or the adapters were never trained. The model is its base weights alone.")
+lines = lora.flag_summary(metrics)
+if lines:
+    st.warning("\n".join(f"- {ui.md_escape(line)}" for line in lines))
 
-with st.expander("All metrics (table and CSV)"):
-    st.dataframe(metrics, hide_index=True, width="stretch")
-    ui.download_table(metrics, "lora_metrics", key="lora_metrics")
+with st.expander("All metrics (table and downloads; the flags per adapter are here)"):
+    ui.table(metrics, "lora_metrics", key="lora_metrics")
 
 st.subheader("Singular value spectra of one adapter")
 paths = list(metrics["path"])
@@ -68,7 +73,7 @@ if points:
         hit = metrics[(metrics["block"] == int(click[0].split()[-1])) & (metrics["module"] == click[1])]
         if len(hit):
             st.session_state["lora_cell"] = hit["path"].iloc[0]
-path = st.selectbox("Adapter", paths, key="lora_cell")
+path = st.selectbox("Adapter", paths, key=keep("lora_cell"))
 row = metrics.set_index("path").loc[path]
 st.plotly_chart(plots.lora_spectra(_spectra(ckpt.digest, cfg.lora_scale, path, model),
                                    f"{path}  ({row['d_out']}×{row['d_in']}, rank {row['rank']})"))
@@ -83,12 +88,14 @@ blocks = sorted(metrics["block"].unique())
 modules = [m for m in SHORT_NAMES if SHORT_NAMES[m] in set(metrics["module"])]
 with st.form("lora_ablation"):
     a1, a2 = st.columns(2)
-    chosen_blocks = a1.multiselect("Blocks", blocks, default=blocks)
-    chosen_modules = a2.multiselect("Modules", modules, default=modules, format_func=SHORT_NAMES.get)
+    chosen_blocks = a1.multiselect("Blocks", blocks, key=subset("lora_blocks", blocks, blocks))
+    chosen_modules = a2.multiselect("Modules", modules, format_func=SHORT_NAMES.get,
+                                    key=subset("lora_modules", modules, modules))
     a3, a4 = st.columns(2)
-    length = ui.int_slider(a3, "Window length", 1, min(cfg.max_length, len(fm.values)),
-                           ui.default_window(ckpt, cfg.max_length))
-    count = a4.slider("Sample windows (spread over the data)", 4, 256, 32)
+    top = min(cfg.max_length, len(fm.values))
+    dflt = min(ui.default_window(ckpt, cfg.max_length), top)
+    length = ui.int_slider(a3, "Window length", 1, top, dflt, key=bounded("lora_length", 1, top, dflt))
+    count = a4.slider("Sample windows (spread over the data)", 4, 256, key=bounded("lora_count", 4, 256, 32))
     run = st.form_submit_button("Run ablation", type="primary")
 st.caption(f"LoRA is switched off on a copy for the adapters in the chosen blocks **and** modules; the shared "
            f"model is not touched. Windows come from {ui.md_escape(name)}; the decision is the last position.")
@@ -108,4 +115,4 @@ if st.session_state.get("_lora_ablation_on"):
     st.plotly_chart(plots.ablation_bars(summary))
     st.plotly_chart(plots.ablation_changes(result.before, result.after, result.actions,
                                            fm.times[[s + length - 1 for s in starts]]))
-    st.dataframe(summary, hide_index=True, width="stretch")
+    ui.table(summary, "lora_ablation", key="lora_ablation")

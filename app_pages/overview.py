@@ -3,7 +3,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.health import dtype_counts, findings_frame, health_scan, parameter_counts
-from flag_model.analysis.summary import config_table, file_table, foreign_table, metadata_table
+from flag_model.analysis.summary import assumptions_line, config_table, file_table, foreign_table, metadata_table
 from flag_model.ui import layouts as ui_layouts
 
 ICONS = {"error": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
@@ -22,10 +22,11 @@ def _scan(digest: str, _sd) -> tuple:
 counts, dtypes, findings = _scan(ckpt.digest, ckpt.state_dict)
 
 if ld.model is not None:
-    st.success(f"**{ui.md_escape(ckpt.source)}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the reconstruction.")
+    st.success(f"**{ui.md_escape(ckpt.source)}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the "
+               f"reconstruction with {assumptions_line(ckpt.config, ld.config)}.")
 else:
-    st.error(f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. Open **Architecture check** "
-             f"to see why and fix it.\n\n{ui.md_escape(ld.error)}")
+    st.error(f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. Open **Architecture check** to see why "
+             f"and fix it.\n\n{ui.md_escape(ld.error)}")
 
 st.subheader("Layout family")
 ui_layouts.family_panel(ui_layouts.recognition(ckpt))
@@ -56,20 +57,24 @@ with left:
             st.page_link("app_pages/hypotheses.py", label="Which architecture was it trained with?",
                          icon=":material/fact_check:")
         table = config_table(ld.config)
-        st.dataframe(table.style.apply(
+        ui.table(table.style.apply(
             lambda r: ["background-color: #fff4e0" if r["kind"] == "assumption" else ""] * len(r), axis=1),
-            hide_index=True, width="stretch")
+            "configuration", "overview_config", full_height=True,
+            column_config={"value": st.column_config.TextColumn(width="large")})
 with right:
     st.subheader("File")
-    st.dataframe(file_table(ckpt), hide_index=True, width="stretch")
+    ui.table(file_table(ckpt), "file", "overview_file", full_height=True)
     st.subheader("Parameters")
-    st.dataframe(counts.style.format({"parameters": "{:,}", "bytes": "{:,}", "share": "{:.1%}"}), width="stretch")
-    st.dataframe(dtypes, width="stretch")
+    ui.table(counts.style.format({"parameters": "{:,}", "bytes": "{:,}", "share": "{:.1%}"}), "parameters",
+             "overview_params", hide_index=False)
+    ui.table(dtypes, "dtypes", "overview_dtypes", hide_index=False)
 
 st.subheader("Health scan")
 for row in findings.itertuples():
     extra = f" — e.g. {ui.md_escape(row.examples)}" if row.examples else ""
     st.markdown(f"{ICONS[row.level]} **{row.check}**: {ui.md_escape(row.message)}{extra}")
+with st.expander("Health scan as a table"):
+    ui.table(findings, "health_scan", "overview_health")
 for w in ckpt.warnings:
     st.warning(ui.md_escape(w))
 
@@ -78,4 +83,4 @@ meta = metadata_table(ckpt)
 if meta.empty:
     st.caption("The file stores no metadata besides the weights (a bare state dict).")
 else:
-    st.dataframe(meta, hide_index=True, width="stretch")
+    ui.table(meta, "metadata", "overview_meta")

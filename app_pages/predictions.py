@@ -4,10 +4,11 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
-                                         equity_curve, evaluate, label_text, predictions_frame, undecided_note)
-from flag_model.data import MODES, NORMALISATIONS, check_window, default_window, drift_table
+                                         predictions_frame, undecided_note)
+from flag_model.data import MODES, NORMALISATIONS, check_window, default_window
 from flag_model.features import WARMUP
 from flag_model.ui import predictions as pw
+from flag_model.ui.session import MarketData, bounded, keep, set_market
 
 st.title("Predictions")
 ckpt, model = ui.require_model()
@@ -16,12 +17,12 @@ assumptions = (cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
 
 source = pw.data_source()
 if source is None:
-    st.session_state.pop(ui.MARKET, None)
+    set_market(None)
     name, data_key, raw = "demo market (synthetic)", f"demo-{ui.demo_size()}", ui.demo_market(ui.demo_size())
     st.info("No file given: showing the **demo market**. Upload OHLCV bars (any common column names, a date or "
             "epoch-ms column) or precomputed feature columns.")
 else:
-    name, data_key, raw = source
+    name, data_key, raw, origin = source
 kind, mapping, columns, close_col, repair = pw.mapping_widgets(raw, cfg.state_dim, data_key)
 prep_key = (data_key, kind, mapping, tuple(columns), close_col, repair)  # what the prepared data depends on
 prep = pw.prepare(*prep_key, cfg.state_dim, raw)
@@ -29,29 +30,27 @@ pw.show_issues(prep.issues)
 if not prep.ok:
     st.stop()
 if source is not None and kind == pw.KINDS[0]:
-    st.session_state[ui.MARKET] = (name, prep.frame)  # the Attention and Attributions pages use it too
+    set_market(MarketData(name, prep.frame, origin))  # the Attention, Attributions and LoRA pages use it too
 st.caption(f"**{ui.md_escape(name)}**: {len(prep.frame):,} rows from {prep.frame['datetime'].iloc[0]} to "
-           f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}).")
+           f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}). Row numbers in messages count "
+           "the file's data lines from 1; everywhere else bars are named by their time.")
 bars = ui.interval_notice(prep.frame["datetime"], ckpt.meta).data  # bar interval against training, gaps
 
 c = st.columns(4)
-norm = c[0].selectbox("Normalisation", NORMALISATIONS, key="pred_norm", help="checkpoint: the training mean/std "
+norm = c[0].selectbox("Normalisation", NORMALISATIONS, key=keep("pred_norm"), help="checkpoint: the training mean/std "
                       "stored in the file; none: raw; data: z-scores of this data")
-window = c[1].number_input("Window length", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length),
-                           key="pred_window", help="default: the length the checkpoint's metadata names")
-mode = c[2].radio("Mode", MODES, horizontal=True, key="pred_mode", help="rolling: stride 1, the last position "
-                  "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % evaluation)")
-precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key="pred_precision")
+window = c[1].number_input("Window length", 1, cfg.max_length, help="default: the length the checkpoint's metadata "
+                           "names", key=bounded("pred_window", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length)))
+mode = c[2].radio("Mode", MODES, horizontal=True, key=keep("pred_mode"), help="rolling: stride 1, the last position "
+                  "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % "
+                  "evaluation), the newest partial block by the last window")
+precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key=keep("pred_precision"))
 
 fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
 pw.feature_matrix(prep_key, prep, fm)
 for w in fm.warnings:
     st.warning(ui.md_escape(w))
-drift = drift_table(fm, ckpt.meta).sort_values("flags", key=lambda f: f == "", kind="stable")  # flagged first
-flagged = drift[drift["flags"] != ""]
-with st.expander(f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs flagged"):
-    st.dataframe(drift.style.apply(lambda r: ["background-color: #fde2e1" if r["flags"] else ""] * len(r), axis=1),
-                 hide_index=True, width="stretch")
+pw.show_drift(fm, dict(ckpt.meta))
 issue = check_window(len(fm.values), int(window), cfg.max_length, WARMUP if kind == pw.KINDS[0] else 0)
 if issue is not None:
     st.error(ui.md_escape(issue.message))
@@ -60,8 +59,8 @@ if issue is not None:
 scorable = len(fm.values) - (int(window) - 1 if mode == "rolling" else 0)
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
 quick = pw.quick_bars(ckpt.digest, assumptions, precision, int(window), mode, eng, scorable)
-last = st.number_input("Bars to score (the most recent)", 1, scorable, quick, step=100, key="pred_last",
-                       help=pw.BARS_HELP.format(scorable=scorable))
+last = st.number_input("Bars to score (the most recent)", 1, scorable, step=100,
+                       key=bounded("pred_last", 1, scorable, quick, data_key), help=pw.BARS_HELP.format(scorable=scorable))
 st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
            f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
@@ -85,37 +84,12 @@ c[0].plotly_chart(plots.class_share_bars(shares, COLLAPSE_SHARE), width="stretch
 c[1].plotly_chart(plots.confidence_histogram(probs, actions, pred.actions), width="stretch")
 c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="stretch")
 
-metrics = evaluate(pred, actions)
-if metrics is not None:
-    st.subheader("Against labels")
-    st.caption(label_text(rule, bars.median) + f". {metrics.n:,} scored bars have a label.")
-    c = st.columns(4)
-    c[0].metric("Accuracy", f"{metrics.accuracy:.1%}",
-                f"{100 * (metrics.accuracy - metrics.majority_accuracy):+.1f} pp vs baseline")
-    c[1].metric("F1 macro", f"{metrics.f1_macro:.3f}")
-    c[2].metric(f"Majority baseline ({metrics.majority_class})", f"{metrics.majority_accuracy:.1%}")
-    c[3].metric("Scored bars", f"{metrics.n:,}")
-    left, right = st.columns(2)
-    left.plotly_chart(plots.confusion_heatmap(metrics.confusion), width="stretch")
-    right.dataframe(metrics.per_class.style.format({"precision": "{:.1%}", "recall": "{:.1%}", "f1": "{:.3f}"}),
-                    width="stretch")
-    if metrics.by_position is not None:
-        st.plotly_chart(plots.accuracy_by_position(metrics.by_position, metrics.majority_accuracy), width="stretch")
-        st.caption("Without a causal mask every position sees the bars after it: high accuracy early in the "
-                   "window is look-ahead, not skill. Only the last position is what a live trader gets.")
-    else:
-        st.caption("Switch to **blocks** mode to see accuracy by position in the window.")
-
 if has_prices:
+    pw.show_metrics(pred, actions, rule, bars.median)
     st.subheader("Equity curve — a sanity check, not a backtester")
-    fee_bps = st.number_input("Fee per unit of position change (basis points)", 0.0, 100.0, 5.0, 0.5, key="pred_fee")
-    eq = equity_curve(pred.times, pred.close, actions, pred.actions, fee_bps / 1e4)
-    if eq is not None:
-        st.caption(f"Long on BUY, flat on HOLD, short on SELL from one close to the next; {eq.trades:,} position "
-                   "changes. No slippage, funding or execution delay.")
-        st.plotly_chart(plots.equity_lines(eq.frame), width="stretch")
-        st.dataframe(eq.stats.style.format({"total return": "{:+.1%}", "Sharpe (annualised)": "{:.2f}",
-                                            "max drawdown": "{:.1%}"}), width="stretch")
+    fee_bps = st.number_input("Fee per unit of position change (basis points)", 0.0, 100.0, step=0.5,
+                              key=bounded("pred_fee", 0.0, 100.0, 5.0))
+    pw.show_equity(pred, actions, fee_bps)
 
 st.subheader("Download")
 frame = predictions_frame(pred, offsets)

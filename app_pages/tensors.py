@@ -3,6 +3,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import tensors
+from flag_model.ui.session import keep
 
 STAT_LABELS = {"std": "std", "mean": "mean", "abs_max": "max |value|", "fro_norm": "Frobenius norm",
                "zeros_share": "share of zeros", "min": "min", "max": "max", "nonfinite": "NaN/Inf count"}
@@ -33,16 +34,16 @@ c[1].metric("Elements", f"{int(stats['elements'].sum()):,}")
 c[2].metric("NaN / Inf", f"{int(stats['nonfinite'].sum()):,}")
 c[3].metric("All-zero tensors", int((stats["zeros_share"] == 1).sum()))
 
-stat = st.selectbox("Colour by", list(STAT_LABELS), format_func=STAT_LABELS.get, key="tensors_color")
+stat = st.selectbox("Colour by", list(STAT_LABELS), format_func=STAT_LABELS.get, key=keep("tensors_color"))
 st.plotly_chart(plots.tensor_treemap(tensors.tensor_tree(stats, stat), STAT_LABELS[stat]), width="stretch")
 st.caption("Area = number of elements. Click a box to zoom into it; the bar at the top goes back. "
            "Inner boxes show the element-weighted mean (min / max / sum for those statistics).")
 
 st.subheader("Table")
 f1, f2 = st.columns([2, 1])
-query = f1.text_input("Search names", key="tensors_query", placeholder="e.g. ffn.3 or lora_B")
+query = f1.text_input("Search names", key=keep("tensors_query"), placeholder="e.g. ffn.3 or lora_B")
 roles = f2.multiselect("Roles", tensors.ROLES, default=sorted(set(stats["role"]), key=tensors.ROLES.index),
-                       key="tensors_roles")
+                       key=keep("tensors_roles"))
 shown = stats[stats["role"].isin(roles) & stats["name"].str.contains(query.strip(), regex=False)]
 st.dataframe(shown, hide_index=True, width="stretch", height=320,
              column_config={"bytes": st.column_config.NumberColumn(format="%d"),
@@ -53,7 +54,7 @@ st.subheader("One tensor")
 pick = shown if len(shown) else stats
 names = list(pick["name"])
 first_base = next((i for i, (r, s) in enumerate(zip(pick["role"], pick["shape"])) if r == "base" and "×" in s), 0)
-name = st.selectbox("Tensor", names, index=first_base, key="tensors_pick")
+name = st.selectbox("Tensor", names, index=first_base, key=keep("tensors_pick"))
 detail = _detail(ckpt.digest, name, ckpt.state_dict[name])
 spec = detail.spectrum
 if spec is not None:
@@ -77,10 +78,11 @@ for col, status in zip(c, ("same", "changed", "reshaped", "added", "removed")):
 grid = tensors.diff_grid(diff)
 if not grid.empty and grid.notna().any().any():
     st.plotly_chart(plots.change_heatmap(grid), width="stretch")
-    st.caption("Relative change ‖b − a‖ / ‖a‖ per tensor; darkest = unchanged, blank = not in both files.")
+    st.caption("Relative change ‖b − a‖ / ‖a‖ per tensor (log colour); grey = unchanged, red ∞ = changed from all "
+               "zeros (infinite relative change), blank = not in both files.")
 odd = diff[diff["status"].isin(["added", "removed", "reshaped"])]
 if len(odd):
     st.warning(f"Keys added (only in **{ui.md_escape(other.source)}**), removed (only in this file) or reshaped: {len(odd)}.")
-    st.dataframe(odd[["name", "status", "shape_a", "shape_b"]], hide_index=True, width="stretch")
+    ui.table(odd[["name", "status", "shape_a", "shape_b"]], "keys_added_removed", "tensors_odd")
 with st.expander("Every key"):
-    st.dataframe(diff, hide_index=True, width="stretch")
+    ui.table(diff, "tensor_diff", "tensors_diff")

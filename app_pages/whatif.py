@@ -7,6 +7,7 @@ from flag_model.analysis.attribution import evenly_spaced, feature_means
 from flag_model.analysis.lora import action_names
 from flag_model.data import rolling_windows
 from flag_model.ui import whatif as uw
+from flag_model.ui.session import keep
 
 st.title("What-if")
 ckpt, model = ui.require_model()
@@ -70,9 +71,9 @@ with edit_tab:
 with flip_tab:
     f1, f2, f3 = st.columns(3)
     target = f1.selectbox("Flip the decision to", actions, wi.runner_up(model, fm.values[start:start + length]),
-                          key="wi_target", help="Defaults to the runner-up class of the first window shown.")
-    iterations = f2.number_input("Gradient steps", 10, 3000, 300, step=50, key="wi_iter")
-    rival = f3.toggle("Compare with random directions (same budget)", True, key="wi_rival")
+                          key=keep("wi_target"), help="Defaults to the runner-up class of the first window shown.")
+    iterations = f2.number_input("Gradient steps", 10, 3000, 300, step=50, key=keep("wi_iter"))
+    rival = f3.toggle("Compare with random directions (same budget)", True, key=keep("wi_rival"))
     feats, steps = uw.cells_controls(fm.names, length, "wi_flip", all_features=True)
     settings = (model_key, data_key, start, length, actions.index(target), feats, steps, int(iterations), rival)
     if uw.requested(st.button("Find the smallest flip", type="primary", key="wi_search"), "_wi_flip", settings):
@@ -85,9 +86,9 @@ with flip_tab:
 
 with stable_tab:
     s1, s2, s3 = st.columns([2, 2, 1])
-    samples = s1.slider("Noisy copies per noise level", 4, 256, 16, step=4, key="wi_samples")
-    count = s2.slider("Windows for the curve over the data", 10, 500, 30, step=10, key="wi_count")
-    many = s3.toggle("Over many windows", False, key="wi_many")
+    samples = s1.slider("Noisy copies per noise level", 4, 256, 16, step=4, key=keep("wi_samples"))
+    count = s2.slider("Windows for the curve over the data", 10, 500, 30, step=10, key=keep("wi_count"))
+    many = s3.toggle("Over many windows", False, key=keep("wi_many"))
     settings = (model_key, data_key, start, length, samples, many and count)
     if uw.requested(st.button("Measure stability", type="primary", key="wi_stable"), "_wi_stable", settings):
         sigma = wi.feature_sigma(fm.values)

@@ -268,16 +268,33 @@ def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> t
             return _restricted(name, fmt, path, data)
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
         raise CheckpointError(
-            f"{name}: the safe loader refused this pickle ({(detail.group(1) if detail else msg.splitlines()[0])[:200]}). "
+            f"{name}: the safe loader refused this pickle ({_brief(detail.group(1) if detail else msg.splitlines()[0])}). "
             "It holds something other than tensors and plain values; it was not executed. "
             "Re-save only the state dict (torch.save(model.state_dict(), path)) from trusted code."
         ) from None
     except Exception as exc:  # noqa: BLE001 - whatever a damaged archive makes torch raise is a damaged file
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = _brief(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"{name}: the {fmt} archive is damaged or truncated ({first}). "
             "Copy the file again (check its size against the original) or re-save it."
         ) from None
+
+
+def _brief(text: str, limit: int = 200) -> str:
+    """A library's error message cut to whole sentences within `limit` characters (never mid-sentence);
+    a first sentence longer than that is cut at a word and marked with '…'."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text.rstrip(".")
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    out = sentences[0]
+    for sentence in sentences[1:]:
+        if len(out) + 1 + len(sentence) > limit:
+            break
+        out += " " + sentence
+    if len(out) > limit:
+        out = out[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+    return out.rstrip(".")  # it is quoted in parentheses inside a sentence
 
 
 def _restricted(name: str, fmt: str, path: Path | None, data: bytes | None) -> tuple[Any, dict[str, str]]:
@@ -294,7 +311,7 @@ def _restricted(name: str, fmt: str, path: Path | None, data: bytes | None) -> t
                                   f"{exc.why}); it may be damaged. Copy it again or re-save the state dict.") from None
         return _refuse(name, exc.refused)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle or archive, whatever the unpickler raised
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = _brief(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise CheckpointError(f"{name}: the file could not be read even in restricted mode ({first}); it may be "
                               "damaged. Re-save the state dict (torch.save(model.state_dict(), path)).") from None
     return res.obj, res.foreign
@@ -366,7 +383,7 @@ def _safetensors_load(name: str, path: Path | None, data: bytes | None) -> tuple
         metadata = json.loads(header).get("__metadata__") or {}
     except Exception as exc:  # noqa: BLE001 - SafetensorError, bad JSON, a header that is not an object...
         raise CheckpointError(
-            f"{name}: the safetensors file is damaged or truncated ({str(exc)[:200]}). Copy or export it again."
+            f"{name}: the safetensors file is damaged or truncated ({_brief(str(exc))}). Copy or export it again."
         ) from None
     if not isinstance(metadata, dict):
         metadata = {}
@@ -492,7 +509,10 @@ def _health_warnings(sd: Mapping[str, torch.Tensor]) -> list[str]:
     amax = {k: abs_max(t) for k, t in sd.items() if t.numel() and t.dtype != torch.bool}
     bad = [k for k, v in amax.items() if not math.isfinite(v)]
     if bad:
-        out.append(f"{len(bad)} tensors contain NaN or Inf (e.g. {bad[0]}); predictions will be NaN.")
+        nan = sum(int(torch.isnan(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
+        inf = sum(int(torch.isinf(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
+        out.append(f"{len(bad)} tensor{'s contain' if len(bad) > 1 else ' contains'} NaN or Inf ({nan:,} NaN and "
+                   f"{inf:,} Inf elements; e.g. {bad[0]}); predictions will be NaN.")
     # A flipped exponent bit turns a weight into ~1e30: finite, but the forward pass overflows to NaN.
     huge = [k for k, v in amax.items() if math.isfinite(v) and v > 1e4]
     if huge:

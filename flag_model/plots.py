@@ -111,21 +111,31 @@ def spectrum_vs_init(singular_values: np.ndarray, expected: np.ndarray, edge: fl
 def change_heatmap(grid: pd.DataFrame) -> go.Figure:
     """blocks × in-block tensors of the relative change ‖b − a‖ / ‖a‖ between two checkpoints (log10 colour).
 
-    Unchanged tensors get the bottom colour, an infinite change (a all zero) the top one; blank cells are
-    tensors one of the files does not have.
+    Unchanged tensors are light grey, an infinite change (a all zero, b not) red with "∞" — neither takes a colour
+    of the finite scale; blank cells are tensors one of the files does not have. When nothing changed (identical
+    files) there is no colour bar, only a note.
     """
     z = grid.to_numpy(dtype=float)
     finite = z[np.isfinite(z) & (z > 0)]
-    lo, hi = (np.log10(finite.min()) - 0.5, np.log10(finite.max())) if finite.size else (-1.0, 0.0)
+    lo, hi = (np.log10(finite.min()), np.log10(finite.max())) if finite.size else (0.0, 0.0)
+    if hi - lo < 1e-9:  # one distinct value: give the scale some width around it
+        lo, hi = lo - 0.5, hi + 0.5
     with np.errstate(divide="ignore", invalid="ignore"):
-        logz = np.where(z > 0, np.log10(z), lo)
-    logz = np.where(np.isinf(z), hi, np.where(np.isnan(z), np.nan, logz))
+        logz = np.where(np.isfinite(z) & (z > 0), np.log10(z), np.nan)
     text = np.vectorize(lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else "0 (unchanged)" if v == 0
                                                           else f"{v:.3g}"))(z)
-    fig = go.Figure(go.Heatmap(z=logz, x=[str(c) for c in grid.columns], y=[f"block {b}" for b in grid.index],
-                               colorscale="Viridis", zmin=lo, zmax=hi, customdata=text,
-                               colorbar=dict(title="log10 rel. change"),
-                               hovertemplate="%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"))
+    x, y = [str(c) for c in grid.columns], [f"block {b}" for b in grid.index]
+    hover = "%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"
+    special = np.where(z == 0, 0.0, np.where(np.isposinf(z), 1.0, np.nan))  # unchanged / infinite
+    fig = go.Figure(go.Heatmap(z=special, x=x, y=y, zmin=0, zmax=1, showscale=False, customdata=text,
+                               colorscale=[[0, "#e4e7eb"], [0.5, "#e4e7eb"], [0.5, "#d62728"], [1, "#d62728"]],
+                               text=np.where(np.isposinf(z), "∞", ""), texttemplate="%{text}", hovertemplate=hover))
+    if finite.size:
+        fig.add_trace(go.Heatmap(z=logz, x=x, y=y, colorscale="Viridis", zmin=lo, zmax=hi, customdata=text,
+                                 colorbar=dict(title="log10 rel. change"), hovertemplate=hover))
+    else:
+        changed = "no finite change" if np.isposinf(z).any() else "identical: every shared tensor is unchanged"
+        fig.add_annotation(text=changed, showarrow=False, xref="paper", yref="paper", x=0.5, y=1.08)
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(tickangle=-45)
     fig.update_layout(height=max(260, 28 * len(grid) + 180), margin=dict(l=10, r=10, t=30, b=10))
@@ -177,7 +187,8 @@ def lora_heatmap(grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: 
     """blocks × modules heatmap of one metric (`grid`), every metric on hover, flags drawn as symbols.
 
     An invisible marker sits on each cell so that clicking a cell selects it (plotly heatmaps emit no
-    point selection); the symbols are ✕ dead, ▲ ΔW dominates W, ! outlier across blocks.
+    point selection); the symbols are ✕ dead, ▲ ΔW dominates W, ! outlier across blocks, ? NaN/Inf. An adapter
+    without a colour (a dead one on a log scale, a NaN) gets a grey cell with a dark symbol, never white on white.
     """
     z = grid.to_numpy(dtype=float)
     if log:
@@ -186,14 +197,23 @@ def lora_heatmap(grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: 
     x = [str(c) for c in grid.columns]
     y = [f"block {b}" for b in grid.index]
     custom, template = _cell_hover(metrics, grid, labels)
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", hoverinfo="skip",
-                               colorbar=dict(title=("log10 " if log else "") + label)))
     flags = metrics.set_index(["block", "module"]).reindex(pd.MultiIndex.from_product([grid.index, grid.columns]))
-    symbols = [("✕" if d else "") + ("▲" if m else "") + ("!" if o else "") for d, m, o in
-               zip(flags["dead"].fillna(False), flags["dominating"].fillna(False), flags["outlier"].fillna(False))]
+    present = flags["path"].notna().to_numpy().reshape(z.shape)
+    blank = present & ~np.isfinite(z)
+    fig = go.Figure(go.Heatmap(z=np.where(blank, 0.0, np.nan), x=x, y=y, colorscale=[[0, "#c9ced6"], [1, "#c9ced6"]],
+                               showscale=False, hoverinfo="skip"))
+    if np.isfinite(z).any():
+        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", hoverinfo="skip",
+                                 colorbar=dict(title=("log10 " if log else "") + label)))
+    def flag(col: str) -> np.ndarray:
+        return flags[col].fillna(False).astype(bool).to_numpy() if col in flags else np.zeros(len(flags), bool)
+    bad = flag("bad_base") | flag("bad_lora")
+    symbols = [("?" if b else "") + ("✕" if d else "") + ("▲" if m else "") + ("!" if o else "") for b, d, m, o in
+               zip(bad, flag("dead"), flag("dominating"), flag("outlier"))]
+    colours = np.where(blank.ravel(), "#1f2a36", "white")
     gx, gy = np.meshgrid(x, y)
     fig.add_trace(go.Scatter(
-        x=gx.ravel(), y=gy.ravel(), mode="markers+text", text=symbols, textfont=dict(color="white", size=16),
+        x=gx.ravel(), y=gy.ravel(), mode="markers+text", text=symbols, textfont=dict(color=list(colours), size=16),
         marker=dict(size=28, symbol="square", color="rgba(0,0,0,0)"), customdata=custom.reshape(-1, custom.shape[-1]),
         hovertemplate=template, showlegend=False,
     ))
@@ -309,11 +329,15 @@ def head_stat_heatmap(stats: pd.DataFrame, column: str, label: str,
     return fig
 
 
-def future_by_query_lines(future: np.ndarray) -> go.Figure:
-    """Share of attention on later positions per query step, one line per layer (mean over heads)."""
+def future_by_query_lines(future: np.ndarray, uniform: np.ndarray | None = None) -> go.Figure:
+    """Share of attention on later positions per query step, one line per layer (mean over heads), and the
+    share uniform attention would give (dotted)."""
     L, S = future.shape
     x = np.arange(S) - (S - 1)
     fig = go.Figure([go.Scatter(x=x, y=future[i], name=f"layer {i}", mode="lines") for i in range(L)])
+    if uniform is not None:
+        fig.add_trace(go.Scatter(x=x, y=uniform, name="uniform attention", mode="lines",
+                                 line=dict(color="#7f7f7f", dash="dot", width=2)))
     fig.update_layout(height=300, xaxis_title="query step (0 = decision bar)", yaxis_title="share on future keys",
                       yaxis_range=[0, 1], margin=dict(l=10, r=10, t=30, b=10))
     return fig
@@ -418,6 +442,12 @@ def class_breakdown_bars(table: pd.DataFrame, names: tuple[str, ...], top_k: int
 MAX_LINE_POINTS = 5_000  # long time series are thinned (or bin-averaged) to this many points
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, 22nd, 101st…"""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _bins(n: int, max_points: int = MAX_LINE_POINTS) -> int:
     """Bars per plotted point so that at most max_points are drawn."""
     return max(1, -(-n // max_points))
@@ -446,7 +476,7 @@ def price_signals(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarra
         idx = np.flatnonzero(actions == names.index(name))
         step = max(1, -(-len(idx) // max_markers))
         idx = idx[::step]
-        label = f"{name} ({'every ' + str(step) + 'th, ' if step > 1 else ''}{len(idx):,} shown)"
+        label = f"{name} ({'every ' + ordinal(step) + ', ' if step > 1 else ''}{len(idx):,} shown)"
         fig.add_trace(go.Scattergl(x=times[idx], y=close[idx], mode="markers", name=label,
                                    marker=dict(symbol=symbol, size=7, color=ACTION_COLORS[name])))
     fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="close",
@@ -510,10 +540,17 @@ def confusion_heatmap(confusion: pd.DataFrame) -> go.Figure:
 
 
 def accuracy_by_position(by_position: pd.DataFrame, baseline: float) -> go.Figure:
-    """Accuracy at each position of the window (blocks mode) against the majority baseline."""
-    fig = go.Figure(go.Scatter(x=by_position["position"], y=by_position["accuracy"], mode="lines+markers",
-                               name="accuracy", customdata=by_position["n"],
-                               hovertemplate="position %{x}: %{y:.1%} over %{customdata:,} bars<extra></extra>"))
+    """Accuracy at each position of the window (blocks mode) against the majority baseline, with its interval
+    band when `by_position` has lo/hi columns."""
+    fig = go.Figure()
+    if {"lo", "hi"} <= set(by_position.columns):
+        x = list(by_position["position"])
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=list(by_position["hi"]) + list(by_position["lo"])[::-1],
+                                 fill="toself", fillcolor="rgba(59,125,216,0.18)", line=dict(width=0),
+                                 name="95 % interval", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=by_position["position"], y=by_position["accuracy"], mode="lines+markers",
+                             name="accuracy", customdata=by_position["n"], line_color="#3b7dd8",
+                             hovertemplate="position %{x}: %{y:.1%} over %{customdata:,} bars<extra></extra>"))
     fig.add_hline(y=baseline, line_dash="dot", line_color="#7f7f7f", annotation_text="majority baseline")
     fig.update_layout(height=280, xaxis_title="position in the window (last = decision in rolling mode)",
                       yaxis=dict(title="accuracy", tickformat=".0%"), margin=dict(l=10, r=10, t=30, b=10))

@@ -51,9 +51,14 @@ def test_upload_and_changed_assumption(tiny_demo_path, tiny_ckpt_bytes):
     at = _upload(_start(), tiny_ckpt_bytes, "good.pt")
     assert not at.exception
     assert any("loaded strictly" in s.value for s in at.sidebar.success)
-    assert "good.pt" in at.success[0].value
+    assert "good.pt" in at.success[0].value.replace("\\", "")  # the name is markdown-escaped
+    status = next(s.value for s in at.sidebar.success if "loaded strictly" in s.value)
+    assert "4 heads (stored) · post-norm (assumed) · no mask (assumed)" in status
     heads = next(s for s in at.sidebar.selectbox if "heads" in s.label)
     heads.set_value(2).run()
+    at.sidebar.toggle[0].set_value(True).run()  # the causal mask
     assert not at.exception
+    status = next(s.value for s in at.sidebar.success if "loaded strictly" in s.value)
+    assert "2 heads (set) · post-norm (assumed) · causal mask (set)" in status  # the status follows the change
     table = at.dataframe[0].value
     assert table.loc[table["field"] == "num_heads", "value"].item() == "2"

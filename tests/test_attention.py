@@ -122,3 +122,39 @@ def test_spread_starts():
     assert list(attention.spread_starts(6, 5, 10)) == [0, 1]
     with pytest.raises(ValueError, match="needs at least 30 rows"):
         attention.spread_starts(20, 30, 4)
+
+
+def test_deciding_query_stats_equal_direct_formulas_and_the_summary():
+    model = make_model(seed=7)
+    xs = np.stack([window(s=10, seed=i) for i in range(3)])
+    single = [attention.window_attention(model, x).maps.astype(np.float64) for x in xs]
+    for maps in single:
+        df = attention.head_stats(maps, last_k=4, query=-1)
+        for _, row in df.iterrows():
+            q = maps[int(row["layer"]), int(row["head"]), -1]  # the deciding bar's attention row
+            assert row.entropy == pytest.approx(-(q * np.log(q)).sum(), rel=1e-6)
+            assert row.lookback == pytest.approx(sum(q[j] * (9 - j) for j in range(10)), abs=1e-9)
+            assert row.last_k_share == pytest.approx(q[-4:].sum(), rel=1e-9)
+            assert row.future_share == 0  # nothing comes after the last position
+    summary = attention.attention_summary(model, xs, last_k=4)
+    cols = list(attention.STATS)
+    expected = np.mean([attention.head_stats(m, 4, -1)[cols].to_numpy() for m in single], 0)
+    np.testing.assert_allclose(summary.decision_stats[cols].to_numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_uniform_baseline_by_direct_formulas(causal):
+    S, k = 12, 3
+    base = attention.uniform_baseline(S, k, causal)
+    if causal:  # query i spreads over i + 1 keys
+        assert base["entropy"] == pytest.approx(np.mean(np.log(np.arange(1, S + 1))))
+        assert base["future_share"] == 0
+        assert base["lookback"] == pytest.approx(np.mean(np.arange(S) / 2))
+    else:
+        assert base["entropy"] == pytest.approx(np.log(S))
+        assert base["future_share"] == pytest.approx((S - 1) / (2 * S))
+        assert base["lookback"] == pytest.approx(0, abs=1e-12)
+        assert base["last_k_share"] == pytest.approx(k / S)
+    last = attention.uniform_baseline(S, k, causal, query=-1)  # the last query sees every key either way
+    assert last["entropy"] == pytest.approx(np.log(S)) and last["future_share"] == 0
+    assert last["lookback"] == pytest.approx((S - 1) / 2)

@@ -49,4 +49,6 @@ def test_agreement_and_global_importance_with_download(page):
     assert not page.exception, page.exception
     assert len(page.get("plotly_chart")) == 8
     assert any("30 windows" in c.value for c in page.caption)
-    assert page.get("download_button")[0].proto.label == "Download CSV"
+    labels = [b.proto.label for b in page.get("download_button")]
+    assert labels[:2] == ["Time × feature attributions as CSV", "Time × feature attributions as Parquet"]
+    assert labels[-2:] == ["Download CSV", "Download Parquet"]  # the global importance table

@@ -1,6 +1,8 @@
 """AppTest runs of the LoRA and Attention pages on the tiny demo (conftest sets FLAG_TRADER_DEMO_SIZE=tiny)."""
 from __future__ import annotations
 
+import datetime
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -61,11 +63,13 @@ def test_attention_page_shows_assumptions_maps_and_stats(open_page):
     assert "4 heads" in info and "no mask" in info and "post-norm" in info
     charts = at.get("plotly_chart")
     assert len(charts) >= 4 + 4 + 1  # grid, zoom, rollout x2, four stat heatmaps, future lines
-    next(r for r in at.main.radio if r.label == "Choose the window by").set_value("index").run()
-    assert not at.exception, at.exception
-    next(n for n in at.main.number_input if n.label.startswith("Window index")).set_value(5).run()
+    when = at.slider(key="attn_when")  # the window is chosen by the date and time of its decision bar
+    when.set_value(when.value - datetime.timedelta(hours=3)).run()
     assert not at.exception, at.exception
     assert "bars " in texts(at)
+    next(r for r in at.main.radio if r.key == "attn_one_queries").set_value("deciding").run()
+    assert not at.exception and "uniform: 0.00" in texts(at) + " ".join(
+        c.proto.spec for c in at.get("plotly_chart"))  # the deciding bar has no future keys
     next(b for b in at.main.button if b.label.startswith("Compute")).click().run()
     assert not at.exception, at.exception
     assert "Mean over 64 windows of length 32" in texts(at)

@@ -45,11 +45,12 @@ def test_modes_against_the_reference_model(bars, model, mode):
             assert len(pred) == n - w + 1
             np.testing.assert_array_equal(pred.row, np.arange(w - 1, n))
             assert (pred.position == w - 1).all()
-        else:  # non-overlapping windows, every position scored, the trailing partial block dropped
-            k = n // w
-            ref = model(x[: k * w].reshape(k, w, 60)).reshape(k * w, -1)
-            np.testing.assert_array_equal(pred.row, np.arange(k * w))
-            np.testing.assert_array_equal(pred.position, np.tile(np.arange(w), k))
+        else:  # non-overlapping windows, every position scored; the newest partial block by the last w rows
+            k, r = n // w, n % w
+            assert r > 0  # the case this checks
+            ref = torch.cat([model(x[: k * w].reshape(k, w, 60)).reshape(k * w, -1), model(x[None, n - w:])[0, w - r:]])
+            np.testing.assert_array_equal(pred.row, np.arange(n))
+            np.testing.assert_array_equal(pred.position, np.r_[np.tile(np.arange(w), k), np.arange(w - r, w)])
     np.testing.assert_allclose(pred.logits, ref.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(pred.times, fm.times[pred.row])
     np.testing.assert_array_equal(pred.close, fm.close[pred.row])
@@ -162,7 +163,7 @@ def test_equity_curve_by_hand():
 def test_download_frame_columns():
     pred = synthetic_pred([0, 2, NO_LABEL])
     frame = predictions_frame(pred)
-    assert list(frame.columns) == ["datetime", "timestamp", "row", "position", "close", "logit_SELL", "logit_HOLD",
+    assert list(frame.columns) == ["datetime", "timestamp", "position", "close", "logit_SELL", "logit_HOLD",
                                    "logit_BUY", "prob_SELL", "prob_HOLD", "prob_BUY", "action", "label"]
     assert frame["label"].tolist() == ["SELL", "BUY", ""]
     assert frame["timestamp"].iloc[0] == pd.Timestamp("2025-01-01").value // 10**6
@@ -250,9 +251,9 @@ def test_scoring_only_the_most_recent_rows(bars, model, mode):
     n = len(fm.values)
     if mode == "rolling":
         np.testing.assert_array_equal(part.row, np.arange(n - 130, n))
-    else:  # whole blocks from the first boundary inside the last 130 rows
+    else:  # whole blocks from the first boundary inside the last 130 rows, then the newest partial block
         first = -(-(n - 130) // w) * w
-        np.testing.assert_array_equal(part.row, np.arange(first, n // w * w))
+        np.testing.assert_array_equal(part.row, np.arange(first, n))
     np.testing.assert_allclose(part.logits, full.logits[np.isin(full.row, part.row)], atol=1e-5, rtol=0)
     assert len(predict_features(fm, engine, w, mode, last=10 ** 6)) == len(full)
 

@@ -73,7 +73,7 @@ def test_uploaded_market_data_stays_in_its_session(tiny_demo_path):
     a, b = _session(predictions), _session(predictions)
     csv = synthetic_ohlcv(400, seed=5).to_csv(index=False).encode()
     a.file_uploader(key="pred_upload").upload("private_bars.csv", csv, "text/csv").run()
-    assert not a.exception and a.session_state["market_data"][0] == "private_bars.csv"
+    assert not a.exception and a.session_state["market_data"].name == "private_bars.csv"
     b.run()
     assert not b.exception and "market_data" not in b.session_state
     assert any("demo market" in i.value for i in b.info)

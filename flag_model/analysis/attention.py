@@ -64,8 +64,9 @@ def rollout(maps: np.ndarray) -> np.ndarray:
     return result
 
 
-def _stats(p: torch.Tensor, last_k: int) -> torch.Tensor:
-    """p (..., S, S) -> (..., 4): entropy, look-back, last-k share, future share, averaged over queries."""
+def _stats(p: torch.Tensor, last_k: int, query: int | None = None) -> torch.Tensor:
+    """p (..., S, S) -> (..., 4): entropy, look-back, last-k share, future share, averaged over queries
+    (query None) or of one query row (e.g. -1: the deciding bar)."""
     S = p.shape[-1]
     pos = torch.arange(S, dtype=p.dtype)
     dist = pos[:, None] - pos[None, :]  # i - j: > 0 looks back, < 0 looks ahead
@@ -73,7 +74,8 @@ def _stats(p: torch.Tensor, last_k: int) -> torch.Tensor:
     lookback = (p * dist).sum(-1)
     last_k = p[..., max(S - last_k, 0):].sum(-1)
     future = (p * (dist < 0)).sum(-1)
-    return torch.stack([entropy, lookback, last_k, future], -1).mean(-2)
+    out = torch.stack([entropy, lookback, last_k, future], -1)
+    return out.mean(-2) if query is None else out[..., query, :]
 
 
 def _frame(values: np.ndarray, suffix: str = "") -> pd.DataFrame:
@@ -86,9 +88,18 @@ def _frame(values: np.ndarray, suffix: str = "") -> pd.DataFrame:
     return df
 
 
-def head_stats(maps: np.ndarray, last_k: int = 8) -> pd.DataFrame:
-    """maps (layers, heads, S, S) -> one row per (layer, head) with the STATS columns."""
-    return _frame(_stats(torch.as_tensor(maps, dtype=torch.float64), last_k).numpy())
+def head_stats(maps: np.ndarray, last_k: int = 8, query: int | None = None) -> pd.DataFrame:
+    """maps (layers, heads, S, S) -> one row per (layer, head) with the STATS columns, averaged over every
+    query (query None) or for one query position (-1: the deciding bar)."""
+    return _frame(_stats(torch.as_tensor(maps, dtype=torch.float64), last_k, query).numpy())
+
+
+def uniform_baseline(length: int, last_k: int = 8, causal: bool = False, query: int | None = None) -> dict[str, float]:
+    """The STATS of uniform attention over the keys a query may see (all S, or 0..i with a causal mask),
+    averaged over queries like `head_stats`: what "no preference" looks like, e.g. future share
+    (S-1)/(2S) ≈ 0.5 without a mask, entropy ln S."""
+    eye = np.tril(np.ones((length, length))) if causal else np.ones((length, length))
+    return dict(zip(STATS, _stats(torch.as_tensor(eye / eye.sum(-1, keepdims=True)), last_k, query).tolist()))
 
 
 def future_by_query(maps: np.ndarray) -> np.ndarray:
@@ -111,6 +122,7 @@ class AttentionSummary:
     standard deviation (`<col>_std`); `mean_maps` (L, H, S, S); `future_by_query` (L, S) mean over heads."""
 
     stats: pd.DataFrame
+    decision_stats: pd.DataFrame  # the same for the deciding bar's query (the last position) only
     mean_maps: np.ndarray
     future_by_query: np.ndarray
     n_windows: int
@@ -129,11 +141,12 @@ def attention_summary(model: FlagTrader, windows: np.ndarray, last_k: int = 8, b
     S = windows.shape[1]
     if batch_size is None:
         batch_size = max(1, MAP_BUDGET // (cfg.n_blocks * cfg.num_heads * S * S * 4))
-    per_window, map_sum = [], torch.zeros(cfg.n_blocks, cfg.num_heads, S, S, dtype=torch.float64)
+    per_window, per_decision, map_sum = [], [], torch.zeros(cfg.n_blocks, cfg.num_heads, S, S, dtype=torch.float64)
     with torch.inference_mode():
         for i in range(0, n, batch_size):
             _, maps = model(_as_batch(windows[i:i + batch_size]), return_attention=True)
             per_window.append(torch.stack([_stats(p, last_k) for p in maps], 1))  # (B, L, H, 4)
+            per_decision.append(torch.stack([_stats(p, last_k, -1) for p in maps], 1))
             for layer, p in enumerate(maps):
                 map_sum[layer] += p.sum(0, dtype=torch.float64)
             if progress is not None:
@@ -141,6 +154,8 @@ def attention_summary(model: FlagTrader, windows: np.ndarray, last_k: int = 8, b
                 progress(done / n, f"attention over {done}/{n} windows")
     values = torch.cat(per_window).double().numpy()  # (N, L, H, 4)
     stats = _frame(values.mean(0)).merge(_frame(values.std(0), "_std"), on=["layer", "head"])
+    dec = torch.cat(per_decision).double().numpy()
+    decision_stats = _frame(dec.mean(0)).merge(_frame(dec.std(0), "_std"), on=["layer", "head"])
     mean_maps = (map_sum / n).numpy()
-    return AttentionSummary(stats=stats, mean_maps=mean_maps.astype(np.float32),
+    return AttentionSummary(stats=stats, decision_stats=decision_stats, mean_maps=mean_maps.astype(np.float32),
                             future_by_query=future_by_query(mean_maps).mean(1), n_windows=n)

@@ -451,6 +451,15 @@ def time_table(result: AttributionResult) -> pd.DataFrame:
     return pd.DataFrame({"step": steps, "offset": steps - result.position, "total": tot})
 
 
+def attribution_matrix(result: AttributionResult, times: pd.DatetimeIndex) -> pd.DataFrame:
+    """The time × feature attributions as a table: one row per bar of the window (datetime, offset from the
+    deciding step), one column per feature."""
+    df = pd.DataFrame(result.attributions, columns=list(result.feature_names))
+    df.insert(0, "offset", np.arange(len(df)) - result.position)
+    df.insert(0, "datetime", pd.DatetimeIndex(times)[: len(df)])
+    return df
+
+
 def rank_agreement(vectors: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """Spearman rank correlation between importance vectors of equal length (e.g. |per-feature totals|)."""
     lengths = {len(v) for v in vectors.values()}

@@ -65,18 +65,29 @@ def _looks_like_linear_init(w: torch.Tensor) -> bool:
     return 0.97 < std_ratio < 1.03 and w.abs().max().item() <= bound * 1.0001 and abs(w.mean().item()) < 0.05 * bound
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
     """NaN/Inf, all-zero tensors, dead LoRA adapters (B ~ 0), head at init, base weights at random init."""
     sd = state_dict
     out: list[Finding] = []
     floats = {k: t for k, t in sd.items() if t.is_floating_point()}
     bad = tuple(k for k, t in floats.items() if not torch.isfinite(t).all())
-    out.append(Finding("error", "NaN / Inf", f"{len(bad)} tensors contain NaN or Inf.", bad) if bad
-               else Finding("ok", "NaN / Inf", "every tensor is finite."))
+    if bad:
+        nan = sum(int(torch.isnan(floats[k]).sum()) for k in bad)
+        inf = sum(int(torch.isinf(floats[k]).sum()) for k in bad)
+        total = sum(floats[k].numel() for k in bad)
+        out.append(Finding("error", "NaN / Inf", f"{_count(len(bad), 'tensor')} {'contains' if len(bad) == 1 else 'contain'} "
+                           f"non-finite values: {nan:,} NaN and {inf:,} Inf of their {total:,} elements.", bad))
+    else:
+        out.append(Finding("ok", "NaN / Inf", "every tensor is finite."))
     # native `…lora_B` and PEFT `…lora_B.weight` / `…lora_B.<adapter>.weight`
     is_b = {k: bool(re.search(r"lora_B(\.[^.]+)?(\.weight)?$", k)) for k in floats}
     zero = tuple(k for k, t in floats.items() if t.numel() and not t.any() and not is_b[k])
-    out.append(Finding("warning", "all-zero tensors", f"{len(zero)} tensors are all zeros.", zero) if zero
+    out.append(Finding("warning", "all-zero tensors", f"{_count(len(zero), 'tensor')} {'is' if len(zero) == 1 else 'are'} "
+                       "all zeros.", zero) if zero
                else Finding("ok", "all-zero tensors", "no tensor is all zeros (LoRA B checked separately)."))
     b_keys = [k for k in floats if is_b[k]]
     dead = tuple(k for k in b_keys if floats[k].abs().max().item() < _B_ZERO)

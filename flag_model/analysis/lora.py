@@ -34,6 +34,11 @@ DEAD_REL = 1e-4  # ‖ΔW‖_F below this share of ‖W‖_F: the adapter change
 OUTLIER_Z = 3.5  # modified z-score (Iglewicz & Hoaglin) of log10 ‖ΔW‖_F across blocks
 OUTLIER_FACTOR = 2.0  # and at least this factor from the median: peers of equal norm make the MAD tiny
 DOMINATE_REL = 1.0  # ‖ΔW‖_F above ‖W‖_F: the update outweighs the base weight
+# Flag column -> words (also the heatmap legend): ✕ dead, ▲ dominates, ! outlier, ? non-finite values.
+FLAG_NAMES: dict[str, str] = {
+    "bad_base": "base weight has NaN/Inf", "bad_lora": "A or B has NaN/Inf", "dead": "dead (B ≈ 0)",
+    "dominating": "ΔW dominates W", "outlier": "outlier across blocks",
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
         module = path.split(".", 2)[2] if block >= 0 else path
         return {"path": path, "block": block, "module": SHORT_NAMES.get(module, module), "d_out": W.shape[0],
                 "d_in": W.shape[1], "rank": A.shape[1], "scale": lin.scale, "w_fro": math.nan,
-                **{m: math.nan for m in METRICS}}
+                **{m: math.nan for m in METRICS},
+                # A and B themselves: which part is not finite (the flags), and B = 0 stays a dead adapter
+                "a_fro": float(torch.linalg.vector_norm(A.double())), "b_fro": float(torch.linalg.vector_norm(B.double()))}
     svd = lowrank_svd(A, B, lin.scale)
     s = svd.S
     delta_fro = float(torch.linalg.vector_norm(s))
@@ -88,7 +95,9 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
     return {
         "path": path, "block": block, "module": SHORT_NAMES.get(module, module),
         "d_out": W.shape[0], "d_in": W.shape[1], "rank": A.shape[1], "scale": lin.scale,
-        "delta_fro": delta_fro, "w_fro": w_fro, "rel_norm": delta_fro / w_fro if w_fro > 0 else math.inf,
+        # A non-finite base weight has no meaningful ratio: NaN there, flagged as such, never "ΔW dominates W".
+        "delta_fro": delta_fro, "w_fro": w_fro,
+        "rel_norm": math.nan if not math.isfinite(w_fro) else delta_fro / w_fro if w_fro > 0 else math.inf,
         "spectral": top, "stable_rank": stable_rank, "effective_rank": effective_rank,
         "amplification": amplification,
         "a_fro": float(torch.linalg.vector_norm(A.double())), "b_fro": float(torch.linalg.vector_norm(B.double())),
@@ -97,8 +106,10 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
 
 def _flag(df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: float,
           dominate_rel: float) -> pd.DataFrame:
-    df["dead"] = (df["b_fro"] == 0) | (df["rel_norm"] < dead_rel)
-    df["dominating"] = df["rel_norm"] > dominate_rel
+    df["bad_base"] = ~np.isfinite(df["w_fro"]) & np.isfinite(df["a_fro"]) & np.isfinite(df["b_fro"])
+    df["bad_lora"] = ~np.isfinite(df["a_fro"]) | ~np.isfinite(df["b_fro"])
+    df["dead"] = ((df["b_fro"] == 0) | (df["rel_norm"] < dead_rel)) & ~df["bad_lora"]
+    df["dominating"] = (df["rel_norm"] > dominate_rel) & ~df["bad_base"] & ~df["bad_lora"]
     log_norm = np.log10(df["delta_fro"].where(~df["dead"]))
     by_module = log_norm.groupby(df["module"])
     med = by_module.transform("median")
@@ -107,8 +118,10 @@ def _flag(df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: f
     df["outlier_z"] = z
     df["outlier"] = (z.abs() > outlier_z) & ((log_norm - med).abs() > np.log10(outlier_factor))
     notes = []
-    for dead, dom, out, zi in zip(df["dead"], df["dominating"], df["outlier"], z):
-        parts = [name for name, on in (("dead (B ≈ 0)", dead), ("ΔW dominates W", dom)) if on]
+    for dead, dom, out, zi, base, ab in zip(df["dead"], df["dominating"], df["outlier"], z, df["bad_base"],
+                                           df["bad_lora"]):
+        parts = [name for name, on in ((FLAG_NAMES["bad_base"], base), (FLAG_NAMES["bad_lora"], ab),
+                                       (FLAG_NAMES["dead"], dead), (FLAG_NAMES["dominating"], dom)) if on]
         if out:
             parts.append(f"outlier across blocks ({'high' if zi > 0 else 'low'}, z={zi:+.1f})")
         notes.append("; ".join(parts))
@@ -120,7 +133,8 @@ def adapter_metrics(model: FlagTrader, dead_rel: float = DEAD_REL, outlier_z: fl
                     outlier_factor: float = OUTLIER_FACTOR, dominate_rel: float = DOMINATE_REL) -> pd.DataFrame:
     """One row per adapter: block, module (short name), shapes, every METRICS column, ‖W‖_F and flags.
 
-    Flags: `dead` (B = 0 or ‖ΔW‖_F < dead_rel·‖W‖_F), `dominating` (‖ΔW‖_F > dominate_rel·‖W‖_F),
+    Flags (see FLAG_NAMES): `bad_base` / `bad_lora` (NaN or Inf in W, or in A or B: no ratio is meaningful),
+    `dead` (B = 0 or ‖ΔW‖_F < dead_rel·‖W‖_F), `dominating` (‖ΔW‖_F > dominate_rel·‖W‖_F),
     `outlier` (|modified z| of log10 ‖ΔW‖_F among the same module across blocks > outlier_z, and more
     than outlier_factor from that module's median).
     """
@@ -129,6 +143,21 @@ def adapter_metrics(model: FlagTrader, dead_rel: float = DEAD_REL, outlier_z: fl
     cols = ["path", "block", "module", "d_out", "d_in", "rank", "scale", *METRICS, "w_fro"]
     df = pd.DataFrame(rows, columns=cols)
     return _flag(df, dead_rel, outlier_z, outlier_factor, dominate_rel)
+
+
+def flag_summary(metrics: pd.DataFrame, examples: int = 4) -> list[str]:
+    """One line per kind of flag: how many adapters carry it (of all) and a few of them — never one line per
+    adapter, so a file whose adapters are all dead reads as one clear sentence."""
+    lines = []
+    n = len(metrics)
+    for col, name in FLAG_NAMES.items():
+        hit = metrics.loc[metrics[col].astype(bool), "path"].tolist()
+        if not hit:
+            continue
+        share = "all" if len(hit) == n else f"{len(hit)} of"
+        shown = ", ".join(hit[:examples]) + (f", … ({len(hit) - examples} more)" if len(hit) > examples else "")
+        lines.append(f"{name}: {share} {n} adapters — {shown}")
+    return lines
 
 
 def metric_grid(metrics: pd.DataFrame, column: str) -> pd.DataFrame:

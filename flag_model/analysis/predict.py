@@ -2,9 +2,14 @@
 class shares, a simple equity sanity check, download frames, and chunked streaming for large files.
 
 Modes: "rolling" -- stride-1 windows, each decides at its last position (what a live trader gets);
-"blocks" -- non-overlapping windows, every position scored (how the 61 % evaluation was done; trailing
-rows that do not fill a block are not scored). The one-shot path and the streaming path share one
+"blocks" -- non-overlapping windows, every position scored (how the 61 % evaluation was done). The newest
+rows that do not fill a block are scored too, by one more window made of the last `window` rows: it ends on
+the newest bar, and only its rows not scored before count (at positions window-r..window-1). A live trader
+acts only at a window's last position (`decision_rows`). The one-shot path and the streaming path share one
 `WindowRunner`, which runs whole engine batches only, so both give bit-identical logits.
+
+Rows: `Predictions.row` is internal (0 = first feature row); bars are identified by their time everywhere
+the user sees them, and row numbers in validation messages count the file's data lines from 1.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from ..data import (MODES, WARMUP, ColumnMapping, DataError, FeatureMatrix, chec
                     checkpoint_features, detect_columns, horizon_text, prepare_ohlcv, rolling_windows)
 from ..engine import InferenceEngine, Progress
 from ..features import ACTIONS, LabelRule, compute_labels
+from .bootstrap import Intervals, score_intervals
 
 NO_LABEL = -1
 NO_DECISION = -1  # the action of a row whose logits are not finite: never turned into SELL/HOLD/BUY
@@ -61,6 +67,7 @@ class WindowRunner:
         self.actions = action_names(engine.config.n_actions)
         self.start = first_row  # feature-row index of the buffer's first row, always the start of the next window
         self._buf: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        self._context = np.zeros((0, engine.config.state_dim), dtype=np.float32)  # rows before the buffer
 
     def feed(self, values: np.ndarray, times: np.ndarray, close: np.ndarray, labels: np.ndarray | None,
              final: bool = False, progress: Progress | None = None) -> Predictions | None:
@@ -78,8 +85,12 @@ class WindowRunner:
         available = max(0, (m - w) // stride + 1) if m >= w else 0
         take = available if final else (available // self.batch) * self.batch
         self._buf = None if final else tuple(a[take * stride:] if a is not None else None for a in new)
-        if take == 0:
+        partial = self._partial_block(vals, take, final)
+        self._context = np.concatenate([self._context, vals[:take * stride][-w:]])[-w:]
+        if take == 0 and partial is None:
             return None
+        if take == 0:
+            return self._finish(*partial, tms, cls, lbl, self.start)
         windows = rolling_windows(vals[: (take - 1) * stride + w], w, stride)  # a view, no copy
         if self.mode == "rolling":
             logits = self.engine.run(windows, last_only=True, progress=progress)
@@ -89,19 +100,42 @@ class WindowRunner:
             logits = self.engine.run(windows, last_only=False, progress=progress).reshape(take * w, -1)
             local = np.arange(take * w)
             position = np.tile(np.arange(w, dtype=np.int64), take)
-        out = Predictions(
-            times=pd.DatetimeIndex(tms[local]), close=cls[local], logits=logits, row=local + self.start,
-            position=position, labels=None if lbl is None else lbl[local], window=w, mode=self.mode,
+        if partial is not None:
+            logits = np.concatenate([logits, partial[0]])
+            local, position = np.concatenate([local, partial[1]]), np.concatenate([position, partial[2]])
+        first, self.start = self.start, self.start + take * stride
+        return self._finish(logits, local, position, tms, cls, lbl, first)
+
+    def _partial_block(self, vals: np.ndarray, take: int, final: bool
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Blocks mode, last feed: the r < window rows after the full blocks, scored by the window of the
+        last `window` rows (earlier rows from this feed or the context). -> (logits (r, A), local rows,
+        positions) or None."""
+        w = self.window
+        r = len(vals) - take * w
+        if self.mode != "blocks" or not final or r <= 0:
+            return None
+        history = np.concatenate([self._context, vals[:take * w]])[-(w - r):] if w > r else vals[:0]
+        if len(history) < w - r:  # fewer than `window` rows in the whole input
+            return None
+        window = np.concatenate([history, vals[take * w:]])
+        logits = self.engine.run(window[None], last_only=False)[0, w - r:]
+        return logits, np.arange(take * w, len(vals)), np.arange(w - r, w, dtype=np.int64)
+
+    def _finish(self, logits: np.ndarray, local: np.ndarray, position: np.ndarray, tms: np.ndarray,
+                cls: np.ndarray, lbl: np.ndarray | None, first: int) -> Predictions:
+        """Predictions of buffer rows `local`; `first` is the feature-row index of buffer row 0."""
+        return Predictions(
+            times=pd.DatetimeIndex(tms[local]), close=cls[local], logits=logits, row=local + first,
+            position=position, labels=None if lbl is None else lbl[local], window=self.window, mode=self.mode,
             actions=self.actions)
-        self.start += take * stride
-        return out
 
 
 def predict_features(fm: FeatureMatrix, engine: InferenceEngine, window: int, mode: str = "rolling",
                      progress: Progress | None = None, last: int | None = None) -> Predictions:
     """The windows of a feature matrix in one pass (the page). `last`: score only about the most recent
-    `last` rows (rolling: exactly; blocks: from the first block boundary inside them); rows keep their
-    index in the whole matrix. Raises DataError when there are too few rows."""
+    `last` rows (rolling: exactly; blocks: from the first block boundary inside them, through the newest
+    row); rows keep their index in the whole matrix. Raises DataError when there are too few rows."""
     n = len(fm.values)
     issue = check_window(n, window, engine.config.max_length)
     if issue is not None:
@@ -141,6 +175,14 @@ def label_text(rule: LabelRule, bar: pd.Timedelta | None = None) -> str:
 def attach_labels(pred: Predictions, close: np.ndarray, rule: LabelRule) -> Predictions:
     """Labels for the scored rows from the closes of all feature rows (`FeatureMatrix.close`)."""
     return replace(pred, labels=row_labels(close, rule)[pred.row])
+
+
+def decision_rows(pred: Predictions) -> np.ndarray:
+    """Indices of the rows a live trader acts on: every row in rolling mode; in blocks mode only each window's
+    last position (earlier positions of a block see later bars without a causal mask: look-ahead)."""
+    if pred.mode == "blocks":
+        return np.flatnonzero(pred.position == pred.window - 1)
+    return np.arange(len(pred))
 
 
 def decide(logits: np.ndarray, offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -197,15 +239,31 @@ class Metrics:
     confusion: pd.DataFrame  # rows true action, columns predicted action, counts
     majority_class: str
     majority_accuracy: float  # always predicting the most frequent label
-    by_position: pd.DataFrame | None  # position, n, accuracy (blocks mode; None in rolling mode)
+    by_position: pd.DataFrame | None  # position, n, accuracy[, lo, hi] (blocks mode; None in rolling mode)
+    intervals: Intervals | None = None  # block-bootstrap intervals (None when not asked for)
 
 
-def evaluate(pred: Predictions, actions: np.ndarray) -> Metrics | None:
-    """Scores of `actions` (n,) against pred.labels; None without labels. See `evaluate_arrays`."""
+def evaluate(pred: Predictions, actions: np.ndarray, n_boot: int = 0, block: int | None = None,
+             seed: int = 0) -> Metrics | None:
+    """Scores of `actions` (n,) against pred.labels; None without labels. See `evaluate_arrays`.
+
+    n_boot > 0 adds block-bootstrap intervals: blocks mode resamples whole windows; rolling mode moving
+    blocks of `block` bars (default: the window length — overlapping windows share their inputs)."""
     if pred.labels is None:
         return None
-    return evaluate_arrays(pred.labels, actions, pred.actions,
-                           pred.position if pred.mode == "blocks" else None, pred.window)
+    blocks = pred.mode == "blocks"
+    metrics = evaluate_arrays(pred.labels, actions, pred.actions, pred.position if blocks else None, pred.window)
+    if metrics is None or n_boot <= 0:
+        return metrics
+    known = (pred.labels != NO_LABEL) & (actions != NO_DECISION)  # the rows evaluate_arrays scores
+    ci = score_intervals(pred.labels[known], actions[known], len(pred.actions), block or pred.window,
+                         groups=pred.row[known] // pred.window if blocks else None,
+                         position=pred.position[known] if blocks else None, window=pred.window,
+                         n_boot=n_boot, seed=seed)
+    by_position = metrics.by_position
+    if by_position is not None and ci.by_position is not None:
+        by_position = by_position.merge(ci.by_position, on="position", how="left")
+    return replace(metrics, by_position=by_position, intervals=ci)
 
 
 def evaluate_arrays(labels: np.ndarray, actions: np.ndarray, names: tuple[str, ...],
@@ -283,13 +341,13 @@ def equity_curve(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarray
 
 
 def predictions_frame(pred: Predictions, offsets: np.ndarray | None = None) -> pd.DataFrame:
-    """The download: datetime, timestamp (ms), row, position, close, raw logits, probabilities and action
+    """The download: datetime, timestamp (ms), position in the window, close, raw logits, probabilities and action
     (after offsets, if any), and the label where known."""
     probs, act = decide(pred.logits, offsets)
     names = pred.actions
     out = pd.DataFrame({"datetime": pred.times,
                         "timestamp": pred.times.as_unit("ms").asi8,
-                        "row": pred.row, "position": pred.position, "close": pred.close})
+                        "position": pred.position, "close": pred.close})
     for i, n in enumerate(names):
         out[f"logit_{n}"] = pred.logits[:, i]
     for i, n in enumerate(names):

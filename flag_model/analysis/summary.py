@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 
 from ..checkpoint import Checkpoint
-from ..config import ModelConfig
+from ..config import SHORT_NAMES, ModelConfig
 from ..layouts import recognise_checkpoint
 from ..model import expected_shapes, find_mismatch
 from .health import dtype_counts, findings_frame, health_scan, parameter_counts
@@ -21,12 +21,51 @@ def config_table(cfg: ModelConfig) -> pd.DataFrame:
     for name in (*_SHAPE_FIELDS, "lora_targets", *ModelConfig.ASSUMPTIONS):
         value = getattr(cfg, name)
         if name == "lora_targets":
-            value = f"{len(value)} modules"
+            value = lora_targets_text(value, cfg.n_blocks)
         prov = cfg.provenance.get(name, "")
         kind = "assumption" if name in ModelConfig.ASSUMPTIONS else "inferred"
         rows.append({"field": name, "value": str(value), "kind": kind,
                      "source": prov.removeprefix("assumption: ")})
     return pd.DataFrame(rows)
+
+
+def assumptions_line(file_config: ModelConfig, current: ModelConfig) -> str:
+    """The assumptions in use, each marked with where its value comes from, for the load status:
+    "8 heads (assumed) · post-norm (assumed) · no mask (assumed) · LoRA scale 1 (assumed)". A value the user
+    changed from the file's default is marked "(set)", one read from the stored training config "(stored)"."""
+    words = {"num_heads": f"{current.num_heads} heads", "norm_first": "pre-norm" if current.norm_first else "post-norm",
+             "causal": "causal mask" if current.causal else "no mask", "lora_scale": f"LoRA scale {current.lora_scale:g}"}
+    parts = []
+    for name in ("num_heads", "norm_first", "causal", "lora_scale"):
+        if getattr(current, name) != getattr(file_config, name):
+            mark = "set"
+        elif "stored config" in file_config.provenance.get(name, ""):
+            mark = "stored"
+        else:
+            mark = "assumed"
+        parts.append(f"{words[name]} ({mark})")
+    return " · ".join(parts)
+
+
+def lora_targets_text(targets: tuple[str, ...], n_blocks: int) -> str:
+    """Which projections carry LoRA, in words: "q, k, v, out, ffn.0, ffn.3 in all 12 blocks (72 adapters)";
+    blocks are named when the projections differ between them."""
+    if not targets:
+        return "none (no LoRA adapters)"
+    by_block: dict[int, list[str]] = {}
+    for t in targets:
+        _, block, module = t.split(".", 2)
+        by_block.setdefault(int(block), []).append(SHORT_NAMES.get(module, module))
+    order = list(SHORT_NAMES.values())
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for block, mods in sorted(by_block.items()):
+        groups.setdefault(tuple(sorted(mods, key=lambda m: order.index(m) if m in order else len(order))), []).append(block)
+    parts = []
+    for mods, blocks in groups.items():
+        where = f"all {n_blocks} blocks" if len(blocks) == n_blocks else \
+            f"block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+        parts.append(f"{', '.join(mods)} in {where}")
+    return "; ".join(parts) + f" ({len(targets)} adapters)"
 
 
 def file_table(ckpt: Checkpoint) -> pd.DataFrame:

@@ -55,8 +55,11 @@ def _prefix(c: _Case) -> list[Explanation]:
     for p in sorted(_prefixes(unexpected), key=len, reverse=True):
         hits = [k for k in unexpected if k.startswith(p) and k[len(p):] in c.ts]
         if hits:
-            out.append(Explanation("prefix", f"{len(hits)} file keys carry the prefix '{p}' that the target does not "
-                                   f"have (e.g. '{hits[0]}').", (f"strip_prefix:{p}",)))
+            carrying = sum(1 for k in c.fs if k.startswith(p))
+            who = f"all {carrying}" if carrying == len(c.fs) else f"{carrying} of the {len(c.fs)}"
+            out.append(Explanation("prefix", f"{who} file keys carry the prefix '{p}' that the target does not have; "
+                                   f"without it {len(hits)} of them match a target key (e.g. '{hits[0]}').",
+                                   (f"strip_prefix:{p}",)))
             break
     for p in sorted(_prefixes(missing), key=len, reverse=True):
         n = sum(1 for k in missing if k.startswith(p) and k[len(p):] in c.fs)

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+from pandas.io.formats.style import Styler
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from .. import demo
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from ..analysis.summary import assumptions_line
 from ..config import ConfigError, ModelConfig
 from ..data import (FeatureMatrix, IntervalCheck, check_interval, checkpoint_features, format_timedelta,
                    training_interval)
@@ -26,12 +28,12 @@ from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
 from ..tables import table_bytes
+from .session import MARKET, MarketData, draw_data_slot, keep, keep_widget_state
 from .layouts import fixed_or
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
 _DRAWN = "_flag_sidebar_run"  # token of the script run that last drew the sidebar
-MARKET = "market_data"  # (name, OHLCV DataFrame) uploaded on the Predictions page
 
 SOURCES = ("Demo", "Upload", "Server path")
 
@@ -53,6 +55,17 @@ def download_table(df: pd.DataFrame, stem: str, key: str, label: str = "Download
                        on_click="ignore")
     c2.download_button(f"{label} Parquet", lambda: table_bytes(df, "parquet"), f"{stem}.parquet",
                        "application/vnd.apache.parquet", key=f"{key}_parquet", on_click="ignore")
+
+
+def table(df: pd.DataFrame | Styler, stem: str, key: str, full_height: bool = False,
+          **kwargs) -> None:
+    """`st.dataframe` with its download (`download_table`); full_height shows every row without scrolling
+    (short tables whose last rows matter, e.g. the configuration)."""
+    data = df.data if isinstance(df, Styler) else df
+    if full_height:
+        kwargs["height"] = 38 + 35 * len(data)
+    st.dataframe(df, **{"hide_index": True, "width": "stretch", **kwargs})
+    download_table(data if isinstance(data.index, pd.RangeIndex) else data.reset_index(), stem, key)
 
 
 def server_folder() -> Path | None:
@@ -203,18 +216,16 @@ def _build_progress() -> None:
         st.rerun()  # the build finished: rerun the page, which then shows the demo (and no more of this)
 
 
-# Sidebar widgets are drawn inside each page's run, so Streamlit treats them as that page's widgets and would
-# forget their values on a page switch. Their values are re-asserted every run (Streamlit's documented way to
-# keep widget state across pages), and the uploaded file is kept in this session's state.
-_KEPT = ("ckpt_source", "ckpt_path", "heads_", "scale_", "norm_", "causal_")
+# Widgets are drawn inside each page's run, so Streamlit would forget their values on a page switch; every
+# settings widget is kept (session.keep_widget_state), and the uploaded file is kept in this session's state.
 _UPLOAD = "ckpt_upload"
 _KEPT_UPLOAD = "_flag_kept_upload"  # (name, bytes) of this session's uploaded checkpoint
 
 
-def _keep_widget_state() -> None:
-    for key in list(st.session_state.keys()):
-        if isinstance(key, str) and key.startswith(_KEPT):
-            st.session_state[key] = st.session_state[key]
+def upload_limit_note(what: str = "files") -> str:
+    """Where to go when a file is above the upload limit (the browser refuses it before the app sees it)."""
+    return (f"Up to {st.get_option('server.maxUploadSize')} MB here. Larger {what} (the d=768 checkpoint is 336 MB): "
+            "use **Server path**, which reads the file on the machine running the app.")
 
 
 def _remember_upload() -> None:
@@ -223,7 +234,7 @@ def _remember_upload() -> None:
 
 
 def _open_selected() -> Checkpoint | None:
-    source = st.sidebar.radio("Checkpoint source", SOURCES, key="ckpt_source", horizontal=True)
+    source = st.sidebar.radio("Checkpoint source", SOURCES, key=keep("ckpt_source"), horizontal=True)
     if source == "Demo":
         return _open_demo()
     if source == "Upload":
@@ -231,6 +242,7 @@ def _open_selected() -> Checkpoint | None:
             "Checkpoint file", type=["pt", "pth", "bin", "safetensors"], key=_UPLOAD, on_change=_remember_upload,
             help="Up to the server's upload limit (see .streamlit/config.toml); use 'Server path' for larger files.",
         )
+        st.sidebar.caption(upload_limit_note("checkpoints"))
         if up is not None:
             return open_checkpoint_file(up.getvalue(), up.name)
         kept = st.session_state.get(_KEPT_UPLOAD)
@@ -239,7 +251,7 @@ def _open_selected() -> Checkpoint | None:
         st.sidebar.caption(f"Using **{md_escape(kept[0])}**, uploaded earlier in this session.")
         return open_checkpoint_file(kept[1], kept[0])
     try:
-        path = server_path_input("Path on the server", "ckpt_path", "flag_trader_best.pt", st.sidebar)
+        path = server_path_input("Path on the server", keep("ckpt_path"), "flag_trader_best.pt", st.sidebar)
     except ServerPathError as exc:
         raise CheckpointError(str(exc)) from None
     return open_checkpoint_file(path) if path is not None else None
@@ -262,12 +274,12 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
     def why(name: str) -> str:  # provenance names keys and stored values from the file: shown inert
         return md_escape(cfg.provenance.get(name, ""))
 
-    heads = sb.selectbox("Attention heads", heads_options, key=f"heads_{tag}", help=why("num_heads"))
-    scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=f"scale_{tag}",
+    heads = sb.selectbox("Attention heads", heads_options, key=keep(f"heads_{tag}"), help=why("num_heads"))
+    scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=keep(f"scale_{tag}"),
                             help=why("lora_scale"))
-    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=f"norm_{tag}",
+    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=keep(f"norm_{tag}"),
                     help=why("norm_first"))
-    causal = sb.toggle("Causal mask", key=f"causal_{tag}", help=why("causal"))
+    causal = sb.toggle("Causal mask", key=keep(f"causal_{tag}"), help=why("causal"))
     return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
 
 
@@ -297,7 +309,7 @@ def sidebar() -> Loaded:
     if token is not None and st.session_state.get(_DRAWN) is token:
         return st.session_state[LOADED]
     st.session_state[_DRAWN] = token
-    _keep_widget_state()
+    keep_widget_state()
     st.sidebar.header("FLAG-TRADER Explorer")
     if st.session_state.get("ckpt_source", SOURCES[0]) == "Demo" and not demo.demo_path(demo_size()).exists():
         demo.start_build(demo_size())  # in the background, before the progress below is drawn
@@ -326,13 +338,15 @@ def sidebar() -> Loaded:
             st.sidebar.caption(f"Training bar interval: **{format_timedelta(bar)}** — {bar_source}.")
             model, err = _model(ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal, ckpt)
             if model is None:
-                st.sidebar.error(f"Does not fit — see Architecture.\n\n{md_escape(err)}")
+                st.sidebar.error(f"Does not fit — see Architecture ({assumptions_line(ckpt.config, cfg)}).\n\n{md_escape(err)}")
             else:
-                st.sidebar.success(f"{ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly")
+                st.sidebar.success(f"{ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly · "
+                                   f"{assumptions_line(ckpt.config, cfg)}")
             for w in ckpt.warnings:
                 st.sidebar.warning(md_escape(w))
             loaded = Loaded(ckpt, model, cfg, err)
     st.session_state[LOADED] = loaded
+    draw_data_slot(market_data())
     return loaded
 
 
@@ -361,11 +375,11 @@ def require_model() -> tuple[Checkpoint, FlagTrader]:
     return ckpt, ld.model
 
 
-def market_data() -> tuple[str, pd.DataFrame]:
-    """OHLCV uploaded on the Predictions page in this session, else the demo market."""
+def market_data() -> MarketData:
+    """This session's current data: OHLCV given on the Predictions page (kept across pages), else the demo market."""
     if MARKET in st.session_state:
         return st.session_state[MARKET]
-    return "demo market (synthetic)", demo_market(demo_size())
+    return MarketData("demo market (synthetic)", demo_market(demo_size()), "demo")
 
 
 @st.cache_data(max_entries=4, show_spinner="Computing features for the sample windows…")
@@ -380,7 +394,8 @@ def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatri
     The data key is a digest of the feature values, for keying caches of results computed on them.
     Data that cannot be featurised gives a message and stops the page.
     """
-    name, ohlcv = market_data()
+    data = market_data()
+    name, ohlcv = data.name, data.frame
     try:
         fm, key = _market_features(ckpt.digest, state_dim, ohlcv, dict(ckpt.meta))
     except (ValueError, KeyError) as exc:
@@ -420,7 +435,7 @@ def second_checkpoint(key: str, prompt: str) -> Checkpoint:
     is chosen, and shows a CheckpointError in red instead of failing."""
     up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key=f"{key}_second_upload")
     try:
-        path = server_path_input("…or its path on the server", f"{key}_second_path", "other_checkpoint.pt")
+        path = server_path_input("…or its path on the server", keep(f"{key}_second_path"), "other_checkpoint.pt")
         if up is None and path is None:
             st.info(prompt)
             st.stop()

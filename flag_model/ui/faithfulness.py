@@ -10,6 +10,7 @@ from .. import plots
 from ..analysis import attribution as attr
 from ..analysis import faithfulness as fa
 from . import download_table
+from .session import keep
 from .whatif import requested
 
 _KEYS = ("target", "position", "baseline", "output")  # the Attributions page's options that apply here
@@ -48,9 +49,9 @@ def faithfulness_panel(model: Any, model_key: tuple, data_key: str, values: np.n
                "0.1 (lower is more stable).")
     c1, c2, c3 = st.columns([3, 1, 1])
     methods = c1.multiselect("Methods", attr.METHODS, [attr.IG, attr.SALIENCY, attr.IXG, attr.ABLATION],
-                             key="faith_methods")
-    n_random = c2.number_input("Random orders", 1, 64, 4, key="faith_random")
-    steps = c3.number_input("Steps (IG, GradientSHAP)", 2, 256, 32, key="faith_steps")
+                             key=keep("faith_methods"))
+    n_random = c2.number_input("Random orders", 1, 64, 4, key=keep("faith_random"))
+    steps = c3.number_input("Steps (IG, GradientSHAP)", 2, 256, 32, key=keep("faith_steps"))
     chosen = tuple((k, opts[k]) for k in _KEYS)
     if not methods:
         st.info("Choose at least one method.")
@@ -61,7 +62,7 @@ def faithfulness_panel(model: Any, model_key: tuple, data_key: str, values: np.n
         st.caption(f"Explaining **{res.target_name}** on this window; {res.seconds:.1f} s.")
         st.dataframe(res.table, hide_index=True)
         download_table(res.table, "faithfulness", key="faith_table")
-        shown = st.selectbox("Curves of", list(res.curves), key="faith_curve")
+        shown = st.selectbox("Curves of", list(res.curves), key=keep("faith_curve"))
         st.plotly_chart(plots.deletion_insertion_lines(res.curves[shown].frame(), f"{shown}: deletion and insertion"))
     st.caption("Randomisation check: the LoRA adapters are re-initialised from the top block down on a private copy "
                "(A as at creation, B random with the trained B's spread); a method whose attributions stay highly "

@@ -13,19 +13,23 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ..analysis.predict import Predictions, predict_features
+from .. import plots
+from ..analysis.bootstrap import N_BOOT
+from ..analysis.predict import (Predictions, decision_rows, equity_curve, evaluate, label_text,
+                                predict_features)
 from ..data import (ColumnMapping, DataError, FeatureMatrix, Issue, Prepared, checkpoint_features,
-                    column_features, detect_columns, feature_candidates, prepare_features, prepare_ohlcv,
-                    read_table)
+                    column_features, detect_columns, drift_table, feature_candidates, prepare_features,
+                    prepare_ohlcv, read_table)
 from ..engine import InferenceEngine
 from ..data import horizon_text
 from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
-from . import download_table
 from ..model import FlagTrader
 from ..server_paths import ServerPathError
-from . import data_tag, md_escape, server_path_input
+from . import data_tag, download_table, md_escape, server_path_input, upload_limit_note
+from .session import bounded, keep
 
 UPLOAD_KEY = "pred_upload"
+_KEPT_UPLOAD = "_flag_kept_market_upload"  # (name, bytes) of this session's uploaded market data
 KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
 QUICK_SECONDS = 1.5  # the default scores what this machine does in about this long, so the page opens in ~3 s
 QUICK_BARS = (200, 5_000)  # ...but never fewer or more bars than these
@@ -45,22 +49,39 @@ def _read_path(path: str, mtime: float, size: int) -> pd.DataFrame:
     return read_table(path)
 
 
-def data_source() -> tuple[str, str, pd.DataFrame] | None:
-    """An uploaded file or a server path as (name, data key, raw frame); None when neither is given.
-    An unreadable file gives an error and stops the page."""
+def _remember_upload() -> None:
+    up = st.session_state.get(UPLOAD_KEY)
+    st.session_state[_KEPT_UPLOAD] = (up.name, up.getvalue()) if up is not None else None
+
+
+def _forget_upload() -> None:
+    st.session_state[_KEPT_UPLOAD] = None
+
+
+def data_source() -> tuple[str, str, pd.DataFrame, str] | None:
+    """An uploaded file (kept for the session: the uploader itself empties on a page switch) or a server path as
+    (name, data key, raw frame, source); None when neither is given. An unreadable file gives an error and stops
+    the page."""
     up = st.file_uploader("Market data: CSV or Parquet with OHLCV bars or feature columns",
-                          type=["csv", "parquet", "pq"], key=UPLOAD_KEY)
+                          type=["csv", "parquet", "pq"], key=UPLOAD_KEY, on_change=_remember_upload)
+    kept = st.session_state.get(_KEPT_UPLOAD) if up is None else None
+    if kept is not None:
+        c1, c2 = st.columns([4, 1])
+        c1.caption(f"Using **{md_escape(kept[0])}**, uploaded earlier in this session.")
+        c2.button("Forget it", key="pred_kept_forget", on_click=_forget_upload)
+    else:
+        st.caption(upload_limit_note())
     try:
-        path = server_path_input("…or a path on the server (for files above the upload limit)", "pred_path",
+        path = server_path_input("…or a path on the server (for files above the upload limit)", keep("pred_path"),
                                  "ETH_USDT_5m.csv")
-        if up is not None:
-            data = up.getvalue()
+        if up is not None or kept is not None:
+            name, data = (up.name, up.getvalue()) if up is not None else kept
             digest = hashlib.sha256(data).hexdigest()
-            return up.name, digest, _read_bytes(digest, up.name, data)
+            return name, digest, _read_bytes(digest, name, data), "upload"
         if path is not None:
             stat = path.stat()
             return (path.name, f"{path}:{stat.st_mtime}:{stat.st_size}",
-                    _read_path(str(path), stat.st_mtime, stat.st_size))
+                    _read_path(str(path), stat.st_mtime, stat.st_size), "server path")
     except (DataError, ServerPathError, OSError) as exc:
         st.error(f"Could not read the market data: {md_escape(exc)}")
         st.stop()
@@ -80,25 +101,25 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
     with st.expander("Column mapping and validation", expanded=not ohlcv_found):
         # OHLCV unless the user picks feature columns: a missing OHLCV column is an error naming it, never a
         # silent switch to treating open/high/low/close as features.
-        kind = st.radio("Input", KINDS, index=0, horizontal=True, key=f"pred_kind_{tag}")
+        kind = st.radio("Input", KINDS, index=0, horizontal=True, key=keep(f"pred_kind_{tag}"))
         roles = {}
         cols = st.columns(6)
         for i, role in enumerate(("time", "open", "high", "low", "close", "volume")):
             guess = getattr(detected, role)
             roles[role] = cols[i].selectbox(role, options, index=options.index(guess) if guess else 0,
-                                            key=f"pred_map_{role}_{tag}", disabled=kind != KINDS[0] and role != "time")
+                                            key=keep(f"pred_map_{role}_{tag}"), disabled=kind != KINDS[0] and role != "time")
         mapping = ColumnMapping(**{r: (None if v == _NONE else v) for r, v in roles.items()})
         features: list[str] = []
         close = None
         if kind == KINDS[1]:
             candidates = feature_candidates(df, mapping)
             features = st.multiselect(f"Feature columns, in the model's input order (at most {state_dim})",
-                                      candidates, default=candidates[:state_dim], key=f"pred_features_{tag}")
+                                      candidates, default=candidates[:state_dim], key=keep(f"pred_features_{tag}"))
             pick = st.selectbox("Price column for labels and the equity check (optional)", options,
-                                index=options.index(mapping.close) if mapping.close else 0, key=f"pred_price_{tag}")
+                                index=options.index(mapping.close) if mapping.close else 0, key=keep(f"pred_price_{tag}"))
             close = None if pick == _NONE else pick
         repair = st.checkbox("Repair: drop unparseable times, sort, keep the last duplicate, carry missing values "
-                             "forward (each repair is listed below)", key="pred_repair")
+                             "forward (each repair is listed below)", key=keep(f"pred_repair_{tag}"))
     return kind, mapping, features, close, repair
 
 
@@ -182,10 +203,83 @@ def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple
 
 
 def offsets(names: tuple[str, ...]) -> np.ndarray:
-    """One logit-offset slider per class (added before softmax and argmax)."""
-    cols = st.columns(len(names))
-    return np.array([cols[i].slider(f"{n} offset", -3.0, 3.0, 0.0, 0.05, key=f"pred_offset_{n}")
-                     for i, n in enumerate(names)])
+    """One logit-offset slider per class (added before softmax and argmax), in a form: dragging or pressing
+    arrow keys reruns nothing until "Apply" (a rerun of this page per key press froze the browser)."""
+    with st.form("pred_offsets_form", border=False):
+        cols = st.columns(len(names) + 1, vertical_alignment="bottom")
+        values = [cols[i].slider(f"{n} offset", -3.0, 3.0, step=0.05, key=bounded(f"pred_offset_{n}", -3.0, 3.0, 0.0))
+                  for i, n in enumerate(names)]
+        cols[-1].form_submit_button("Apply offsets")
+    return np.array(values)
+
+
+def show_drift(fm: FeatureMatrix, meta: dict) -> None:
+    """The drift table against the checkpoint's stored statistics, flagged inputs first, with its download."""
+    drift = drift_table(fm, meta).sort_values("flags", key=lambda f: f == "", kind="stable")
+    flagged = drift[drift["flags"] != ""]
+    with st.expander(f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs "
+                     "flagged"):
+        st.dataframe(drift.style.apply(lambda r: ["background-color: #fde2e1" if r["flags"] else ""] * len(r),
+                                       axis=1), hide_index=True, width="stretch")
+        download_table(drift, "drift", key="pred_drift")
+
+
+def _interval(ci: tuple[float, float], pct: bool) -> str:
+    return f"{ci[0]:.1%} – {ci[1]:.1%}" if pct else f"{ci[0]:.3f} – {ci[1]:.3f}"
+
+
+def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule, bar: pd.Timedelta | None) -> None:
+    """Accuracy and F1 with block-bootstrap intervals, the majority baseline, the confusion matrix, per-class
+    scores and (blocks mode) accuracy by position with its band — each table with a download."""
+    metrics = evaluate(pred, actions, n_boot=N_BOOT, block=max(pred.window, rule.horizon))
+    if metrics is None:
+        return
+    ci = metrics.intervals
+    st.subheader("Against labels")
+    st.caption(f"{label_text(rule, bar)}. {metrics.n:,} scored bars have a label. Ranges: {ci.level:.0%} block-bootstrap "
+               f"intervals ({ci.n_boot:,} replicates, {ci.method}) — neighbouring bars are not independent.")
+    c = st.columns(4)
+    c[0].metric("Accuracy", f"{metrics.accuracy:.1%}",
+                f"{100 * (metrics.accuracy - metrics.majority_accuracy):+.1f} pp vs baseline",
+                help=f"{ci.level:.0%} interval {_interval(ci.accuracy, True)}")
+    c[0].caption(_interval(ci.accuracy, True))
+    c[1].metric("F1 macro", f"{metrics.f1_macro:.3f}", help=f"{ci.level:.0%} interval {_interval(ci.f1_macro, False)}")
+    c[1].caption(_interval(ci.f1_macro, False))
+    c[2].metric(f"Majority baseline ({metrics.majority_class})", f"{metrics.majority_accuracy:.1%}")
+    c[3].metric("Scored bars", f"{metrics.n:,}")
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(plots.confusion_heatmap(metrics.confusion), width="stretch")
+        download_table(metrics.confusion.reset_index(), "confusion_matrix", key="pred_confusion")
+    with right:
+        st.dataframe(metrics.per_class.style.format({"precision": "{:.1%}", "recall": "{:.1%}", "f1": "{:.3f}"}),
+                     width="stretch")
+        download_table(metrics.per_class.reset_index(), "metrics_per_class", key="pred_per_class")
+    if metrics.by_position is not None:
+        st.plotly_chart(plots.accuracy_by_position(metrics.by_position, metrics.majority_accuracy), width="stretch")
+        st.caption("Without a causal mask every position sees the bars after it: high accuracy early in the "
+                   "window is look-ahead, not skill. Only the last position is what a live trader gets.")
+        download_table(metrics.by_position, "accuracy_by_position", key="pred_by_position")
+    else:
+        st.caption("Switch to **blocks** mode to see accuracy by position in the window.")
+
+
+def show_equity(pred: Predictions, actions: np.ndarray, fee_bps: float) -> None:
+    """The equity sanity check on the rows a live trader acts on (blocks mode: each window's last position)."""
+    rows = decision_rows(pred)
+    eq = equity_curve(pred.times[rows], pred.close[rows], actions[rows], pred.actions, fee_bps / 1e4)
+    if eq is None:
+        st.caption("Too few decisions with prices for an equity curve.")
+        return
+    held = ("each window's decision (its last position) is held until the next window's, "
+            f"{pred.window} bars later; earlier positions of a block see later bars and are not traded"
+            if pred.mode == "blocks" else "each bar's decision is held from its close to the next")
+    st.caption(f"Long on BUY, flat on HOLD, short on SELL; {held}. {eq.trades:,} position changes. "
+               "No slippage, funding or execution delay.")
+    st.plotly_chart(plots.equity_lines(eq.frame), width="stretch")
+    st.dataframe(eq.stats.style.format({"total return": "{:+.1%}", "Sharpe (annualised)": "{:.2f}",
+                                        "max drawdown": "{:.1%}"}), width="stretch")
+    download_table(eq.stats.reset_index(names="curve"), "equity_stats", key="pred_equity")
 
 
 def label_rule(meta: dict, bar: pd.Timedelta | None) -> LabelRule:
@@ -193,9 +287,9 @@ def label_rule(meta: dict, bar: pd.Timedelta | None) -> LabelRule:
     in time at the data's bar interval `bar`."""
     stored, source = LabelRule.from_meta(meta)
     c = st.columns(2)
-    horizon = int(c[0].number_input("Label horizon (bars)", 1, 500, stored.horizon, key="pred_horizon",
+    horizon = int(c[0].number_input("Label horizon (bars)", 1, 500, stored.horizon, key=keep("pred_horizon"),
                                     help=f"Default: the checkpoint's rule ({source})."))
-    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, 100 * stored.threshold, 0.05, key="pred_threshold",
+    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, 100 * stored.threshold, 0.05, key=keep("pred_threshold"),
                                   help=f"Default: the checkpoint's rule ({source}).")
     c[0].caption(f"{horizon_text(horizon, bar)} at this data's bars; default rule {source}.")
     return LabelRule(horizon, threshold / 100)
@@ -217,7 +311,7 @@ def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> No
     with st.expander("Feature matrix: view and download"):
         ohlcv = not prepared.feature_columns
         views = ((f"{fm.feature_set} as computed (raw)",) if ohlcv else ()) + ("model input (normalised, padded)",)
-        view = st.radio("Matrix", views, horizontal=True, key="pred_fm_view")
+        view = st.radio("Matrix", views, horizontal=True, key=keep("pred_fm_view"))
         if view == views[0] and ohlcv:
             table = _raw_features(prep_key, fm.feature_set, prepared.frame)
         else:

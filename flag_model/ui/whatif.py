@@ -9,6 +9,7 @@ from .. import plots
 from ..analysis import whatif as wi
 from ..data import FeatureMatrix
 from . import download_table, int_slider
+from .session import keep
 
 
 def requested(clicked: bool, key: str, settings: tuple) -> bool:
@@ -28,13 +29,13 @@ def pick_window(fm: FeatureMatrix, default_length: int, max_length: int, key: st
     With `length` given only the time is asked (e.g. a second window of the same length)."""
     n = len(fm.values)
     if length is None:
-        length = int_slider(st, "Window length", 1, min(max_length, n), default_length, key=f"{key}_len")
+        length = int_slider(st, "Window length", 1, min(max_length, n), default_length, key=keep(f"{key}_len"))
     ends = fm.times[length - 1:]  # the decision bar of each window
     if len(ends) == 1:
         return 0, length
     step = max(pd.Series(ends).diff().median(), pd.Timedelta(minutes=1)).to_pytimedelta()
     when = st.slider(label, ends[0].to_pydatetime(), ends[-1].to_pydatetime(), ends[-1].to_pydatetime(), step=step,
-                     format="YYYY-MM-DD HH:mm", key=f"{key}_when")
+                     format="YYYY-MM-DD HH:mm", key=keep(f"{key}_when"))
     return int(np.clip(ends.searchsorted(when, side="right") - 1, 0, len(ends) - 1)), length
 
 
@@ -43,11 +44,11 @@ def cells_controls(names: tuple[str, ...], length: int, key: str, all_features: 
     """Features (all, or a multiselect) and a time range of offsets (0 = decision bar)
     -> (feature indices, (start, stop))."""
     c1, c2 = st.columns([3, 2])
-    if c1.toggle("All features", all_features, key=f"{key}_all"):
+    if c1.toggle("All features", all_features, key=keep(f"{key}_all")):
         chosen = list(names)
     else:
-        chosen = c1.multiselect("Features", names, list(names[:1]), key=f"{key}_feat")
-    lo, hi = c2.slider("Time steps (0 = decision bar)", -(length - 1), 0, (-(length - 1), 0), key=f"{key}_time") \
+        chosen = c1.multiselect("Features", names, list(names[:1]), key=keep(f"{key}_feat"))
+    lo, hi = c2.slider("Time steps (0 = decision bar)", -(length - 1), 0, (-(length - 1), 0), key=keep(f"{key}_time")) \
         if length > 1 else (0, 0)
     return tuple(names.index(c) for c in chosen), (lo + length - 1, hi + length)
 
@@ -55,8 +56,8 @@ def cells_controls(names: tuple[str, ...], length: int, key: str, all_features: 
 def edit_controls(fm: FeatureMatrix, length: int, key: str) -> tuple[wi.Edit, int | None]:
     """One edit (operation, features, time range, value) and, for copying, the first row of the other window."""
     o1, o2 = st.columns([2, 1])
-    op = o1.selectbox("Edit", wi.EDIT_OPS, key=f"{key}_op", help="Values are in the model's normalised units.")
-    value = o2.number_input("Value", value=1.0 if op == wi.MULTIPLY else 0.0, step=0.25, key=f"{key}_value",
+    op = o1.selectbox("Edit", wi.EDIT_OPS, key=keep(f"{key}_op"), help="Values are in the model's normalised units.")
+    value = o2.number_input("Value", value=1.0 if op == wi.MULTIPLY else 0.0, step=0.25, key=keep(f"{key}_value"),
                             disabled=op not in (wi.SET, wi.ADD, wi.MULTIPLY), format="%.3f")
     st.caption(wi.EDIT_NOTES[op])
     feats, (start, stop) = cells_controls(fm.names, length, key)
