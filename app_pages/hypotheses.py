@@ -20,7 +20,8 @@ if ckpt.config is None:
     st.error("This checkpoint does not fit the reconstruction, so no combination can be scored — see Architecture.")
     st.stop()
 cfg, in_use = ckpt.config, ui.loaded().config
-name, ohlcv = ui.market_data()
+market = ui.market_data()
+name, ohlcv = market.name, market.frame
 rule, rule_source = LabelRule.from_meta(ckpt.meta)
 st.markdown(f"Data: **{ui.md_escape(name)}** (upload your own OHLCV on **Predictions**). Labels ({rule_source}): "
             f"{rule.describe()}.")
