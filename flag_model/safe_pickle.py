@@ -98,7 +98,8 @@ def _is_dangerous(module: str, name: str) -> bool:
 
 def classify_global(module: str, name: str) -> str:
     """'allowed', 'record' (becomes an inert record) or 'refused' for one `module.name` a pickle imports."""
-    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+    module, name = _compat_pickle.NAME_MAPPING.get(
+        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
     if (module, name) in _ALLOWED or module == "builtins" and name in _SAFE_BUILTINS:
         return "allowed"
     if _is_dangerous(module, name):
@@ -132,7 +133,8 @@ def _parameter(data: Any, *_: Any) -> Any:
 def _from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """torch._tensor._rebuild_from_type_v2: rebuild with one of *our* functions, ignore the (sub)class and its state."""
     if func not in (_tensor, _parameter, _from_type):
-        raise RestrictedPickleError(getattr(func, "class_name", repr(func)[:80]), "a tensor rebuilt by a foreign function", malformed=True)
+        raise RestrictedPickleError(getattr(func, "class_name", repr(func)[:80]),
+                                    "a tensor rebuilt by a foreign function", malformed=True)
     return func(*args)
 
 
@@ -160,7 +162,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _tensor, ("torch._utils", "_rebuild_tensor"): _tensor,
     ("torch._utils", "_rebuild_parameter"): _parameter, ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _from_type, ("torch._utils", "_rebuild_from_type_v2"): _from_type,
-    ("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
+    ("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
     ("copyreg", "_reconstructor"): _reconstructor, ("_codecs", "encode"): _latin1,
     **{("torch", n): _StorageType(dt) for n, dt in _STORAGE_DTYPES.items()},
     **{("torch", str(dt).removeprefix("torch.")): dt for dt in _STORAGE_DTYPES.values()},
@@ -222,10 +225,12 @@ def _zip_storage_loader(zf: zipfile.ZipFile, prefix: str):
         try:
             raw = zf.read(f"{prefix}data/{key}")
         except KeyError:
-            raise RestrictedPickleError(f"data/{key}", "a tensor whose data is missing from the archive", malformed=True) from None
+            raise RestrictedPickleError(f"data/{key}", "a tensor whose data is missing from the archive",
+                                        malformed=True) from None
         size = torch.empty((), dtype=dtype).element_size()
         if len(raw) != numel * size:
-            raise RestrictedPickleError(f"data/{key}", f"{len(raw)} bytes stored for {numel} values of {dtype}", malformed=True)
+            raise RestrictedPickleError(f"data/{key}", f"{len(raw)} bytes stored for {numel} values of {dtype}",
+                                        malformed=True)
         flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
     return load
@@ -245,8 +250,9 @@ def _thaw(obj: Any, path: str, foreign: dict[str, str], depth: int = 0) -> Any:
         if obj.items:
             out = {**{str(k): _thaw(v, f"{path}.{k}".lstrip("."), foreign, depth + 1) for k, v in obj.items.items()}}
             return out
-        state = obj.state[1] if isinstance(obj.state, tuple) and len(obj.state) == 2 and isinstance(obj.state[1], dict) \
-            and obj.state[0] is None else obj.state
+        state = obj.state
+        if isinstance(state, tuple) and len(state) == 2 and state[0] is None and isinstance(state[1], dict):
+            state = state[1]  # (None, slots dict)
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):  # (dict, slots dict)
             state = {**state[0], **(state[1] or {})}
         if isinstance(state, dict):
@@ -324,7 +330,8 @@ def _legacy_load(raw: bytes) -> RestrictedResult:
     def allocate(key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
         size = torch.empty((), dtype=dtype).element_size()
         if numel < 0 or numel * size > len(raw):  # bounded by the file before anything is allocated
-            raise RestrictedPickleError(f"storage {key}", f"{numel:,} values declared, more than the file holds", malformed=True)
+            raise RestrictedPickleError(f"storage {key}", f"{numel:,} values declared, more than the file holds",
+                                        malformed=True)
         wanted[key] = (dtype, numel)
         flat = torch.zeros(numel, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)

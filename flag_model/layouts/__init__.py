@@ -4,7 +4,8 @@ Cut by responsibility: `keys` (shapes, patterns, prefixes), `families` (one modu
 size inference, expected keys, words), `recognize` (ranking every family on a file), `diff`, `fixes`,
 `explain` (a table of rules) and `convert` (strict load, native/merged/stock export).
 """
-from .convert import (ALIASES as TARGET_ALIASES, EXPORT_FORMATS, EXPORT_KINDS, FAMILY_ASSUMPTIONS, TARGETS, ReloadCheck, StockFlagTrader,
+from .convert import ALIASES as TARGET_ALIASES
+from .convert import (EXPORT_FORMATS, EXPORT_KINDS, FAMILY_ASSUMPTIONS, TARGETS, ReloadCheck, StockFlagTrader,
                       StrictLoad, convert, export_bytes, export_config, export_file, export_plan, export_problem,
                       family_assumptions, infer_sizes, native_layout, reconstruction_config, reconstruction_shapes,
                       resize_config, stock_layout, stock_reload_check, stock_snippet, strict_load, target_shapes,
@@ -22,7 +23,8 @@ LAYOUTS = FAMILIES  # the older name of the registry
 
 __all__ = [
     "EXPORT_FORMATS", "EXPORT_KINDS", "Explanation", "FAMILIES", "FAMILY_ASSUMPTIONS", "Family", "FamilyMatch", "Fix",
-    "KNOWN_PREFIXES", "KeyDiff", "LAYOUTS", "LayoutError", "LayoutSize", "RULES", "Recognition", "TARGET_ALIASES", "ReloadCheck",
+    "KNOWN_PREFIXES", "KeyDiff", "LAYOUTS", "LayoutError", "LayoutSize", "RULES", "Recognition",
+    "TARGET_ALIASES", "ReloadCheck",
     "Shape", "StockFlagTrader", "StrictLoad", "TARGETS", "apply_fix", "apply_fixes", "candidate_fixes", "convert",
     "diff_keys", "diff_table", "drop_keys", "explain", "export_bytes", "export_config", "export_file", "export_plan",
     "export_problem", "family_assumptions", "fix_for_target", "infer_sizes", "key_pattern", "lora_scale_for",

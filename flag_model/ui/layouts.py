@@ -37,7 +37,8 @@ def family_panel(rec: layouts.Recognition) -> None:
     if rec.adapter_config:
         scale, how = layouts.lora_scale_for(rec)
         a = rec.adapter_config
-        lines.append(f"- **Adapter config:** r={a.get('r')}, alpha={a.get('lora_alpha')}, rsLoRA={a.get('use_rslora')}, "
+        lines.append(f"- **Adapter config:** r={a.get('r')}, alpha={a.get('lora_alpha')}, "
+                     f"rsLoRA={a.get('use_rslora')}, "
                      f"targets {md_escape(a.get('target_modules'))}, base model "
                      f"{md_escape(a.get('base_model_name_or_path'))}" + (f"; scale {scale:.3g} ({md_escape(how)})"
                                                                            if scale is not None else ""))

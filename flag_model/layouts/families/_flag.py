@@ -22,11 +22,12 @@ class Naming:
     lora: Callable[[str, str], str]
     peft_orientation: bool
     norms_first: bool  # block keys start with norm1/norm2 (the sketch registers them first)
+    default_prefix: str = ""  # the root prefix when none was read from a file
 
 
 NATIVE = Naming(lambda m: m, lambda adapted: ".base", lambda w, a: f".lora.lora_{w}", False, False)
 PEFT = Naming(lambda m: m, lambda adapted: ".base_layer" if adapted else "", lambda w, a: f".lora_{w}{a}.weight",
-              True, False)
+              True, False, "base_model.model.")
 SKETCH = Naming(lambda m: m.removeprefix("attention."), lambda adapted: ".base", lambda w, a: f".lora_{w}", False, True)
 
 
@@ -65,7 +66,7 @@ def infer(naming: Naming, shapes: Mapping[str, Shape], stored: Mapping[str, Any]
 
 def expected(naming: Naming, s: LayoutSize) -> dict[str, Shape]:
     """Keys and shapes in the variant's state_dict order."""
-    root, adapter = s.get("prefix", ""), s.get("adapter", "")
+    root, adapter = s.get("prefix", naming.default_prefix), s.get("adapter", "")
     d, f, r = s.d_model, s.ffn_dim, s.lora_rank
     targets = set(s.native_targets())
     dims = {"attention.q_proj": (d, d), "attention.k_proj": (d, d), "attention.v_proj": (d, d),

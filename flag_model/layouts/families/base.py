@@ -163,7 +163,8 @@ def sequential_keys(prefix: str, spec, d_in: int) -> dict[str, Shape]:
 
 def mha(prefix: str, d: int) -> dict[str, Shape]:
     """nn.MultiheadAttention keys (fused in_proj)."""
-    return {f"{prefix}.in_proj_weight": (3 * d, d), f"{prefix}.in_proj_bias": (3 * d,), **lin(f"{prefix}.out_proj", d, d)}
+    return {f"{prefix}.in_proj_weight": (3 * d, d), f"{prefix}.in_proj_bias": (3 * d,),
+            **lin(f"{prefix}.out_proj", d, d)}
 
 
 def positional(shapes: Mapping[str, Shape], pattern: str, d: int) -> tuple[int, str]:

@@ -38,7 +38,8 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
 
 def expected(s: LayoutSize) -> dict[str, Shape]:
     dt, root, d, f = s.get("dt", "dt."), s.get("prefix", ""), s.d_model, s.ffn_dim
-    out: dict[str, Shape] = {**lin(f"{dt}state_encoder", s.state_dim, d), f"{dt}action_encoder.weight": (s.n_actions, d),
+    out: dict[str, Shape] = {**lin(f"{dt}state_encoder", s.state_dim, d),
+                             f"{dt}action_encoder.weight": (s.n_actions, d),
                              **lin(f"{dt}return_encoder", 1, d), f"{dt}timestep_encoder.weight": (s.max_length, d),
                              f"{dt}pos_encoding.pe": (1, s.get("pe_length") or 3 * s.max_length, d)}
     for b in range(s.n_blocks):

@@ -11,7 +11,8 @@ from typing import Any, Mapping
 from ..keys import LayoutError, Shape
 from .base import Family, LayoutSize
 
-_KEY = re.compile(r"^(.*?)layers\.(\d+)\.((?:self_attn|mlp|attention|feed_forward)\.)?(\w+)\.lora_([AB])(\.[^.]+)?\.weight$")
+_KEY = re.compile(r"^(.*?)layers\.(\d+)\.((?:self_attn|mlp|attention|feed_forward)\.)?(\w+)\.lora_([AB])"
+                  r"(\.[^.]+)?\.weight$")
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
