@@ -1,5 +1,4 @@
 """Predictions: SELL/HOLD/BUY on uploaded (or demo) market data through the fast inference engine."""
-import numpy as np
 import streamlit as st
 
 from flag_model import plots, ui
@@ -64,8 +63,7 @@ last = st.number_input("Bars to score (the most recent)", 1, scorable, step=100,
 st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
            f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
-has_prices = len(fm.close) > 0 and bool(np.isfinite(fm.close).all())
-if has_prices:
+if fm.has_prices:
     rule = pw.label_rule(ckpt.meta, bars.median)
     pred = attach_labels(pred, fm.close, rule)
 
@@ -76,7 +74,7 @@ shares = class_shares(actions, pred.actions)
 for alarm in (collapse_alarm(shares), undecided_note(actions)):
     if alarm:
         st.error(alarm)
-if has_prices:
+if fm.has_prices:
     st.plotly_chart(plots.price_signals(pred.times, pred.close, actions, pred.actions), width="stretch")
 st.plotly_chart(plots.probability_timeline(pred.times, probs, pred.actions), width="stretch")
 c = st.columns(3)
@@ -84,7 +82,7 @@ c[0].plotly_chart(plots.class_share_bars(shares, COLLAPSE_SHARE), width="stretch
 c[1].plotly_chart(plots.confidence_histogram(probs, actions, pred.actions), width="stretch")
 c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="stretch")
 
-if has_prices:
+if fm.has_prices:
     pw.show_metrics(pred, actions, rule, bars.median)
     st.subheader("Equity curve — a sanity check, not a backtester")
     fee_bps = st.number_input("Fee per unit of position change (basis points)", 0.0, 100.0, step=0.5,

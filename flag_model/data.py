@@ -67,6 +67,11 @@ class FeatureMatrix:
     raw_std: np.ndarray | None = None  # (state_dim,) population std before normalisation
     n_padded: int = 0  # zero columns appended to reach state_dim
 
+    @property
+    def has_prices(self) -> bool:
+        """True when every row has a finite close, so labels and the equity curve can be computed."""
+        return len(self.close) > 0 and bool(np.isfinite(self.close).all())
+
 
 @dataclass(frozen=True)
 class ColumnMapping:
