@@ -106,8 +106,9 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
 
 def _flag(df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: float,
           dominate_rel: float) -> pd.DataFrame:
-    df["bad_base"] = ~np.isfinite(df["w_fro"]) & np.isfinite(df["a_fro"]) & np.isfinite(df["b_fro"])
-    df["bad_lora"] = ~np.isfinite(df["a_fro"]) | ~np.isfinite(df["b_fro"])
+    finite = {c: np.isfinite(df[c].to_numpy(dtype=float)) for c in ("w_fro", "a_fro", "b_fro")}  # also when empty
+    df["bad_base"] = ~finite["w_fro"] & finite["a_fro"] & finite["b_fro"]
+    df["bad_lora"] = ~finite["a_fro"] | ~finite["b_fro"]
     df["dead"] = ((df["b_fro"] == 0) | (df["rel_norm"] < dead_rel)) & ~df["bad_lora"]
     df["dominating"] = (df["rel_norm"] > dominate_rel) & ~df["bad_base"] & ~df["bad_lora"]
     log_norm = np.log10(df["delta_fro"].where(~df["dead"]))
