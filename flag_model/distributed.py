@@ -114,6 +114,7 @@ class Part:
     n_windows: int
     bar_start: int
     bar_stop: int
+    tail_rows: int = 0  # blocks mode, the last part: rows after the last full block (scored as one-process does)
 
 
 @dataclass(frozen=True)
@@ -373,11 +374,14 @@ def plan_parts(n_bars: int, spec: ScoreSpec) -> list[Part]:
     n_feat, w, stride = n_bars - WARMUP, spec.window, spec.stride
     n_windows = (n_feat - w) // stride + 1 if n_feat >= w else 0
     size = max(1, -(-spec.partition_windows // spec.batch_size)) * spec.batch_size
+    # Blocks mode also scores the newest partial block (the last part's tail), as `WindowRunner` does in one pass.
+    tail = n_feat - ((n_windows - 1) * stride + w) if spec.mode == "blocks" and n_windows else 0
     parts = []
     for i, first in enumerate(range(0, n_windows, size)):
         count = min(size, n_windows - first)
-        last_row = (first + count - 1) * stride + w - 1  # feature row of the last scored row
-        parts.append(Part(i, first, count, first * stride, min(n_bars, last_row + 1 + WARMUP + spec.horizon)))
+        extra = tail if first + count == n_windows else 0
+        last_row = (first + count - 1) * stride + w - 1 + extra  # feature row of the last scored row
+        parts.append(Part(i, first, count, first * stride, min(n_bars, last_row + 1 + WARMUP + spec.horizon), extra))
     return parts
 
 
@@ -402,11 +406,11 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
         raise DataError("; ".join(i.message for i in prep.errors))
     fm = checkpoint_features(prep.frame, meta, engine.config.state_dim, spec.normalisation, origin=info.origin,
                              stats=info.stats)
-    used = (part.n_windows - 1) * spec.stride + spec.window  # feature rows the part's windows cover
+    used = (part.n_windows - 1) * spec.stride + spec.window + part.tail_rows  # feature rows the part scores
     labels = row_labels(fm.close, spec.rule)[:used]  # the extra `horizon` rows give the last rows their labels
     runner = WindowRunner(engine, spec.window, spec.mode, first_row=part.first_window * spec.stride)
     pred = runner.feed(fm.values[:used], fm.times.to_numpy()[:used], fm.close[:used], labels, final=True)
-    expected = part.n_windows * (1 if spec.mode == "rolling" else spec.window)
+    expected = part.n_windows * (1 if spec.mode == "rolling" else spec.window) + part.tail_rows
     if pred is None or len(pred) != expected:
         raise DataError(f"part {part.index} scored {0 if pred is None else len(pred)} rows, expected "
                         f"{expected}; the file changed while it was being scored?")
@@ -575,7 +579,7 @@ def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_di
     rows, parts_all, engines = [], [], set()
     for symbol, (src, info, parts) in plans.items():
         got = sorted(done[symbol], key=lambda p: p.index)
-        expected = sum(p.n_windows for p in parts) * (1 if spec.mode == "rolling" else spec.window)
+        expected = sum(p.n_windows * (1 if spec.mode == "rolling" else spec.window) + p.tail_rows for p in parts)
         if symbol not in failed and ([p.index for p in got] != list(range(len(parts)))
                                      or sum(p.rows for p in got) != expected
                                      or not all(part_path(out, symbol, p.index).is_file() for p in got)):
@@ -624,7 +628,7 @@ def read_output(out_dir: str | Path, symbol: str | None = None) -> pd.DataFrame:
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     table = ds.dataset(out, format="parquet", partitioning="hive").to_table()
     df = table.to_pandas()
-    return df.sort_values([SYMBOL_COLUMN, "row"], kind="stable").reset_index(drop=True)
+    return df.sort_values([SYMBOL_COLUMN, "timestamp"], kind="stable").reset_index(drop=True)
 
 
 def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[int], window: int = 64,

@@ -65,7 +65,7 @@ def test_cluster_equals_single_process_across_part_boundaries(files, client, tmp
         parts = [p for p in result.parts if p.symbol == symbol]
         assert len(parts) >= 2  # parts of one engine batch each: windows span their boundaries
         pd.testing.assert_frame_equal(got, expected, check_exact=True)  # every row, identical logits
-        assert got["row"].is_unique and got["row"].is_monotonic_increasing
+        assert got["timestamp"].is_unique and got["timestamp"].is_monotonic_increasing  # each bar once, in order
     assert all(p.model_loads == 1 for p in result.parts)  # the model was loaded once per worker process
     assert len({p.worker_pid for p in result.parts}) <= 2
     everything = read_output(out)
@@ -82,6 +82,10 @@ def test_parts_cover_every_window_once_with_the_overlap_it_needs(files):
     for p in parts:  # window k covers feature rows k..k+W-1 = bars k..k+W-1+WARMUP, plus the label horizon
         assert p.bar_start == p.first_window
         assert p.bar_stop == min(n_bars, p.first_window + p.n_windows - 1 + WINDOW + WARMUP + spec.horizon)
+    blocks, _ = make_spec(files / "tiny.pt", window=WINDOW, mode="blocks", partition_windows=1)
+    parts = plan_parts(n_bars, blocks)  # blocks mode: every feature row once, the newest partial block included
+    assert sum(p.n_windows * WINDOW + p.tail_rows for p in parts) == n_bars - WARMUP
+    assert [p.tail_rows > 0 for p in parts] == [False] * (len(parts) - 1) + [(n_bars - WARMUP) % WINDOW > 0]
 
 
 def test_symbol_dataset_equals_one_file_per_symbol(files, client, tmp_path):
