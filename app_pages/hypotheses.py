@@ -16,10 +16,7 @@ st.caption("Heads, attention mask, norm placement and LoRA scale cannot be read 
            "choice still loads strictly. On labelled data the checkpoint can tell: under the settings it was "
            "trained with, its loss is lower. Every combination is scored at the decision position of the same "
            "windows and ranked by mean NLL, with block-bootstrap intervals.")
-ckpt = ui.require_checkpoint()
-if ckpt.config is None:
-    st.error("This checkpoint does not fit the reconstruction, so no combination can be scored — see Architecture.")
-    st.stop()
+ckpt, _ = ui.require_model()  # a file that does not load strictly has nothing to score (see Architecture)
 cfg, in_use = ckpt.config, ui.loaded().config
 name, ohlcv = (market := ui.market_data()).name, market.frame
 rule, rule_source = LabelRule.from_meta(ckpt.meta)

@@ -628,6 +628,7 @@ def randomisation_lines(frame: pd.DataFrame) -> go.Figure:
                       xaxis_title="adapters re-initialised",
                       yaxis=dict(range=[-0.2, 1.05], title="Spearman ρ of |cells|"),
                       legend=dict(orientation="h", y=-0.3), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
 
 
 # Hypotheses
