@@ -117,7 +117,7 @@ def test_dead_and_nan_adapters_overview_and_status(server, page, tmp_path):
     table = page.locator('[data-testid="stDataFrame"]').first
     for field in ("norm_first", "causal", "lora_targets"):
         if field not in main:  # the grid draws its cells after the page settles; waits fail the test on timeout
-            table.get_by_text(field).first.wait_for(timeout=60_000)
+            table.get_by_text(field).first.wait_for(state="attached", timeout=60_000)  # canvas grid: hidden cells
     alert = page.locator(f'{SIDEBAR} [data-testid="stAlert"]').filter(has_text="loaded strictly")
     if SHOTS:
         SHOTS.mkdir(parents=True, exist_ok=True)
