@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_config, make_model, save_bytes
+from flag_model.analysis.bootstrap import f1_macro
 from flag_model.analysis import hypotheses as hy
 from flag_model.analysis.predict import evaluate_arrays
 from flag_model.checkpoint import load_checkpoint
@@ -88,7 +89,7 @@ def test_metrics_and_bootstrap_against_direct_formulas():
               for b in range(10) if (m := (np.minimum((conf * 10).astype(int), 9) == b)).any())
     assert hy.expected_calibration_error(conf, correct.astype(float)) == pytest.approx(ece)
     cm = np.bincount(labels * 3 + s["pred"], minlength=9).reshape(1, 3, 3)
-    assert hy._f1_macro(cm)[0] == pytest.approx(evaluate_arrays(labels, s["pred"], ("S", "H", "B")).f1_macro)
+    assert f1_macro(cm)[0] == pytest.approx(evaluate_arrays(labels, s["pred"], ("S", "H", "B")).f1_macro)
 
     w = hy.bootstrap_weights(10, 3, 50, seed=2)
     assert w.shape == (50, 10) and np.all(w.sum(1) == 10)

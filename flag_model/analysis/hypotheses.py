@@ -36,6 +36,7 @@ from ..data import DataError, FeatureMatrix, check_interval, checkpoint_features
 from ..engine import InferenceEngine, forward_flops
 from ..features import LabelRule
 from ..model import build_model
+from .bootstrap import f1_macro
 from .predict import NO_LABEL, action_names, evaluate_arrays, row_labels
 
 Progress = Callable[[int, int, str], None]  # (window passes done, total, what is running)
@@ -312,18 +313,6 @@ def bootstrap_weights(n: int, block: int, resamples: int, seed: int = 0) -> np.n
     return w
 
 
-def _f1_macro(conf: np.ndarray) -> np.ndarray:
-    """conf (..., k, k) true x predicted counts -> F1-macro (...) over classes present in either."""
-    tp = np.diagonal(conf, axis1=-2, axis2=-1)
-    support, predicted = conf.sum(-1), conf.sum(-2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = (support > 0) | (predicted > 0)
-    return (f1 * present).sum(-1) / np.maximum(present.sum(-1), 1)
-
-
 def window_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Per window: nll, correct, predicted class, Brier term and confidence from logits (n, A), labels (n,)."""
     z = logits.astype(np.float64)
@@ -356,7 +345,7 @@ def _summaries(logits: Mapping[Hypothesis, np.ndarray], labels: np.ndarray, weig
         conf = weights @ np.eye(k * k)[labels * k + s["pred"]]  # (resamples, k*k) resampled confusion counts
         boot_nll = weights @ s["nll"] / n
         boot_acc = weights @ s["correct"] / n
-        boot_f1 = _f1_macro(conf.reshape(-1, k, k))
+        boot_f1 = f1_macro(conf.reshape(-1, k, k))
         means.append(boot_nll)
         rows.append({
             "num_heads": h.num_heads, "causal": h.causal, "norm_first": h.norm_first, "lora_scale": h.lora_scale,
