@@ -1,4 +1,5 @@
 """FLAG-TRADER Explorer: `streamlit run app.py`. Router only: sidebar (checkpoint + assumptions) and pages."""
+
 import streamlit as st
 
 from flag_model import ui

@@ -1,4 +1,5 @@
 """Attributions: which features and which moments drove a SELL / HOLD / BUY (Captum methods)."""
+
 import streamlit as st
 
 from flag_model import plots, ui
@@ -25,23 +26,40 @@ dflt = min(ui.default_window(ckpt, cfg.max_length), n)
 length = ui.int_slider(c1, "Window length", 1, top, dflt, key=bounded("attr_length", 1, top, dflt))
 start = window_by_time(fm.times, length, "attr_when", container=c2)
 choice = c3.selectbox("Explain class", ("predicted", *actions), key=keep("attr_class"))
-offset = c4.number_input("Deciding step (0 = last bar)", -(length - 1), 0,
-                         key=bounded("attr_offset", -(length - 1), 0, 0))
+offset = c4.number_input(
+    "Deciding step (0 = last bar)", -(length - 1), 0, key=bounded("attr_offset", -(length - 1), 0, 0)
+)
 m1, m2, m3, m4 = st.columns(4)
 method = m1.selectbox("Method", attr.METHODS, key=keep("attr_method"))
-baseline = m2.selectbox("Baseline", attr.BASELINES, disabled=method not in attr.BASELINE_METHODS,
-                        key=keep("attr_baseline"))
-steps = m3.number_input("Steps (IG) / samples (GradientSHAP)", 1, 2048, disabled=method not in attr.PATH_METHODS,
-                        key=bounded("attr_steps", 1, 2048, 50))
+baseline = m2.selectbox(
+    "Baseline", attr.BASELINES, disabled=method not in attr.BASELINE_METHODS, key=keep("attr_baseline")
+)
+steps = m3.number_input(
+    "Steps (IG) / samples (GradientSHAP)",
+    1,
+    2048,
+    disabled=method not in attr.PATH_METHODS,
+    key=bounded("attr_steps", 1, 2048, 50),
+)
 batch = m4.number_input("Internal batch (rows per pass)", 1, 1024, key=bounded("attr_batch", 1, 1024, 64))
 more = aw.more_options(length, cfg.state_dim)
-st.caption(f"{ui.md_escape(name)}: bars {fm.times[start]} → {fm.times[start + length - 1]} · features {fm.feature_set}, "
-           f"normalisation {fm.normalisation} · baseline *{baseline}*: "
-           f"{means_note if baseline == attr.MEANS else attr.BASELINE_NOTES[baseline]}")
+st.caption(
+    f"{ui.md_escape(name)}: bars {fm.times[start]} → {fm.times[start + length - 1]} · features {fm.feature_set}, "
+    f"normalisation {fm.normalisation} · baseline *{baseline}*: "
+    f"{means_note if baseline == attr.MEANS else attr.BASELINE_NOTES[baseline]}"
+)
 
-opts = dict(target=None if choice == "predicted" else actions.index(choice), position=length - 1 + int(offset),
-            baseline=baseline, steps=int(steps), internal_batch_size=int(batch), output=more.output,
-            occlusion_patch=more.patch, auto_threshold=more.threshold if more.auto else None, max_steps=more.max_steps)
+opts = dict(
+    target=None if choice == "predicted" else actions.index(choice),
+    position=length - 1 + int(offset),
+    baseline=baseline,
+    steps=int(steps),
+    internal_batch_size=int(batch),
+    output=more.output,
+    occlusion_patch=more.patch,
+    auto_threshold=more.threshold if more.auto else None,
+    max_steps=more.max_steps,
+)
 args = (model, fm.values, means, fm.names)
 try:
     res = aw.attribute(model_key, data_key, start, length, method, tuple(opts.items()), *args)
@@ -52,46 +70,71 @@ except ValueError as exc:
 aw.show_result(res, actions, more.threshold)
 
 offsets = attr.time_table(res)["offset"].to_numpy()
-st.plotly_chart(plots.attribution_heatmap(
-    res.attributions, res.feature_names, offsets, f"{method}: attribution to {res.target_name} ({res.output})"))
-ui.download_table(attr.attribution_matrix(res, fm.times[start:start + length]), f"attributions_{method}",
-                  key="attr_matrix", label="Time × feature attributions as")
+st.plotly_chart(
+    plots.attribution_heatmap(
+        res.attributions, res.feature_names, offsets, f"{method}: attribution to {res.target_name} ({res.output})"
+    )
+)
+ui.download_table(
+    attr.attribution_matrix(res, fm.times[start : start + length]),
+    f"attributions_{method}",
+    key="attr_matrix",
+    label="Time × feature attributions as",
+)
 f1, f2 = st.columns(2)
 top = attr.feature_table(res, more.top_k)
-f1.plotly_chart(plots.signed_bars(list(top["feature"]), top["total"], f"Top {len(top)} features (sum over time)",
-                                  "attribution"))
-f2.plotly_chart(plots.signed_bars(list(offsets), res.per_time, "Per time step (sum over features)", "attribution",
-                                  horizontal=False))
+f1.plotly_chart(
+    plots.signed_bars(list(top["feature"]), top["total"], f"Top {len(top)} features (sum over time)", "attribution")
+)
+f2.plotly_chart(
+    plots.signed_bars(list(offsets), res.per_time, "Per time step (sum over features)", "attribution", horizontal=False)
+)
 
 st.subheader("Agreement between methods")
-chosen = st.multiselect("Methods to compare on this window", attr.METHODS, key=keep("attr_compare_methods"),
-                        default=None if "attr_compare_methods" in st.session_state else
-                        [attr.IG, attr.SALIENCY, attr.IXG, attr.DEEPLIFT, attr.ABLATION])
+chosen = st.multiselect(
+    "Methods to compare on this window",
+    attr.METHODS,
+    key=keep("attr_compare_methods"),
+    default=None
+    if "attr_compare_methods" in st.session_state
+    else [attr.IG, attr.SALIENCY, attr.IXG, attr.DEEPLIFT, attr.ABLATION],
+)
 if st.toggle("Compare", key=keep("attr_compare")) and chosen:
     results = [aw.attribute(model_key, data_key, start, length, m, tuple(opts.items()), *args) for m in chosen]
     a1, a2 = st.columns(2)
     a1.plotly_chart(plots.agreement_heatmap(attr.agreement(results), "Spearman ρ of |per-feature totals|"))
-    rollout = {"Attention rollout": attr.rollout_importance(model, fm.values[start:start + length], res.position)}
-    a2.plotly_chart(plots.agreement_heatmap(attr.agreement(results, "time", rollout),
-                                            "Spearman ρ of |per-step totals|"))
-    st.caption("Attention rollout ranks time steps only (how much each step flows into the deciding one); "
-               "Feature Ablation has no per-step ranking (its effects are spread evenly over time).")
+    rollout = {"Attention rollout": attr.rollout_importance(model, fm.values[start : start + length], res.position)}
+    a2.plotly_chart(
+        plots.agreement_heatmap(attr.agreement(results, "time", rollout), "Spearman ρ of |per-step totals|")
+    )
+    st.caption(
+        "Attention rollout ranks time steps only (how much each step flows into the deciding one); "
+        "Feature Ablation has no per-step ranking (its effects are spread evenly over time)."
+    )
 
 st.subheader("Global importance over many windows")
 g1, g2 = st.columns(2)
 count = g1.slider("Windows (spread evenly over the data)", 10, 1000, step=10, key=bounded("attr_count", 10, 1000, 200))
-g_method = g2.selectbox("Method", attr.METHODS, index=attr.METHODS.index(attr.IXG), key=keep("attr_global_method"),
-                        help="Input × Gradient and Saliency cost one pass per batch; IG costs `steps` passes.")
-g_opts = {k: opts[k] for k in ("target", "position", "baseline", "steps", "internal_batch_size", "output",
-                               "occlusion_patch")}
+g_method = g2.selectbox(
+    "Method",
+    attr.METHODS,
+    index=attr.METHODS.index(attr.IXG),
+    key=keep("attr_global_method"),
+    help="Input × Gradient and Saliency cost one pass per batch; IG costs `steps` passes.",
+)
+g_opts = {
+    k: opts[k] for k in ("target", "position", "baseline", "steps", "internal_batch_size", "output", "occlusion_patch")
+}
 if st.button("Compute global importance", type="primary", key="attr_global") or st.session_state.get("_attr_global"):
     st.session_state["_attr_global"] = True
     gi = aw.global_importance(model_key, data_key, length, count, g_method, tuple(g_opts.items()), *args)
     table = gi.table()
     counts = ", ".join(f"{a} {c}" for a, c in gi.class_counts().items())
-    st.caption(f"{len(gi.totals)} windows in {gi.seconds:.1f} s, each explained for "
-               f"{'its predicted class' if opts['target'] is None else actions[opts['target']]}; predicted: {counts}. "
-               "Bars: mean |attribution summed over time|; red/blue: the mean is for/against the explained class.")
+    st.caption(
+        f"{len(gi.totals)} windows in {gi.seconds:.1f} s, each explained for "
+        f"{'its predicted class' if opts['target'] is None else actions[opts['target']]}; predicted: {counts}. "
+        "Bars: mean |attribution summed over time|; red/blue: the mean is for/against the explained class."
+    )
     b1, b2 = st.columns(2)
     b1.plotly_chart(plots.global_importance_bars(table, more.top_k))
     b2.plotly_chart(plots.class_breakdown_bars(table, actions, min(more.top_k, 12)))

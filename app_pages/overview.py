@@ -1,4 +1,5 @@
 """Overview: what the open checkpoint is, how its configuration was inferred, and whether it is healthy."""
+
 import streamlit as st
 
 from flag_model import plots, ui
@@ -6,8 +7,12 @@ from flag_model.analysis.health import dtype_counts, findings_frame, health_scan
 from flag_model.analysis.summary import assumptions_line, config_table, file_table, foreign_table, metadata_table
 from flag_model.ui import layouts as ui_layouts
 
-ICONS = {"error": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
-         "info": ":blue[:material/info:]", "ok": ":green[:material/check_circle:]"}
+ICONS = {
+    "error": ":red[:material/error:]",
+    "warning": ":orange[:material/warning:]",
+    "info": ":blue[:material/info:]",
+    "ok": ":green[:material/check_circle:]",
+}
 
 st.title("Overview")
 ckpt = ui.require_checkpoint()
@@ -22,18 +27,24 @@ def _scan(digest: str, _sd) -> tuple:
 counts, dtypes, findings = _scan(ckpt.digest, ckpt.state_dict)
 
 if ld.model is not None:
-    st.success(f"**{ui.md_escape(ckpt.source)}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the "
-               f"reconstruction with {assumptions_line(ckpt.config, ld.config)}.")
+    st.success(
+        f"**{ui.md_escape(ckpt.source)}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the "
+        f"reconstruction with {assumptions_line(ckpt.config, ld.config)}."
+    )
 else:
-    st.error(f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. Open **Architecture check** to see why "
-             f"and fix it.\n\n{ui.md_escape(ld.error)}")
+    st.error(
+        f"**{ui.md_escape(ckpt.source)}** does not load into the reconstruction. "
+        f"Open **Architecture check** to see why and fix it.\n\n{ui.md_escape(ld.error)}"
+    )
 
 st.subheader("Layout family")
 ui_layouts.family_panel(ui_layouts.recognition(ckpt))
 if ckpt.read_mode == "restricted":
-    st.info("**Read in restricted mode.** The pickle holds Python objects of classes the safe loader refuses. Their "
-            "tensors and plain values were read; each object became an inert record of its class and fields — "
-            "nothing from the file was imported or called.")
+    st.info(
+        "**Read in restricted mode.** The pickle holds Python objects of classes the safe loader refuses. Their "
+        "tensors and plain values were read; each object became an inert record of its class and fields — "
+        "nothing from the file was imported or called."
+    )
     st.dataframe(foreign_table(ckpt), hide_index=True, width="stretch")
 
 c = st.columns(4)
@@ -49,24 +60,38 @@ with left:
     if ld.config is None:
         st.warning("No configuration: the tensors the family always has are missing.")
     else:
-        st.caption("Sizes are **inferred** from tensor shapes. **Assumptions** cannot be read from the weights; "
-                   "change them in the sidebar.")
+        st.caption(
+            "Sizes are **inferred** from tensor shapes. **Assumptions** cannot be read from the weights; "
+            "change them in the sidebar."
+        )
         if "stored config" not in ckpt.config.provenance.get("num_heads", ""):
-            st.info("The stored config does not name the head count, so it is an assumption. **Hypotheses** ranks "
-                    "heads, mask, norm placement and LoRA scale by the checkpoint's loss on labelled data.")
-            st.page_link("app_pages/hypotheses.py", label="Which architecture was it trained with?",
-                         icon=":material/fact_check:")
+            st.info(
+                "The stored config does not name the head count, so it is an assumption. **Hypotheses** ranks "
+                "heads, mask, norm placement and LoRA scale by the checkpoint's loss on labelled data."
+            )
+            st.page_link(
+                "app_pages/hypotheses.py", label="Which architecture was it trained with?", icon=":material/fact_check:"
+            )
         table = config_table(ld.config)
-        ui.table(table.style.apply(
-            lambda r: ["background-color: #fff4e0" if r["kind"] == "assumption" else ""] * len(r), axis=1),
-            "configuration", "overview_config", full_height=True,
-            column_config={"value": st.column_config.TextColumn(width="large")})
+        ui.table(
+            table.style.apply(
+                lambda r: ["background-color: #fff4e0" if r["kind"] == "assumption" else ""] * len(r), axis=1
+            ),
+            "configuration",
+            "overview_config",
+            full_height=True,
+            column_config={"value": st.column_config.TextColumn(width="large")},
+        )
 with right:
     st.subheader("File")
     ui.table(file_table(ckpt), "file", "overview_file", full_height=True)
     st.subheader("Parameters")
-    ui.table(counts.style.format({"parameters": "{:,}", "bytes": "{:,}", "share": "{:.1%}"}), "parameters",
-             "overview_params", hide_index=False)
+    ui.table(
+        counts.style.format({"parameters": "{:,}", "bytes": "{:,}", "share": "{:.1%}"}),
+        "parameters",
+        "overview_params",
+        hide_index=False,
+    )
     ui.table(dtypes, "dtypes", "overview_dtypes", hide_index=False)
 
 st.subheader("Health scan")

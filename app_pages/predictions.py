@@ -1,9 +1,17 @@
 """Predictions: SELL/HOLD/BUY on uploaded (or demo) market data through the fast inference engine."""
+
 import streamlit as st
 
 from flag_model import plots, ui
-from flag_model.analysis.predict import (COLLAPSE_SHARE, attach_labels, class_shares, collapse_alarm, decide,
-                                         predictions_frame, undecided_note)
+from flag_model.analysis.predict import (
+    COLLAPSE_SHARE,
+    attach_labels,
+    class_shares,
+    collapse_alarm,
+    decide,
+    predictions_frame,
+    undecided_note,
+)
 from flag_model.data import MODES, NORMALISATIONS, check_window, default_window
 from flag_model.features import WARMUP
 from flag_model.ui import predictions as pw
@@ -18,8 +26,10 @@ source = pw.data_source()
 if source is None:
     set_market(None)
     name, data_key, raw = "demo market (synthetic)", f"demo-{ui.demo_size()}", ui.demo_market(ui.demo_size())
-    st.info("No file given: showing the **demo market**. Upload OHLCV bars (any common column names, a date or "
-            "epoch-ms column) or precomputed feature columns.")
+    st.info(
+        "No file given: showing the **demo market**. Upload OHLCV bars (any common column names, a date or "
+        "epoch-ms column) or precomputed feature columns."
+    )
 else:
     name, data_key, raw, origin = source
 kind, mapping, columns, close_col, repair = pw.mapping_widgets(raw, cfg.state_dim, data_key)
@@ -30,19 +40,36 @@ if not prep.ok:
     st.stop()
 if source is not None and kind == pw.KINDS[0]:
     set_market(MarketData(name, prep.frame, origin))  # the Attention, Attributions and LoRA pages use it too
-st.caption(f"**{ui.md_escape(name)}**: {len(prep.frame):,} rows from {prep.frame['datetime'].iloc[0]} to "
-           f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}). Row numbers in messages count "
-           "the file's data lines from 1; everywhere else bars are named by their time.")
+st.caption(
+    f"**{ui.md_escape(name)}**: {len(prep.frame):,} rows from {prep.frame['datetime'].iloc[0]} to "
+    f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}). Row numbers in messages count "
+    "the file's data lines from 1; everywhere else bars are named by their time."
+)
 bars = ui.interval_notice(prep.frame["datetime"], ckpt.meta).data  # bar interval against training, gaps
 
 c = st.columns(4)
-norm = c[0].selectbox("Normalisation", NORMALISATIONS, key=keep("pred_norm"), help="checkpoint: the training mean/std "
-                      "stored in the file; none: raw; data: z-scores of this data")
-window = c[1].number_input("Window length", 1, cfg.max_length, help="default: the length the checkpoint's metadata "
-                           "names", key=bounded("pred_window", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length)))
-mode = c[2].radio("Mode", MODES, horizontal=True, key=keep("pred_mode"), help="rolling: stride 1, the last position "
-                  "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % "
-                  "evaluation), the newest partial block by the last window")
+norm = c[0].selectbox(
+    "Normalisation",
+    NORMALISATIONS,
+    key=keep("pred_norm"),
+    help="checkpoint: the training mean/std stored in the file; none: raw; data: z-scores of this data",
+)
+window = c[1].number_input(
+    "Window length",
+    1,
+    cfg.max_length,
+    help="default: the length the checkpoint's metadata names",
+    key=bounded("pred_window", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length)),
+)
+mode = c[2].radio(
+    "Mode",
+    MODES,
+    horizontal=True,
+    key=keep("pred_mode"),
+    help="rolling: stride 1, the last position "
+    "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % "
+    "evaluation), the newest partial block by the last window",
+)
 precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key=keep("pred_precision"))
 
 fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
@@ -58,10 +85,18 @@ if issue is not None:
 scorable = len(fm.values) - (int(window) - 1 if mode == "rolling" else 0)
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
 quick = pw.quick_bars(ckpt.digest, assumptions, precision, int(window), mode, eng, scorable)
-last = st.number_input("Bars to score (the most recent)", 1, scorable, step=100,
-                       key=bounded("pred_last", 1, scorable, quick, data_key), help=pw.BARS_HELP.format(scorable=scorable))
-st.caption(f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
-           f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads.")
+last = st.number_input(
+    "Bars to score (the most recent)",
+    1,
+    scorable,
+    step=100,
+    key=bounded("pred_last", 1, scorable, quick, data_key),
+    help=pw.BARS_HELP.format(scorable=scorable),
+)
+st.caption(
+    f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
+    f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads."
+)
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
 if fm.has_prices:
     rule = pw.label_rule(ckpt.meta, bars.median)
@@ -85,8 +120,9 @@ c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="s
 if fm.has_prices:
     pw.show_metrics(pred, actions, rule, bars.median)
     st.subheader("Equity curve — a sanity check, not a backtester")
-    fee_bps = st.number_input("Fee per unit of position change (basis points)", 0.0, 100.0, step=0.5,
-                              key=bounded("pred_fee", 0.0, 100.0, 5.0))
+    fee_bps = st.number_input(
+        "Fee per unit of position change (basis points)", 0.0, 100.0, step=0.5, key=bounded("pred_fee", 0.0, 100.0, 5.0)
+    )
     pw.show_equity(pred, actions, fee_bps)
 
 st.subheader("Download")

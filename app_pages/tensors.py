@@ -1,12 +1,21 @@
 """Tensor tree: every tensor in its module hierarchy, a searchable table, one tensor in detail, a diff."""
+
 import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import tensors
 from flag_model.ui.session import keep
 
-STAT_LABELS = {"std": "std", "mean": "mean", "abs_max": "max |value|", "fro_norm": "Frobenius norm",
-               "zeros_share": "share of zeros", "min": "min", "max": "max", "nonfinite": "NaN/Inf count"}
+STAT_LABELS = {
+    "std": "std",
+    "mean": "mean",
+    "abs_max": "max |value|",
+    "fro_norm": "Frobenius norm",
+    "zeros_share": "share of zeros",
+    "min": "min",
+    "max": "max",
+    "nonfinite": "NaN/Inf count",
+}
 
 st.title("Tensor tree")
 ckpt = ui.require_checkpoint()
@@ -36,18 +45,28 @@ c[3].metric("All-zero tensors", int((stats["zeros_share"] == 1).sum()))
 
 stat = st.selectbox("Colour by", list(STAT_LABELS), format_func=STAT_LABELS.get, key=keep("tensors_color"))
 st.plotly_chart(plots.tensor_treemap(tensors.tensor_tree(stats, stat), STAT_LABELS[stat]), width="stretch")
-st.caption("Area = number of elements. Click a box to zoom into it; the bar at the top goes back. "
-           "Inner boxes show the element-weighted mean (min / max / sum for those statistics).")
+st.caption(
+    "Area = number of elements. Click a box to zoom into it; the bar at the top goes back. "
+    "Inner boxes show the element-weighted mean (min / max / sum for those statistics)."
+)
 
 st.subheader("Table")
 f1, f2 = st.columns([2, 1])
 query = f1.text_input("Search names", key=keep("tensors_query"), placeholder="e.g. ffn.3 or lora_B")
-roles = f2.multiselect("Roles", tensors.ROLES, default=sorted(set(stats["role"]), key=tensors.ROLES.index),
-                       key=keep("tensors_roles"))
+roles = f2.multiselect(
+    "Roles", tensors.ROLES, default=sorted(set(stats["role"]), key=tensors.ROLES.index), key=keep("tensors_roles")
+)
 shown = stats[stats["role"].isin(roles) & stats["name"].str.contains(query.strip(), regex=False)]
-st.dataframe(shown, hide_index=True, width="stretch", height=320,
-             column_config={"bytes": st.column_config.NumberColumn(format="%d"),
-                            "zeros_share": st.column_config.NumberColumn(format="percent")})
+st.dataframe(
+    shown,
+    hide_index=True,
+    width="stretch",
+    height=320,
+    column_config={
+        "bytes": st.column_config.NumberColumn(format="%d"),
+        "zeros_share": st.column_config.NumberColumn(format="percent"),
+    },
+)
 ui.download_table(shown, f"{ckpt.digest[:12]}-tensors", key="tensors_table")
 
 st.subheader("One tensor")
@@ -62,14 +81,17 @@ if spec is not None:
 left, right = st.columns(2)
 left.plotly_chart(plots.value_histogram(detail.hist_edges, detail.hist_counts, name), width="stretch")
 if spec is not None:
-    right.plotly_chart(plots.spectrum_vs_init(spec.singular_values, spec.expected, spec.edge, spec.init),
-                       width="stretch")
+    right.plotly_chart(
+        plots.spectrum_vs_init(spec.singular_values, spec.expected, spec.edge, spec.init), width="stretch"
+    )
 if detail.matrix is not None:
     st.plotly_chart(plots.matrix_heatmap(detail.matrix, name, detail.matrix_step, detail.shape), width="stretch")
 
 st.subheader("Compare with a second checkpoint")
-other = ui.second_checkpoint("tensors", "Open a second file to see the per-tensor relative change ‖b − a‖ / ‖a‖ "
-                            "and added, removed or reshaped keys.")
+other = ui.second_checkpoint(
+    "tensors",
+    "Open a second file to see the per-tensor relative change ‖b − a‖ / ‖a‖ and added, removed or reshaped keys.",
+)
 diff = _diff(ckpt.digest, other.digest, ckpt.state_dict, other.state_dict)
 counts = diff["status"].value_counts()
 c = st.columns(5)
@@ -78,11 +100,15 @@ for col, status in zip(c, ("same", "changed", "reshaped", "added", "removed")):
 grid = tensors.diff_grid(diff)
 if not grid.empty and grid.notna().any().any():
     st.plotly_chart(plots.change_heatmap(grid), width="stretch")
-    st.caption("Relative change ‖b − a‖ / ‖a‖ per tensor (log colour); grey = unchanged, red ∞ = changed from all "
-               "zeros (infinite relative change), blank = not in both files.")
+    st.caption(
+        "Relative change ‖b − a‖ / ‖a‖ per tensor (log colour); grey = unchanged, red ∞ = changed from all "
+        "zeros (infinite relative change), blank = not in both files."
+    )
 odd = diff[diff["status"].isin(["added", "removed", "reshaped"])]
 if len(odd):
-    st.warning(f"Keys added (only in **{ui.md_escape(other.source)}**), removed (only in this file) or reshaped: {len(odd)}.")
+    st.warning(
+        f"Keys added (only in **{ui.md_escape(other.source)}**), removed (only in this file) or reshaped: {len(odd)}."
+    )
     ui.table(odd[["name", "status", "shape_a", "shape_b"]], "keys_added_removed", "tensors_odd")
 with st.expander("Every key"):
     ui.table(diff, "tensor_diff", "tensors_diff")

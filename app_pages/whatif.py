@@ -1,4 +1,5 @@
 """What-if: edit a window and watch the decision; the smallest edit that flips it; how stable the decision is."""
+
 import streamlit as st
 
 from flag_model import plots, ui
@@ -21,21 +22,43 @@ actions = action_names(cfg.n_actions)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _edit(model_key: tuple, data_key: str, start: int, length: int, edit: tuple, source: int | None,
-          _model, _values, _means):
-    src = None if source is None else _values[source:source + length]
-    return wi.evaluate_edits(_model, _values[start:start + length], [wi.Edit(*edit)], src, _means)
+def _edit(
+    model_key: tuple, data_key: str, start: int, length: int, edit: tuple, source: int | None, _model, _values, _means
+):
+    src = None if source is None else _values[source : source + length]
+    return wi.evaluate_edits(_model, _values[start : start + length], [wi.Edit(*edit)], src, _means)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _flip(model_key: tuple, data_key: str, start: int, length: int, target: int, feats: tuple, steps: tuple,
-          iterations: int, rival: bool, _model, _values, _names):
+def _flip(
+    model_key: tuple,
+    data_key: str,
+    start: int,
+    length: int,
+    target: int,
+    feats: tuple,
+    steps: tuple,
+    iterations: int,
+    rival: bool,
+    _model,
+    _values,
+    _names,
+):
     bar = st.progress(0.0, text="Searching for the smallest flipping edit…")
-    window = _values[start:start + length]
-    flip = wi.smallest_flip(_model, window, target, feats, steps, iterations, feature_names=_names,
-                            progress=lambda d, t: bar.progress(d / t, text=f"gradient step {d}/{t}"))
-    other = wi.random_flip(_model, window, target, feats, steps, flip.evaluations, feature_names=_names) \
-        if rival else None
+    window = _values[start : start + length]
+    flip = wi.smallest_flip(
+        _model,
+        window,
+        target,
+        feats,
+        steps,
+        iterations,
+        feature_names=_names,
+        progress=lambda d, t: bar.progress(d / t, text=f"gradient step {d}/{t}"),
+    )
+    other = (
+        wi.random_flip(_model, window, target, feats, steps, flip.evaluations, feature_names=_names) if rival else None
+    )
     bar.empty()
     return flip, other
 
@@ -43,9 +66,14 @@ def _flip(model_key: tuple, data_key: str, start: int, length: int, target: int,
 @st.cache_data(max_entries=16, show_spinner=False)
 def _stability(model_key: tuple, data_key: str, length: int, starts: tuple, samples: int, _model, _values, _sigma):
     bar = st.progress(0.0, text="Adding noise…") if len(starts) > 1 else None
-    res = wi.decision_stability(_model, rolling_windows(_values, length), _sigma, n_samples=samples, indices=starts,
-                                progress=None if bar is None else
-                                lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows"))
+    res = wi.decision_stability(
+        _model,
+        rolling_windows(_values, length),
+        _sigma,
+        n_samples=samples,
+        indices=starts,
+        progress=None if bar is None else lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows"),
+    )
     if bar is not None:
         bar.empty()
     return res.curve()
@@ -54,9 +82,11 @@ def _stability(model_key: tuple, data_key: str, length: int, starts: tuple, samp
 c1, c2 = st.columns([1, 2])
 with c1:
     start, length = uw.pick_window(fm, ui.default_window(ckpt, cfg.max_length), cfg.max_length, "wi")
-c2.caption(f"{name}: bars {fm.times[start]} → {fm.times[start + length - 1]} ({length} steps) · features "
-           f"{fm.feature_set}, normalisation {fm.normalisation}. Edits are in the model's input units: after the "
-           f"checkpoint's normalisation 0 is the training mean and 1 is one training σ. Training mean: {means_note}.")
+c2.caption(
+    f"{name}: bars {fm.times[start]} → {fm.times[start + length - 1]} ({length} steps) · features "
+    f"{fm.feature_set}, normalisation {fm.normalisation}. Edits are in the model's input units: after the "
+    f"checkpoint's normalisation 0 is the training mean and 1 is one training σ. Training mean: {means_note}."
+)
 
 edit_tab, flip_tab, stable_tab = st.tabs(["Edit the window", "Smallest flip", "Stability under noise"])
 with edit_tab:
@@ -70,8 +100,13 @@ with edit_tab:
 
 with flip_tab:
     f1, f2, f3 = st.columns(3)
-    target = f1.selectbox("Flip the decision to", actions, wi.runner_up(model, fm.values[start:start + length]),
-                          key=keep("wi_target"), help="Defaults to the runner-up class of the first window shown.")
+    target = f1.selectbox(
+        "Flip the decision to",
+        actions,
+        wi.runner_up(model, fm.values[start : start + length]),
+        key=keep("wi_target"),
+        help="Defaults to the runner-up class of the first window shown.",
+    )
     iterations = f2.number_input("Gradient steps", 10, 3000, 300, step=50, key=keep("wi_iter"))
     rival = f3.toggle("Compare with random directions (same budget)", True, key=keep("wi_rival"))
     feats, steps = uw.cells_controls(fm.names, length, "wi_flip", all_features=True)
@@ -95,10 +130,13 @@ with stable_tab:
         curves = {"this window": _stability(model_key, data_key, length, (start,), samples, model, fm.values, sigma)}
         if many:
             starts = tuple(int(i) for i in evenly_spaced(len(fm.values) - length + 1, count))
-            curves[f"{len(starts)} windows (mean)"] = _stability(model_key, data_key, length, starts, samples,
-                                                                 model, fm.values, sigma)
+            curves[f"{len(starts)} windows (mean)"] = _stability(
+                model_key, data_key, length, starts, samples, model, fm.values, sigma
+            )
         st.plotly_chart(plots.stability_lines(curves))
-        st.caption("σ is each input's standard deviation over the loaded data (in the model's units); padded zero "
-                   "columns get no noise. A share near 100 % at k = 0.1 means the decision survives noise of a "
-                   "tenth of a feature's usual spread.")
+        st.caption(
+            "σ is each input's standard deviation over the loaded data (in the model's units); padded zero "
+            "columns get no noise. A share near 100 % at k = 0.1 means the decision survives noise of a "
+            "tenth of a feature's usual spread."
+        )
         st.dataframe(curves[list(curves)[-1]], hide_index=True)

@@ -1,12 +1,13 @@
 """Command line: `python -m flag_model {inspect,demo,...} ...`. Errors go to stderr with exit code 2."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
@@ -24,25 +25,37 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"{info['source']}: {info['format']}, {info['size_bytes'] / 2**20:.1f} MiB, {info['tensors']} tensors")
-    print(f"  wrapper keys: {', '.join(info['wrapper_keys']) or '(bare state dict)'}; "
-          f"weights under: {info['state_dict_key'] or '(top level)'}; "
-          f"prefixes removed: {', '.join(info['prefixes_stripped']) or 'none'}")
+    print(
+        f"  wrapper keys: {', '.join(info['wrapper_keys']) or '(bare state dict)'}; "
+        f"weights under: {info['state_dict_key'] or '(top level)'}; "
+        f"prefixes removed: {', '.join(info['prefixes_stripped']) or 'none'}"
+    )
     print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items()))
     print("  dtypes: " + ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items()))
     fam = info["family"]
-    print(f"family: {fam['title']} ({fam['family']}), {fam['score']:.0%} of keys ({fam['matched']}/{fam['expected']})"
-          if fam["confident"] else f"family: no confident match (closest {fam['title']}, {fam['score']:.0%})")
+    print(
+        f"family: {fam['title']} ({fam['family']}), {fam['score']:.0%} of keys ({fam['matched']}/{fam['expected']})"
+        if fam["confident"]
+        else f"family: no confident match (closest {fam['title']}, {fam['score']:.0%})"
+    )
     print(f"  {fam['headline']}")
     if fam["sizes"]:
         print(f"  sizes: {fam['sizes']}")
-    print(f"  LoRA: rank {fam['lora_rank']}" + (f" on {', '.join(fam['lora_targets'])}" if fam["lora_targets"] else "")
-          if fam["lora_rank"] else "  LoRA: none")
+    print(
+        f"  LoRA: rank {fam['lora_rank']}" + (f" on {', '.join(fam['lora_targets'])}" if fam["lora_targets"] else "")
+        if fam["lora_rank"]
+        else "  LoRA: none"
+    )
     print(f"  converts to: {fam['converts_to']}")
     if fam.get("adapter_config"):
         a = fam["adapter_config"]
-        print(f"  adapter config: r={a.get('r')}, lora_alpha={a.get('lora_alpha')}, rsLoRA={a.get('use_rslora')}, "
-              f"targets={a.get('target_modules')}, base model={a.get('base_model_name_or_path')}; "
-              f"scale {fam['lora_scale']} ({fam['lora_scale_source']})" if fam.get("lora_scale") is not None else "")
+        print(
+            f"  adapter config: r={a.get('r')}, lora_alpha={a.get('lora_alpha')}, rsLoRA={a.get('use_rslora')}, "
+            f"targets={a.get('target_modules')}, base model={a.get('base_model_name_or_path')}; "
+            f"scale {fam['lora_scale']} ({fam['lora_scale_source']})"
+            if fam.get("lora_scale") is not None
+            else ""
+        )
     if info["read_mode"] == "restricted":
         print("  read in restricted mode: foreign objects became inert records, nothing from the file was called:")
         for where, cls in info["foreign_objects"].items():

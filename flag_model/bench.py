@@ -5,13 +5,14 @@ argmax agreement with float32 on real data.
 The reference is the FlagTrader forward itself: unmerged LoRA, manual softmax attention, float32, batched.
 All three see the same random windows (speed does not depend on values) at the same batch size.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -70,12 +71,13 @@ def measure_peak(dtype: torch.dtype, n: int = 2048, min_seconds: float = 1.0) ->
             t = time.perf_counter()
             fn()
             best = min(best, time.perf_counter() - t)
-        out[name] = 2 * n ** 3 / best / 1e9
+        out[name] = 2 * n**3 / best / 1e9
     return out
 
 
-def _rates(fns: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, min_seconds: float,
-           rounds: int = 4) -> dict[str, float]:
+def _rates(
+    fns: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, min_seconds: float, rounds: int = 4
+) -> dict[str, float]:
     """Windows per second of each fn over batches x (B, S, d): one warm-up call each, then `rounds` rounds in
     which every fn runs whole batches for min_seconds / rounds. Rounds interleave the variants and the best
     round counts, so a busy moment on a shared machine hits all of them alike and decides none."""
@@ -98,8 +100,17 @@ def _rates(fns: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, mi
 def quick_model(seed: int = 0) -> FlagTrader:
     """A tiny random model with non-zero LoRA for `bench --quick` (tests)."""
     targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(2) for m in BLOCK_LINEARS)
-    cfg = ModelConfig(n_blocks=2, d_model=32, ffn_dim=64, state_dim=60, n_actions=3, max_length=64,
-                      lora_rank=4, lora_targets=targets, num_heads=4)
+    cfg = ModelConfig(
+        n_blocks=2,
+        d_model=32,
+        ffn_dim=64,
+        state_dim=60,
+        n_actions=3,
+        max_length=64,
+        lora_rank=4,
+        lora_targets=targets,
+        num_heads=4,
+    )
     torch.manual_seed(seed)
     model = FlagTrader(cfg)
     with torch.no_grad():
@@ -109,19 +120,28 @@ def quick_model(seed: int = 0) -> FlagTrader:
     return model.eval()
 
 
-def _agreement(model: FlagTrader, meta: dict, fast: InferenceEngine, exact: InferenceEngine, cfg: BenchConfig,
-               report: Report) -> pd.DataFrame:
+def _agreement(
+    model: FlagTrader, meta: dict, fast: InferenceEngine, exact: InferenceEngine, cfg: BenchConfig, report: Report
+) -> pd.DataFrame:
     from .data import checkpoint_features, detect_columns, prepare_ohlcv, read_table, rolling_windows
 
     path = cfg.data_path
     if path is None or not Path(path).is_file():
-        return pd.DataFrame([{"window": w, "windows": 0, "agreement": np.nan,
-                              "note": f"skipped: real data not found at {path}"} for w in cfg.windows])
+        return pd.DataFrame(
+            [
+                {"window": w, "windows": 0, "agreement": np.nan, "note": f"skipped: real data not found at {path}"}
+                for w in cfg.windows
+            ]
+        )
     df = read_table(path)
     prep = prepare_ohlcv(df, detect_columns(df.columns))
     if not prep.ok:
-        return pd.DataFrame([{"window": w, "windows": 0, "agreement": np.nan,
-                              "note": "skipped: " + prep.errors[0].message} for w in cfg.windows])
+        return pd.DataFrame(
+            [
+                {"window": w, "windows": 0, "agreement": np.nan, "note": "skipped: " + prep.errors[0].message}
+                for w in cfg.windows
+            ]
+        )
     fm = checkpoint_features(prep.frame, meta, model.config.state_dim, "checkpoint")
     rows = []
     for w, count in zip(cfg.windows, cfg.agreement_windows):
@@ -130,13 +150,20 @@ def _agreement(model: FlagTrader, meta: dict, fast: InferenceEngine, exact: Infe
         report(f"agreement at window {w}: {len(pick)} of {len(windows)} real windows")
         a = fast.run(windows[pick]).argmax(1)
         b = exact.run(windows[pick]).argmax(1)
-        rows.append({"window": w, "windows": len(pick), "agreement": float((a == b).mean()),
-                     "note": f"{Path(path).name}, evenly spaced rolling windows, checkpoint normalisation"})
+        rows.append(
+            {
+                "window": w,
+                "windows": len(pick),
+                "agreement": float((a == b).mean()),
+                "note": f"{Path(path).name}, evenly spaced rolling windows, checkpoint normalisation",
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def run_bench(model: FlagTrader, meta: dict, cfg: BenchConfig = BenchConfig(),
-              report: Report = lambda m: None) -> BenchResult:
+def run_bench(
+    model: FlagTrader, meta: dict, cfg: BenchConfig = BenchConfig(), report: Report = lambda m: None
+) -> BenchResult:
     """Measure the reference, exact and fast engines on `model` (never modified)."""
     load_start = os.getloadavg()[0]
     configure_threads()
@@ -156,9 +183,11 @@ def run_bench(model: FlagTrader, meta: dict, cfg: BenchConfig = BenchConfig(),
     for w in cfg.windows:
         bs = fast.batch_size(w)  # one batch size for all three: the fast engine's cache-tuned choice
         x = torch.randn(bs, w, model.config.state_dim, generator=g)
-        flops = {"reference": forward_flops(model.config, w, last_only=False, lora=True),
-                 "exact": forward_flops(model.config, w, last_only=True),
-                 "fast": forward_flops(model.config, w, last_only=True)}
+        flops = {
+            "reference": forward_flops(model.config, w, last_only=False, lora=True),
+            "exact": forward_flops(model.config, w, last_only=True),
+            "fast": forward_flops(model.config, w, last_only=True),
+        }
 
         def reference(xb: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -169,44 +198,72 @@ def run_bench(model: FlagTrader, meta: dict, cfg: BenchConfig = BenchConfig(),
         for name, rate in rates.items():
             peak = fast_peak if name == "fast" else peaks["float32"]
             gflops = rate * flops[name] / 1e9
-            speed_rows.append({"window": w, "variant": name, "batch": bs, "windows/s": rate,
-                               "× reference": rate / rates["reference"], "GFLOP/window": flops[name] / 1e9,
-                               "GFLOP/s": gflops, "% of peak": 100 * gflops / peak,
-                               "peak used": "bfloat16" if name == "fast" and fast.dtype == torch.bfloat16
-                               else "float32"})
+            speed_rows.append(
+                {
+                    "window": w,
+                    "variant": name,
+                    "batch": bs,
+                    "windows/s": rate,
+                    "× reference": rate / rates["reference"],
+                    "GFLOP/window": flops[name] / 1e9,
+                    "GFLOP/s": gflops,
+                    "% of peak": 100 * gflops / peak,
+                    "peak used": "bfloat16" if name == "fast" and fast.dtype == torch.bfloat16 else "float32",
+                }
+            )
         if w == cfg.windows[0] and not cfg.quick:
             for b in sorted({max(1, bs // 4), max(1, bs // 2), bs, bs * 2, fast.batch_size(w)}):
                 xb = torch.randn(b, w, model.config.state_dim, generator=g)
                 rate = _rates({"fast": fast.forward}, xb, cfg.min_seconds)["fast"]
                 batch_rows.append({"window": w, "batch": b, "fast windows/s": rate, "auto": b == fast.batch_size(w)})
     agreement = _agreement(model, meta, fast, exact, cfg, report)
-    info = (f"{fast.info.dtype} on {fast.info.device}: {fast.info.reason}; {fast.info.threads} threads; "
-            f"{fast.info.kernels}")
-    return BenchResult(pd.DataFrame(speed_rows), peaks, agreement, info, pd.DataFrame(batch_rows), peak_detail,
-                       (load_start, os.getloadavg()[0]), cfg.peak_size)
+    info = (
+        f"{fast.info.dtype} on {fast.info.device}: {fast.info.reason}; {fast.info.threads} threads; {fast.info.kernels}"
+    )
+    return BenchResult(
+        pd.DataFrame(speed_rows),
+        peaks,
+        agreement,
+        info,
+        pd.DataFrame(batch_rows),
+        peak_detail,
+        (load_start, os.getloadavg()[0]),
+        cfg.peak_size,
+    )
 
 
 def format_result(res: BenchResult) -> str:
     """The printed table, with the targets checked."""
     cpus = os.cpu_count() or 1
     busy = max(res.load) > cpus
-    lines = [f"fast engine: {res.engine}",
-             f"load average {res.load[0]:.1f} at the start, {res.load[1]:.1f} at the end, on {cpus} CPUs"
-             + (" — the machine was busy: timings and ratios are unreliable, run again when it is idle" if busy
-                else ""),
-             f"measured matmul peak ({res.peak_size}² · {res.peak_size}², best kernel; % of peak below uses it): "
-             + "; ".join(f"{k} {v:.1f} GFLOP/s (" + ", ".join(f"{n} {g:.1f}" for n, g in res.peak_detail[k].items())
-                         + ")" for k, v in res.peaks.items()), ""]
+    lines = [
+        f"fast engine: {res.engine}",
+        f"load average {res.load[0]:.1f} at the start, {res.load[1]:.1f} at the end, on {cpus} CPUs"
+        + (" — the machine was busy: timings and ratios are unreliable, run again when it is idle" if busy else ""),
+        f"measured matmul peak ({res.peak_size}² · {res.peak_size}², best kernel; % of peak below uses it): "
+        + "; ".join(
+            f"{k} {v:.1f} GFLOP/s (" + ", ".join(f"{n} {g:.1f}" for n, g in res.peak_detail[k].items()) + ")"
+            for k, v in res.peaks.items()
+        ),
+        "",
+    ]
     sp = res.speed
-    lines.append(f"{'window':>6} {'variant':<10} {'batch':>5} {'windows/s':>10} {'× ref':>6} {'GFLOP/win':>9} "
-                 f"{'GFLOP/s':>8} {'% peak':>7}  peak")
+    lines.append(
+        f"{'window':>6} {'variant':<10} {'batch':>5} {'windows/s':>10} {'× ref':>6} {'GFLOP/win':>9} "
+        f"{'GFLOP/s':>8} {'% peak':>7}  peak"
+    )
     for r in sp.itertuples(index=False):
-        lines.append(f"{r.window:>6} {r.variant:<10} {r.batch:>5} {r[3]:>10.1f} {r[4]:>6.2f} {r[5]:>9.3f} "
-                     f"{r[6]:>8.1f} {r[7]:>6.1f}%  {r[8]}")
+        lines.append(
+            f"{r.window:>6} {r.variant:<10} {r.batch:>5} {r[3]:>10.1f} {r[4]:>6.2f} {r[5]:>9.3f} "
+            f"{r[6]:>8.1f} {r[7]:>6.1f}%  {r[8]}"
+        )
     if not res.batch.empty:
-        lines += ["", "fast engine by batch size (window %d): " % res.batch["window"].iloc[0]
-                  + ", ".join(f"{b.batch}{'*' if b.auto else ''}: {b[2]:.1f}/s" for b in res.batch.itertuples(index=False))
-                  + "   (* = automatic choice)"]
+        lines += [
+            "",
+            f"fast engine by batch size (window {res.batch['window'].iloc[0]}): "
+            + ", ".join(f"{b.batch}{'*' if b.auto else ''}: {b[2]:.1f}/s" for b in res.batch.itertuples(index=False))
+            + "   (* = automatic choice)",
+        ]
     lines += ["", "argmax agreement, fast vs exact float32:"]
     for r in res.agreement.itertuples(index=False):
         value = "n/a" if np.isnan(r.agreement) else f"{100 * r.agreement:.2f} %"
@@ -216,13 +273,17 @@ def format_result(res: BenchResult) -> str:
         rows = sp[sp["window"] == w].set_index("variant")
         fast_x, exact_x = rows.loc["fast", "× reference"], rows.loc["exact", "× reference"]
         fast_pct = rows.loc["fast", "% of peak"]
-        lines.append(f"  window {w}: fast {fast_x:.2f}× ref (target ≥ {TARGET_FAST_X:g}) "
-                     f"{'PASS' if fast_x >= TARGET_FAST_X else 'MISS'}; fast {fast_pct:.0f} % of peak (target ≥ "
-                     f"{100 * TARGET_FAST_PEAK:.0f} %) {'PASS' if fast_pct >= 100 * TARGET_FAST_PEAK else 'MISS'}; "
-                     f"exact {exact_x:.2f}× ref (target ≥ {TARGET_EXACT_X:g}) "
-                     f"{'PASS' if exact_x >= TARGET_EXACT_X else 'MISS'}")
+        lines.append(
+            f"  window {w}: fast {fast_x:.2f}× ref (target ≥ {TARGET_FAST_X:g}) "
+            f"{'PASS' if fast_x >= TARGET_FAST_X else 'MISS'}; fast {fast_pct:.0f} % of peak (target ≥ "
+            f"{100 * TARGET_FAST_PEAK:.0f} %) {'PASS' if fast_pct >= 100 * TARGET_FAST_PEAK else 'MISS'}; "
+            f"exact {exact_x:.2f}× ref (target ≥ {TARGET_EXACT_X:g}) "
+            f"{'PASS' if exact_x >= TARGET_EXACT_X else 'MISS'}"
+        )
     for r in res.agreement.itertuples(index=False):
         if not np.isnan(r.agreement):
-            lines.append(f"  window {r.window}: agreement {100 * r.agreement:.2f} % (target ≥ "
-                         f"{100 * TARGET_AGREEMENT:.0f} %) {'PASS' if r.agreement >= TARGET_AGREEMENT else 'MISS'}")
+            lines.append(
+                f"  window {r.window}: agreement {100 * r.agreement:.2f} % (target ≥ "
+                f"{100 * TARGET_AGREEMENT:.0f} %) {'PASS' if r.agreement >= TARGET_AGREEMENT else 'MISS'}"
+            )
     return "\n".join(lines)

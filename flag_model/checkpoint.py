@@ -6,6 +6,7 @@ reader of `safe_pickle`: tensors and plain values only, foreign objects as inert
 called. A pickle that names what only an attack needs (os.system, eval, ...) is refused, naming it.
 A PEFT `save_pretrained` folder (or its adapter_config.json / adapter_model.*) is read with its adapter config.
 """
+
 from __future__ import annotations
 
 import _compat_pickle
@@ -19,9 +20,10 @@ import pickletools
 import re
 import struct
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 import torch
 
@@ -41,9 +43,22 @@ KNOWN_PREFIXES: tuple[str, ...] = ("module.", "model.", "_orig_mod.")
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CONFIG = "adapter_config.json"
 # adapter_config.json fields shown to the user.
-ADAPTER_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules", "base_model_name_or_path", "lora_dropout",
-                  "peft_type", "task_type", "layers_to_transform", "modules_to_save", "use_dora", "rank_pattern",
-                  "alpha_pattern", "peft_version")
+ADAPTER_FIELDS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "target_modules",
+    "base_model_name_or_path",
+    "lora_dropout",
+    "peft_type",
+    "task_type",
+    "layers_to_transform",
+    "modules_to_save",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "peft_version",
+)
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -53,9 +68,11 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], tuple
         prefix = next((p for p in KNOWN_PREFIXES if all(k.startswith(p) for k in sd)), None)
         if prefix is None:
             break
-        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
         removed.append(prefix)
     return sd, tuple(removed)
+
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -100,15 +117,18 @@ class Checkpoint:
         return sum(t.numel() for t in self.state_dict.values())
 
 
-def _read_source(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO) -> tuple[str, Path | None, bytes | None]:
+def _read_source(
+    src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO,
+) -> tuple[str, Path | None, bytes | None]:
     """-> (display name, path or None, bytes or None)."""
     if isinstance(src, (str, os.PathLike)):
         try:
             path = Path(src).expanduser()
             path.stat()
         except (OSError, RuntimeError, ValueError) as exc:  # missing, unknown ~user, name too long, NUL byte
-            raise CheckpointError(f"{src}: cannot open this path ({exc}). Check the path (it is read on the "
-                                  "machine running the tool).") from None
+            raise CheckpointError(
+                f"{src}: cannot open this path ({exc}). Check the path (it is read on the machine running the tool)."
+            ) from None
         if not path.exists():
             raise CheckpointError(f"{path}: no such file. Check the path (it is read on the machine running the tool).")
         if path.is_dir() or path.name == PEFT_CONFIG:
@@ -116,8 +136,10 @@ def _read_source(src: str | os.PathLike | bytes | bytearray | memoryview | Binar
             # the folder itself, or the `lora/` save_pretrained folder the PEFT FLAGTrader class writes beside heads.pt
             weights = next((f / n for f in (folder, folder / "lora") for n in PEFT_WEIGHTS if (f / n).is_file()), None)
             if weights is None:
-                raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt, .pth, .bin or "
-                                      f".safetensors), or a PEFT save_pretrained folder with {' or '.join(PEFT_WEIGHTS)}.")
+                raise CheckpointError(
+                    f"{path} is a folder; give the checkpoint file inside it (.pt, .pth, .bin or "
+                    f".safetensors), or a PEFT save_pretrained folder with {' or '.join(PEFT_WEIGHTS)}."
+                )
             return str(weights), weights, None
         return str(path), path, None
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -163,10 +185,14 @@ def _describe_unknown(name: str, head: bytes) -> str:
     # Never quote the file's content: on a shared server the file may be someone else's.
     if printable and sample:
         kind = "JSON" if sample[:1] in "{[" else "text"
-        return (f"{name} is a {kind} file, not a checkpoint. "
-                "Open the .pt/.pth/.bin/.safetensors file the training script saved.")
-    return (f"{name} is not a PyTorch or safetensors checkpoint (its first bytes are no known format). "
-            "The file may be corrupt or of another kind; re-export it with torch.save or safetensors.")
+        return (
+            f"{name} is a {kind} file, not a checkpoint. "
+            "Open the .pt/.pth/.bin/.safetensors file the training script saved."
+        )
+    return (
+        f"{name} is not a PyTorch or safetensors checkpoint (its first bytes are no known format). "
+        "The file may be corrupt or of another kind; re-export it with torch.save or safetensors."
+    )
 
 
 def _whole_pickle(raw: bytes) -> bool:
@@ -245,10 +271,12 @@ def _check_zip(name: str, path: Path | None, data: bytes | None, size: int) -> N
             raise CheckpointError(
                 f"{name}: a zip member would inflate to {info.file_size:,} bytes from a {size:,}-byte file (more "
                 f"than {lim.max_inflation:g}× the file; max_inflation). torch saves members uncompressed, so this is "
-                "not a checkpoint torch wrote; it was refused before inflating.")
+                "not a checkpoint torch wrote; it was refused before inflating."
+            )
     if total > lim.max_decompressed_bytes:
-        raise CheckpointError(f"{name}: " + too_big("the bytes the zip members inflate to", total,
-                                                   "max_decompressed_bytes"))
+        raise CheckpointError(
+            f"{name}: " + too_big("the bytes the zip members inflate to", total, "max_decompressed_bytes")
+        )
 
 
 def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> tuple[Any, dict[str, str] | None]:
@@ -267,8 +295,9 @@ def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> t
         if "GLOBAL" in msg or "Unsupported global" in msg or "Unsupported class" in msg:
             return _restricted(name, fmt, path, data)
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
+        why = _brief(detail.group(1) if detail else msg.splitlines()[0])
         raise CheckpointError(
-            f"{name}: the safe loader refused this pickle ({_brief(detail.group(1) if detail else msg.splitlines()[0])}). "
+            f"{name}: the safe loader refused this pickle ({why}). "
             "It holds something other than tensors and plain values; it was not executed. "
             "Re-save only the state dict (torch.save(model.state_dict(), path)) from trusted code."
         ) from None
@@ -307,13 +336,17 @@ def _restricted(name: str, fmt: str, path: Path | None, data: bytes | None) -> t
             res = restricted_load(fmt, raw=path.read_bytes() if path is not None else data)
     except RestrictedPickleError as exc:
         if exc.malformed:
-            raise CheckpointError(f"{name}: the file could not be read even in restricted mode ({exc.refused}: "
-                                  f"{exc.why}); it may be damaged. Copy it again or re-save the state dict.") from None
+            raise CheckpointError(
+                f"{name}: the file could not be read even in restricted mode ({exc.refused}: "
+                f"{exc.why}); it may be damaged. Copy it again or re-save the state dict."
+            ) from None
         return _refuse(name, exc.refused)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle or archive, whatever the unpickler raised
         first = _brief(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{name}: the file could not be read even in restricted mode ({first}); it may be "
-                              "damaged. Re-save the state dict (torch.save(model.state_dict(), path)).") from None
+        raise CheckpointError(
+            f"{name}: the file could not be read even in restricted mode ({first}); it may be "
+            "damaged. Re-save the state dict (torch.save(model.state_dict(), path))."
+        ) from None
     return res.obj, res.foreign
 
 
@@ -325,8 +358,7 @@ def _refuse(name: str, what: str) -> Any:
     )
 
 
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1}
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _check_safetensors_header(name: str, header: bytes, size: int) -> None:
@@ -336,38 +368,50 @@ def _check_safetensors_header(name: str, header: bytes, size: int) -> None:
     try:
         entries = json.loads(header)
     except ValueError:
-        raise CheckpointError(f"{name}: the safetensors header is not valid JSON; the file is damaged. "
-                              "Copy or export it again.") from None
+        raise CheckpointError(
+            f"{name}: the safetensors header is not valid JSON; the file is damaged. Copy or export it again."
+        ) from None
     if not isinstance(entries, dict):
         raise CheckpointError(f"{name}: the safetensors header is not a JSON object; the file is damaged.")
     tensors = {k: v for k, v in entries.items() if k != "__metadata__"}
     if len(tensors) > lim.max_tensors:
         raise CheckpointError(f"{name}: " + too_big("the number of tensors", len(tensors), "max_tensors"))
     total = 0
-    for key, e in tensors.items():
+    for e in tensors.values():
         shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
-        ok = (isinstance(shape, list) and all(type(d) is int and 0 <= d for d in shape)
-              and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-              and 0 <= offsets[0] <= offsets[1] <= size)
+        ok = (
+            isinstance(shape, list)
+            and all(type(d) is int and 0 <= d for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= size
+        )
         if not ok:
-            raise CheckpointError(f"{name}: the safetensors header entry for a tensor has an invalid shape or offsets "
-                                  "(negative, not integers, or beyond the end of the file); the file is damaged.")
+            raise CheckpointError(
+                f"{name}: the safetensors header entry for a tensor has an invalid shape or offsets "
+                "(negative, not integers, or beyond the end of the file); the file is damaged."
+            )
         numel = math.prod(shape)
         total += numel
         if total > lim.max_params:
             raise CheckpointError(f"{name}: " + too_big("the values the header declares", total, "max_params"))
         if e.get("dtype") in _ST_ITEMSIZE and numel * _ST_ITEMSIZE[e["dtype"]] != offsets[1] - offsets[0]:
-            raise CheckpointError(f"{name}: a tensor's shape in the safetensors header does not match the bytes "
-                                  "stored for it; the file is damaged. Copy or export it again.")
+            raise CheckpointError(
+                f"{name}: a tensor's shape in the safetensors header does not match the bytes "
+                "stored for it; the file is damaged. Copy or export it again."
+            )
 
 
-def _safetensors_load(name: str, path: Path | None, data: bytes | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _safetensors_load(
+    name: str, path: Path | None, data: bytes | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors.torch import load, load_file
 
     size = len(data) if data is not None else path.stat().st_size
     if data is not None:
         n = struct.unpack("<Q", data[:8])[0]
-        header = data[8:8 + min(n, limits().max_header_bytes)]
+        header = data[8 : 8 + min(n, limits().max_header_bytes)]
     else:
         with path.open("rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
@@ -375,8 +419,10 @@ def _safetensors_load(name: str, path: Path | None, data: bytes | None) -> tuple
     if n > limits().max_header_bytes:
         raise CheckpointError(f"{name}: " + too_big("the safetensors header length", n, "max_header_bytes"))
     if n > size - 8:
-        raise CheckpointError(f"{name}: the safetensors header is longer than the file; the file is damaged or "
-                              "truncated. Copy or export it again.")
+        raise CheckpointError(
+            f"{name}: the safetensors header is longer than the file; the file is damaged or "
+            "truncated. Copy or export it again."
+        )
     _check_safetensors_header(name, header, size - 8 - n)
     try:
         tensors = load(data) if data is not None else load_file(str(path))
@@ -394,13 +440,15 @@ _MAX_DEPTH = 32  # nesting of dicts/lists read from a file
 _MAX_ENTRIES = 1_000_000  # dict entries walked per file; shared sub-dicts are counted each time
 
 
-def _flatten(obj: Mapping[str, Any], prefix: str = "", _budget: list[int] | None = None,
-             _depth: int = 0) -> dict[str, torch.Tensor]:
+def _flatten(
+    obj: Mapping[str, Any], prefix: str = "", _budget: list[int] | None = None, _depth: int = 0
+) -> dict[str, torch.Tensor]:
     """Nested dicts of tensors -> one dotted-key dict (e.g. CGDT's top-level `dt` / `critic` dicts)."""
     budget = [_MAX_ENTRIES] if _budget is None else _budget
     if _depth > _MAX_DEPTH:
-        raise CheckpointError(f"dicts nested more than {_MAX_DEPTH} levels deep (at '{prefix[:80]}…'); "
-                              "this is not a model checkpoint.")
+        raise CheckpointError(
+            f"dicts nested more than {_MAX_DEPTH} levels deep (at '{prefix[:80]}…'); this is not a model checkpoint."
+        )
     out: dict[str, torch.Tensor] = {}
     for k, v in obj.items():
         budget[0] -= 1
@@ -435,9 +483,7 @@ def _unwrap(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if isinstance(obj, torch.nn.Module):  # only reachable if a future torch allow-lists modules
         return dict(obj.state_dict()), {}, (), None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{name} holds a {type(obj).__name__}, not a dict of tensors; save a state dict instead."
-        )
+        raise CheckpointError(f"{name} holds a {type(obj).__name__}, not a dict of tensors; save a state dict instead.")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {str(k): v for k, v in obj.items()}, {}, (), None
     keys = tuple(str(k) for k in obj)
@@ -448,8 +494,12 @@ def _unwrap(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
         rest = {k: v for k, v in obj.items() if k != sd_key}
     else:
         sd = _flatten(obj)
-        rest = {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)
-                and not (isinstance(v, Mapping) and _flatten(v) and not _TRAINING_STATE.match(str(k)))}
+        rest = {
+            k: v
+            for k, v in obj.items()
+            if not isinstance(v, torch.Tensor)
+            and not (isinstance(v, Mapping) and _flatten(v) and not _TRAINING_STATE.match(str(k)))
+        }
     for k, v in rest.items():
         if _TRAINING_STATE.match(str(k)):
             groups = len(v.get("param_groups", [])) if isinstance(v, Mapping) else 0
@@ -459,8 +509,18 @@ def _unwrap(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return sd, meta, keys, sd_key
 
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.int32,
-           torch.int64, torch.uint8, torch.bool)
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+)
 
 
 def _check_tensors(sd: Mapping[str, torch.Tensor], name: str) -> None:
@@ -511,17 +571,23 @@ def _health_warnings(sd: Mapping[str, torch.Tensor]) -> list[str]:
     if bad:
         nan = sum(int(torch.isnan(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
         inf = sum(int(torch.isinf(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
-        out.append(f"{len(bad)} tensor{'s contain' if len(bad) > 1 else ' contains'} NaN or Inf ({nan:,} NaN and "
-                   f"{inf:,} Inf elements; e.g. {bad[0]}); predictions will be NaN.")
+        out.append(
+            f"{len(bad)} tensor{'s contain' if len(bad) > 1 else ' contains'} NaN or Inf ({nan:,} NaN and "
+            f"{inf:,} Inf elements; e.g. {bad[0]}); predictions will be NaN."
+        )
     # A flipped exponent bit turns a weight into ~1e30: finite, but the forward pass overflows to NaN.
     huge = [k for k, v in amax.items() if math.isfinite(v) and v > 1e4]
     if huge:
-        out.append(f"{len(huge)} tensors hold values beyond ±1e4 (e.g. {huge[0]}: {amax[huge[0]]:.3g}), far outside "
-                   "trained weights; the file is probably damaged and predictions may overflow to NaN.")
+        out.append(
+            f"{len(huge)} tensors hold values beyond ±1e4 (e.g. {huge[0]}: {amax[huge[0]]:.3g}), far outside "
+            "trained weights; the file is probably damaged and predictions may overflow to NaN."
+        )
     ints = [k for k, t in sd.items() if not t.is_floating_point()]
     if ints:
-        out.append(f"{len(ints)} tensors hold integers or bools (e.g. {ints[0]}: "
-                   f"{str(sd[ints[0]].dtype).removeprefix('torch.')}); weights are floats, so they are cast when loaded.")
+        out.append(
+            f"{len(ints)} tensors hold integers or bools (e.g. {ints[0]}: "
+            f"{str(sd[ints[0]].dtype).removeprefix('torch.')}); weights are floats, so they are cast when loaded."
+        )
     half = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values() if t.dtype in _HALF})
     if half:
         n = sum(t.dtype in _HALF for t in sd.values())
@@ -529,7 +595,9 @@ def _health_warnings(sd: Mapping[str, torch.Tensor]) -> list[str]:
     return out
 
 
-def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, name: str | None = None) -> Checkpoint:
+def load_checkpoint(
+    src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, name: str | None = None
+) -> Checkpoint:
     """Read a .pt/.pth/.bin (torch zip or legacy) or .safetensors checkpoint from a path, bytes or file object.
 
     Unwraps saved-dict layouts and wrapper prefixes, keeps non-tensor entries as metadata, infers the
@@ -540,11 +608,15 @@ def load_checkpoint(src: str | os.PathLike | bytes | bytearray | memoryview | Bi
     except CheckpointError:
         raise
     except MemoryError:
-        raise CheckpointError(f"{name or 'the file'}: reading it ran out of memory. The file declares more data than "
-                              "this machine can hold; see the limits in the README.") from None
+        raise CheckpointError(
+            f"{name or 'the file'}: reading it ran out of memory. The file declares more data than "
+            "this machine can hold; see the limits in the README."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - whatever else a crafted file triggers is a refusal, never a traceback
-        raise CheckpointError(f"{name or 'the file'} could not be read as a checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}).") from None
+        raise CheckpointError(
+            f"{name or 'the file'} could not be read as a checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})."
+        ) from None
 
 
 def _load(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, name: str | None) -> Checkpoint:
@@ -561,7 +633,7 @@ def _load(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, na
     fmt = _sniff(head)
     if fmt == "unknown":
         if data is not None:
-            raw = data[:1 << 20]
+            raw = data[: 1 << 20]
         else:
             with path.open("rb") as f:
                 raw = f.read(1 << 20)
@@ -589,20 +661,32 @@ def _load(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, na
     warnings = [f"removed the key prefix '{p}' from every key" for p in stripped]
     if foreign is not None:
         classes = sorted(set(foreign.values()))
-        warnings.append(f"read in restricted mode: the pickle holds {len(foreign)} Python object(s) of "
-                        f"{len(classes)} class(es) the safe loader refuses ({', '.join(classes[:4])}"
-                        f"{', …' if len(classes) > 4 else ''}); their fields were read as inert records and "
-                        "nothing from the file was called.")
+        warnings.append(
+            f"read in restricted mode: the pickle holds {len(foreign)} Python object(s) of "
+            f"{len(classes)} class(es) the safe loader refuses ({', '.join(classes[:4])}"
+            f"{', …' if len(classes) > 4 else ''}); their fields were read as inert records and "
+            "nothing from the file was called."
+        )
     adapter = _adapter_config(path) if path is not None else None
     if adapter is not None:
         meta["adapter_config"] = adapter
     warnings += _health_warnings(sd)
     stored = _stored_config(meta)
     ckpt = Checkpoint(
-        state_dict=sd, meta=meta, source=display, format=fmt, wrapper_keys=wrapper_keys, state_dict_key=sd_key,
-        prefixes_stripped=stripped, digest=_digest(path, data), size_bytes=size, stored_config=stored,
-        warnings=warnings, read_mode="weights_only" if foreign is None else "restricted",
-        foreign_objects=dict(foreign or {}), adapter_config=adapter,
+        state_dict=sd,
+        meta=meta,
+        source=display,
+        format=fmt,
+        wrapper_keys=wrapper_keys,
+        state_dict_key=sd_key,
+        prefixes_stripped=stripped,
+        digest=_digest(path, data),
+        size_bytes=size,
+        stored_config=stored,
+        warnings=warnings,
+        read_mode="weights_only" if foreign is None else "restricted",
+        foreign_objects=dict(foreign or {}),
+        adapter_config=adapter,
     )
     try:
         ckpt.config, more = infer_config(sd, stored)
@@ -613,7 +697,9 @@ def _load(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, na
         _infer_without_stored(ckpt, exc)
     else:
         if not 0.0 <= ckpt.config.lora_scale <= 1e4:  # NaN, Inf, negative or so large the forward pass overflows
-            _infer_without_stored(ckpt, ValueError(f"its lora_alpha gives a LoRA scale of {ckpt.config.lora_scale:.3g}"))
+            _infer_without_stored(
+                ckpt, ValueError(f"its lora_alpha gives a LoRA scale of {ckpt.config.lora_scale:.3g}")
+            )
     return ckpt
 
 
@@ -636,15 +722,19 @@ def _infer_without_stored(ckpt: Checkpoint, exc: Exception) -> None:
     except ConfigError as again:
         ckpt.config_error = str(again)
     except (ValueError, TypeError, IndexError, OverflowError):
+
         def want(k: str) -> int:  # dimensions of a key in the documented layout
             if k == "pos_embedding":
                 return 3
             return 2 if k.endswith(("lora_A", "lora_B")) or (k.endswith(".weight") and "norm" not in k) else 1
-        wrong = [f"{k} is {t.dim()}-d, expected {want(k)}-d" for k, t in ckpt.state_dict.items()
-                 if t.dim() != want(k)]
-        ckpt.config_error = (f"the tensor shapes do not fit the FLAG-TRADER layout ({'; '.join(wrong[:3]) or exc}). "
-                             "The Architecture page compares every key with the expected shape.")
+
+        wrong = [f"{k} is {t.dim()}-d, expected {want(k)}-d" for k, t in ckpt.state_dict.items() if t.dim() != want(k)]
+        ckpt.config_error = (
+            f"the tensor shapes do not fit the FLAG-TRADER layout ({'; '.join(wrong[:3]) or exc}). "
+            "The Architecture page compares every key with the expected shape."
+        )
     else:
         ckpt.warnings += more
-        ckpt.warnings.append(f"the stored config could not be used ({type(exc).__name__}: {exc}); "
-                             "the assumptions use their defaults.")
+        ckpt.warnings.append(
+            f"the stored config could not be used ({type(exc).__name__}: {exc}); the assumptions use their defaults."
+        )

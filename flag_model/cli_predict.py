@@ -1,18 +1,29 @@
 """The `predict` and `bench` subcommands (registered by flag_model/__main__.py through add_parsers)."""
+
 from __future__ import annotations
 
 import argparse
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .data import (MODES, NORMALISATIONS, IntervalCheck, RunningMoments, check_interval, default_window,
-                   detect_columns, iter_table_chunks, parse_times)
+from .data import (
+    MODES,
+    NORMALISATIONS,
+    IntervalCheck,
+    RunningMoments,
+    check_interval,
+    default_window,
+    detect_columns,
+    iter_table_chunks,
+    parse_times,
+)
 from .distributed import DEFAULT_PARTITION_WINDOWS
 from .engine import PRECISIONS
 from .features import LabelRule
@@ -65,8 +76,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .model import build_model
 
     ckpt = load_checkpoint(args.checkpoint)
-    model = build_model(ckpt, num_heads=args.num_heads, lora_scale=args.lora_scale,
-                        norm_first=True if args.pre_norm else None, causal=True if args.causal else None)
+    model = build_model(
+        ckpt,
+        num_heads=args.num_heads,
+        lora_scale=args.lora_scale,
+        norm_first=True if args.pre_norm else None,
+        causal=True if args.causal else None,
+    )
     return ckpt, model
 
 
@@ -76,8 +92,13 @@ def _on_cluster(args: argparse.Namespace) -> bool:
 
     from .distributed import has_symbol_column
 
-    return bool(args.workers is not None or args.scheduler or len(args.data) > 1 or glob.has_magic(args.data[0])
-                or has_symbol_column(args.data[0]))
+    return bool(
+        args.workers is not None
+        or args.scheduler
+        or len(args.data) > 1
+        or glob.has_magic(args.data[0])
+        or has_symbol_column(args.data[0])
+    )
 
 
 def _predict_cluster(args: argparse.Namespace) -> int:
@@ -91,14 +112,27 @@ def _predict_cluster(args: argparse.Namespace) -> int:
     workers = None if args.scheduler else (args.workers or default_workers())
     # A local cluster shares this machine's CPUs: each worker's engine gets its share of them.
     threads = args.threads or (max(1, default_workers() // workers) if workers else None)
-    spec, engine = make_spec(args.checkpoint, window=args.window, mode=args.mode, precision=args.precision,
-                             normalisation=args.normalisation, horizon=args.horizon, threshold=args.threshold,
-                             num_heads=args.num_heads, lora_scale=args.lora_scale,
-                             norm_first=True if args.pre_norm else None, causal=True if args.causal else None,
-                             threads=threads, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
-                             partition_windows=args.partition_windows)
-    _say(f"{Path(args.checkpoint).name}: window {spec.window}, {spec.mode} mode, {spec.normalisation} "
-         f"normalisation; engine {engine.info.dtype} ({engine.info.reason}), batches of {spec.batch_size}")
+    spec, engine = make_spec(
+        args.checkpoint,
+        window=args.window,
+        mode=args.mode,
+        precision=args.precision,
+        normalisation=args.normalisation,
+        horizon=args.horizon,
+        threshold=args.threshold,
+        num_heads=args.num_heads,
+        lora_scale=args.lora_scale,
+        norm_first=True if args.pre_norm else None,
+        causal=True if args.causal else None,
+        threads=threads,
+        chunk_rows=args.chunk_rows,
+        batch_size=args.batch_size,
+        partition_windows=args.partition_windows,
+    )
+    _say(
+        f"{Path(args.checkpoint).name}: window {spec.window}, {spec.mode} mode, {spec.normalisation} "
+        f"normalisation; engine {engine.info.dtype} ({engine.info.reason}), batches of {spec.batch_size}"
+    )
     _say(f"label rule: {spec.rule.describe()}")
 
     def progress(futures: list) -> None:
@@ -113,8 +147,10 @@ def _predict_cluster(args: argparse.Namespace) -> int:
         step = max(1, len(futures) // 10)
         for i, _ in enumerate(as_completed(futures), 1):
             if i % step == 0 or i == len(futures):
-                _say(f"  {i}/{len(futures)} {futures[0].key.split('-')[0]} task(s) done "
-                     f"({time.perf_counter() - t0:.0f} s)")
+                _say(
+                    f"  {i}/{len(futures)} {futures[0].key.split('-')[0]} task(s) done "
+                    f"({time.perf_counter() - t0:.0f} s)"
+                )
 
     def run(client: object) -> int:
         result = score_on_cluster(client, args.data, spec, args.out, on_submit=progress, say=_say)
@@ -122,11 +158,16 @@ def _predict_cluster(args: argparse.Namespace) -> int:
             _say(f"warning: {w}")
         for _, r in result.summary.iterrows():
             shares = ", ".join(f"{c[6:]} {r[c]:.1%}" for c in result.summary.columns if c.startswith("share_"))
-            score = (f"; accuracy {r['accuracy']:.4f}, F1-macro {r['f1_macro']:.4f} over {r['labelled']:,} labelled"
-                     if r["labelled"] else "")
+            score = (
+                f"; accuracy {r['accuracy']:.4f}, F1-macro {r['f1_macro']:.4f} over {r['labelled']:,} labelled"
+                if r["labelled"]
+                else ""
+            )
             _say(f"  {r['symbol']}: {r['rows']:,} rows in {r['parts']} part(s); {shares}{score}")
-        _say(f"wrote {result.rows:,} rows for {len(result.summary)} symbol(s) to {result.out_dir} in "
-             f"{time.perf_counter() - t0:.1f} s on {result.workers} worker(s) ({', '.join(result.engines)})")
+        _say(
+            f"wrote {result.rows:,} rows for {len(result.summary)} symbol(s) to {result.out_dir} in "
+            f"{time.perf_counter() - t0:.1f} s on {result.workers} worker(s) ({', '.join(result.engines)})"
+        )
         for source, message in result.errors:
             _say(f"error: {source}: {message}")
         return 2 if result.errors else 0
@@ -149,8 +190,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _predict_one(args: argparse.Namespace) -> int:
-    from .analysis.predict import (decide, evaluate_arrays, feature_stream, label_text, predictions_frame,
-                                   stream_predictions, undecided_note)
+    from .analysis.predict import (
+        decide,
+        evaluate_arrays,
+        feature_stream,
+        label_text,
+        predictions_frame,
+        stream_predictions,
+        undecided_note,
+    )
     from .engine import InferenceEngine
 
     t0 = time.perf_counter()
@@ -158,11 +206,15 @@ def _predict_one(args: argparse.Namespace) -> int:
     cfg = model.config
     window = args.window or default_window(ckpt.meta, cfg.max_length)
     stored, rule_source = LabelRule.from_meta(ckpt.meta)
-    rule = LabelRule(stored.horizon if args.horizon is None else args.horizon,
-                     stored.threshold if args.threshold is None else args.threshold)
+    rule = LabelRule(
+        stored.horizon if args.horizon is None else args.horizon,
+        stored.threshold if args.threshold is None else args.threshold,
+    )
     engine = InferenceEngine(model, args.precision, batch_size=args.batch_size)
-    _say(f"{Path(args.checkpoint).name}: window {window}, {args.mode} mode, {args.normalisation} normalisation; "
-         f"engine {engine.info.dtype} on {engine.info.device} ({engine.info.reason})")
+    _say(
+        f"{Path(args.checkpoint).name}: window {window}, {args.mode} mode, {args.normalisation} normalisation; "
+        f"engine {engine.info.dtype} on {engine.info.device} ({engine.info.reason})"
+    )
 
     def chunks() -> Iterator[pd.DataFrame]:
         return iter_table_chunks(args.data, args.chunk_rows)
@@ -183,8 +235,17 @@ def _predict_one(args: argparse.Namespace) -> int:
     labels, actions, positions, names = [], [], [], ("SELL", "HOLD", "BUY")
     rows = 0
     try:
-        for part in stream_predictions(chunks(), ckpt.meta, engine, window, args.mode, args.normalisation, rule,
-                                       stats, warn=lambda m: _say(f"warning: {m}")):
+        for part in stream_predictions(
+            chunks(),
+            ckpt.meta,
+            engine,
+            window,
+            args.mode,
+            args.normalisation,
+            rule,
+            stats,
+            warn=lambda m: _say(f"warning: {m}"),
+        ):
             out.write(predictions_frame(part))
             rows += len(part)
             names = part.actions
@@ -199,11 +260,15 @@ def _predict_one(args: argparse.Namespace) -> int:
     _say("actions: " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, shares)))
     if (note := undecided_note(act)) is not None:
         _say(f"warning: {note}")
-    metrics = evaluate_arrays(np.concatenate(labels), act, names,
-                              np.concatenate(positions) if args.mode == "blocks" else None, window)
+    metrics = evaluate_arrays(
+        np.concatenate(labels), act, names, np.concatenate(positions) if args.mode == "blocks" else None, window
+    )
     if metrics is not None:
-        _say(f"{label_text(rule, check.data.median)}.\nscores: accuracy {metrics.accuracy:.4f}, F1-macro {metrics.f1_macro:.4f}, "
-             f"majority baseline {metrics.majority_accuracy:.4f} ({metrics.majority_class}) over {metrics.n:,} rows")
+        _say(
+            f"{label_text(rule, check.data.median)}.\n"
+            f"scores: accuracy {metrics.accuracy:.4f}, F1-macro {metrics.f1_macro:.4f}, "
+            f"majority baseline {metrics.majority_accuracy:.4f} ({metrics.majority_class}) over {metrics.n:,} rows"
+        )
     _say(f"wrote {rows:,} rows to {args.out} in {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
     return 0
 
@@ -224,15 +289,27 @@ def _bench(args: argparse.Namespace) -> int:
         from .distributed import bench_cluster
 
         ckpt = args.checkpoint or build_demo("full", progress=lambda f, m: _say(f"  [{f:4.0%}] {m}"))
-        table = bench_cluster(ckpt, args.data or ETH_DATA, args.cluster, window=(args.windows or [64])[0],
-                              bars=args.cluster_bars, report=lambda m: _say(f"  {m}"))
+        table = bench_cluster(
+            ckpt,
+            args.data or ETH_DATA,
+            args.cluster,
+            window=(args.windows or [64])[0],
+            bars=args.cluster_bars,
+            report=lambda m: _say(f"  {m}"),
+        )
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         return 0 if table["identical"].all() else 1
     if args.quick:
         model, meta = quick_model(), {}
-        cfg = BenchConfig(windows=tuple(args.windows or (16, 32)), min_seconds=0.05, peak_size=256,
-                          agreement_windows=(64, 32), data_path=Path(args.data) if args.data else None, quick=True,
-                          batch=16)
+        cfg = BenchConfig(
+            windows=tuple(args.windows or (16, 32)),
+            min_seconds=0.05,
+            peak_size=256,
+            agreement_windows=(64, 32),
+            data_path=Path(args.data) if args.data else None,
+            quick=True,
+            batch=16,
+        )
     else:
         if args.checkpoint:
             ckpt, model = _load(args)
@@ -246,10 +323,14 @@ def _bench(args: argparse.Namespace) -> int:
             model = build_model(ckpt)
         meta = ckpt.meta
         windows = tuple(args.windows or (64, 256))
-        cfg = BenchConfig(windows=windows, min_seconds=args.seconds,
-                          agreement_windows=tuple(args.agreement_windows for _ in windows)
-                          if args.agreement_windows else tuple(2048 if w <= 64 else 512 for w in windows),
-                          data_path=Path(args.data) if args.data else ETH_DATA)
+        cfg = BenchConfig(
+            windows=windows,
+            min_seconds=args.seconds,
+            agreement_windows=tuple(args.agreement_windows for _ in windows)
+            if args.agreement_windows
+            else tuple(2048 if w <= 64 else 512 for w in windows),
+            data_path=Path(args.data) if args.data else ETH_DATA,
+        )
     result = run_bench(model, meta, cfg, report=lambda m: _say(f"  {m}"))
     print(format_result(result))
     return 0
@@ -264,30 +345,57 @@ def _assumption_args(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: Any) -> None:
     """Register `predict` and `bench` on the CLI's subparsers; each sets func(args) -> exit code."""
-    p = sub.add_parser("predict", help="SELL/HOLD/BUY for every bar of OHLCV CSV/Parquet files, streamed in chunks; "
-                       "several files or a dataset run on a Dask cluster")
+    p = sub.add_parser(
+        "predict",
+        help="SELL/HOLD/BUY for every bar of OHLCV CSV/Parquet files, streamed in chunks; "
+        "several files or a dataset run on a Dask cluster",
+    )
     p.add_argument("checkpoint")
-    p.add_argument("data", nargs="+",
-                   help="OHLCV CSV or Parquet (columns detected by name: time/open/high/low/close/volume); several "
-                        "files, a glob ('bars/*.csv') or a Parquet dataset with a 'symbol' column run on a cluster")
-    p.add_argument("--out", required=True, help="one file: .csv or .parquet; on a cluster: a new folder for a "
-                                                "Parquet dataset partitioned by symbol")
-    p.add_argument("--workers", type=int, help="score on a local Dask cluster of N worker processes (the default "
-                                               "for several inputs: one per CPU)")
+    p.add_argument(
+        "data",
+        nargs="+",
+        help="OHLCV CSV or Parquet (columns detected by name: time/open/high/low/close/volume); several "
+        "files, a glob ('bars/*.csv') or a Parquet dataset with a 'symbol' column run on a cluster",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="one file: .csv or .parquet; on a cluster: a new folder for a Parquet dataset partitioned by symbol",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="score on a local Dask cluster of N worker processes (the default for several inputs: one per CPU)",
+    )
     p.add_argument("--scheduler", help="score on an existing Dask cluster (e.g. tcp://10.0.0.5:8786)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: its CPUs / tasks at once)")
-    p.add_argument("--partition-windows", type=int, default=DEFAULT_PARTITION_WINDOWS,
-                   help="windows per cluster task (rounded up to whole engine batches)")
+    p.add_argument(
+        "--partition-windows",
+        type=int,
+        default=DEFAULT_PARTITION_WINDOWS,
+        help="windows per cluster task (rounded up to whole engine batches)",
+    )
     p.add_argument("--window", type=int, help="window length (default: the checkpoint's, else 64)")
-    p.add_argument("--mode", choices=MODES, default="rolling",
-                   help="rolling: stride 1, last position decides; blocks: non-overlapping, every position")
-    p.add_argument("--precision", choices=PRECISIONS, default="fast",
-                   help="fast: bf16 where native (or GPU); exact: float32")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="rolling",
+        help="rolling: stride 1, last position decides; blocks: non-overlapping, every position",
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fast", help="fast: bf16 where native (or GPU); exact: float32"
+    )
     p.add_argument("--normalisation", choices=NORMALISATIONS, default="checkpoint")
-    p.add_argument("--horizon", type=int, help="label horizon in bars (default: the checkpoint's stored rule, "
-                   f"else {LabelRule().horizon})")
-    p.add_argument("--threshold", type=float, help="label threshold, 0.002 = 0.2 %% (default: the checkpoint's "
-                   f"stored rule, else {LabelRule().threshold})")
+    p.add_argument(
+        "--horizon",
+        type=int,
+        help=f"label horizon in bars (default: the checkpoint's stored rule, else {LabelRule().horizon})",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help=f"label threshold, 0.002 = 0.2 %% (default: the checkpoint's stored rule, else {LabelRule().threshold})",
+    )
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows read per chunk")
     p.add_argument("--batch-size", type=int, help="windows per engine batch (default: sized to the CPU cache)")
     _assumption_args(p)
@@ -300,8 +408,13 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
     b.add_argument("--agreement-windows", type=int, help="real windows per length for the agreement check")
     b.add_argument("--quick", action="store_true", help="tiny random model, a few windows (for tests)")
-    b.add_argument("--cluster", type=int, nargs="+", metavar="N",
-                   help="instead: predict in one process vs local Dask clusters of N workers (windows/s, overhead)")
+    b.add_argument(
+        "--cluster",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="instead: predict in one process vs local Dask clusters of N workers (windows/s, overhead)",
+    )
     b.add_argument("--cluster-bars", type=int, default=3000, help="bars of --data scored by --cluster")
     _assumption_args(b)
     b.set_defaults(func=_bench)

@@ -4,12 +4,14 @@ Every size is read from tensor shapes; nothing is hard-coded to d=256 or d=768. 
 weights cannot prove -- number of heads, LoRA scale, norm placement and the attention mask -- are kept
 apart as *assumptions*, each with the place its value came from.
 """
+
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -77,15 +79,14 @@ class ModelConfig:
         if self.num_heads < 1 or self.d_model % self.num_heads:
             divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
             raise ConfigError(
-                f"{self.num_heads} heads do not divide the hidden size d={self.d_model}; "
-                f"choose one of {divisors}."
+                f"{self.num_heads} heads do not divide the hidden size d={self.d_model}; choose one of {divisors}."
             )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
-    def with_assumptions(self, **changes: Any) -> "ModelConfig":
+    def with_assumptions(self, **changes: Any) -> ModelConfig:
         """A copy with some assumptions changed (None values are ignored); provenance marks them as user-set."""
         changes = {k: v for k, v in changes.items() if v is not None}
         unknown = set(changes) - set(self.ASSUMPTIONS)
@@ -100,8 +101,14 @@ class ModelConfig:
     def param_count(self) -> int:
         """Parameters of the model this config describes (a direct formula, independent of nn.Module)."""
         d, f, r = self.d_model, self.ffn_dim, self.lora_rank
-        shapes = {"attention.q_proj": (d, d), "attention.k_proj": (d, d), "attention.v_proj": (d, d),
-                  "attention.out_proj": (d, d), "ffn.0": (d, f), "ffn.3": (f, d)}
+        shapes = {
+            "attention.q_proj": (d, d),
+            "attention.k_proj": (d, d),
+            "attention.v_proj": (d, d),
+            "attention.out_proj": (d, d),
+            "ffn.0": (d, f),
+            "ffn.3": (f, d),
+        }
         per_block = sum(i * o + o for i, o in shapes.values()) + 4 * d
         lora = sum(r * (shapes[t.split(".", 2)[2]][0] + shapes[t.split(".", 2)[2]][1]) for t in self.lora_targets)
         top = self.max_length * d + self.state_dim * d + d + 2 * d + self.n_actions * (d + 1)
@@ -110,10 +117,17 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain values, safe to store in a checkpoint dict (loads with weights_only=True)."""
         return {
-            "n_blocks": self.n_blocks, "d_model": self.d_model, "ffn_dim": self.ffn_dim,
-            "state_dim": self.state_dim, "n_actions": self.n_actions, "max_length": self.max_length,
-            "lora_rank": self.lora_rank, "lora_alpha": self.lora_scale * self.lora_rank,
-            "num_heads": self.num_heads, "norm_first": self.norm_first, "causal": self.causal,
+            "n_blocks": self.n_blocks,
+            "d_model": self.d_model,
+            "ffn_dim": self.ffn_dim,
+            "state_dim": self.state_dim,
+            "n_actions": self.n_actions,
+            "max_length": self.max_length,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_scale * self.lora_rank,
+            "num_heads": self.num_heads,
+            "norm_first": self.norm_first,
+            "causal": self.causal,
         }
 
 
@@ -173,20 +187,25 @@ def infer_config(
     prov["ffn_dim"] = "shape of transformer_blocks.0.ffn.0.base.weight [F, d]"
 
     targets = tuple(
-        f"transformer_blocks.{b}.{m}" for b in blocks for m in BLOCK_LINEARS
+        f"transformer_blocks.{b}.{m}"
+        for b in blocks
+        for m in BLOCK_LINEARS
         if f"transformer_blocks.{b}.{m}.lora.lora_A" in sd
     )
     ranks = Counter(sd[f"{t}.lora.lora_A"].shape[-1] for t in targets)
     rank = ranks.most_common(1)[0][0] if ranks else 0
     if len(ranks) > 1:  # the strict load then names the adapters whose shapes differ
         warnings.append(f"LoRA adapters have different ranks {sorted(ranks)}; assuming the most common, {rank}.")
-    prov["lora_rank"] = ("shape of lora_A [in, r]" if rank else "no lora_A tensors: no LoRA")
+    prov["lora_rank"] = "shape of lora_A [in, r]" if rank else "no lora_A tensors: no LoRA"
     prov["lora_targets"] = f"{len(targets)} modules have lora.lora_A"
 
     hit = _first(stored, _STORED_HEADS)
     heads = int(hit[1]) if hit else DEFAULT_HEADS
-    prov["num_heads"] = (f"assumption: stored config['{hit[0]}']" if hit
-                         else f"assumption: default {DEFAULT_HEADS} (not recoverable from weights)")
+    prov["num_heads"] = (
+        f"assumption: stored config['{hit[0]}']"
+        if hit
+        else f"assumption: default {DEFAULT_HEADS} (not recoverable from weights)"
+    )
     alpha, r_stored = _first(stored, _STORED_ALPHA), _first(stored, _STORED_RANK)
     if alpha and rank:
         scale = float(alpha[1]) / rank
@@ -198,33 +217,57 @@ def infer_config(
         warnings.append(f"stored config says LoRA rank {r_stored[1]}, tensors say {rank}; using the tensors.")
     nf = _first(stored, _STORED_NORM_FIRST)
     norm_first = _flag(nf[1]) if nf else False
-    prov["norm_first"] = (f"assumption: stored config['{nf[0]}']" if nf
-                          else "assumption: default post-norm (training code)")
+    prov["norm_first"] = (
+        f"assumption: stored config['{nf[0]}']" if nf else "assumption: default post-norm (training code)"
+    )
     ca = _first(stored, _STORED_CAUSAL)
     causal = _flag(ca[1]) if ca else False
-    prov["causal"] = (f"assumption: stored config['{ca[0]}']" if ca
-                      else "assumption: default no mask (bidirectional, training code)")
+    prov["causal"] = (
+        f"assumption: stored config['{ca[0]}']" if ca else "assumption: default no mask (bidirectional, training code)"
+    )
 
-    for names, value, what in ((("d_model", "hidden_dim", "hidden_size", "embed_dim"), d, "hidden size"),
-                               (("n_layers", "num_layers", "n_blocks"), n_blocks, "block count"),
-                               (("state_dim", "input_dim"), state_dim, "state_dim")):
+    for names, value, what in (
+        (("d_model", "hidden_dim", "hidden_size", "embed_dim"), d, "hidden size"),
+        (("n_layers", "num_layers", "n_blocks"), n_blocks, "block count"),
+        (("state_dim", "input_dim"), state_dim, "state_dim"),
+    ):
         hit = _first(stored, names)
         if hit and isinstance(hit[1], (int, float)) and int(hit[1]) != value:
             warnings.append(f"stored config says {what} {hit[1]} ('{hit[0]}'), tensors say {value}; using the tensors.")
 
     try:
         cfg = ModelConfig(
-            n_blocks=n_blocks, d_model=d, ffn_dim=ffn_dim, state_dim=state_dim, n_actions=n_actions,
-            max_length=max_length, lora_rank=rank, lora_targets=targets, num_heads=heads,
-            lora_scale=scale, norm_first=norm_first, causal=causal, provenance=prov,
+            n_blocks=n_blocks,
+            d_model=d,
+            ffn_dim=ffn_dim,
+            state_dim=state_dim,
+            n_actions=n_actions,
+            max_length=max_length,
+            lora_rank=rank,
+            lora_targets=targets,
+            num_heads=heads,
+            lora_scale=scale,
+            norm_first=norm_first,
+            causal=causal,
+            provenance=prov,
         )
     except ConfigError as exc:
         fallback = DEFAULT_HEADS if d % DEFAULT_HEADS == 0 else 1
         warnings.append(f"stored head count rejected: {exc} Falling back to {fallback}.")
         prov["num_heads"] = f"assumption: default {fallback} (stored value did not divide d)"
         cfg = ModelConfig(
-            n_blocks=n_blocks, d_model=d, ffn_dim=ffn_dim, state_dim=state_dim, n_actions=n_actions,
-            max_length=max_length, lora_rank=rank, lora_targets=targets, num_heads=fallback, lora_scale=scale,
-            norm_first=norm_first, causal=causal, provenance=prov,
+            n_blocks=n_blocks,
+            d_model=d,
+            ffn_dim=ffn_dim,
+            state_dim=state_dim,
+            n_actions=n_actions,
+            max_length=max_length,
+            lora_rank=rank,
+            lora_targets=targets,
+            num_heads=fallback,
+            lora_scale=scale,
+            norm_first=norm_first,
+            causal=causal,
+            provenance=prov,
         )
     return cfg, warnings

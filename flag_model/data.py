@@ -3,15 +3,16 @@ against the checkpoint's stored statistics, and windows as views (never copies).
 
 Row numbers in messages are 1-based data rows (the header is not counted: CSV line = row + 1).
 """
+
 from __future__ import annotations
 
 import io
 import math
 import re
-import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -124,18 +125,22 @@ def _header_columns(head: bytes, label: str) -> list[str]:
     lim = limits()
     line = head.split(b"\n", 1)[0]
     if b"\n" not in head and len(head) >= lim.max_header_bytes:
-        raise DataError(f"{label}: the header line is longer than this server's limit of {lim.max_header_bytes:,} "
-                        "bytes (max_header_bytes); refused before parsing. A market-data header is a few hundred "
-                        "bytes: is this the right file?")
+        raise DataError(
+            f"{label}: the header line is longer than this server's limit of {lim.max_header_bytes:,} "
+            "bytes (max_header_bytes); refused before parsing. A market-data header is a few hundred "
+            "bytes: is this the right file?"
+        )
     if line.count(b",") + 1 > lim.max_columns:
         raise DataError(f"{label}: " + too_big("the number of columns", line.count(b",") + 1, "max_columns"))
     if line.count(b'"') % 2:  # a quoted newline inside the header: let the parser read on, within 1 MiB
-        line = head[:1 << 20]
+        line = head[: 1 << 20]
     try:
         columns = [str(c) for c in pd.read_csv(io.BytesIO(line + b"\n"), nrows=0, index_col=False).columns]
     except Exception as exc:  # noqa: BLE001 - parsers raise many types; the user needs the reason
-        raise DataError(f"could not read the header of {label} as CSV ({type(exc).__name__}). Upload a CSV with "
-                        "a header row or a Parquet file.") from None
+        raise DataError(
+            f"could not read the header of {label} as CSV ({type(exc).__name__}). Upload a CSV with "
+            "a header row or a Parquet file."
+        ) from None
     if len(columns) > lim.max_columns:
         raise DataError(f"{label}: " + too_big("the number of columns", len(columns), "max_columns"))
     return columns
@@ -149,8 +154,10 @@ def _parquet_check(source: Any, label: str) -> None:
     try:
         meta = pq.read_metadata(source)
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"could not read {label} as Parquet ({type(exc).__name__}: {str(exc)[:120]}). Upload a "
-                        "CSV with a header row or a Parquet file.") from None
+        raise DataError(
+            f"could not read {label} as Parquet ({type(exc).__name__}: {str(exc)[:120]}). Upload a "
+            "CSV with a header row or a Parquet file."
+        ) from None
     if meta.num_columns > lim.max_columns:
         raise DataError(f"{label}: " + too_big("the number of columns", meta.num_columns, "max_columns"))
     if meta.num_rows > lim.max_rows:
@@ -179,7 +186,7 @@ def read_table(src: str | Path | bytes | IO[bytes], name: str | None = None) -> 
         source: Any = path
     else:
         data = src if isinstance(src, bytes) else src.read()
-        head = data[:lim.max_header_bytes]
+        head = data[: lim.max_header_bytes]
         is_parquet = data[:4] == b"PAR1" or label.lower().endswith((".parquet", ".pq"))
         source = io.BytesIO(data)
     try:
@@ -195,18 +202,24 @@ def read_table(src: str | Path | bytes | IO[bytes], name: str | None = None) -> 
             # silently becoming a (huge, slow) row index.
             df = pd.read_csv(source, index_col=False, usecols=range(len(columns)), nrows=max_rows + 1)
             if len(df) > max_rows:
-                raise DataError(f"{label}: " + too_big("the number of rows", len(df), "max_rows") +
-                                (" (rows × columns is bounded by max_cells)" if max_rows < lim.max_rows else ""))
+                raise DataError(
+                    f"{label}: "
+                    + too_big("the number of rows", len(df), "max_rows")
+                    + (" (rows × columns is bounded by max_cells)" if max_rows < lim.max_rows else "")
+                )
     except DataError:
         raise
     except MemoryError:
-        raise DataError(f"{label} is too large to read on this machine (out of memory); upload a shorter stretch "
-                        "of bars or fewer columns.") from None
+        raise DataError(
+            f"{label} is too large to read on this machine (out of memory); upload a shorter stretch "
+            "of bars or fewer columns."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - parsers raise many types; the user needs the reason, not the class
         kind = "Parquet" if is_parquet else "CSV"
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise DataError(f"could not read {label} as {kind} ({reason}). Upload a CSV with a header row or a "
-                        "Parquet file.") from None
+        raise DataError(
+            f"could not read {label} as {kind} ({reason}). Upload a CSV with a header row or a Parquet file."
+        ) from None
     if df.empty or len(df.columns) == 0:
         raise DataError(f"{label} has no data rows; it needs a header row and one row per bar.")
     return df
@@ -282,9 +295,11 @@ def _numeric(df: pd.DataFrame, col: str, rows: np.ndarray, repair: bool, issues:
     if len(inf):  # an infinite price would give inf returns and, downstream, a meaningless decision
         i = int(inf[0])
         msg = f"column '{col}' has {len(inf)} infinite value(s); the first in row {rows[i]}."
-        issues.append(Issue("warning", msg + " Treated as missing.", col, int(rows[i])) if repair else
-                      Issue("error", msg + " Fix the file or tick 'Repair' to treat them as missing.", col,
-                            int(rows[i])))
+        issues.append(
+            Issue("warning", msg + " Treated as missing.", col, int(rows[i]))
+            if repair
+            else Issue("error", msg + " Fix the file or tick 'Repair' to treat them as missing.", col, int(rows[i]))
+        )
         values = np.where(infinite, np.nan, values)
     bad = np.flatnonzero(np.isnan(values) & raw.notna().to_numpy() & ~infinite)
     if len(bad):
@@ -293,8 +308,9 @@ def _numeric(df: pd.DataFrame, col: str, rows: np.ndarray, repair: bool, issues:
         if repair:
             issues.append(Issue("warning", msg + " Treated as missing.", col, int(rows[i])))
         else:
-            issues.append(Issue("error", msg + " Fix the file or tick 'Repair' to treat them as missing.",
-                                col, int(rows[i])))
+            issues.append(
+                Issue("error", msg + " Fix the file or tick 'Repair' to treat them as missing.", col, int(rows[i]))
+            )
     return values
 
 
@@ -313,13 +329,21 @@ def _missing_runs(values: np.ndarray, col: str, rows: np.ndarray, repair: bool, 
     count = sum(b - a + 1 for a, b in runs)
     a0, b0 = runs[0]
     la, lb = max(runs, key=lambda r: r[1] - r[0])
-    msg = (f"column '{col}' has {count} missing value(s) in {len(runs)} run(s): the first is "
-           f"{_span(rows[a0], rows[b0])}, the longest {_span(rows[la], rows[lb])}.")
+    msg = (
+        f"column '{col}' has {count} missing value(s) in {len(runs)} run(s): the first is "
+        f"{_span(rows[a0], rows[b0])}, the longest {_span(rows[la], rows[lb])}."
+    )
     if repair:
         issues.append(Issue("warning", msg + " Filled with the previous value.", col, int(rows[a0])))
     else:
-        issues.append(Issue("error", msg + " Fill or remove them, or tick 'Repair' to carry the last value "
-                            "forward.", col, int(rows[a0])))
+        issues.append(
+            Issue(
+                "error",
+                msg + " Fill or remove them, or tick 'Repair' to carry the last value forward.",
+                col,
+                int(rows[a0]),
+            )
+        )
 
 
 def parse_times(col: pd.Series) -> tuple[np.ndarray, str]:
@@ -353,28 +377,37 @@ def _ns(times: pd.DatetimeIndex) -> np.ndarray:
     return times.where(inside).as_unit("ns").to_numpy()
 
 
-def _time_issues(times: np.ndarray, raw: pd.Series, name: str, rows: np.ndarray, repair: bool,
-                 issues: list[Issue]) -> np.ndarray:
+def _time_issues(
+    times: np.ndarray, raw: pd.Series, name: str, rows: np.ndarray, repair: bool, issues: list[Issue]
+) -> np.ndarray:
     """Unparseable times: an error naming the first row, or (repair) a warning; returns the rows to keep."""
     bad = np.flatnonzero(np.isnat(times))
     if len(bad):
         i = int(bad[0])
-        msg = (f"time column '{name}' has {len(bad)} value(s) that are not times; the first is {raw.iloc[i]!r} "
-               f"in row {rows[i]}.")
-        issues.append(Issue("warning", msg + " Those rows were dropped.", name, int(rows[i])) if repair else
-                      Issue("error", msg + " Fix them or tick 'Repair' to drop those rows.", name, int(rows[i])))
+        msg = (
+            f"time column '{name}' has {len(bad)} value(s) that are not times; the first is {raw.iloc[i]!r} "
+            f"in row {rows[i]}."
+        )
+        issues.append(
+            Issue("warning", msg + " Those rows were dropped.", name, int(rows[i]))
+            if repair
+            else Issue("error", msg + " Fix them or tick 'Repair' to drop those rows.", name, int(rows[i]))
+        )
     return ~np.isnat(times)
 
 
-def _order_checks(times: np.ndarray, name: str, rows: np.ndarray, repair: bool,
-                  issues: list[Issue]) -> np.ndarray | None:
+def _order_checks(
+    times: np.ndarray, name: str, rows: np.ndarray, repair: bool, issues: list[Issue]
+) -> np.ndarray | None:
     """Unsorted and duplicate timestamps: errors naming rows, or (repair) the row order that fixes them."""
     order = np.arange(len(times))
     back = np.flatnonzero(np.diff(times.astype(np.int64)) < 0)
     if len(back):
         i = int(back[0]) + 1
-        msg = (f"'{name}' is not sorted: row {rows[i]} ({pd.Timestamp(times[i])}) is earlier than row "
-               f"{rows[i - 1]} ({pd.Timestamp(times[i - 1])}); {len(back)} such step(s) back.")
+        msg = (
+            f"'{name}' is not sorted: row {rows[i]} ({pd.Timestamp(times[i])}) is earlier than row "
+            f"{rows[i - 1]} ({pd.Timestamp(times[i - 1])}); {len(back)} such step(s) back."
+        )
         if not repair:
             issues.append(Issue("error", msg + " Sort the file by time or tick 'Repair'.", name, int(rows[i])))
             return None
@@ -384,11 +417,16 @@ def _order_checks(times: np.ndarray, name: str, rows: np.ndarray, repair: bool,
     dup = np.flatnonzero(sorted_t[1:] == sorted_t[:-1]) + 1
     if len(dup):
         j = int(order[dup[0]])
-        msg = (f"'{name}' has {len(dup)} duplicate timestamp(s); the first is {pd.Timestamp(times[j])} in row "
-               f"{rows[j]}.")
+        msg = f"'{name}' has {len(dup)} duplicate timestamp(s); the first is {pd.Timestamp(times[j])} in row {rows[j]}."
         if not repair:
-            issues.append(Issue("error", msg + " Remove the duplicates or tick 'Repair' (keeps the last row "
-                                "of each time).", name, int(rows[j])))
+            issues.append(
+                Issue(
+                    "error",
+                    msg + " Remove the duplicates or tick 'Repair' (keeps the last row of each time).",
+                    name,
+                    int(rows[j]),
+                )
+            )
             return None
         issues.append(Issue("warning", msg + " Kept the last row of each time.", name, int(rows[j])))
         order = order[np.r_[sorted_t[1:] != sorted_t[:-1], True]]
@@ -403,15 +441,21 @@ def _gap_check(times: np.ndarray, name: str, rows: np.ndarray, issues: list[Issu
     gaps = np.flatnonzero(step > 1.5 * bar)
     if len(gaps):
         i, big = int(gaps[0]), int(np.argmax(step))
-        issues.append(Issue(
-            "warning",
-            f"'{name}' has {len(gaps)} gap(s) longer than the usual bar of {_td(bar)}: the first "
-            f"after row {rows[i]} ({pd.Timestamp(times[i])}), the longest {_td(step[big])} "
-            f"after row {rows[big]}. Windows that span a gap mix distant bars.", name, int(rows[i])))
+        issues.append(
+            Issue(
+                "warning",
+                f"'{name}' has {len(gaps)} gap(s) longer than the usual bar of {_td(bar)}: the first "
+                f"after row {rows[i]} ({pd.Timestamp(times[i])}), the longest {_td(step[big])} "
+                f"after row {rows[big]}. Windows that span a gap mix distant bars.",
+                name,
+                int(rows[i]),
+            )
+        )
 
 
-def _carry_forward(frame: pd.DataFrame, columns: list[str], rows: np.ndarray,
-                   issues: list[Issue]) -> tuple[pd.DataFrame, np.ndarray]:
+def _carry_forward(
+    frame: pd.DataFrame, columns: list[str], rows: np.ndarray, issues: list[Issue]
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Repair: fill missing values with the previous row's; leading rows with nothing before them are
     dropped, and an error is added when no row is left."""
     frame = frame.copy()
@@ -419,11 +463,19 @@ def _carry_forward(frame: pd.DataFrame, columns: list[str], rows: np.ndarray,
     missing = frame[columns].isna().any(axis=1).to_numpy()
     lead = len(missing) if missing.all() else int(missing.argmin())
     if lead:
-        issues.append(Issue("warning", f"the first {lead} row(s) had missing values with nothing before them to "
-                            "carry forward; they were dropped.", None, int(rows[0])))
+        issues.append(
+            Issue(
+                "warning",
+                f"the first {lead} row(s) had missing values with nothing before them to "
+                "carry forward; they were dropped.",
+                None,
+                int(rows[0]),
+            )
+        )
     if lead == len(frame):
-        issues.append(Issue("error", "no usable rows are left after the repairs above; fix the file's times and "
-                            "values."))
+        issues.append(
+            Issue("error", "no usable rows are left after the repairs above; fix the file's times and values.")
+        )
     return frame.iloc[lead:], rows[lead:]
 
 
@@ -431,8 +483,7 @@ def _has_errors(issues: list[Issue]) -> bool:
     return any(i.severity == "error" for i in issues)
 
 
-def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False,
-                  row_offset: int = 0) -> Prepared:
+def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False, row_offset: int = 0) -> Prepared:
     """Validate an upload's OHLCV columns and return them in the house convention.
 
     Errors (stop): a role without a column, non-numeric cells, missing values, unparseable, unsorted or
@@ -443,10 +494,16 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
     listed = f"{', '.join(map(str, df.columns[:12]))}{'…' if len(df.columns) > 12 else ''}"
     for role in mapping.missing():
         names = ", ".join(_ROLE_NAMES[role][:4])
-        issues.append(Issue("error", f"missing column '{role}': OHLCV input needs a {role} column and none of this "
-                            f"file's columns ({listed}) is named like one ({names}, …). Map one in 'Column mapping "
-                            "and validation', or, if the file holds precomputed features, choose 'Precomputed "
-                            "feature columns' there.", role))
+        issues.append(
+            Issue(
+                "error",
+                f"missing column '{role}': OHLCV input needs a {role} column and none of this "
+                f"file's columns ({listed}) is named like one ({names}, …). Map one in 'Column mapping "
+                "and validation', or, if the file holds precomputed features, choose 'Precomputed "
+                "feature columns' there.",
+                role,
+            )
+        )
     for role, col in mapping.as_dict().items():
         if col is not None and col not in df.columns:
             issues.append(Issue("error", f"column '{col}' mapped to '{role}' is not in the file.", col))
@@ -476,13 +533,26 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
         bad = np.flatnonzero(frame[r].to_numpy() <= 0)
         if len(bad):
             col = getattr(mapping, r)
-            issues.append(Issue("error", f"column '{col}' ({r}) has {len(bad)} price(s) <= 0; the first in row "
-                                f"{rows[bad[0]]}. Returns are undefined there; remove those rows.", col,
-                                int(rows[bad[0]])))
+            issues.append(
+                Issue(
+                    "error",
+                    f"column '{col}' ({r}) has {len(bad)} price(s) <= 0; the first in row "
+                    f"{rows[bad[0]]}. Returns are undefined there; remove those rows.",
+                    col,
+                    int(rows[bad[0]]),
+                )
+            )
     bad = np.flatnonzero(frame["high"].to_numpy() < frame["low"].to_numpy())
     if len(bad):
-        issues.append(Issue("warning", f"high < low in {len(bad)} row(s), the first in row {rows[bad[0]]}: are "
-                            f"'{mapping.high}' and '{mapping.low}' swapped?", mapping.high, int(rows[bad[0]])))
+        issues.append(
+            Issue(
+                "warning",
+                f"high < low in {len(bad)} row(s), the first in row {rows[bad[0]]}: are "
+                f"'{mapping.high}' and '{mapping.low}' swapped?",
+                mapping.high,
+                int(rows[bad[0]]),
+            )
+        )
     if _has_errors(issues):
         return Prepared(None, tuple(issues), fmt)
     _gap_check(frame["datetime"].to_numpy(), mapping.time, rows, issues)
@@ -491,8 +561,15 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
     return Prepared(frame, tuple(issues), fmt)
 
 
-def prepare_features(df: pd.DataFrame, columns: Sequence[str], time_column: str | None, state_dim: int,
-                     close_column: str | None = None, repair: bool = False, row_offset: int = 0) -> Prepared:
+def prepare_features(
+    df: pd.DataFrame,
+    columns: Sequence[str],
+    time_column: str | None,
+    state_dim: int,
+    close_column: str | None = None,
+    repair: bool = False,
+    row_offset: int = 0,
+) -> Prepared:
     """Validate precomputed feature columns (in the chosen order). Returns a frame with datetime, the
     feature columns and (if mapped) the price as PRICE_COLUMN. More columns than state_dim is an error;
     fewer is a warning because the model will see zero padding."""
@@ -501,14 +578,20 @@ def prepare_features(df: pd.DataFrame, columns: Sequence[str], time_column: str 
     if not columns:
         return Prepared(None, (Issue("error", "no feature columns selected; choose them in 'Feature columns'."),))
     if time_column is None:
-        issues.append(Issue("error", "no time column; map the column with timestamps (charts, order and gap "
-                            "checks need it)."))
+        issues.append(
+            Issue("error", "no time column; map the column with timestamps (charts, order and gap checks need it).")
+        )
     for c in [*columns, time_column, close_column]:
         if c is not None and c not in df.columns:
             issues.append(Issue("error", f"column '{c}' is not in the file.", c))
     if len(columns) > state_dim:
-        issues.append(Issue("error", f"wrong feature count: {len(columns)} columns selected but the model takes "
-                            f"{state_dim} inputs; select at most {state_dim}."))
+        issues.append(
+            Issue(
+                "error",
+                f"wrong feature count: {len(columns)} columns selected but the model takes "
+                f"{state_dim} inputs; select at most {state_dim}.",
+            )
+        )
     if issues:
         return Prepared(None, tuple(issues))
     rows = np.arange(1, len(df) + 1) + row_offset
@@ -535,9 +618,14 @@ def prepare_features(df: pd.DataFrame, columns: Sequence[str], time_column: str 
     if _has_errors(issues):
         return Prepared(None, tuple(issues), fmt)
     if len(columns) < state_dim:
-        issues.append(Issue("warning", f"{len(columns)} feature columns for a model with {state_dim} inputs: "
-                            f"{state_dim - len(columns)} zero columns will be appended. A model trained on "
-                            f"{state_dim} real features sees constant zeros there — the padding mistake."))
+        issues.append(
+            Issue(
+                "warning",
+                f"{len(columns)} feature columns for a model with {state_dim} inputs: "
+                f"{state_dim - len(columns)} zero columns will be appended. A model trained on "
+                f"{state_dim} real features sees constant zeros there — the padding mistake.",
+            )
+        )
     _gap_check(frame["datetime"].to_numpy(), time_column, rows, issues)
     return Prepared(frame.reset_index(drop=True), tuple(issues), fmt, tuple(columns))
 
@@ -548,8 +636,11 @@ def check_window(n_rows: int, window: int, max_length: int, warmup: int = 0) -> 
         return Issue("error", f"window {window} is outside 1..{max_length} (the checkpoint's max_length).")
     if n_rows < window:
         extra = f" ({window + warmup} bars of OHLCV with the {warmup}-bar warm-up)" if warmup else ""
-        return Issue("error", f"too few rows: window {window} needs at least {window} rows of features{extra}; "
-                     f"the data gives {n_rows}. Use a shorter window or more data.")
+        return Issue(
+            "error",
+            f"too few rows: window {window} needs at least {window} rows of features{extra}; "
+            f"the data gives {n_rows}. Use a shorter window or more data.",
+        )
     return None
 
 
@@ -594,15 +685,27 @@ class BarInterval:
 def bar_interval(times: Sequence[Any] | np.ndarray | pd.DatetimeIndex) -> BarInterval:
     """Median spacing and the gaps of sorted bar times (n,)."""
     t = pd.DatetimeIndex(times).as_unit("ns")  # asi8 below is then nanoseconds whatever the input unit
-    empty = pd.DataFrame({"after": pd.DatetimeIndex([]), "next bar": pd.DatetimeIndex([]),
-                          "gap": pd.to_timedelta([]), "missing bars": np.zeros(0, dtype=np.int64)})
+    empty = pd.DataFrame(
+        {
+            "after": pd.DatetimeIndex([]),
+            "next bar": pd.DatetimeIndex([]),
+            "gap": pd.to_timedelta([]),
+            "missing bars": np.zeros(0, dtype=np.int64),
+        }
+    )
     if len(t) < 2:
         return BarInterval(None, empty, len(t))
     step = np.diff(t.asi8)
     median = pd.Timedelta(int(np.median(step)), "ns")
     at = np.flatnonzero(step > 1.5 * median.value) if median.value > 0 else np.zeros(0, dtype=np.int64)
-    gaps = pd.DataFrame({"after": t[at], "next bar": t[at + 1], "gap": pd.to_timedelta(step[at], "ns"),
-                         "missing bars": (np.round(step[at] / max(median.value, 1)) - 1).astype(np.int64)})
+    gaps = pd.DataFrame(
+        {
+            "after": t[at],
+            "next bar": t[at + 1],
+            "gap": pd.to_timedelta(step[at], "ns"),
+            "missing bars": (np.round(step[at] / max(median.value, 1)) - 1).astype(np.int64),
+        }
+    )
     return BarInterval(median, gaps if len(at) else empty, len(t))
 
 
@@ -637,8 +740,9 @@ class IntervalCheck:
     message: str
 
 
-def check_interval(times: Sequence[Any] | np.ndarray | pd.DatetimeIndex, meta: Mapping[str, Any],
-                   horizon: int | None = None) -> IntervalCheck:
+def check_interval(
+    times: Sequence[Any] | np.ndarray | pd.DatetimeIndex, meta: Mapping[str, Any], horizon: int | None = None
+) -> IntervalCheck:
     """Compare the data's median bar spacing with the training interval; the message says what differs
     (the label horizon in time when ``horizon`` bars is given)."""
     data = bar_interval(times)
@@ -647,19 +751,25 @@ def check_interval(times: Sequence[Any] | np.ndarray | pd.DatetimeIndex, meta: M
     assumed = " (assumed)" if source.startswith("assumed") else ""
     gaps = f"; {len(data.gaps):,} gap(s) in the data" if len(data.gaps) else ""
     if data.median is None:
-        message = (f"The bar interval of this data is unknown (fewer than 2 bars with a time); training used "
-                   f"{format_timedelta(training)} bars{assumed}.")
+        message = (
+            f"The bar interval of this data is unknown (fewer than 2 bars with a time); training used "
+            f"{format_timedelta(training)} bars{assumed}."
+        )
     elif matches:
-        message = (f"Bars every {data.text}, as in training ({format_timedelta(training)}{assumed}){gaps}.")
+        message = f"Bars every {data.text}, as in training ({format_timedelta(training)}{assumed}){gaps}."
     else:
         ratio = data.median / training
-        message = (f"Bar interval differs from training: this data has a bar every **{data.text}** (median), the "
-                   f"checkpoint was trained on **{format_timedelta(training)}** bars ({source}). Every simple-60 "
-                   f"feature counts bars, so its returns, volatilities, SMAs and volume levels span {ratio:g}× the "
-                   "time they did in training, and the hour and weekday features meet other patterns")
+        message = (
+            f"Bar interval differs from training: this data has a bar every **{data.text}** (median), the "
+            f"checkpoint was trained on **{format_timedelta(training)}** bars ({source}). Every simple-60 "
+            f"feature counts bars, so its returns, volatilities, SMAs and volume levels span {ratio:g}× the "
+            "time they did in training, and the hour and weekday features meet other patterns"
+        )
         if horizon:
-            message += (f"; the label 'return over the next {horizon} bars' is {format_timedelta(horizon * data.median)} "
-                        f"here instead of {format_timedelta(horizon * training)}")
+            message += (
+                f"; the label 'return over the next {horizon} bars' is {format_timedelta(horizon * data.median)} "
+                f"here instead of {format_timedelta(horizon * training)}"
+            )
         message += f"{gaps}. Predictions on such data are outside what the model was trained on."
     return IntervalCheck(data, training, source, matches, message)
 
@@ -706,9 +816,15 @@ def stored_clip(meta: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _finish(vals: np.ndarray, names: tuple[str, ...], meta: Mapping[str, Any], state_dim: int,
-            normalisation: str, stats: tuple[np.ndarray, np.ndarray] | None, warnings: list[str],
-            ) -> tuple[np.ndarray, tuple[str, ...], str, np.ndarray, np.ndarray, int]:
+def _finish(
+    vals: np.ndarray,
+    names: tuple[str, ...],
+    meta: Mapping[str, Any],
+    state_dim: int,
+    normalisation: str,
+    stats: tuple[np.ndarray, np.ndarray] | None,
+    warnings: list[str],
+) -> tuple[np.ndarray, tuple[str, ...], str, np.ndarray, np.ndarray, int]:
     """Normalise (n, k) float64 features, then pad or cut to state_dim. Returns values, names, the
     normalisation applied, raw mean/std per output column, and the number of padded columns."""
     if normalisation not in NORMALISATIONS:
@@ -717,8 +833,9 @@ def _finish(vals: np.ndarray, names: tuple[str, ...], meta: Mapping[str, Any], s
     if normalisation == "checkpoint":
         ck = stored_stats(meta, vals.shape[1])
         if ck is None:
-            warnings.append(f"the checkpoint stores no feature statistics for {vals.shape[1]} features; "
-                            "features are used unscaled.")
+            warnings.append(
+                f"the checkpoint stores no feature statistics for {vals.shape[1]} features; features are used unscaled."
+            )
             normalisation = "none"
         else:
             vals = (vals - ck[0]) / ck[1]
@@ -767,34 +884,61 @@ def checkpoint_features(
     if origin is not None and "years" in feats.columns:
         ts = pd.DatetimeIndex(ohlcv["datetime"]) if "datetime" in ohlcv else pd.DatetimeIndex(ohlcv.index)
         years = (ts - origin).total_seconds().to_numpy(dtype=np.float64) / (365.25 * 86400.0)
-        feats["years"] = years[len(ts) - len(feats):].astype(np.float32)  # same cast as the feature code
+        feats["years"] = years[len(ts) - len(feats) :].astype(np.float32)  # same cast as the feature code
     warnings: list[str] = []
     vals, names, normalisation, raw_mean, raw_std, pad = _finish(
-        feats.to_numpy(np.float64), tuple(feats.columns), meta, state_dim, normalisation, stats, warnings)
+        feats.to_numpy(np.float64), tuple(feats.columns), meta, state_dim, normalisation, stats, warnings
+    )
     pos = ohlcv.index.get_indexer(feats.index)
-    times = (pd.DatetimeIndex(ohlcv["datetime"].to_numpy()[pos]) if "datetime" in ohlcv
-             else pd.DatetimeIndex(feats.index))
+    times = (
+        pd.DatetimeIndex(ohlcv["datetime"].to_numpy()[pos]) if "datetime" in ohlcv else pd.DatetimeIndex(feats.index)
+    )
     return FeatureMatrix(
-        values=np.ascontiguousarray(vals, dtype=np.float32), times=times,
-        close=ohlcv["close"].to_numpy(np.float64)[pos], names=names, feature_set=fs,
-        normalisation=normalisation, warnings=tuple(warnings), raw_mean=raw_mean, raw_std=raw_std, n_padded=pad,
+        values=np.ascontiguousarray(vals, dtype=np.float32),
+        times=times,
+        close=ohlcv["close"].to_numpy(np.float64)[pos],
+        names=names,
+        feature_set=fs,
+        normalisation=normalisation,
+        warnings=tuple(warnings),
+        raw_mean=raw_mean,
+        raw_std=raw_std,
+        n_padded=pad,
     )
 
 
-def column_features(frame: pd.DataFrame, columns: Sequence[str], meta: Mapping[str, Any], state_dim: int,
-                    normalisation: str = "none",
-                    stats: tuple[np.ndarray, np.ndarray] | None = None) -> FeatureMatrix:
+def column_features(
+    frame: pd.DataFrame,
+    columns: Sequence[str],
+    meta: Mapping[str, Any],
+    state_dim: int,
+    normalisation: str = "none",
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
+) -> FeatureMatrix:
     """Precomputed feature columns (a `prepare_features` frame) as they are, in the given order, normalised
     as asked and zero-padded to state_dim (with a warning)."""
     warnings: list[str] = []
     vals, names, normalisation, raw_mean, raw_std, pad = _finish(
-        frame[list(columns)].to_numpy(np.float64), tuple(map(str, columns)), meta, state_dim, normalisation,
-        stats, warnings)
+        frame[list(columns)].to_numpy(np.float64),
+        tuple(map(str, columns)),
+        meta,
+        state_dim,
+        normalisation,
+        stats,
+        warnings,
+    )
     close = frame[PRICE_COLUMN].to_numpy(np.float64) if PRICE_COLUMN in frame else np.full(len(frame), np.nan)
     return FeatureMatrix(
-        values=np.ascontiguousarray(vals, dtype=np.float32), times=pd.DatetimeIndex(frame["datetime"]),
-        close=close, names=names, feature_set="uploaded columns", normalisation=normalisation,
-        warnings=tuple(warnings), raw_mean=raw_mean, raw_std=raw_std, n_padded=pad,
+        values=np.ascontiguousarray(vals, dtype=np.float32),
+        times=pd.DatetimeIndex(frame["datetime"]),
+        close=close,
+        names=names,
+        feature_set="uploaded columns",
+        normalisation=normalisation,
+        warnings=tuple(warnings),
+        raw_mean=raw_mean,
+        raw_std=raw_std,
+        n_padded=pad,
     )
 
 
@@ -819,7 +963,7 @@ class RunningMoments:
         n = self.n + m
         delta = mean_b - self.mean
         self.mean = self.mean + delta * m / n
-        self.m2 = self.m2 + m2_b + delta ** 2 * self.n * m / n
+        self.m2 = self.m2 + m2_b + delta**2 * self.n * m / n
         self.n = n
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
@@ -845,8 +989,9 @@ def drift_table(fm: FeatureMatrix, meta: Mapping[str, Any]) -> pd.DataFrame:
         st_s = float(s_std[i]) if have and i < len(s_std) else np.nan
         flags = []
         if std[i] == 0:
-            flags.append("zero padding" if fm.names[i].startswith("pad_") else
-                         "zero column" if mean[i] == 0 else "constant")
+            flags.append(
+                "zero padding" if fm.names[i].startswith("pad_") else "zero column" if mean[i] == 0 else "constant"
+            )
         shift = (mean[i] - st_m) / st_s if st_s and st_s > 1e-12 else np.nan
         ratio = std[i] / st_s if st_s and st_s > 1e-12 else np.nan
         if std[i] > 0 and np.isfinite(ratio) and (ratio > _SCALE_JUMP or ratio < 1 / _SCALE_JUMP):
@@ -856,9 +1001,19 @@ def drift_table(fm: FeatureMatrix, meta: Mapping[str, Any]) -> pd.DataFrame:
         stored_name = str(s_names[i]) if i < len(s_names) else ""
         if stored_name and stored_name != fm.names[i]:
             flags.append("name differs")
-        rows.append({"feature": fm.names[i], "stored name": stored_name, "input mean": float(mean[i]),
-                     "input std": float(std[i]), "stored mean": st_m, "stored std": st_s,
-                     "mean shift (σ)": float(shift), "std ratio": float(ratio), "flags": ", ".join(flags)})
+        rows.append(
+            {
+                "feature": fm.names[i],
+                "stored name": stored_name,
+                "input mean": float(mean[i]),
+                "input std": float(std[i]),
+                "stored mean": st_m,
+                "stored std": st_s,
+                "mean shift (σ)": float(shift),
+                "std ratio": float(ratio),
+                "flags": ", ".join(flags),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -874,9 +1029,34 @@ def rolling_windows(values: np.ndarray, length: int, stride: int = 1) -> np.ndar
 
 
 __all__ = [
-    "BarInterval", "ColumnMapping", "DataError", "FeatureMatrix", "IntervalCheck", "Issue", "Prepared",
-    "RunningMoments", "WARMUP", "bar_interval", "check_interval", "check_window", "format_timedelta",
-    "horizon_text", "training_interval", "checkpoint_features", "column_features", "csv_usecols", "default_window", "detect_columns",
-    "drift_table", "feature_candidates", "iter_table_chunks", "parse_times", "prepare_features",
-    "prepare_ohlcv", "read_table", "rolling_windows", "stored_clip", "stored_stats",
+    "BarInterval",
+    "ColumnMapping",
+    "DataError",
+    "FeatureMatrix",
+    "IntervalCheck",
+    "Issue",
+    "Prepared",
+    "RunningMoments",
+    "WARMUP",
+    "bar_interval",
+    "check_interval",
+    "check_window",
+    "format_timedelta",
+    "horizon_text",
+    "training_interval",
+    "checkpoint_features",
+    "column_features",
+    "csv_usecols",
+    "default_window",
+    "detect_columns",
+    "drift_table",
+    "feature_candidates",
+    "iter_table_chunks",
+    "parse_times",
+    "prepare_features",
+    "prepare_ohlcv",
+    "read_table",
+    "rolling_windows",
+    "stored_clip",
+    "stored_stats",
 ]

@@ -5,6 +5,7 @@ The demo checkpoint has the documented layout (12 blocks, d=256, FFN 1024, LoRA 
 random initialisation, only LoRA, embeddings, norms and the head learn. It is built once (about two
 minutes on 2 cores) and cached on disk outside the repository.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -70,8 +71,22 @@ class DemoSpec:
 DEMO_SIZES: dict[str, DemoSpec] = {
     # About 40 s of training on two idle cores (0.7 s a step): short windows, few steps, adapters that start
     # non-zero, and class shares matched afterwards (see train_demo).
-    "full": DemoSpec(12, 256, 1024, 16, 256, 8, n_bars=24_000, steps=40, batch=32, window=32, lr=3e-3,
-                     b_init=0.02, focus_blocks=(2, 5, 8, 11), focus_b_init=0.8),
+    "full": DemoSpec(
+        12,
+        256,
+        1024,
+        16,
+        256,
+        8,
+        n_bars=24_000,
+        steps=40,
+        batch=32,
+        window=32,
+        lr=3e-3,
+        b_init=0.02,
+        focus_blocks=(2, 5, 8, 11),
+        focus_b_init=0.8,
+    ),
     # Tests: not trained at all, seeded values in every trainable tensor (about a second).
     "tiny": DemoSpec(2, 32, 64, 4, 64, 4, n_bars=8_000, steps=0, batch=0, window=32, lr=0.0),
 }
@@ -96,33 +111,46 @@ def synthetic_ohlcv(n_bars: int = 24_000, seed: int = 7) -> pd.DataFrame:
     eps = rng.standard_normal(n)
     logp = np.empty(n)
     ret = np.zeros(n)
-    var = 1.5e-3 ** 2
+    var = 1.5e-3**2
     logp[0] = math.log(2500.0)
     for t in range(1, n):
         var = 1.2e-7 + 0.08 * ret[t - 1] ** 2 + 0.85 * var  # GARCH(1,1): volatility comes in clusters
-        mean_dev = logp[t - 1] - logp[max(0, t - 50):t].mean()
+        mean_dev = logp[t - 1] - logp[max(0, t - 50) : t].mean()
         ret[t] = drift[t] + ar[t] * ret[t - 1] - pull[t] * mean_dev + math.sqrt(var) * eps[t]
         logp[t] = logp[t - 1] + ret[t]
     close = np.exp(logp)
     open_ = np.r_[close[0], close[:-1]]
-    wick = np.abs(rng.standard_normal((2, n))) * np.sqrt(2e-7 + 0.5 * ret ** 2)
+    wick = np.abs(rng.standard_normal((2, n))) * np.sqrt(2e-7 + 0.5 * ret**2)
     high = np.maximum(open_, close) * (1 + wick[0])
     low = np.minimum(open_, close) * (1 - wick[1])
     times = pd.date_range(START, periods=n, freq=BAR)
     hour = times.hour.to_numpy()
     seasonal = 1 + 0.5 * np.sin(2 * np.pi * (hour - 8) / 24)
     volume = 800 * seasonal * (1 + 40 * np.abs(ret)) * rng.lognormal(0, 0.3, n)
-    return pd.DataFrame({
-        "datetime": times, "timestamp": (times - pd.Timestamp(0)) // pd.Timedelta(milliseconds=1),
-        "open": open_, "high": high, "low": low, "close": close, "volume": volume,
-    })
+    return pd.DataFrame(
+        {
+            "datetime": times,
+            "timestamp": (times - pd.Timestamp(0)) // pd.Timedelta(milliseconds=1),
+            "open": open_,
+            "high": high,
+            "low": low,
+            "close": close,
+            "volume": volume,
+        }
+    )
 
 
 def demo_config(spec: DemoSpec) -> ModelConfig:
     targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(spec.n_blocks) for m in BLOCK_LINEARS)
     return ModelConfig(
-        n_blocks=spec.n_blocks, d_model=spec.d_model, ffn_dim=spec.ffn_dim, state_dim=len(SIMPLE60_NAMES),
-        n_actions=3, max_length=spec.max_length, lora_rank=spec.lora_rank, lora_targets=targets,
+        n_blocks=spec.n_blocks,
+        d_model=spec.d_model,
+        ffn_dim=spec.ffn_dim,
+        state_dim=len(SIMPLE60_NAMES),
+        n_actions=3,
+        max_length=spec.max_length,
+        lora_rank=spec.lora_rank,
+        lora_targets=targets,
         num_heads=spec.num_heads,
     )
 
@@ -177,7 +205,7 @@ def _decisions(model: FlagTrader, x: torch.Tensor, ends: np.ndarray, w: int, bat
     out = []
     with torch.inference_mode():
         for i in range(0, len(ends), batch):
-            idx = torch.as_tensor(ends[i:i + batch] - (w - 1))[:, None] + torch.arange(w)
+            idx = torch.as_tensor(ends[i : i + batch] - (w - 1))[:, None] + torch.arange(w)
             out.append(model(x[idx])[:, -1].float())
     return torch.cat(out)
 
@@ -265,8 +293,10 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             loss = out.item()
-            report(0.05 + 0.83 * (step + 1) / spec.steps,
-                   f"training step {step + 1}/{spec.steps}, loss {loss:.3f}, {time.perf_counter() - t0:.0f} s")
+            report(
+                0.05 + 0.83 * (step + 1) / spec.steps,
+                f"training step {step + 1}/{spec.steps}, loss {loss:.3f}, {time.perf_counter() - t0:.0f} s",
+            )
         model.eval()
         report(0.9, "matching the predicted class shares to the training labels")
         calib = np.linspace(w - 1, split - 1, spec.calib_windows).astype(np.int64)
@@ -297,7 +327,7 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
         "majority_baseline": baseline,
         "val_windows": len(ends),
         "data": f"synthetic demo market, seed 7, {spec.n_bars} bars; last 20 % held out"
-                + ("" if spec.steps else "; not trained: seeded test weights"),
+        + ("" if spec.steps else "; not trained: seeded test weights"),
         "demo_version": DEMO_VERSION,
     }
 
@@ -367,8 +397,7 @@ class DemoBuild:
             if self._anchor is not None and self._fraction > self._anchor[1] + 0.01:
                 rate = (self._fraction - self._anchor[1]) / (now - self._anchor[0])
                 left = (1.0 - self._fraction) / rate
-            return BuildStatus(self.size, self._fraction, self._message, now - self._t0, left, self._done,
-                               self._error)
+            return BuildStatus(self.size, self._fraction, self._message, now - self._t0, left, self._done, self._error)
 
 
 _builds: dict[str, DemoBuild] = {}

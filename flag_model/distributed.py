@@ -19,6 +19,7 @@ re-run after its worker died rewrites the same file: no duplicate and no missing
 The workers must see the checkpoint, the inputs and OUT at the same paths as the client (one machine, or a
 shared file system).
 """
+
 from __future__ import annotations
 
 import glob
@@ -28,17 +29,29 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
-from .data import (MODES, WARMUP, ColumnMapping, DataError, RunningMoments, check_interval, checkpoint_features,
-                   csv_usecols, detect_columns, iter_table_chunks, prepare_ohlcv)
+from .data import (
+    MODES,
+    WARMUP,
+    ColumnMapping,
+    DataError,
+    RunningMoments,
+    check_interval,
+    checkpoint_features,
+    csv_usecols,
+    detect_columns,
+    iter_table_chunks,
+    prepare_ohlcv,
+)
 from .features import LabelRule
 
 SYMBOL_COLUMN = "symbol"
@@ -197,8 +210,10 @@ def discover_sources(inputs: Sequence[str]) -> tuple[list[Source], list[tuple[st
                     d = _dataset(str(path))
                     col = _symbol_column(d.schema.names)
                     if col is None:
-                        raise DataError(f"the Parquet dataset {path} has no '{SYMBOL_COLUMN}' column (or "
-                                        f"'{SYMBOL_COLUMN}=...' folders) to split it by symbol.")
+                        raise DataError(
+                            f"the Parquet dataset {path} has no '{SYMBOL_COLUMN}' column (or "
+                            f"'{SYMBOL_COLUMN}=...' folders) to split it by symbol."
+                        )
                     keys = sorted(d.to_table(columns=[col]).column(col).unique().to_pylist(), key=str)
                     if not keys:
                         raise DataError(f"the Parquet dataset {path} has no rows.")
@@ -212,8 +227,10 @@ def discover_sources(inputs: Sequence[str]) -> tuple[list[Source], list[tuple[st
     seen: dict[str, Source] = {}
     for s in sources:
         if s.symbol in seen:
-            raise DataError(f"two inputs give the symbol {s.symbol!r}: {seen[s.symbol].label} and {s.label}; "
-                            "rename one file (its name is its symbol).")
+            raise DataError(
+                f"two inputs give the symbol {s.symbol!r}: {seen[s.symbol].label} and {s.label}; "
+                "rename one file (its name is its symbol)."
+            )
         seen[s.symbol] = s
     return sources, errors
 
@@ -248,7 +265,7 @@ def iter_source_chunks(src: Source, chunk_rows: int) -> Iterator[pd.DataFrame]:
         return
     df = _symbol_frame(src)
     for start in range(0, len(df), chunk_rows):
-        yield df.iloc[start:start + chunk_rows].reset_index(drop=True)
+        yield df.iloc[start : start + chunk_rows].reset_index(drop=True)
 
 
 def read_rows(src: Source, start: int, stop: int) -> pd.DataFrame:
@@ -265,8 +282,9 @@ def read_rows(src: Source, start: int, stop: int) -> pd.DataFrame:
         groups = [i for i in range(len(sizes)) if ends[i] > start and ends[i] - sizes[i] < stop]
         first = int(ends[groups[0]] - sizes[groups[0]])
         return pf.read_row_groups(groups).slice(start - first, stop - start).to_pandas()
-    return pd.read_csv(path, skiprows=lambda i: 0 < i <= start, nrows=stop - start, index_col=False,
-                       usecols=csv_usecols(path))  # as iter_table_chunks
+    return pd.read_csv(
+        path, skiprows=lambda i: 0 < i <= start, nrows=stop - start, index_col=False, usecols=csv_usecols(path)
+    )  # as iter_table_chunks
 
 
 # The model on a worker: loaded once per process
@@ -304,10 +322,17 @@ def worker_engine(spec: ScoreSpec) -> tuple[Any, dict[str, Any]]:
 
             ckpt = load_checkpoint(spec.checkpoint)
             if ckpt.digest != spec.digest:
-                raise CheckpointError(f"the checkpoint at {spec.checkpoint} on this worker differs from the "
-                                      "client's (sha256); give every worker the same file.")
-            model = build_model(ckpt, num_heads=spec.num_heads, lora_scale=spec.lora_scale,
-                                norm_first=spec.norm_first, causal=spec.causal)
+                raise CheckpointError(
+                    f"the checkpoint at {spec.checkpoint} on this worker differs from the "
+                    "client's (sha256); give every worker the same file."
+                )
+            model = build_model(
+                ckpt,
+                num_heads=spec.num_heads,
+                lora_scale=spec.lora_scale,
+                norm_first=spec.norm_first,
+                causal=spec.causal,
+            )
             engine = InferenceEngine(model, spec.precision, batch_size=spec.batch_size)
             torch.set_num_threads(_worker_threads(spec))  # after the engine, which may set its own default
             _engines.clear()  # one model per worker process: memory stays bounded
@@ -317,8 +342,7 @@ def worker_engine(spec: ScoreSpec) -> tuple[Any, dict[str, Any]]:
 
 
 def _engine_key(spec: ScoreSpec) -> tuple:
-    return (spec.digest, spec.num_heads, spec.lora_scale, spec.norm_first, spec.causal, spec.precision,
-            spec.batch_size)
+    return (spec.digest, spec.num_heads, spec.lora_scale, spec.norm_first, spec.causal, spec.precision, spec.batch_size)
 
 
 def dask_setup(worker: Any) -> None:
@@ -361,10 +385,17 @@ def scan_source(src: Source, spec: ScoreSpec) -> SourceInfo:
         warnings.insert(0, "NOTICE: " + check.message.replace("**", ""))
     n_feat = state["n"] - WARMUP
     if n_feat < spec.window:
-        raise DataError(f"too few rows: window {spec.window} needs at least {spec.window} rows of "
-                        f"features ({spec.window + WARMUP} bars); the file has {state['n']} bars.")
-    return SourceInfo(n_bars=state["n"], origin=origin, mapping=mapping,
-                      stats=moments.result() if spec.normalisation == "data" else None, warnings=tuple(warnings))
+        raise DataError(
+            f"too few rows: window {spec.window} needs at least {spec.window} rows of "
+            f"features ({spec.window + WARMUP} bars); the file has {state['n']} bars."
+        )
+    return SourceInfo(
+        n_bars=state["n"],
+        origin=origin,
+        mapping=mapping,
+        stats=moments.result() if spec.normalisation == "data" else None,
+        warnings=tuple(warnings),
+    )
 
 
 def plan_parts(n_bars: int, spec: ScoreSpec) -> list[Part]:
@@ -394,7 +425,6 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     """Score one part and write its rows (atomically, so a re-run after a worker died rewrites the same file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     import torch
 
     from .analysis.predict import NO_DECISION, NO_LABEL, WindowRunner, decide, predictions_frame, row_labels
@@ -404,16 +434,19 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     prep = prepare_ohlcv(read_rows(src, part.bar_start, part.bar_stop), info.mapping, row_offset=part.bar_start)
     if not prep.ok:
         raise DataError("; ".join(i.message for i in prep.errors))
-    fm = checkpoint_features(prep.frame, meta, engine.config.state_dim, spec.normalisation, origin=info.origin,
-                             stats=info.stats)
+    fm = checkpoint_features(
+        prep.frame, meta, engine.config.state_dim, spec.normalisation, origin=info.origin, stats=info.stats
+    )
     used = (part.n_windows - 1) * spec.stride + spec.window + part.tail_rows  # feature rows the part scores
     labels = row_labels(fm.close, spec.rule)[:used]  # the extra `horizon` rows give the last rows their labels
     runner = WindowRunner(engine, spec.window, spec.mode, first_row=part.first_window * spec.stride)
     pred = runner.feed(fm.values[:used], fm.times.to_numpy()[:used], fm.close[:used], labels, final=True)
     expected = part.n_windows * (1 if spec.mode == "rolling" else spec.window) + part.tail_rows
     if pred is None or len(pred) != expected:
-        raise DataError(f"part {part.index} scored {0 if pred is None else len(pred)} rows, expected "
-                        f"{expected}; the file changed while it was being scored?")
+        raise DataError(
+            f"part {part.index} scored {0 if pred is None else len(pred)} rows, expected "
+            f"{expected}; the file changed while it was being scored?"
+        )
     frame = predictions_frame(pred)
     path = part_path(out_dir, src.symbol, part.index)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -424,22 +457,41 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     k = len(pred.actions)
     known = (pred.labels != NO_LABEL) & (actions != NO_DECISION)  # no decision from non-finite logits
     confusion = np.bincount(pred.labels[known] * k + actions[known], minlength=k * k).reshape(k, k)
-    return PartResult(symbol=src.symbol, index=part.index, rows=len(pred),
-                      counts=np.bincount(actions[actions != NO_DECISION], minlength=k), confusion=confusion, worker_pid=os.getpid(),
-                      model_loads=_loads[_engine_key(spec)], dtype=engine.info.dtype, threads=torch.get_num_threads(),
-                      seconds=time.perf_counter() - t0)
+    return PartResult(
+        symbol=src.symbol,
+        index=part.index,
+        rows=len(pred),
+        counts=np.bincount(actions[actions != NO_DECISION], minlength=k),
+        confusion=confusion,
+        worker_pid=os.getpid(),
+        model_loads=_loads[_engine_key(spec)],
+        dtype=engine.info.dtype,
+        threads=torch.get_num_threads(),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 # The client side
 
 
-def make_spec(checkpoint: str | Path, *, window: int | None = None, mode: str = "rolling",
-              precision: str = "fast", normalisation: str = "checkpoint", horizon: int | None = None,
-              threshold: float | None = None,
-              num_heads: int | None = None, lora_scale: float | None = None, norm_first: bool | None = None,
-              causal: bool | None = None, threads: int | None = None, chunk_rows: int = 20_000,
-              partition_windows: int = DEFAULT_PARTITION_WINDOWS,
-              batch_size: int | None = None) -> tuple[ScoreSpec, Any]:
+def make_spec(
+    checkpoint: str | Path,
+    *,
+    window: int | None = None,
+    mode: str = "rolling",
+    precision: str = "fast",
+    normalisation: str = "checkpoint",
+    horizon: int | None = None,
+    threshold: float | None = None,
+    num_heads: int | None = None,
+    lora_scale: float | None = None,
+    norm_first: bool | None = None,
+    causal: bool | None = None,
+    threads: int | None = None,
+    chunk_rows: int = 20_000,
+    partition_windows: int = DEFAULT_PARTITION_WINDOWS,
+    batch_size: int | None = None,
+) -> tuple[ScoreSpec, Any]:
     """Load the checkpoint on the client (it must fit), fix the window, the label rule (`horizon`/`threshold`,
     else the checkpoint's stored rule, as single-process `predict`) and the engine's batch size there
     (`batch_size`, else the client engine's default); returns the spec and the client's engine."""
@@ -459,14 +511,28 @@ def make_spec(checkpoint: str | Path, *, window: int | None = None, mode: str = 
         raise ValueError(f"window {window} is outside 1..{model.config.max_length} (the checkpoint's max_length).")
     engine = InferenceEngine(model, precision, batch_size=batch_size)
     stored, _ = LabelRule.from_meta(ckpt.meta)
-    rule = LabelRule(stored.horizon if horizon is None else horizon,
-                     stored.threshold if threshold is None else threshold)
-    spec = ScoreSpec(checkpoint=str(Path(checkpoint).expanduser().resolve()), digest=ckpt.digest,
-                     num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first, causal=causal,
-                     precision=precision, window=window, mode=mode, normalisation=normalisation,
-                     horizon=rule.horizon, threshold=rule.threshold, batch_size=engine.batch_size(window),
-                     threads=threads, chunk_rows=chunk_rows, partition_windows=partition_windows,
-                     engine=engine.info.dtype)
+    rule = LabelRule(
+        stored.horizon if horizon is None else horizon, stored.threshold if threshold is None else threshold
+    )
+    spec = ScoreSpec(
+        checkpoint=str(Path(checkpoint).expanduser().resolve()),
+        digest=ckpt.digest,
+        num_heads=num_heads,
+        lora_scale=lora_scale,
+        norm_first=norm_first,
+        causal=causal,
+        precision=precision,
+        window=window,
+        mode=mode,
+        normalisation=normalisation,
+        horizon=rule.horizon,
+        threshold=rule.threshold,
+        batch_size=engine.batch_size(window),
+        threads=threads,
+        chunk_rows=chunk_rows,
+        partition_windows=partition_windows,
+        engine=engine.info.dtype,
+    )
     return spec, engine
 
 
@@ -486,8 +552,16 @@ def local_client(n_workers: int, **cluster_kw: Any) -> Iterator[Any]:
 
     if n_workers < 1:
         raise ValueError("--workers must be at least 1.")
-    kw = dict(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
-              dashboard_address=None, silence_logs=logging.ERROR, preload=[__name__])  # see dask_setup
+    kw = dict(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        scheduler_port=0,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        preload=[__name__],
+    )  # see dask_setup
     kw.update(cluster_kw)
     with LocalCluster(**kw) as cluster, Client(cluster) as client:
         yield client
@@ -501,15 +575,21 @@ def _prepare_out(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _summary_row(src: Source, info: SourceInfo, parts: list[PartResult], names: tuple[str, ...],
-                 spec: ScoreSpec) -> dict[str, Any]:
+def _summary_row(
+    src: Source, info: SourceInfo, parts: list[PartResult], names: tuple[str, ...], spec: ScoreSpec
+) -> dict[str, Any]:
     from .analysis.predict import evaluate_arrays
 
     counts = np.sum([p.counts for p in parts], axis=0)
     cm = np.sum([p.confusion for p in parts], axis=0)
-    row: dict[str, Any] = {"symbol": src.symbol, "source": src.label, "bars": info.n_bars,
-                           "windows": sum(p.rows for p in parts) // (1 if spec.mode == "rolling" else spec.window),
-                           "rows": int(counts.sum()), "parts": len(parts)}
+    row: dict[str, Any] = {
+        "symbol": src.symbol,
+        "source": src.label,
+        "bars": info.n_bars,
+        "windows": sum(p.rows for p in parts) // (1 if spec.mode == "rolling" else spec.window),
+        "rows": int(counts.sum()),
+        "parts": len(parts),
+    }
     for n, c in zip(names, counts):
         row[f"share_{n}"] = float(c / max(counts.sum(), 1))
     # Metrics from the summed confusion matrix: one (label, action) pair per counted row.
@@ -517,13 +597,23 @@ def _summary_row(src: Source, info: SourceInfo, parts: list[PartResult], names: 
     labels = np.repeat(np.arange(k * k) // k, cm.ravel())
     acts = np.repeat(np.arange(k * k) % k, cm.ravel())
     m = evaluate_arrays(labels, acts, names) if len(labels) else None
-    row.update(labelled=int(cm.sum()), accuracy=m.accuracy if m else np.nan, f1_macro=m.f1_macro if m else np.nan,
-               majority_accuracy=m.majority_accuracy if m else np.nan)
+    row.update(
+        labelled=int(cm.sum()),
+        accuracy=m.accuracy if m else np.nan,
+        f1_macro=m.f1_macro if m else np.nan,
+        majority_accuracy=m.majority_accuracy if m else np.nan,
+    )
     return row
 
 
-def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_dir: str | Path,
-                     on_submit: Hook | None = None, say: Callable[[str], None] | None = None) -> RunResult:
+def score_on_cluster(
+    client: Any,
+    inputs: Sequence[str],
+    spec: ScoreSpec,
+    out_dir: str | Path,
+    on_submit: Hook | None = None,
+    say: Callable[[str], None] | None = None,
+) -> RunResult:
     """Score every source of `inputs` on the cluster behind `client` into the Parquet dataset `out_dir`
     (one `symbol=<S>` folder per symbol, rows in time order by part file). `on_submit(futures)` is called
     after each phase is submitted (the CLI shows Dask's progress bar there). Sources that fail are listed in
@@ -542,12 +632,15 @@ def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_di
     try:
         client.wait_for_workers(1, timeout=60)
     except TimeoutError:
-        raise DataError(f"no worker joined the scheduler at {client.scheduler.address} within 60 s; start one "
-                        "with `dask worker ADDRESS`.") from None
+        raise DataError(
+            f"no worker joined the scheduler at {client.scheduler.address} within 60 s; start one "
+            "with `dask worker ADDRESS`."
+        ) from None
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     say(f"{len(sources)} source(s) on {workers} worker(s) at {client.scheduler.address}")
-    scans = [client.submit(scan_source, s, spec, key=f"scan-{s.symbol}-{uuid.uuid4().hex[:8]}", pure=False)
-             for s in sources]
+    scans = [
+        client.submit(scan_source, s, spec, key=f"scan-{s.symbol}-{uuid.uuid4().hex[:8]}", pure=False) for s in sources
+    ]
     if on_submit:
         on_submit(scans)
     wait(scans)
@@ -560,11 +653,27 @@ def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_di
         info: SourceInfo = fut.result()
         warnings += [f"{src.symbol}: {w}" for w in info.warnings]
         plans[src.symbol] = (src, info, plan_parts(info.n_bars, spec))
-    jobs = [(symbol, client.submit(score_part, src, info, part, spec, str(out),
-                                   key=f"score-{symbol}-{part.index}-{uuid.uuid4().hex[:8]}", pure=False))
-            for symbol, (src, info, parts) in plans.items() for part in parts]
-    say(f"{sum(len(p[2]) for p in plans.values())} part(s) of up to "
-        f"{max(1, -(-spec.partition_windows // spec.batch_size)) * spec.batch_size} windows")
+    jobs = [
+        (
+            symbol,
+            client.submit(
+                score_part,
+                src,
+                info,
+                part,
+                spec,
+                str(out),
+                key=f"score-{symbol}-{part.index}-{uuid.uuid4().hex[:8]}",
+                pure=False,
+            ),
+        )
+        for symbol, (src, info, parts) in plans.items()
+        for part in parts
+    ]
+    say(
+        f"{sum(len(p[2]) for p in plans.values())} part(s) of up to "
+        f"{max(1, -(-spec.partition_windows // spec.batch_size)) * spec.batch_size} windows"
+    )
     if on_submit and jobs:
         on_submit([f for _, f in jobs])
     wait([f for _, f in jobs])
@@ -580,9 +689,11 @@ def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_di
     for symbol, (src, info, parts) in plans.items():
         got = sorted(done[symbol], key=lambda p: p.index)
         expected = sum(p.n_windows * (1 if spec.mode == "rolling" else spec.window) + p.tail_rows for p in parts)
-        if symbol not in failed and ([p.index for p in got] != list(range(len(parts)))
-                                     or sum(p.rows for p in got) != expected
-                                     or not all(part_path(out, symbol, p.index).is_file() for p in got)):
+        if symbol not in failed and (
+            [p.index for p in got] != list(range(len(parts)))
+            or sum(p.rows for p in got) != expected
+            or not all(part_path(out, symbol, p.index).is_file() for p in got)
+        ):
             failed[symbol] = "the parts on disk do not add up to the expected rows (was --out changed meanwhile?)"
         if symbol in failed:
             errors.append((src.label, failed[symbol]))
@@ -596,12 +707,29 @@ def score_on_cluster(client: Any, inputs: Sequence[str], spec: ScoreSpec, out_di
         tmp.unlink(missing_ok=True)
     summary = pd.DataFrame(rows)
     if spec.engine and any(not e.startswith(spec.engine + " ") for e in engines):
-        warnings.append(f"workers ran {', '.join(sorted(engines))} but this machine's engine is {spec.engine}: "
-                        "logits match single-process runs only on the same kind of CPU.")
-    result = RunResult(out_dir=out, summary=summary, parts=parts_all, errors=errors, warnings=warnings,
-                       seconds=time.perf_counter() - t0, workers=workers, engines=tuple(sorted(engines)))
-    manifest = {"spec": asdict(spec), "inputs": list(inputs), "errors": errors, "warnings": warnings,
-                "summary": summary.to_dict(orient="records"), "seconds": result.seconds, "workers": workers}
+        warnings.append(
+            f"workers ran {', '.join(sorted(engines))} but this machine's engine is {spec.engine}: "
+            "logits match single-process runs only on the same kind of CPU."
+        )
+    result = RunResult(
+        out_dir=out,
+        summary=summary,
+        parts=parts_all,
+        errors=errors,
+        warnings=warnings,
+        seconds=time.perf_counter() - t0,
+        workers=workers,
+        engines=tuple(sorted(engines)),
+    )
+    manifest = {
+        "spec": asdict(spec),
+        "inputs": list(inputs),
+        "errors": errors,
+        "warnings": warnings,
+        "summary": summary.to_dict(orient="records"),
+        "seconds": result.seconds,
+        "workers": workers,
+    }
     (out / "_manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     return result
 
@@ -631,9 +759,16 @@ def read_output(out_dir: str | Path, symbol: str | None = None) -> pd.DataFrame:
     return df.sort_values([SYMBOL_COLUMN, "timestamp"], kind="stable").reset_index(drop=True)
 
 
-def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[int], window: int = 64,
-                  bars: int = 3000, precision: str = "fast", work_dir: str | Path | None = None,
-                  report: Callable[[str], None] | None = None) -> pd.DataFrame:
+def bench_cluster(
+    checkpoint: str | Path,
+    data: str | Path,
+    workers: Sequence[int],
+    window: int = 64,
+    bars: int = 3000,
+    precision: str = "fast",
+    work_dir: str | Path | None = None,
+    report: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
     """Windows/s of single-process `predict` against a local cluster of each of `workers` processes, on the
     first `bars` bars of `data`, measured in one run. Both include loading the model and writing the output;
     the cluster's start (worker processes importing torch) is reported apart. CPU seconds (this process and
@@ -651,19 +786,49 @@ def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[in
     rows = []
     t, cpu = time.perf_counter(), time.process_time()
     single = tmp / "single.parquet"
-    if main(["predict", str(checkpoint), str(src), "--out", str(single), "--window", str(window), "--precision",
-             precision]) != 0:
+    if (
+        main(
+            [
+                "predict",
+                str(checkpoint),
+                str(src),
+                "--out",
+                str(single),
+                "--window",
+                str(window),
+                "--precision",
+                precision,
+            ]
+        )
+        != 0
+    ):
         raise RuntimeError("single-process predict failed; see the messages above.")
     base, base_cpu = time.perf_counter() - t, time.process_time() - cpu
     expected = pd.read_parquet(single)
     n = len(expected)
-    rows.append({"engine": "one process", "workers": 0, "start_s": 0.0, "run_s": base, "windows_per_s": n / base,
-                 "vs_one_process": 1.0, "cpu_s": base_cpu, "cpu_vs_one_process": 1.0, "identical": True})
+    rows.append(
+        {
+            "engine": "one process",
+            "workers": 0,
+            "start_s": 0.0,
+            "run_s": base,
+            "windows_per_s": n / base,
+            "vs_one_process": 1.0,
+            "cpu_s": base_cpu,
+            "cpu_vs_one_process": 1.0,
+            "identical": True,
+        }
+    )
     say(f"one process: {n:,} windows in {base:.1f} s ({n / base:.1f} windows/s)")
     cpus = default_workers()
     for k in workers:
-        spec, _ = make_spec(checkpoint, window=window, precision=precision, threads=max(1, cpus // k),
-                            partition_windows=max(1, n // (4 * k)))  # a few parts per worker
+        spec, _ = make_spec(
+            checkpoint,
+            window=window,
+            precision=precision,
+            threads=max(1, cpus // k),
+            partition_windows=max(1, n // (4 * k)),
+        )  # a few parts per worker
         t = time.perf_counter()
         with local_client(k) as client:
             start = time.perf_counter() - t
@@ -673,9 +838,21 @@ def bench_cluster(checkpoint: str | Path, data: str | Path, workers: Sequence[in
             after = client.run(time.process_time)
             used = time.process_time() - cpu + sum(after[w] - before.get(w, 0.0) for w in after)
         same = not result.errors and read_output(tmp / f"cluster_{k}", src.stem).equals(expected)
-        rows.append({"engine": f"cluster of {k}", "workers": k, "start_s": start, "run_s": run,
-                     "windows_per_s": n / run, "vs_one_process": base / run, "cpu_s": used,
-                     "cpu_vs_one_process": used / base_cpu, "identical": same})
-        say(f"cluster of {k}: started in {start:.1f} s, {n:,} windows in {run:.1f} s ({n / run:.1f} windows/s, "
-            f"{base / run:.2f}x one process; CPU {used:.1f} s = {used / base_cpu:.2f}x), identical: {same}")
+        rows.append(
+            {
+                "engine": f"cluster of {k}",
+                "workers": k,
+                "start_s": start,
+                "run_s": run,
+                "windows_per_s": n / run,
+                "vs_one_process": base / run,
+                "cpu_s": used,
+                "cpu_vs_one_process": used / base_cpu,
+                "identical": same,
+            }
+        )
+        say(
+            f"cluster of {k}: started in {start:.1f} s, {n:,} windows in {run:.1f} s ({n / run:.1f} windows/s, "
+            f"{base / run:.2f}x one process; CPU {used:.1f} s = {used / base_cpu:.2f}x), identical: {same}"
+        )
     return pd.DataFrame(rows)

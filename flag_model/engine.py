@@ -12,13 +12,15 @@ one-query kernel depends on the thread count; the matmul path gives the same log
 In rolling mode only the decision (last) position's output is needed, so the last block computes K and V
 for every position but the query, attention, FFN, norms and head for the last position only.
 """
+
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -92,8 +94,10 @@ def onednn_linear_ok(dtype: torch.dtype) -> bool:
             fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
             plain = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
             tol = 1e-5 if dtype == torch.float32 else 5e-2
-            ok = bool(torch.allclose(plain, F.linear(x, w, b), atol=tol, rtol=tol)
-                      and torch.allclose(fused, F.gelu(F.linear(x, w, b)), atol=tol, rtol=tol))
+            ok = bool(
+                torch.allclose(plain, F.linear(x, w, b), atol=tol, rtol=tol)
+                and torch.allclose(fused, F.gelu(F.linear(x, w, b)), atol=tol, rtol=tol)
+            )
         except (AttributeError, RuntimeError):
             ok = False
         _onednn_checked[dtype] = ok
@@ -136,8 +140,14 @@ def forward_flops(cfg: ModelConfig, length: int, last_only: bool, lora: bool = F
     h += 2 * s * cfg.state_dim * d + (cfg.n_blocks - 1) * block + last
     h += 2 * (1 if last_only else s) * d * cfg.n_actions
     if lora and cfg.lora_rank:
-        shapes = {"attention.q_proj": 2 * d, "attention.k_proj": 2 * d, "attention.v_proj": 2 * d,
-                  "attention.out_proj": 2 * d, "ffn.0": d + f, "ffn.3": f + d}
+        shapes = {
+            "attention.q_proj": 2 * d,
+            "attention.k_proj": 2 * d,
+            "attention.v_proj": 2 * d,
+            "attention.out_proj": 2 * d,
+            "ffn.0": d + f,
+            "ffn.3": f + d,
+        }
         h += sum(2 * s * cfg.lora_rank * shapes[t.split(".", 2)[2]] for t in cfg.lora_targets)
     return h
 
@@ -186,8 +196,9 @@ def _choose(precision: str, device: str | None) -> tuple[torch.device, torch.dty
 class InferenceEngine:
     """Merged-weight copy of a FlagTrader for batched inference. forward(x (B, S, state_dim)) -> logits."""
 
-    def __init__(self, model: FlagTrader, precision: str = "fast", device: str | None = None,
-                 batch_size: int | None = None) -> None:
+    def __init__(
+        self, model: FlagTrader, precision: str = "fast", device: str | None = None, batch_size: int | None = None
+    ) -> None:
         self.config: ModelConfig = model.config
         self.device, self.dtype, reason = _choose(precision, device)
         self.precision = precision
@@ -209,16 +220,24 @@ class InferenceEngine:
             blocks = []
             for blk in model.transformer_blocks:
                 att = blk.attention
-                blocks.append(_Block(
-                    w_qkv=t(torch.cat([att.q_proj.merged_weight(), att.k_proj.merged_weight(),
-                                       att.v_proj.merged_weight()])),
-                    b_qkv=t(torch.cat([att.q_proj.base.bias, att.k_proj.base.bias, att.v_proj.base.bias])),
-                    w_out=t(att.out_proj.merged_weight()), b_out=t(att.out_proj.base.bias),
-                    w_ffn1=t(blk.ffn[0].merged_weight()), b_ffn1=t(blk.ffn[0].base.bias),
-                    w_ffn2=t(blk.ffn[3].merged_weight()), b_ffn2=t(blk.ffn[3].base.bias),
-                    norm1=(t(blk.norm1.weight), t(blk.norm1.bias)),
-                    norm2=(t(blk.norm2.weight), t(blk.norm2.bias)),
-                ))
+                blocks.append(
+                    _Block(
+                        w_qkv=t(
+                            torch.cat(
+                                [att.q_proj.merged_weight(), att.k_proj.merged_weight(), att.v_proj.merged_weight()]
+                            )
+                        ),
+                        b_qkv=t(torch.cat([att.q_proj.base.bias, att.k_proj.base.bias, att.v_proj.base.bias])),
+                        w_out=t(att.out_proj.merged_weight()),
+                        b_out=t(att.out_proj.base.bias),
+                        w_ffn1=t(blk.ffn[0].merged_weight()),
+                        b_ffn1=t(blk.ffn[0].base.bias),
+                        w_ffn2=t(blk.ffn[3].merged_weight()),
+                        b_ffn2=t(blk.ffn[3].base.bias),
+                        norm1=(t(blk.norm1.weight), t(blk.norm1.bias)),
+                        norm2=(t(blk.norm2.weight), t(blk.norm2.bias)),
+                    )
+                )
             self.blocks: tuple[_Block, ...] = tuple(blocks)
             self.out_norm = (t(model.output_norm.weight), t(model.output_norm.bias))
             self.w_head = t(model.action_head.weight)
@@ -226,11 +245,25 @@ class InferenceEngine:
         self._batch_size = batch_size
         self._onednn = self.device.type == "cpu" and onednn_linear_ok(self.dtype)
         self._bmm_attention = self.device.type == "cpu" and self.dtype == torch.bfloat16
-        kernels = ("oneDNN linear, GELU fused" if self._onednn else "torch linear") + "; attention: " + (
-            f"batched matmul up to {BMM_ATTENTION_MAX_LENGTH} positions, SDPA above" if self._bmm_attention
-            else "SDPA") + "; the decision query alone: batched matmul"
-        self.info = EngineInfo(precision=precision, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
-                               batch_size=batch_size or 0, threads=threads, reason=reason, kernels=kernels)
+        kernels = (
+            ("oneDNN linear, GELU fused" if self._onednn else "torch linear")
+            + "; attention: "
+            + (
+                f"batched matmul up to {BMM_ATTENTION_MAX_LENGTH} positions, SDPA above"
+                if self._bmm_attention
+                else "SDPA"
+            )
+            + "; the decision query alone: batched matmul"
+        )
+        self.info = EngineInfo(
+            precision=precision,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            batch_size=batch_size or 0,
+            threads=threads,
+            reason=reason,
+            kernels=kernels,
+        )
 
     def batch_size(self, length: int) -> int:
         """Windows per batch for windows of `length` (the fixed one if given, else tuned to the cache)."""
@@ -243,8 +276,9 @@ class InferenceEngine:
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """x (..., in) -> (..., out) = x W^T + b, optionally followed by exact (erf) GELU."""
         if self._onednn:
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "gelu" if gelu else "none",
-                                                   [], "none" if gelu else "")
+            y = torch.ops.mkldnn._linear_pointwise(
+                x.reshape(-1, x.shape[-1]), w, b, "gelu" if gelu else "none", [], "none" if gelu else ""
+            )
             return y.view(*x.shape[:-1], w.shape[0])
         y = F.linear(x, w, b)
         return F.gelu(y) if gelu else y
@@ -262,8 +296,11 @@ class InferenceEngine:
         # and 2 threads), and a cluster worker must give the same logits as one process whatever its threads.
         if Sq == 1 or (self._bmm_attention and S <= BMM_ATTENTION_MAX_LENGTH):
             q, k, v = (a.reshape(B * h, -1, d // h) for a in (q, k, v))
-            mask = (torch.full((Sq, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1) if causal
-                    else torch.zeros(1, 1, 1, dtype=q.dtype, device=q.device))
+            mask = (
+                torch.full((Sq, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+                if causal
+                else torch.zeros(1, 1, 1, dtype=q.dtype, device=q.device)
+            )
             scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=(d // h) ** -0.5)  # (B*h, Sq, S)
             y = torch.bmm(scores.softmax(dim=-1), v).view(B, h, Sq, d // h)
         else:
@@ -299,7 +336,7 @@ class InferenceEngine:
     def _ffn(self, x: torch.Tensor, b: _Block) -> torch.Tensor:
         return self._linear(self._linear(x, b.w_ffn1, b.b_ffn1, gelu=True), b.w_ffn2, b.b_ffn2)
 
-    def variant(self, num_heads: int, norm_first: bool, causal: bool) -> "InferenceEngine":
+    def variant(self, num_heads: int, norm_first: bool, causal: bool) -> InferenceEngine:
         """The same merged weights (shared, not copied) under other head count, norm placement and mask: these
         assumptions change the computation, not the weights. The LoRA scale does (it is merged in)."""
         other = copy.copy(self)
@@ -344,8 +381,10 @@ class InferenceEngine:
         shape = (n, self.config.n_actions) if last_only else (n, length, self.config.n_actions)
         out = np.empty(shape, dtype=np.float32)
         for start in range(0, n, bs):
-            batch = torch.from_numpy(np.array(windows[start:start + bs], dtype=np.float32))  # one writable copy per batch
-            out[start:start + bs] = self.forward(batch, last_only).cpu().numpy()
+            batch = torch.from_numpy(
+                np.array(windows[start : start + bs], dtype=np.float32)
+            )  # one writable copy per batch
+            out[start : start + bs] = self.forward(batch, last_only).cpu().numpy()
             if progress is not None:
                 progress(min(start + bs, n), n)
         return out

@@ -46,10 +46,16 @@ _SIMPLE60: tuple[tuple[str, str, str], ...] = (
     ("cv_close", "std(c)/mean(c) over the window (sample std)", ""),
     ("range_rel", "mean(h - l)/mean(c) over the window", ""),
     ("vol_rel", "v[-1]/mean(v) over the window", ""),
-    ("zscore_oldest", "(c[0] - mean(c))/std(c)",
-     "the z-score of the window's OLDEST bar (50 bars ago), not of the current bar"),
-    ("rsi_14", "RSI(14): simple 14-bar rolling means of gains and losses; 100 if no losses, 50 if undefined",
-     "simple means, not Wilder's smoothing"),
+    (
+        "zscore_oldest",
+        "(c[0] - mean(c))/std(c)",
+        "the z-score of the window's OLDEST bar (50 bars ago), not of the current bar",
+    ),
+    (
+        "rsi_14",
+        "RSI(14): simple 14-bar rolling means of gains and losses; 100 if no losses, 50 if undefined",
+        "simple means, not Wilder's smoothing",
+    ),
     ("macd", "EWM12(c) - EWM26(c) at the last bar", "pandas EWM adjust=True, started at the window's first bar"),
     ("macd_signal", "EWM9 of the in-window MACD series", "pandas EWM adjust=True, started at the window's first bar"),
     ("macd_hist", "MACD - signal", "pandas EWM adjust=True, started at the window's first bar"),
@@ -97,8 +103,11 @@ _SIMPLE60: tuple[tuple[str, str, str], ...] = (
     ("hour_cos", "cos(2*pi*hour/24)", "assumes the file's clock (UTC in training)"),
     ("weekday_sin", "sin(2*pi*dayofweek/7)", ""),
     ("weekday_cos", "cos(2*pi*dayofweek/7)", ""),
-    ("years", "(time - first time of the whole file) in years of 365.25 days",
-     "depends on where the file starts, not on the market"),
+    (
+        "years",
+        "(time - first time of the whole file) in years of 365.25 days",
+        "depends on where the file starts, not on the market",
+    ),
     ("weekend", "Saturday or Sunday, 0/1", ""),
 )
 SIMPLE60_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _SIMPLE60)
@@ -110,9 +119,14 @@ _WINDOW = WARMUP + 1
 
 def simple60_reference() -> pd.DataFrame:
     """One row per simple-60 feature: index, name, definition, quirk (empty where none). For help texts."""
-    return pd.DataFrame({"index": range(len(_SIMPLE60)), "name": SIMPLE60_NAMES,
-                         "definition": SIMPLE60_DESCRIPTIONS,
-                         "quirk": [q for _, _, q in _SIMPLE60]})
+    return pd.DataFrame(
+        {
+            "index": range(len(_SIMPLE60)),
+            "name": SIMPLE60_NAMES,
+            "definition": SIMPLE60_DESCRIPTIONS,
+            "quirk": [q for _, _, q in _SIMPLE60],
+        }
+    )
 
 
 def feature_help(i: int) -> str:
@@ -471,9 +485,7 @@ _COMPUTE: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {"simple-60": simp
 def compute_features(ohlcv: pd.DataFrame, feature_set: str = "simple-60") -> pd.DataFrame:
     """Features of ``feature_set`` for every bar t >= its warmup; see FEATURE_SETS for the names."""
     if feature_set not in FEATURE_SETS:
-        raise ValueError(
-            f"unknown feature set {feature_set!r}; known feature sets: {', '.join(sorted(FEATURE_SETS))}"
-        )
+        raise ValueError(f"unknown feature set {feature_set!r}; known feature sets: {', '.join(sorted(FEATURE_SETS))}")
     return _COMPUTE[feature_set](ohlcv)
 
 
@@ -491,15 +503,16 @@ class LabelRule:
             raise ValueError(f"LabelRule.threshold must be a finite fraction >= 0, got {self.threshold!r}")
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> tuple["LabelRule", str]:
+    def from_meta(cls, meta: Mapping[str, Any]) -> tuple[LabelRule, str]:
         """The rule a checkpoint stores (``label_rule: {horizon, threshold}``, top level or in its config) and
         where it came from: "stored in the checkpoint", else the documented training rule, "assumed"."""
         cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
         stored = meta.get("label_rule", cfg.get("label_rule"))
         if isinstance(stored, Mapping):
             try:
-                return cls(int(stored.get("horizon", cls.horizon)),
-                           float(stored.get("threshold", cls.threshold))), "stored in the checkpoint"
+                return cls(
+                    int(stored.get("horizon", cls.horizon)), float(stored.get("threshold", cls.threshold))
+                ), "stored in the checkpoint"
             except (TypeError, ValueError):
                 pass  # an unusable stored rule falls back to the documented one, and says so
         return cls(), "assumed (the FLAG-TRADER training rule; the checkpoint stores none)"

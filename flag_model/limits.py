@@ -9,11 +9,12 @@ Checks happen before the allocation they protect: shapes are compared with the f
 the safetensors header and the zip directory are read before any tensor, the CSV header line and the Parquet
 footer before any row.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 
@@ -55,9 +56,11 @@ def limits() -> Limits:
 def too_big(what: str, value: int | float, limit_name: str) -> str:
     """The sentence for a refused size: what, how much, the limit and how to raise it."""
     limit = getattr(limits(), limit_name)
-    return (f"{what}: {value:,}, above this server's limit of {limit:,} ({limit_name}); refused before "
-            f"allocating memory. If the file is genuine, the server operator can raise "
-            f"FLAG_TRADER_{limit_name.upper()}.")
+    return (
+        f"{what}: {value:,}, above this server's limit of {limit:,} ({limit_name}); refused before "
+        f"allocating memory. If the file is genuine, the server operator can raise "
+        f"FLAG_TRADER_{limit_name.upper()}."
+    )
 
 
 def pieces(t: torch.Tensor, step: int | None = None) -> Iterator[torch.Tensor]:
@@ -75,7 +78,7 @@ def pieces(t: torch.Tensor, step: int | None = None) -> Iterator[torch.Tensor]:
     else:
         k = step // row
         for i in range(0, t.shape[0], k):
-            yield t[i:i + k]
+            yield t[i : i + k]
 
 
 def abs_max(t: torch.Tensor) -> float:

@@ -7,10 +7,12 @@
 Every projection is a LoRALinear: y = base(x) + scale * (x @ A @ B) with A [in, r] and B [r, out]
 (not PEFT's [r, in] / [out, r]). Attention has no mask unless the `causal` assumption is set.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,11 +165,14 @@ class FlagTrader(nn.Module):
 class ModelMismatchError(ValueError):
     """A state dict that does not load strictly; lists every missing, unexpected and mis-shaped key."""
 
-    def __init__(self, missing: list[str], unexpected: list[str],
-                 mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+    def __init__(
+        self, missing: list[str], unexpected: list[str], mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    ) -> None:
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"checkpoint does not fit the reconstruction: {len(missing)} missing, "
-                 f"{len(unexpected)} unexpected, {len(mismatched)} mis-shaped keys."]
+        lines = [
+            f"checkpoint does not fit the reconstruction: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} mis-shaped keys."
+        ]
         lines += [f"  missing: {k}" for k in missing[:20]]
         lines += [f"  unexpected: {k}" for k in unexpected[:20]]
         lines += [f"  shape: {k} file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:20]]
@@ -182,14 +187,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def find_mismatch(expected: Mapping[str, tuple[int, ...]],
-                  state_dict: Mapping[str, torch.Tensor]) -> ModelMismatchError | None:
+def find_mismatch(
+    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]
+) -> ModelMismatchError | None:
     """The error a strict load would raise, or None when keys and shapes match exactly."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [(k, tuple(state_dict[k].shape), tuple(expected[k]))
-                  for k in sorted(set(expected) & set(state_dict))
-                  if tuple(state_dict[k].shape) != tuple(expected[k])]
+    mismatched = [
+        (k, tuple(state_dict[k].shape), tuple(expected[k]))
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
     return ModelMismatchError(missing, unexpected, mismatched) if missing or unexpected or mismatched else None
 
 
@@ -223,6 +231,8 @@ def build_model(
         model = FlagTrader(cfg)
         model.load_state_dict(state_dict, strict=True)
     except (MemoryError, RuntimeError) as exc:  # allocation failure, or a storage that cannot be read
-        raise ConfigError(f"the model could not be built: {type(exc).__name__}: {str(exc)[:200]}. The machine may "
-                          "be short of memory; close other sessions or ask the operator.") from None
+        raise ConfigError(
+            f"the model could not be built: {type(exc).__name__}: {str(exc)[:200]}. The machine may "
+            "be short of memory; close other sessions or ask the operator."
+        ) from None
     return model.eval()

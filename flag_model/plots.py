@@ -1,4 +1,5 @@
 """Figure builders: analysis results in, plotly figures out. No model math here."""
+
 from __future__ import annotations
 
 import html
@@ -37,17 +38,32 @@ def parameter_breakdown(counts: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for group in ("base", "LoRA", "other"):
         n = int(counts.loc[group, "parameters"])
-        fig.add_bar(y=["parameters"], x=[n], name=f"{group} ({n:,})", orientation="h",
-                    marker_color=colors[group], hovertemplate=f"{group}: %{{x:,}}<extra></extra>")
-    fig.update_layout(barmode="stack", height=140, margin=dict(l=10, r=10, t=10, b=10),
-                      legend=dict(orientation="h", y=-0.4), yaxis=dict(showticklabels=False))
+        fig.add_bar(
+            y=["parameters"],
+            x=[n],
+            name=f"{group} ({n:,})",
+            orientation="h",
+            marker_color=colors[group],
+            hovertemplate=f"{group}: %{{x:,}}<extra></extra>",
+        )
+    fig.update_layout(
+        barmode="stack",
+        height=140,
+        margin=dict(l=10, r=10, t=10, b=10),
+        legend=dict(orientation="h", y=-0.4),
+        yaxis=dict(showticklabels=False),
+    )
     return fig
 
 
-
 # Tensor tree and architecture check
-STATUS_COLORS = {"matched": "#2ca02c", "mis-shaped": "#d62728", "missing": "#ff7f0e", "unexpected": "#9467bd",
-                 "mixed": "#e8c547"}
+STATUS_COLORS = {
+    "matched": "#2ca02c",
+    "mis-shaped": "#d62728",
+    "missing": "#ff7f0e",
+    "unexpected": "#9467bd",
+    "mixed": "#e8c547",
+}
 
 
 def tensor_treemap(tree: pd.DataFrame, label: str) -> go.Figure:
@@ -55,14 +71,25 @@ def tensor_treemap(tree: pd.DataFrame, label: str) -> go.Figure:
 
     Click a box to narrow the view to it; the path bar at the top goes back.
     """
-    hover = [f"<b>{plain(i.rstrip('/'))}</b><br>{e:,} elements in {n} tensor{'s' * (n > 1)}<br>{label}: {c:.4g}"
-             for i, e, n, c in zip(tree["id"], tree["elements"], tree["n_tensors"], tree["color"])]
-    fig = go.Figure(go.Treemap(
-        ids=tree["id"], labels=[plain(x) for x in tree["label"]], parents=tree["parent"], values=tree["elements"],
-        branchvalues="total", maxdepth=4, hovertext=hover, hoverinfo="text",
-        marker=dict(colors=tree["color"], colorscale="Viridis", colorbar=dict(title=label, thickness=12)),
-        pathbar=dict(visible=True), tiling=dict(pad=2),
-    ))
+    hover = [
+        f"<b>{plain(i.rstrip('/'))}</b><br>{e:,} elements in {n} tensor{'s' * (n > 1)}<br>{label}: {c:.4g}"
+        for i, e, n, c in zip(tree["id"], tree["elements"], tree["n_tensors"], tree["color"])
+    ]
+    fig = go.Figure(
+        go.Treemap(
+            ids=tree["id"],
+            labels=[plain(x) for x in tree["label"]],
+            parents=tree["parent"],
+            values=tree["elements"],
+            branchvalues="total",
+            maxdepth=4,
+            hovertext=hover,
+            hoverinfo="text",
+            marker=dict(colors=tree["color"], colorscale="Viridis", colorbar=dict(title=label, thickness=12)),
+            pathbar=dict(visible=True),
+            tiling=dict(pad=2),
+        )
+    )
     fig.update_layout(height=560, margin=dict(l=5, r=5, t=30, b=5))
     return fig
 
@@ -70,10 +97,23 @@ def tensor_treemap(tree: pd.DataFrame, label: str) -> go.Figure:
 def value_histogram(edges: np.ndarray, counts: np.ndarray, name: str) -> go.Figure:
     """Histogram of a tensor's finite values (pre-binned counts)."""
     centers = (edges[1:] + edges[:-1]) / 2
-    fig = go.Figure(go.Bar(x=centers, y=counts, width=np.diff(edges), marker_color="#3b7dd8",
-                           hovertemplate="%{x:.4g}: %{y:,}<extra></extra>"))
-    fig.update_layout(title=f"values of {plain(name)}", height=300, bargap=0, xaxis_title="value", yaxis_title="count",
-                      margin=dict(l=10, r=10, t=40, b=10))
+    fig = go.Figure(
+        go.Bar(
+            x=centers,
+            y=counts,
+            width=np.diff(edges),
+            marker_color="#3b7dd8",
+            hovertemplate="%{x:.4g}: %{y:,}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"values of {plain(name)}",
+        height=300,
+        bargap=0,
+        xaxis_title="value",
+        yaxis_title="count",
+        margin=dict(l=10, r=10, t=40, b=10),
+    )
     return fig
 
 
@@ -83,28 +123,55 @@ def matrix_heatmap(matrix: np.ndarray, name: str, step: int = 1, shape: tuple[in
     step *= more
     lim = float(np.nanmax(np.abs(z))) or 1.0
     note = f" (mean of {step}×{step} blocks)" if step > 1 else ""
-    fig = go.Figure(go.Heatmap(z=z, x=np.arange(z.shape[1]) * step, y=np.arange(z.shape[0]) * step,
-                               colorscale="RdBu_r", zmid=0, zmin=-lim, zmax=lim,
-                               hovertemplate="row %{y}, col %{x}: %{z:.4g}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=np.arange(z.shape[1]) * step,
+            y=np.arange(z.shape[0]) * step,
+            colorscale="RdBu_r",
+            zmid=0,
+            zmin=-lim,
+            zmax=lim,
+            hovertemplate="row %{y}, col %{x}: %{z:.4g}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed", title="row")
     fig.update_xaxes(title="column")
-    fig.update_layout(title=f"{plain(name)} {list(shape or matrix.shape)}{note}", height=420, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(
+        title=f"{plain(name)} {list(shape or matrix.shape)}{note}", height=420, margin=dict(l=10, r=10, t=40, b=10)
+    )
     return fig
 
 
 def spectrum_vs_init(singular_values: np.ndarray, expected: np.ndarray, edge: float, init: str) -> go.Figure:
     """Singular values (descending) next to the Marchenko–Pastur expectation of a random init of that shape."""
     k = np.arange(1, len(singular_values) + 1)
-    fig = go.Figure([
-        go.Scatter(x=k, y=singular_values, name="this tensor", mode="lines+markers" if len(k) <= 64 else "lines",
-                   line_color="#d62728"),
-        go.Scatter(x=k, y=expected, name=f"random init: {init}", mode="lines", line=dict(color="#1f77b4", dash="dash")),
-    ])
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=k,
+                y=singular_values,
+                name="this tensor",
+                mode="lines+markers" if len(k) <= 64 else "lines",
+                line_color="#d62728",
+            ),
+            go.Scatter(
+                x=k, y=expected, name=f"random init: {init}", mode="lines", line=dict(color="#1f77b4", dash="dash")
+            ),
+        ]
+    )
     if edge > 0:
-        fig.add_hline(y=edge, line=dict(color="#999", dash="dot"), annotation_text="init edge",
-                      annotation_position="top right")
-    fig.update_layout(title="singular values", height=320, xaxis_title="index k", yaxis_title="singular value",
-                      legend=dict(orientation="h", y=-0.25), margin=dict(l=10, r=10, t=40, b=10))
+        fig.add_hline(
+            y=edge, line=dict(color="#999", dash="dot"), annotation_text="init edge", annotation_position="top right"
+        )
+    fig.update_layout(
+        title="singular values",
+        height=320,
+        xaxis_title="index k",
+        yaxis_title="singular value",
+        legend=dict(orientation="h", y=-0.25),
+        margin=dict(l=10, r=10, t=40, b=10),
+    )
     return fig
 
 
@@ -122,17 +189,41 @@ def change_heatmap(grid: pd.DataFrame) -> go.Figure:
         lo, hi = lo - 0.5, hi + 0.5
     with np.errstate(divide="ignore", invalid="ignore"):
         logz = np.where(np.isfinite(z) & (z > 0), np.log10(z), np.nan)
-    text = np.vectorize(lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else "0 (unchanged)" if v == 0
-                                                          else f"{v:.3g}"))(z)
+    text = np.vectorize(
+        lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else "0 (unchanged)" if v == 0 else f"{v:.3g}")
+    )(z)
     x, y = [str(c) for c in grid.columns], [f"block {b}" for b in grid.index]
     hover = "%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"
     special = np.where(z == 0, 0.0, np.where(np.isposinf(z), 1.0, np.nan))  # unchanged / infinite
-    fig = go.Figure(go.Heatmap(z=special, x=x, y=y, zmin=0, zmax=1, showscale=False, customdata=text,
-                               colorscale=[[0, "#e4e7eb"], [0.5, "#e4e7eb"], [0.5, "#d62728"], [1, "#d62728"]],
-                               text=np.where(np.isposinf(z), "∞", ""), texttemplate="%{text}", hovertemplate=hover))
+    fig = go.Figure(
+        go.Heatmap(
+            z=special,
+            x=x,
+            y=y,
+            zmin=0,
+            zmax=1,
+            showscale=False,
+            customdata=text,
+            colorscale=[[0, "#e4e7eb"], [0.5, "#e4e7eb"], [0.5, "#d62728"], [1, "#d62728"]],
+            text=np.where(np.isposinf(z), "∞", ""),
+            texttemplate="%{text}",
+            hovertemplate=hover,
+        )
+    )
     if finite.size:
-        fig.add_trace(go.Heatmap(z=logz, x=x, y=y, colorscale="Viridis", zmin=lo, zmax=hi, customdata=text,
-                                 colorbar=dict(title="log10 rel. change"), hovertemplate=hover))
+        fig.add_trace(
+            go.Heatmap(
+                z=logz,
+                x=x,
+                y=y,
+                colorscale="Viridis",
+                zmin=lo,
+                zmax=hi,
+                customdata=text,
+                colorbar=dict(title="log10 rel. change"),
+                hovertemplate=hover,
+            )
+        )
     else:
         changed = "no finite change" if np.isposinf(z).any() else "identical: every shared tensor is unchanged"
         fig.add_annotation(text=changed, showarrow=False, xref="paper", yref="paper", x=0.5, y=1.08)
@@ -145,11 +236,21 @@ def change_heatmap(grid: pd.DataFrame) -> go.Figure:
 def key_status_treemap(tree: pd.DataFrame) -> go.Figure:
     """The aligned key tree of file vs target (key_status_tree), one colour per status; labels carry counts."""
     hover = [f"<b>{plain(i.rstrip('/'))}</b><br>{s}" for i, s in zip(tree["id"], tree["status"])]
-    fig = go.Figure(go.Treemap(
-        ids=tree["id"], labels=[plain(x) for x in tree["label"]], parents=tree["parent"], values=tree["size"], branchvalues="remainder",
-        marker=dict(colors=[STATUS_COLORS[s] for s in tree["status"]]), hovertext=hover, hoverinfo="text",
-        maxdepth=3, pathbar=dict(visible=True), tiling=dict(pad=2),
-    ))
+    fig = go.Figure(
+        go.Treemap(
+            ids=tree["id"],
+            labels=[plain(x) for x in tree["label"]],
+            parents=tree["parent"],
+            values=tree["size"],
+            branchvalues="remainder",
+            marker=dict(colors=[STATUS_COLORS[s] for s in tree["status"]]),
+            hovertext=hover,
+            hoverinfo="text",
+            maxdepth=3,
+            pathbar=dict(visible=True),
+            tiling=dict(pad=2),
+        )
+    )
     fig.update_layout(height=520, margin=dict(l=5, r=5, t=30, b=5))
     return fig
 
@@ -157,13 +258,22 @@ def key_status_treemap(tree: pd.DataFrame) -> go.Figure:
 def layout_ranking_bars(ranking: pd.DataFrame) -> go.Figure:
     """How well the file matches each family at the sizes that family reads from the file, best first."""
     r = ranking.iloc[::-1]
-    fig = go.Figure(go.Bar(
-        x=r["score"], y=r["title"], orientation="h", marker_color=["#2ca02c" if s >= 0.9 else "#9aa5b1" for s in r["score"]],
-        text=[f"{s:.0%} · {m}/{n} keys" for s, m, n in zip(r["score"], r["matched"], r["layout_keys"])],
-        textposition="auto", hovertemplate="%{y}: %{x:.0%} of keys match at the sizes read from the file<extra></extra>",
-    ))
-    fig.update_layout(height=60 + 32 * len(r), xaxis=dict(range=[0, 1], tickformat=".0%", title="keys matched (family at the sizes read from the file)"),
-                      margin=dict(l=10, r=10, t=10, b=10))
+    fig = go.Figure(
+        go.Bar(
+            x=r["score"],
+            y=r["title"],
+            orientation="h",
+            marker_color=["#2ca02c" if s >= 0.9 else "#9aa5b1" for s in r["score"]],
+            text=[f"{s:.0%} · {m}/{n} keys" for s, m, n in zip(r["score"], r["matched"], r["layout_keys"])],
+            textposition="auto",
+            hovertemplate="%{y}: %{x:.0%} of keys match at the sizes read from the file<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=60 + 32 * len(r),
+        xaxis=dict(range=[0, 1], tickformat=".0%", title="keys matched (family at the sizes read from the file)"),
+        margin=dict(l=10, r=10, t=10, b=10),
+    )
     return fig
 
 
@@ -182,8 +292,9 @@ def _cell_hover(metrics: pd.DataFrame, grid: pd.DataFrame, labels: dict[str, str
     return data, template
 
 
-def lora_heatmap(grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: dict[str, str],
-                 log: bool = False) -> go.Figure:
+def lora_heatmap(
+    grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: dict[str, str], log: bool = False
+) -> go.Figure:
     """blocks × modules heatmap of one metric (`grid`), every metric on hover, flags drawn as symbols.
 
     An invisible marker sits on each cell so that clicking a cell selects it (plotly heatmaps emit no
@@ -200,35 +311,70 @@ def lora_heatmap(grid: pd.DataFrame, metrics: pd.DataFrame, label: str, labels: 
     flags = metrics.set_index(["block", "module"]).reindex(pd.MultiIndex.from_product([grid.index, grid.columns]))
     present = flags["path"].notna().to_numpy().reshape(z.shape)
     blank = present & ~np.isfinite(z)
-    fig = go.Figure(go.Heatmap(z=np.where(blank, 0.0, np.nan), x=x, y=y, colorscale=[[0, "#c9ced6"], [1, "#c9ced6"]],
-                               showscale=False, hoverinfo="skip"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=np.where(blank, 0.0, np.nan),
+            x=x,
+            y=y,
+            colorscale=[[0, "#c9ced6"], [1, "#c9ced6"]],
+            showscale=False,
+            hoverinfo="skip",
+        )
+    )
     if np.isfinite(z).any():
-        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", hoverinfo="skip",
-                                 colorbar=dict(title=("log10 " if log else "") + label)))
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=x,
+                y=y,
+                colorscale="Viridis",
+                hoverinfo="skip",
+                colorbar=dict(title=("log10 " if log else "") + label),
+            )
+        )
+
     def flag(col: str) -> np.ndarray:
         return flags[col].fillna(False).astype(bool).to_numpy() if col in flags else np.zeros(len(flags), bool)
+
     bad = flag("bad_base") | flag("bad_lora")
-    symbols = [("?" if b else "") + ("✕" if d else "") + ("▲" if m else "") + ("!" if o else "") for b, d, m, o in
-               zip(bad, flag("dead"), flag("dominating"), flag("outlier"))]
+    symbols = [
+        ("?" if b else "") + ("✕" if d else "") + ("▲" if m else "") + ("!" if o else "")
+        for b, d, m, o in zip(bad, flag("dead"), flag("dominating"), flag("outlier"))
+    ]
     colours = np.where(blank.ravel(), "#1f2a36", "white")
     gx, gy = np.meshgrid(x, y)
-    fig.add_trace(go.Scatter(
-        x=gx.ravel(), y=gy.ravel(), mode="markers+text", text=symbols, textfont=dict(color=list(colours), size=16),
-        marker=dict(size=28, symbol="square", color="rgba(0,0,0,0)"), customdata=custom.reshape(-1, custom.shape[-1]),
-        hovertemplate=template, showlegend=False,
-    ))
+    fig.add_trace(
+        go.Scatter(
+            x=gx.ravel(),
+            y=gy.ravel(),
+            mode="markers+text",
+            text=symbols,
+            textfont=dict(color=list(colours), size=16),
+            marker=dict(size=28, symbol="square", color="rgba(0,0,0,0)"),
+            customdata=custom.reshape(-1, custom.shape[-1]),
+            hovertemplate=template,
+            showlegend=False,
+        )
+    )
     fig.update_yaxes(autorange="reversed", title=None)
     fig.update_xaxes(title="adapted module", side="top")
-    fig.update_layout(height=max(260, 34 * len(y) + 120), margin=dict(l=10, r=10, t=40, b=10),
-                      clickmode="event+select")
+    fig.update_layout(height=max(260, 34 * len(y) + 120), margin=dict(l=10, r=10, t=40, b=10), clickmode="event+select")
     return fig
 
 
 def lora_spectra(spectra: pd.DataFrame, title: str) -> go.Figure:
     """Singular values of ΔW, W and W + ΔW against their index k, log scale."""
     long = spectra.melt(id_vars="k", var_name="matrix", value_name="singular value").dropna()
-    fig = px.line(long, x="k", y="singular value", color="matrix", log_y=True, markers=len(spectra) <= 64,
-                  color_discrete_map={"ΔW": "#d62728", "W": "#1f77b4", "W + ΔW": "#2ca02c"}, title=plain(title))
+    fig = px.line(
+        long,
+        x="k",
+        y="singular value",
+        color="matrix",
+        log_y=True,
+        markers=len(spectra) <= 64,
+        color_discrete_map={"ΔW": "#d62728", "W": "#1f77b4", "W + ΔW": "#2ca02c"},
+        title=plain(title),
+    )
     fig.update_yaxes(dtick=1, exponentformat="power")  # decades only: plotly's 2/5 minor labels read as values
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10), legend_title_text=None)
     return fig
@@ -237,23 +383,43 @@ def lora_spectra(spectra: pd.DataFrame, title: str) -> go.Figure:
 def ablation_bars(summary: pd.DataFrame) -> go.Figure:
     """Mean decision probability per action with LoRA on (solid) and with the chosen adapters off (hatched)."""
     colors = [ACTION_COLORS.get(a, "#1f77b4") for a in summary["action"]]
-    fig = go.Figure([
-        go.Bar(x=summary["action"], y=summary["mean p (LoRA on)"], name="LoRA on", marker_color=colors),
-        go.Bar(x=summary["action"], y=summary["mean p (ablated)"], name="ablated", marker_color=colors,
-               marker_pattern_shape="/", opacity=0.6),
-    ])
-    fig.update_layout(barmode="group", height=320, yaxis_title="mean probability at the decision position",
-                      margin=dict(l=10, r=10, t=30, b=10))
+    fig = go.Figure(
+        [
+            go.Bar(x=summary["action"], y=summary["mean p (LoRA on)"], name="LoRA on", marker_color=colors),
+            go.Bar(
+                x=summary["action"],
+                y=summary["mean p (ablated)"],
+                name="ablated",
+                marker_color=colors,
+                marker_pattern_shape="/",
+                opacity=0.6,
+            ),
+        ]
+    )
+    fig.update_layout(
+        barmode="group",
+        height=320,
+        yaxis_title="mean probability at the decision position",
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
 def ablation_changes(before: np.ndarray, after: np.ndarray, actions: tuple[str, ...], x: np.ndarray) -> go.Figure:
     """Change of each action's decision probability per sample window (after − before)."""
-    fig = go.Figure([go.Scatter(x=x, y=after[:, i] - before[:, i], name=a, mode="lines+markers",
-                                line_color=ACTION_COLORS.get(a)) for i, a in enumerate(actions)])
+    fig = go.Figure(
+        [
+            go.Scatter(x=x, y=after[:, i] - before[:, i], name=a, mode="lines+markers", line_color=ACTION_COLORS.get(a))
+            for i, a in enumerate(actions)
+        ]
+    )
     fig.add_hline(y=0, line_color="#999", line_width=1)
-    fig.update_layout(height=300, yaxis_title="Δ probability (ablated − on)", xaxis_title="window end",
-                      margin=dict(l=10, r=10, t=30, b=10))
+    fig.update_layout(
+        height=300,
+        yaxis_title="Δ probability (ablated − on)",
+        xaxis_title="window end",
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
@@ -261,20 +427,36 @@ def attention_grid(maps: np.ndarray, max_cells: int = MAX_HEATMAP_CELLS) -> go.F
     """Layers × heads small multiples of attention maps (L, H, S, S), one shared colour scale."""
     L, H, S, _ = maps.shape
     per_map = max(16, max_cells // (L * H))
-    fig = make_subplots(rows=L, cols=H, row_titles=[f"L{i}" for i in range(L)],
-                        column_titles=[f"head {h}" for h in range(H)],
-                        horizontal_spacing=0.01, vertical_spacing=0.01)
+    fig = make_subplots(
+        rows=L,
+        cols=H,
+        row_titles=[f"L{i}" for i in range(L)],
+        column_titles=[f"head {h}" for h in range(H)],
+        horizontal_spacing=0.01,
+        vertical_spacing=0.01,
+    )
     for i in range(L):
         for h in range(H):
             z, step, _ = downsample_2d(maps[i, h], per_map)
-            fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", hovertemplate=(
-                f"layer {i} head {h}<br>query %{{y}}, key %{{x}} (×{step})<br>p %{{z:.3f}}<extra></extra>")),
-                row=i + 1, col=h + 1)
+            fig.add_trace(
+                go.Heatmap(
+                    z=z,
+                    coloraxis="coloraxis",
+                    hovertemplate=(
+                        f"layer {i} head {h}<br>query %{{y}}, key %{{x}} (×{step})<br>p %{{z:.3f}}<extra></extra>"
+                    ),
+                ),
+                row=i + 1,
+                col=h + 1,
+            )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed")
     cmax = float(np.quantile(maps, 0.995)) or None
-    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=cmax, colorbar_title="p"),
-                      height=min(110 * L, 1400) + 60, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(
+        coloraxis=dict(colorscale="Viridis", cmin=0, cmax=cmax, colorbar_title="p"),
+        height=min(110 * L, 1400) + 60,
+        margin=dict(l=10, r=10, t=40, b=10),
+    )
     return fig
 
 
@@ -289,9 +471,18 @@ def attention_map(a: np.ndarray, title: str, zlabel: str = "attention", cap_diag
     zmax = float(a[~np.eye(S, dtype=bool)].max()) if cap_diagonal and S > 1 else None
     z, step, _ = downsample_2d(a)
     steps = np.arange(0, S, step) - (S - 1)
-    fig = go.Figure(go.Heatmap(z=z, x=steps, y=steps, colorscale="Viridis", zmin=0, zmax=zmax,
-                               colorbar_title=zlabel,
-                               hovertemplate="query t%{y:+d}, key t%{x:+d}<br>%{z:.4f}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=steps,
+            y=steps,
+            colorscale="Viridis",
+            zmin=0,
+            zmax=zmax,
+            colorbar_title=zlabel,
+            hovertemplate="query t%{y:+d}, key t%{x:+d}<br>%{z:.4f}<extra></extra>",
+        )
+    )
     fig.add_shape(type="line", x0=-(S - 1), y0=-(S - 1), x1=0, y1=0, line=dict(color="white", dash="dash"))
     fig.update_yaxes(autorange="reversed", title="query (steps from the decision bar)")
     fig.update_xaxes(title="key (steps from the decision bar)")
@@ -303,13 +494,18 @@ def decision_inflow(row: np.ndarray) -> go.Figure:
     """The decision bar's rollout row: how much each input step flows into the decision."""
     S = len(row)
     fig = go.Figure(go.Bar(x=np.arange(S) - (S - 1), y=row, marker_color="#1f77b4"))
-    fig.update_layout(height=260, xaxis_title="input step (0 = decision bar)", yaxis_title="rollout share",
-                      margin=dict(l=10, r=10, t=30, b=10))
+    fig.update_layout(
+        height=260,
+        xaxis_title="input step (0 = decision bar)",
+        yaxis_title="rollout share",
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
-def head_stat_heatmap(stats: pd.DataFrame, column: str, label: str,
-                      zrange: tuple[float, float] | None = None, diverging: bool = False) -> go.Figure:
+def head_stat_heatmap(
+    stats: pd.DataFrame, column: str, label: str, zrange: tuple[float, float] | None = None, diverging: bool = False
+) -> go.Figure:
     """layers × heads heatmap of one per-head statistic, values written in the cells.
 
     zrange fixes the colour scale (e.g. 0..1 for shares, so small differences do not look large);
@@ -320,10 +516,18 @@ def head_stat_heatmap(stats: pd.DataFrame, column: str, label: str,
     colour = dict(colorscale="RdBu", zmid=0) if diverging else dict(colorscale="Viridis")
     if zrange is not None:
         colour.update(zmin=zrange[0], zmax=zrange[1])
-    fig = go.Figure(go.Heatmap(z=z, x=[f"h{h}" for h in grid.columns], y=[f"L{i}" for i in grid.index],
-                               text=np.round(z, 2), texttemplate="%{text}" if grid.size <= 150 else None,
-                               hovertemplate="%{y} %{x}: %{z:.4f}<extra></extra>", colorbar=dict(thickness=10),
-                               **colour))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[f"h{h}" for h in grid.columns],
+            y=[f"L{i}" for i in grid.index],
+            text=np.round(z, 2),
+            texttemplate="%{text}" if grid.size <= 150 else None,
+            hovertemplate="%{y} %{x}: %{z:.4f}<extra></extra>",
+            colorbar=dict(thickness=10),
+            **colour,
+        )
+    )
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=label, height=max(220, 26 * len(grid) + 90), margin=dict(l=10, r=10, t=40, b=10))
     return fig
@@ -336,10 +540,18 @@ def future_by_query_lines(future: np.ndarray, uniform: np.ndarray | None = None)
     x = np.arange(S) - (S - 1)
     fig = go.Figure([go.Scatter(x=x, y=future[i], name=f"layer {i}", mode="lines") for i in range(L)])
     if uniform is not None:
-        fig.add_trace(go.Scatter(x=x, y=uniform, name="uniform attention", mode="lines",
-                                 line=dict(color="#7f7f7f", dash="dot", width=2)))
-    fig.update_layout(height=300, xaxis_title="query step (0 = decision bar)", yaxis_title="share on future keys",
-                      yaxis_range=[0, 1], margin=dict(l=10, r=10, t=30, b=10))
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=uniform, name="uniform attention", mode="lines", line=dict(color="#7f7f7f", dash="dot", width=2)
+            )
+        )
+    fig.update_layout(
+        height=300,
+        xaxis_title="query step (0 = decision bar)",
+        yaxis_title="share on future keys",
+        yaxis_range=[0, 1],
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
@@ -347,8 +559,9 @@ def future_by_query_lines(future: np.ndarray, uniform: np.ndarray | None = None)
 POS_COLOR, NEG_COLOR = "#b2182b", "#2166ac"  # the ends of the RdBu_r heatmap scale: for / against the class
 
 
-def attribution_heatmap(attr: np.ndarray, feature_names: tuple[str, ...], offsets: np.ndarray,
-                        title: str, zlabel: str = "attribution") -> go.Figure:
+def attribution_heatmap(
+    attr: np.ndarray, feature_names: tuple[str, ...], offsets: np.ndarray, title: str, zlabel: str = "attribution"
+) -> go.Figure:
     """attr (S, D) as features (rows) × time steps (columns), diverging colours centred at 0."""
     z = np.asarray(attr, dtype=np.float64).T  # (D, S)
     names, x = [plain(n) for n in feature_names], np.asarray(offsets)
@@ -356,32 +569,44 @@ def attribution_heatmap(attr: np.ndarray, feature_names: tuple[str, ...], offset
         z, step, _ = downsample_2d(z)
         names, x = names[::step], x[::step]
     lim = float(np.nanmax(np.abs(z))) if z.size else 0.0
-    fig = go.Figure(go.Heatmap(
-        z=z, x=x, y=names, colorscale="RdBu_r", zmid=0, zmin=-(lim or 1), zmax=lim or 1,
-        colorbar=dict(title=zlabel, thickness=12),
-        hovertemplate="%{y} at t%{x:+d}<br>" + zlabel + " %{z:.4g}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x,
+            y=names,
+            colorscale="RdBu_r",
+            zmid=0,
+            zmin=-(lim or 1),
+            zmax=lim or 1,
+            colorbar=dict(title=zlabel, thickness=12),
+            hovertemplate="%{y} at t%{x:+d}<br>" + zlabel + " %{z:.4g}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed", tickfont=dict(size=10), dtick=1 if len(names) <= 80 else None)
     fig.update_xaxes(title="time step (0 = deciding bar)")
     fig.update_layout(title=title, height=max(380, 13 * len(names) + 120), margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
 
-def signed_bars(labels: list[str], values: np.ndarray, title: str, value_title: str,
-                horizontal: bool = True) -> go.Figure:
+def signed_bars(
+    labels: list[str], values: np.ndarray, title: str, value_title: str, horizontal: bool = True
+) -> go.Figure:
     """Bars coloured by sign (red: for the explained class, blue: against); horizontal lists first on top."""
     values = np.asarray(values, dtype=np.float64)
     labels = [plain(x) if isinstance(x, str) else x for x in labels]
     colors = np.where(values >= 0, POS_COLOR, NEG_COLOR)
     if horizontal:
-        bar = go.Bar(x=values, y=labels, orientation="h", marker_color=colors,
-                     hovertemplate="%{y}: %{x:.4g}<extra></extra>")
+        bar = go.Bar(
+            x=values, y=labels, orientation="h", marker_color=colors, hovertemplate="%{y}: %{x:.4g}<extra></extra>"
+        )
         fig = go.Figure(bar)
         fig.update_yaxes(autorange="reversed")
         fig.update_xaxes(title=value_title)
         height = max(260, 20 * len(labels) + 90)
     else:
-        fig = go.Figure(go.Bar(x=labels, y=values, marker_color=colors,
-                               hovertemplate="t%{x:+d}: %{y:.4g}<extra></extra>"))
+        fig = go.Figure(
+            go.Bar(x=labels, y=values, marker_color=colors, hovertemplate="t%{x:+d}: %{y:.4g}<extra></extra>")
+        )
         fig.update_yaxes(title=value_title)
         fig.update_xaxes(title="time step (0 = deciding bar)")
         height = 280
@@ -391,23 +616,43 @@ def signed_bars(labels: list[str], values: np.ndarray, title: str, value_title: 
 
 def class_probabilities(probs: np.ndarray, names: tuple[str, ...], explained: str) -> go.Figure:
     """The model's probabilities at the deciding bar; the explained class is outlined."""
-    fig = go.Figure(go.Bar(
-        x=list(names), y=probs, marker_color=[ACTION_COLORS.get(n, "#1f77b4") for n in names],
-        marker_line=dict(width=[3 if n == explained else 0 for n in names], color="black"),
-        text=[f"{p:.1%}" for p in probs], textposition="outside", hovertemplate="%{x}: %{y:.2%}<extra></extra>"))
-    fig.update_layout(height=260, yaxis=dict(range=[0, 1.1], title="probability"), title="Model output",
-                      margin=dict(l=10, r=10, t=50, b=10))
+    fig = go.Figure(
+        go.Bar(
+            x=list(names),
+            y=probs,
+            marker_color=[ACTION_COLORS.get(n, "#1f77b4") for n in names],
+            marker_line=dict(width=[3 if n == explained else 0 for n in names], color="black"),
+            text=[f"{p:.1%}" for p in probs],
+            textposition="outside",
+            hovertemplate="%{x}: %{y:.2%}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=260,
+        yaxis=dict(range=[0, 1.1], title="probability"),
+        title="Model output",
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 
 def agreement_heatmap(corr: pd.DataFrame, title: str) -> go.Figure:
     """Spearman rank correlation matrix between methods, values written in the cells."""
     z = corr.to_numpy(dtype=np.float64)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=list(corr.columns), y=list(corr.index), colorscale="RdBu_r", zmin=-1, zmax=1,
-        text=np.where(np.isnan(z), "n/a", np.vectorize(lambda v: f"{v:.2f}")(np.nan_to_num(z))),
-        texttemplate="%{text}", colorbar=dict(title="ρ", thickness=12),
-        hovertemplate="%{y} vs %{x}: ρ = %{z:.3f}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(corr.columns),
+            y=list(corr.index),
+            colorscale="RdBu_r",
+            zmin=-1,
+            zmax=1,
+            text=np.where(np.isnan(z), "n/a", np.vectorize(lambda v: f"{v:.2f}")(np.nan_to_num(z))),
+            texttemplate="%{text}",
+            colorbar=dict(title="ρ", thickness=12),
+            hovertemplate="%{y} vs %{x}: ρ = %{z:.3f}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=title, height=max(280, 45 * len(corr) + 120), margin=dict(l=10, r=10, t=50, b=10))
     return fig
@@ -416,25 +661,43 @@ def agreement_heatmap(corr: pd.DataFrame, title: str) -> go.Figure:
 def global_importance_bars(table: pd.DataFrame, top_k: int) -> go.Figure:
     """Ranked mean |per-feature total| over many windows (GlobalImportance.table()), top_k features."""
     top = table.head(top_k)
-    fig = go.Figure(go.Bar(
-        x=top["mean_abs"], y=top["feature"], orientation="h", customdata=top["mean_signed"],
-        marker_color=np.where(top["mean_signed"] >= 0, POS_COLOR, NEG_COLOR),
-        hovertemplate="%{y}<br>mean |total| %{x:.4g}<br>mean signed %{customdata:.4g}<extra></extra>"))
+    fig = go.Figure(
+        go.Bar(
+            x=top["mean_abs"],
+            y=top["feature"],
+            orientation="h",
+            customdata=top["mean_signed"],
+            marker_color=np.where(top["mean_signed"] >= 0, POS_COLOR, NEG_COLOR),
+            hovertemplate="%{y}<br>mean |total| %{x:.4g}<br>mean signed %{customdata:.4g}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=f"Top {len(top)} features over many windows",
-                      xaxis_title="mean |attribution summed over time|", height=max(300, 20 * len(top) + 100),
-                      margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(
+        title=f"Top {len(top)} features over many windows",
+        xaxis_title="mean |attribution summed over time|",
+        height=max(300, 20 * len(top) + 100),
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 
 def class_breakdown_bars(table: pd.DataFrame, names: tuple[str, ...], top_k: int) -> go.Figure:
     """Mean |per-feature total| by predicted class for the top_k features overall, one bar group per feature."""
     top = table.head(top_k)
-    fig = go.Figure([go.Bar(x=top[f"mean_abs_{n}"], y=top["feature"], orientation="h", name=n,
-                            marker_color=ACTION_COLORS.get(n)) for n in names])
+    fig = go.Figure(
+        [
+            go.Bar(x=top[f"mean_abs_{n}"], y=top["feature"], orientation="h", name=n, marker_color=ACTION_COLORS.get(n))
+            for n in names
+        ]
+    )
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title="By predicted class", barmode="group", xaxis_title="mean |attribution summed over time|",
-                      height=max(320, 12 * len(names) * len(top) + 120), margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(
+        title="By predicted class",
+        barmode="group",
+        xaxis_title="mean |attribution summed over time|",
+        height=max(320, 12 * len(names) * len(top) + 120),
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 
@@ -464,12 +727,18 @@ def _bin_mean(a: np.ndarray, k: int) -> np.ndarray:
         return np.nanmean(padded.reshape(-1, k, *a.shape[1:]), axis=1)
 
 
-def price_signals(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarray, names: tuple[str, ...],
-                  max_markers: int = MAX_LINE_POINTS) -> go.Figure:
+def price_signals(
+    times: pd.DatetimeIndex,
+    close: np.ndarray,
+    actions: np.ndarray,
+    names: tuple[str, ...],
+    max_markers: int = MAX_LINE_POINTS,
+) -> go.Figure:
     """Close price with BUY (▲) and SELL (▼) markers; markers are thinned evenly when there are many."""
     k = _bins(len(close))
-    fig = go.Figure(go.Scattergl(x=times[::k], y=close[::k], mode="lines", name="close",
-                                 line=dict(color="#4c5c6c", width=1)))
+    fig = go.Figure(
+        go.Scattergl(x=times[::k], y=close[::k], mode="lines", name="close", line=dict(color="#4c5c6c", width=1))
+    )
     for name, symbol in (("BUY", "triangle-up"), ("SELL", "triangle-down")):
         if name not in names:
             continue
@@ -477,10 +746,18 @@ def price_signals(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarra
         step = max(1, -(-len(idx) // max_markers))
         idx = idx[::step]
         label = f"{name} ({'every ' + ordinal(step) + ', ' if step > 1 else ''}{len(idx):,} shown)"
-        fig.add_trace(go.Scattergl(x=times[idx], y=close[idx], mode="markers", name=label,
-                                   marker=dict(symbol=symbol, size=7, color=ACTION_COLORS[name])))
-    fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="close",
-                      legend=dict(orientation="h", y=1.08))
+        fig.add_trace(
+            go.Scattergl(
+                x=times[idx],
+                y=close[idx],
+                mode="markers",
+                name=label,
+                marker=dict(symbol=symbol, size=7, color=ACTION_COLORS[name]),
+            )
+        )
+    fig.update_layout(
+        height=360, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="close", legend=dict(orientation="h", y=1.08)
+    )
     return fig
 
 
@@ -489,39 +766,76 @@ def probability_timeline(times: pd.DatetimeIndex, probs: np.ndarray, names: tupl
     k = _bins(len(probs))
     p = _bin_mean(probs, k)
     t = times[::k][: len(p)]
-    fig = go.Figure([go.Scatter(x=t, y=p[:, i], name=n, stackgroup="p", mode="lines", line_width=0.5,
-                                line_color=ACTION_COLORS.get(n)) for i, n in enumerate(names)])
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=t, y=p[:, i], name=n, stackgroup="p", mode="lines", line_width=0.5, line_color=ACTION_COLORS.get(n)
+            )
+            for i, n in enumerate(names)
+        ]
+    )
     title = "probability" + (f" (mean over {k} bars)" if k > 1 else "")
-    fig.update_layout(height=260, yaxis=dict(title=title, range=[0, 1]), margin=dict(l=10, r=10, t=30, b=10),
-                      legend=dict(orientation="h", y=1.12))
+    fig.update_layout(
+        height=260,
+        yaxis=dict(title=title, range=[0, 1]),
+        margin=dict(l=10, r=10, t=30, b=10),
+        legend=dict(orientation="h", y=1.12),
+    )
     return fig
 
 
 def class_share_bars(shares: pd.DataFrame, alarm: float) -> go.Figure:
     """Share of each predicted action, with the collapse-alarm threshold."""
-    fig = go.Figure(go.Bar(x=shares["action"], y=shares["share"], text=[f"{s:.1%}" for s in shares["share"]],
-                           marker_color=[ACTION_COLORS.get(a, "#1f77b4") for a in shares["action"]]))
+    fig = go.Figure(
+        go.Bar(
+            x=shares["action"],
+            y=shares["share"],
+            text=[f"{s:.1%}" for s in shares["share"]],
+            marker_color=[ACTION_COLORS.get(a, "#1f77b4") for a in shares["action"]],
+        )
+    )
     fig.add_hline(y=alarm, line_dash="dot", line_color="#d62728", annotation_text=f"collapse alarm {alarm:.0%}")
-    fig.update_layout(height=260, yaxis=dict(title="share of predictions", range=[0, 1], tickformat=".0%"),
-                      margin=dict(l=10, r=10, t=30, b=10))
+    fig.update_layout(
+        height=260,
+        yaxis=dict(title="share of predictions", range=[0, 1], tickformat=".0%"),
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
 def confidence_histogram(probs: np.ndarray, actions: np.ndarray, names: tuple[str, ...]) -> go.Figure:
     """Histogram of the winning probability, one colour per predicted action."""
     conf = probs.max(axis=1)
-    fig = go.Figure([go.Histogram(x=conf[actions == i], name=n, marker_color=ACTION_COLORS.get(n), opacity=0.75,
-                                  xbins=dict(start=1 / len(names), end=1.0, size=0.02))
-                     for i, n in enumerate(names)])
-    fig.update_layout(barmode="stack", height=260, xaxis_title="confidence (winning probability)",
-                      yaxis_title="bars", margin=dict(l=10, r=10, t=30, b=10))
+    fig = go.Figure(
+        [
+            go.Histogram(
+                x=conf[actions == i],
+                name=n,
+                marker_color=ACTION_COLORS.get(n),
+                opacity=0.75,
+                xbins=dict(start=1 / len(names), end=1.0, size=0.02),
+            )
+            for i, n in enumerate(names)
+        ]
+    )
+    fig.update_layout(
+        barmode="stack",
+        height=260,
+        xaxis_title="confidence (winning probability)",
+        yaxis_title="bars",
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
 def logit_distributions(logits: np.ndarray, names: tuple[str, ...]) -> go.Figure:
     """Box plot of each class's raw logit over all predictions (offsets not applied)."""
-    fig = go.Figure([go.Box(y=logits[:, i], name=n, marker_color=ACTION_COLORS.get(n), boxpoints=False)
-                     for i, n in enumerate(names)])
+    fig = go.Figure(
+        [
+            go.Box(y=logits[:, i], name=n, marker_color=ACTION_COLORS.get(n), boxpoints=False)
+            for i, n in enumerate(names)
+        ]
+    )
     fig.update_layout(height=260, yaxis_title="logit", showlegend=False, margin=dict(l=10, r=10, t=30, b=10))
     return fig
 
@@ -531,11 +845,25 @@ def confusion_heatmap(confusion: pd.DataFrame) -> go.Figure:
     counts = confusion.to_numpy()
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     text = [[f"{c:,}<br>{s:.0%}" for c, s in zip(rc, rs)] for rc, rs in zip(counts, share)]
-    fig = go.Figure(go.Heatmap(z=share, x=list(confusion.columns), y=list(confusion.index), text=text,
-                               texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
-                               colorbar=dict(title="row share")))
-    fig.update_layout(height=300, xaxis_title="predicted", yaxis=dict(title="true", autorange="reversed"),
-                      margin=dict(l=10, r=10, t=30, b=10))
+    fig = go.Figure(
+        go.Heatmap(
+            z=share,
+            x=list(confusion.columns),
+            y=list(confusion.index),
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            colorbar=dict(title="row share"),
+        )
+    )
+    fig.update_layout(
+        height=300,
+        xaxis_title="predicted",
+        yaxis=dict(title="true", autorange="reversed"),
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
@@ -545,15 +873,35 @@ def accuracy_by_position(by_position: pd.DataFrame, baseline: float) -> go.Figur
     fig = go.Figure()
     if {"lo", "hi"} <= set(by_position.columns):
         x = list(by_position["position"])
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=list(by_position["hi"]) + list(by_position["lo"])[::-1],
-                                 fill="toself", fillcolor="rgba(59,125,216,0.18)", line=dict(width=0),
-                                 name="95 % interval", hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=by_position["position"], y=by_position["accuracy"], mode="lines+markers",
-                             name="accuracy", customdata=by_position["n"], line_color="#3b7dd8",
-                             hovertemplate="position %{x}: %{y:.1%} over %{customdata:,} bars<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=list(by_position["hi"]) + list(by_position["lo"])[::-1],
+                fill="toself",
+                fillcolor="rgba(59,125,216,0.18)",
+                line=dict(width=0),
+                name="95 % interval",
+                hoverinfo="skip",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=by_position["position"],
+            y=by_position["accuracy"],
+            mode="lines+markers",
+            name="accuracy",
+            customdata=by_position["n"],
+            line_color="#3b7dd8",
+            hovertemplate="position %{x}: %{y:.1%} over %{customdata:,} bars<extra></extra>",
+        )
+    )
     fig.add_hline(y=baseline, line_dash="dot", line_color="#7f7f7f", annotation_text="majority baseline")
-    fig.update_layout(height=280, xaxis_title="position in the window (last = decision in rolling mode)",
-                      yaxis=dict(title="accuracy", tickformat=".0%"), margin=dict(l=10, r=10, t=30, b=10))
+    fig.update_layout(
+        height=280,
+        xaxis_title="position in the window (last = decision in rolling mode)",
+        yaxis=dict(title="accuracy", tickformat=".0%"),
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
     return fig
 
 
@@ -561,27 +909,44 @@ def equity_lines(frame: pd.DataFrame) -> go.Figure:
     """Growth of 1 for the signal strategy and for buy-and-hold (thinned for long series)."""
     k = _bins(len(frame))
     f = frame.iloc[::k]
-    fig = go.Figure([go.Scattergl(x=f["datetime"], y=f["strategy"], name="signals (long/flat/short)",
-                                  line_color="#3b7dd8"),
-                     go.Scattergl(x=f["datetime"], y=f["buy_and_hold"], name="buy and hold", line_color="#9aa5b1")])
-    fig.update_layout(height=300, yaxis_title="growth of 1", margin=dict(l=10, r=10, t=30, b=10),
-                      legend=dict(orientation="h", y=1.1))
+    fig = go.Figure(
+        [
+            go.Scattergl(x=f["datetime"], y=f["strategy"], name="signals (long/flat/short)", line_color="#3b7dd8"),
+            go.Scattergl(x=f["datetime"], y=f["buy_and_hold"], name="buy and hold", line_color="#9aa5b1"),
+        ]
+    )
+    fig.update_layout(
+        height=300, yaxis_title="growth of 1", margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=1.1)
+    )
     return fig
 
 
 # What-if
-def before_after_bars(before: np.ndarray, after: np.ndarray, names: tuple[str, ...], title: str,
-                      after_label: str = "after the edit") -> go.Figure:
+def before_after_bars(
+    before: np.ndarray, after: np.ndarray, names: tuple[str, ...], title: str, after_label: str = "after the edit"
+) -> go.Figure:
     """Decision probabilities (n_actions,) before and after side by side; the deciding class in bold text."""
     fig = go.Figure()
     for label, probs, opacity in (("before", before, 0.45), (after_label, after, 1.0)):
         top = int(np.argmax(probs))
-        fig.add_bar(x=list(names), y=probs, name=label, opacity=opacity,
-                    marker_color=[ACTION_COLORS.get(n, "#1f77b4") for n in names],
-                    text=[f"<b>{p:.1%}</b>" if i == top else f"{p:.1%}" for i, p in enumerate(probs)],
-                    textposition="outside", hovertemplate=f"{label}<br>%{{x}}: %{{y:.2%}}<extra></extra>")
-    fig.update_layout(barmode="group", height=280, title=title, yaxis=dict(range=[0, 1.15], title="probability"),
-                      legend=dict(orientation="h", y=-0.15), margin=dict(l=10, r=10, t=50, b=10))
+        fig.add_bar(
+            x=list(names),
+            y=probs,
+            name=label,
+            opacity=opacity,
+            marker_color=[ACTION_COLORS.get(n, "#1f77b4") for n in names],
+            text=[f"<b>{p:.1%}</b>" if i == top else f"{p:.1%}" for i, p in enumerate(probs)],
+            textposition="outside",
+            hovertemplate=f"{label}<br>%{{x}}: %{{y:.2%}}<extra></extra>",
+        )
+    fig.update_layout(
+        barmode="group",
+        height=280,
+        title=title,
+        yaxis=dict(range=[0, 1.15], title="probability"),
+        legend=dict(orientation="h", y=-0.15),
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 
@@ -590,30 +955,49 @@ def stability_lines(curves: dict[str, pd.DataFrame]) -> go.Figure:
     (frames from Stability.curve())."""
     fig = go.Figure()
     for name, df in curves.items():
-        fig.add_scatter(x=df["k"], y=df["share unchanged"], mode="lines+markers", name=name,
-                        hovertemplate="k = %{x:g} σ: %{y:.1%} unchanged<extra>" + name + "</extra>")
+        fig.add_scatter(
+            x=df["k"],
+            y=df["share unchanged"],
+            mode="lines+markers",
+            name=name,
+            hovertemplate="k = %{x:g} σ: %{y:.1%} unchanged<extra>" + name + "</extra>",
+        )
     fig.update_xaxes(type="log", title="noise k · σ per feature")
-    fig.update_layout(height=300, title="Decision stability under Gaussian noise",
-                      yaxis=dict(range=[0, 1.05], title="share of decisions unchanged", tickformat=".0%"),
-                      legend=dict(orientation="h", y=-0.25), margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(
+        height=300,
+        title="Decision stability under Gaussian noise",
+        yaxis=dict(range=[0, 1.05], title="share of decisions unchanged", tickformat=".0%"),
+        legend=dict(orientation="h", y=-0.25),
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 
 def deletion_insertion_lines(frame: pd.DataFrame, title: str) -> go.Figure:
     """Deletion and insertion curves (Curves.frame()) of a method and of random orders, two panels."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Deletion (lower area is better)",
-                                                        "Insertion (higher area is better)"))
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("Deletion (lower area is better)", "Insertion (higher area is better)")
+    )
     for col, curve in ((1, "deletion"), (2, "insertion")):
         part = frame[frame["curve"] == curve]
         for order, df in part.groupby("order", sort=False):
             rand = order == "random (mean)"
-            fig.add_scatter(x=df["fraction"], y=df["probability"], mode="lines", name=order, row=1, col=col,
-                            line=dict(color="#9aa5b1" if rand else "#3b7dd8", dash="dash" if rand else "solid"),
-                            showlegend=col == 1, hovertemplate="%{x:.0%} of cells: p = %{y:.3f}<extra></extra>")
+            fig.add_scatter(
+                x=df["fraction"],
+                y=df["probability"],
+                mode="lines",
+                name=order,
+                row=1,
+                col=col,
+                line=dict(color="#9aa5b1" if rand else "#3b7dd8", dash="dash" if rand else "solid"),
+                showlegend=col == 1,
+                hovertemplate="%{x:.0%} of cells: p = %{y:.3f}<extra></extra>",
+            )
     fig.update_xaxes(title="share of cells moved", tickformat=".0%")
     fig.update_yaxes(title="probability of the class", range=[0, 1.02])
-    fig.update_layout(height=320, title=title, legend=dict(orientation="h", y=-0.3),
-                      margin=dict(l=10, r=10, t=70, b=10))
+    fig.update_layout(
+        height=320, title=title, legend=dict(orientation="h", y=-0.3), margin=dict(l=10, r=10, t=70, b=10)
+    )
     return fig
 
 
@@ -621,13 +1005,22 @@ def randomisation_lines(frame: pd.DataFrame) -> go.Figure:
     """Spearman ρ with the original attributions against the blocks whose adapters were re-initialised."""
     fig = go.Figure()
     for method, df in frame.groupby("method", sort=False):
-        fig.add_scatter(x=df["randomised"], y=df["spearman"], mode="lines+markers", name=method,
-                        customdata=df["decision"],
-                        hovertemplate="%{x}: ρ = %{y:.3f}<br>decision %{customdata}<extra>" + method + "</extra>")
-    fig.update_layout(height=320, title="Randomisation check: LoRA adapters re-initialised from the top block down",
-                      xaxis_title="adapters re-initialised",
-                      yaxis=dict(range=[-0.2, 1.05], title="Spearman ρ of |cells|"),
-                      legend=dict(orientation="h", y=-0.3), margin=dict(l=10, r=10, t=50, b=10))
+        fig.add_scatter(
+            x=df["randomised"],
+            y=df["spearman"],
+            mode="lines+markers",
+            name=method,
+            customdata=df["decision"],
+            hovertemplate="%{x}: ρ = %{y:.3f}<br>decision %{customdata}<extra>" + method + "</extra>",
+        )
+    fig.update_layout(
+        height=320,
+        title="Randomisation check: LoRA adapters re-initialised from the top block down",
+        xaxis_title="adapters re-initialised",
+        yaxis=dict(range=[-0.2, 1.05], title="Spearman ρ of |cells|"),
+        legend=dict(orientation="h", y=-0.3),
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 
@@ -641,13 +1034,28 @@ def hypothesis_intervals(table: pd.DataFrame, top: int = 20) -> go.Figure:
         s = t[t["stage"] == stage]
         if s.empty:
             continue
-        fig.add_scatter(x=s["nll"], y=[f"#{r} {lab}" for r, lab in zip(s["rank"], s["label"])], mode="markers",
-                        name=stage, marker=dict(color=color, size=9),
-                        error_x=dict(type="data", symmetric=False, array=s["nll_high"] - s["nll"],
-                                     arrayminus=s["nll"] - s["nll_low"], color=color),
-                        customdata=np.stack([s["share_best"], s["windows"]], axis=1),
-                        hovertemplate="%{y}<br>NLL %{x:.4f}<br>best in %{customdata[0]:.1%} of resamples"
-                                      "<br>%{customdata[1]} windows<extra></extra>")
-    fig.update_layout(height=120 + 24 * len(t), margin=dict(l=10, r=10, t=30, b=10), xaxis_title="mean NLL (lower is better)",
-                      legend=dict(orientation="h", y=1.02, x=0), yaxis=dict(type="category"))
+        fig.add_scatter(
+            x=s["nll"],
+            y=[f"#{r} {lab}" for r, lab in zip(s["rank"], s["label"])],
+            mode="markers",
+            name=stage,
+            marker=dict(color=color, size=9),
+            error_x=dict(
+                type="data",
+                symmetric=False,
+                array=s["nll_high"] - s["nll"],
+                arrayminus=s["nll"] - s["nll_low"],
+                color=color,
+            ),
+            customdata=np.stack([s["share_best"], s["windows"]], axis=1),
+            hovertemplate="%{y}<br>NLL %{x:.4f}<br>best in %{customdata[0]:.1%} of resamples"
+            "<br>%{customdata[1]} windows<extra></extra>",
+        )
+    fig.update_layout(
+        height=120 + 24 * len(t),
+        margin=dict(l=10, r=10, t=30, b=10),
+        xaxis_title="mean NLL (lower is better)",
+        legend=dict(orientation="h", y=1.02, x=0),
+        yaxis=dict(type="category"),
+    )
     return fig

@@ -10,13 +10,14 @@ Nothing from the file is called or imported. `find_class` returns only:
 Globals that only an attack needs (os.system, eval, exec, subprocess, getattr, importlib, ...) are refused: the
 whole file is rejected, naming them.
 """
+
 from __future__ import annotations
 
 import _compat_pickle
 import collections
 import io
-import struct
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,22 +25,104 @@ from typing import Any
 import torch
 
 # Modules no checkpoint needs; a reference to any of them means the pickle tries to run something.
-DANGEROUS_MODULES = frozenset((
-    "os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "pickle", "_pickle", "marshal",
-    "types", "code", "codeop", "runpy", "ctypes", "io", "_io", "pty", "webbrowser", "multiprocessing", "signal",
-    "operator", "_operator", "functools", "_functools", "commands", "platform", "tempfile", "pathlib", "glob",
-    "inspect", "threading", "_thread", "asyncio", "urllib", "http", "requests", "zipimport", "pkgutil", "site",
-    "sysconfig", "ftplib", "smtplib", "telnetlib", "pdb", "bdb", "timeit", "trace", "cProfile", "profile",
-    "dill", "cloudpickle", "joblib", "yaml", "shelve", "dbm", "sqlite3", "tarfile", "zipfile", "gc", "weakref",
-))
+DANGEROUS_MODULES = frozenset(
+    (
+        "os",
+        "posix",
+        "nt",
+        "subprocess",
+        "sys",
+        "shutil",
+        "socket",
+        "importlib",
+        "pickle",
+        "_pickle",
+        "marshal",
+        "types",
+        "code",
+        "codeop",
+        "runpy",
+        "ctypes",
+        "io",
+        "_io",
+        "pty",
+        "webbrowser",
+        "multiprocessing",
+        "signal",
+        "operator",
+        "_operator",
+        "functools",
+        "_functools",
+        "commands",
+        "platform",
+        "tempfile",
+        "pathlib",
+        "glob",
+        "inspect",
+        "threading",
+        "_thread",
+        "asyncio",
+        "urllib",
+        "http",
+        "requests",
+        "zipimport",
+        "pkgutil",
+        "site",
+        "sysconfig",
+        "ftplib",
+        "smtplib",
+        "telnetlib",
+        "pdb",
+        "bdb",
+        "timeit",
+        "trace",
+        "cProfile",
+        "profile",
+        "dill",
+        "cloudpickle",
+        "joblib",
+        "yaml",
+        "shelve",
+        "dbm",
+        "sqlite3",
+        "tarfile",
+        "zipfile",
+        "gc",
+        "weakref",
+    )
+)
 # Builtins that are plain value types; every other builtin (eval, exec, getattr, __import__, open...) is refused.
-_SAFE_BUILTINS = {name: getattr(__import__("builtins"), name) for name in (
-    "set", "frozenset", "complex", "slice", "bytearray", "bytes", "str", "int", "float", "bool", "list", "tuple",
-    "dict", "range", "object")}
+_SAFE_BUILTINS = {
+    name: getattr(__import__("builtins"), name)
+    for name in (
+        "set",
+        "frozenset",
+        "complex",
+        "slice",
+        "bytearray",
+        "bytes",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "list",
+        "tuple",
+        "dict",
+        "range",
+        "object",
+    )
+}
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_RECORDS = 100_000  # inert objects per file: a pickle that builds more is not a checkpoint
@@ -62,7 +145,7 @@ class ForeignObject:
     def __init__(self, *args: Any) -> None:  # only reached through our own __new__ calls
         pass
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "ForeignObject":
+    def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
         obj = object.__new__(cls)
         obj.args, obj.state, obj.items, obj.values = tuple(args), None, {}, []
         return obj
@@ -99,7 +182,8 @@ def _is_dangerous(module: str, name: str) -> bool:
 def classify_global(module: str, name: str) -> str:
     """'allowed', 'record' (becomes an inert record) or 'refused' for one `module.name` a pickle imports."""
     module, name = _compat_pickle.NAME_MAPPING.get(
-        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+    )
     if (module, name) in _ALLOWED or module == "builtins" and name in _SAFE_BUILTINS:
         return "allowed"
     if _is_dangerous(module, name):
@@ -113,12 +197,17 @@ def classify_global(module: str, name: str) -> str:
 
 # --------------------------------------------------------------------------------- our rebuilders
 
+
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> torch.Tensor:
     """torch._utils._rebuild_tensor_v2 without hooks or metadata: a plain tensor viewing the storage."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise RestrictedPickleError("tensor", "a tensor without stored data", malformed=True)
-    ints = (isinstance(offset, int) and all(isinstance(x, int) for x in (*size, *stride))
-            and isinstance(size, tuple) and isinstance(stride, tuple))
+    ints = (
+        isinstance(offset, int)
+        and all(isinstance(x, int) for x in (*size, *stride))
+        and isinstance(size, tuple)
+        and isinstance(stride, tuple)
+    )
     if not ints:
         raise RestrictedPickleError("tensor", "a tensor whose shape is not a tuple of integers", malformed=True)
     t = torch.empty((0,), dtype=storage.dtype)
@@ -133,8 +222,9 @@ def _parameter(data: Any, *_: Any) -> Any:
 def _from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """torch._tensor._rebuild_from_type_v2: rebuild with one of *our* functions, ignore the (sub)class and its state."""
     if func not in (_tensor, _parameter, _from_type):
-        raise RestrictedPickleError(getattr(func, "class_name", repr(func)[:80]),
-                                    "a tensor rebuilt by a foreign function", malformed=True)
+        raise RestrictedPickleError(
+            getattr(func, "class_name", repr(func)[:80]), "a tensor rebuilt by a foreign function", malformed=True
+        )
     return func(*args)
 
 
@@ -159,12 +249,17 @@ class _StorageType:
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _tensor, ("torch._utils", "_rebuild_tensor"): _tensor,
-    ("torch._utils", "_rebuild_parameter"): _parameter, ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _from_type, ("torch._utils", "_rebuild_from_type_v2"): _from_type,
-    ("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
+    ("torch._utils", "_rebuild_tensor_v2"): _tensor,
+    ("torch._utils", "_rebuild_tensor"): _tensor,
+    ("torch._utils", "_rebuild_parameter"): _parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _from_type,
+    ("torch._utils", "_rebuild_from_type_v2"): _from_type,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
-    ("copyreg", "_reconstructor"): _reconstructor, ("_codecs", "encode"): _latin1,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("_codecs", "encode"): _latin1,
     **{("torch", n): _StorageType(dt) for n, dt in _STORAGE_DTYPES.items()},
     **{("torch", str(dt).removeprefix("torch.")): dt for dt in _STORAGE_DTYPES.values()},
 }
@@ -188,8 +283,9 @@ class RestrictedResult:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, storages: dict[str, torch.storage.TypedStorage] | None,
-                 load_storage: Any) -> None:
+    def __init__(
+        self, file: io.BytesIO, storages: dict[str, torch.storage.TypedStorage] | None, load_storage: Any
+    ) -> None:
         super().__init__(file)
         self._storages = {} if storages is None else storages
         self._load_storage = load_storage
@@ -197,7 +293,8 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _compat_pickle.NAME_MAPPING.get(
-            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+        )
         kind = classify_global(module, name)
         if kind == "refused":
             raise RestrictedPickleError(f"{module}.{name}", "refused by the restricted reader")
@@ -209,8 +306,14 @@ class _Unpickler(pickle.Unpickler):
         return _record_type(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+        ):
             raise RestrictedPickleError("persistent id", "a storage reference of an unknown kind", malformed=True)
         dtype, key, numel = pid[1].dtype, pid[2], pid[4]
         if key not in self._storages:
@@ -225,14 +328,17 @@ def _zip_storage_loader(zf: zipfile.ZipFile, prefix: str):
         try:
             raw = zf.read(f"{prefix}data/{key}")
         except KeyError:
-            raise RestrictedPickleError(f"data/{key}", "a tensor whose data is missing from the archive",
-                                        malformed=True) from None
+            raise RestrictedPickleError(
+                f"data/{key}", "a tensor whose data is missing from the archive", malformed=True
+            ) from None
         size = torch.empty((), dtype=dtype).element_size()
         if len(raw) != numel * size:
-            raise RestrictedPickleError(f"data/{key}", f"{len(raw)} bytes stored for {numel} values of {dtype}",
-                                        malformed=True)
+            raise RestrictedPickleError(
+                f"data/{key}", f"{len(raw)} bytes stored for {numel} values of {dtype}", malformed=True
+            )
         flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
+
     return load
 
 
@@ -287,8 +393,20 @@ def _numpy_scalar(obj: ForeignObject) -> float | int | bool | None:
     order = "<"
     if isinstance(dtype.state, tuple) and len(dtype.state) > 1 and dtype.state[1] in ("<", ">", "|", "="):
         order = ">" if dtype.state[1] == ">" else "<"
-    fmt = {"f2": "e", "f4": "f", "f8": "d", "i1": "b", "i2": "h", "i4": "i", "i8": "q", "u1": "B", "u2": "H",
-           "u4": "I", "u8": "Q", "b1": "?"}[code]
+    fmt = {
+        "f2": "e",
+        "f4": "f",
+        "f8": "d",
+        "i1": "b",
+        "i2": "h",
+        "i4": "i",
+        "i8": "q",
+        "u1": "B",
+        "u2": "H",
+        "u4": "I",
+        "u8": "Q",
+        "b1": "?",
+    }[code]
     try:
         return struct.unpack(order + fmt, bytes(raw))[0]
     except struct.error:
@@ -330,8 +448,9 @@ def _legacy_load(raw: bytes) -> RestrictedResult:
     def allocate(key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
         size = torch.empty((), dtype=dtype).element_size()
         if numel < 0 or numel * size > len(raw):  # bounded by the file before anything is allocated
-            raise RestrictedPickleError(f"storage {key}", f"{numel:,} values declared, more than the file holds",
-                                        malformed=True)
+            raise RestrictedPickleError(
+                f"storage {key}", f"{numel:,} values declared, more than the file holds", malformed=True
+            )
         wanted[key] = (dtype, numel)
         flat = torch.zeros(numel, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)

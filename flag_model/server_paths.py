@@ -5,6 +5,7 @@ The option is off until the operator names a root (`FLAG_TRADER_SERVER_ROOT`, or
 the resolved root and be a regular file. Missing, outside, a folder, a device, a NUL byte or a name too long all
 give the same message, so the answer tells nothing about files outside the root.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ def resolve_under_root(text: str, root: Path) -> Path:
     """The regular file `text` names inside `root` (relative names are taken from the root; `~` is not expanded).
 
     Raises ServerPathError with one message for every refusal."""
-    refused = ServerPathError("no readable file at that path inside the server folder. Give the file's path "
-                              "relative to the server folder (or its full path inside it), or upload the file.")
+    refused = ServerPathError(
+        "no readable file at that path inside the server folder. Give the file's path "
+        "relative to the server folder (or its full path inside it), or upload the file."
+    )
     try:
         name = str(text).strip()
         if not name or "\x00" in name or len(name) > 4096:

@@ -4,6 +4,7 @@ A cell such as `=HYPERLINK(...)`, `+cmd|...`, `@SUM(...)` or `-2+3+cmd...` is ru
 when a downloaded CSV is opened. Text cells (and column names) that start with one of those characters are
 prefixed with a quote, the OWASP recommendation; numbers are left as numbers, so a negative value stays -1.5.
 """
+
 from __future__ import annotations
 
 import csv

@@ -1,5 +1,6 @@
 """Helpers shared by the browser and many-session tests: the app's page list (read from app.py, so new
 pages are covered without editing the tests), a fingerprint of a model's state, and a free port."""
+
 from __future__ import annotations
 
 import ast
@@ -49,8 +50,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.requires_grad}".encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
     for name, m in model.named_modules():
-        hooks = sum(len(getattr(m, a, {})) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                     "_backward_pre_hooks", "_state_dict_hooks"))
+        hooks = sum(
+            len(getattr(m, a, {}))
+            for a in (
+                "_forward_hooks",
+                "_forward_pre_hooks",
+                "_backward_hooks",
+                "_backward_pre_hooks",
+                "_state_dict_hooks",
+            )
+        )
         h.update(f"{name}:{m.training}:{hooks}:{getattr(m, 'scale', '')}:{getattr(m, 'lora_enabled', '')}".encode())
     return h.hexdigest()
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models with non-zero LoRA B (so merge and ablation tests cannot pass trivially)."""
+
 from __future__ import annotations
 
 import io
@@ -20,14 +21,32 @@ os.environ.setdefault("FLAG_TRADER_DEMO_SIZE", "tiny")
 os.environ.setdefault("FLAG_TRADER_CACHE", tempfile.mkdtemp(prefix="flag_cache_"))
 
 
-def make_config(n_blocks: int = 2, d: int = 16, f: int = 32, rank: int = 4, state_dim: int = 60,
-                actions: int = 3, max_length: int = 32, heads: int = 4, targets: tuple[str, ...] | None = None,
-                **assumptions) -> ModelConfig:
+def make_config(
+    n_blocks: int = 2,
+    d: int = 16,
+    f: int = 32,
+    rank: int = 4,
+    state_dim: int = 60,
+    actions: int = 3,
+    max_length: int = 32,
+    heads: int = 4,
+    targets: tuple[str, ...] | None = None,
+    **assumptions,
+) -> ModelConfig:
     if targets is None:
         targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(n_blocks) for m in BLOCK_LINEARS)
-    return ModelConfig(n_blocks=n_blocks, d_model=d, ffn_dim=f, state_dim=state_dim, n_actions=actions,
-                       max_length=max_length, lora_rank=rank if targets else 0, lora_targets=targets,
-                       num_heads=heads, **assumptions)
+    return ModelConfig(
+        n_blocks=n_blocks,
+        d_model=d,
+        ffn_dim=f,
+        state_dim=state_dim,
+        n_actions=actions,
+        max_length=max_length,
+        lora_rank=rank if targets else 0,
+        lora_targets=targets,
+        num_heads=heads,
+        **assumptions,
+    )
 
 
 def randomize(model: FlagTrader, seed: int = 0) -> FlagTrader:
@@ -66,8 +85,14 @@ def tiny_state_dict(tiny_model) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def tiny_ckpt_bytes(tiny_state_dict) -> bytes:
     """The tiny model saved like the training code: {'model_state_dict', 'config', ...}."""
-    return save_bytes({"epoch": 3, "model_state_dict": tiny_state_dict, "val_accuracy": 0.61,
-                       "config": {"num_heads": 4, "lora_alpha": 4, "lora_rank": 4}})
+    return save_bytes(
+        {
+            "epoch": 3,
+            "model_state_dict": tiny_state_dict,
+            "val_accuracy": 0.61,
+            "config": {"num_heads": 4, "lora_alpha": 4, "lora_rank": 4},
+        }
+    )
 
 
 def full_layout_config(d: int = 256, f: int = 1024) -> ModelConfig:

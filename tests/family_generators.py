@@ -2,6 +2,7 @@
 stock torch modules where the real ones used them (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Embedding),
 the real saved-object layouts, and real dataclass / argparse / numpy objects in the pickles where the real files had
 them. Each `make_*` returns (file name, bytes or a folder writer, the facts a recogniser must find)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from conftest import make_model
+from torch import nn
 
 
 def _save(obj) -> bytes:
@@ -29,6 +29,7 @@ def _optimizer_state(model: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------ Transformer-A2C
+
 
 class SinusoidalPE(nn.Module):
     def __init__(self, d: int, length: int) -> None:
@@ -84,19 +85,37 @@ class A2CConfig:
 def make_a2c(inputs: int, d: int, heads: int, layers: int, context: int, dataclass_config: bool = False):
     model = TransformerA2C(inputs, d, heads, layers, context)
     cfg = A2CConfig(inputs, d, heads, layers, context)
-    obj = {"global_step": 25000, "model_state_dict": model.state_dict(),
-           "actor_optimizer_state_dict": _optimizer_state(model.actor),
-           "critic_optimizer_state_dict": _optimizer_state(model.critic), "val_sharpe": 0.42,
-           "config": cfg if dataclass_config else vars(cfg)}
-    return "a2c.pt", _save(obj), dict(family="a2c", n_blocks=layers, d_model=d, ffn_dim=4 * d, state_dim=inputs,
-                                      n_actions=3, lora_rank=0, heads=heads)
+    obj = {
+        "global_step": 25000,
+        "model_state_dict": model.state_dict(),
+        "actor_optimizer_state_dict": _optimizer_state(model.actor),
+        "critic_optimizer_state_dict": _optimizer_state(model.critic),
+        "val_sharpe": 0.42,
+        "config": cfg if dataclass_config else vars(cfg),
+    }
+    return (
+        "a2c.pt",
+        _save(obj),
+        dict(
+            family="a2c",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=4 * d,
+            state_dim=inputs,
+            n_actions=3,
+            lora_rank=0,
+            heads=heads,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------- PPO policy
 
+
 class RegimeConditionedPolicy(nn.Module):
-    def __init__(self, feature_dim: int, d: int, heads: int, layers: int, context: int, regimes: int = 4,
-                 actions: int = 3) -> None:
+    def __init__(
+        self, feature_dim: int, d: int, heads: int, layers: int, context: int, regimes: int = 4, actions: int = 3
+    ) -> None:
         super().__init__()
         self.pos_encoding = nn.Parameter(torch.randn(1, context, d) * 0.02)
         self.feature_proj = nn.Linear(feature_dim, d)
@@ -109,15 +128,40 @@ class RegimeConditionedPolicy(nn.Module):
 
 def make_ppo(feature_dim: int, d: int, heads: int, layers: int, context: int, bare: bool = False):
     model = RegimeConditionedPolicy(feature_dim, d, heads, layers, context)
-    obj = model.state_dict() if bare else {
-        "model_state_dict": model.state_dict(), "feature_dim": feature_dim, "context_len": context, "n_regimes": 4,
-        "hidden_dim": d, "n_heads": heads, "n_layers": layers, "n_actions": 3, "test_reward": np.float64(0.0123),
-        "regime_distribution": {"BULL": 0.31, "BEAR": 0.22, "RANGE": 0.35, "CRISIS": 0.12}}
-    return "ppo.pt", _save(obj), dict(family="ppo", n_blocks=layers, d_model=d, ffn_dim=4 * d, state_dim=feature_dim,
-                                      n_actions=3, lora_rank=0, heads=None if bare else heads)
+    obj = (
+        model.state_dict()
+        if bare
+        else {
+            "model_state_dict": model.state_dict(),
+            "feature_dim": feature_dim,
+            "context_len": context,
+            "n_regimes": 4,
+            "hidden_dim": d,
+            "n_heads": heads,
+            "n_layers": layers,
+            "n_actions": 3,
+            "test_reward": np.float64(0.0123),
+            "regime_distribution": {"BULL": 0.31, "BEAR": 0.22, "RANGE": 0.35, "CRISIS": 0.12},
+        }
+    )
+    return (
+        "ppo.pt",
+        _save(obj),
+        dict(
+            family="ppo",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=4 * d,
+            state_dim=feature_dim,
+            n_actions=3,
+            lora_rank=0,
+            heads=None if bare else heads,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------- CGDT agent
+
 
 class CGDTBlock(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
@@ -142,20 +186,43 @@ class DecisionTransformer(nn.Module):
 class Critic(nn.Module):
     def __init__(self, state_dim: int, hidden: int) -> None:
         super().__init__()
-        self.network = nn.Sequential(nn.Linear(state_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(0.1),
-                                     nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
+        self.network = nn.Sequential(
+            nn.Linear(state_dim, hidden),
+            nn.LayerNorm(hidden),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, hidden // 2),
+            nn.ReLU(),
+            nn.Linear(hidden // 2, 1),
+        )
 
 
 def make_cgdt_agent(state_dim: int, d: int, heads: int, layers: int, max_length: int, namespace: bool = False):
     dt, critic = DecisionTransformer(state_dim, 3, d, heads, layers, max_length), Critic(state_dim, d)
     cfg = {"state_dim": state_dim, "action_dim": 3, "max_length": max_length, "critic_weight": 0.1}
-    obj = {"dt": dt.state_dict(), "critic": critic.state_dict(),
-           "config": argparse.Namespace(**cfg) if namespace else cfg}
-    return "cgdt_agent.pt", _save(obj), dict(family="cgdt_agent", n_blocks=layers, d_model=d, ffn_dim=4 * d,
-                                             state_dim=state_dim, n_actions=3, lora_rank=0, heads=None)
+    obj = {
+        "dt": dt.state_dict(),
+        "critic": critic.state_dict(),
+        "config": argparse.Namespace(**cfg) if namespace else cfg,
+    }
+    return (
+        "cgdt_agent.pt",
+        _save(obj),
+        dict(
+            family="cgdt_agent",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=4 * d,
+            state_dim=state_dim,
+            n_actions=3,
+            lora_rank=0,
+            heads=None,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------ CGDT engine
+
 
 @dataclass
 class CGDTConfig:
@@ -203,15 +270,29 @@ class DecisionEngine(nn.Module):
 
 
 def make_cgdt_engine(state_dim: int, d: int, heads: int, layers: int, context: int):
-    cfg = CGDTConfig(state_dim=state_dim, hidden_dim=d, n_layers=layers, n_heads=heads, context_length=context,
-                     max_timestep=200)
+    cfg = CGDTConfig(
+        state_dim=state_dim, hidden_dim=d, n_layers=layers, n_heads=heads, context_length=context, max_timestep=200
+    )
     model = DecisionEngine(cfg)
     obj = {"model": model.state_dict(), "optimizer": _optimizer_state(model), "step": 1, "config": cfg}
-    return "cgdt_engine.pt", _save(obj), dict(family="cgdt_engine", n_blocks=layers, d_model=d, ffn_dim=4 * d,
-                                              state_dim=state_dim, n_actions=3, lora_rank=0, heads=heads)
+    return (
+        "cgdt_engine.pt",
+        _save(obj),
+        dict(
+            family="cgdt_engine",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=4 * d,
+            state_dim=state_dim,
+            n_actions=3,
+            lora_rank=0,
+            heads=heads,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------ the sketch (Option 2)
+
 
 class LoRALayer(nn.Module):
     """Verbatim structure of the analysis document's sketch."""
@@ -231,8 +312,12 @@ class TransformerBlockWithLoRA(nn.Module):
         self.k_proj = LoRALayer(nn.Linear(hidden_dim, hidden_dim), lora_rank)
         self.v_proj = LoRALayer(nn.Linear(hidden_dim, hidden_dim), lora_rank)
         self.out_proj = LoRALayer(nn.Linear(hidden_dim, hidden_dim), lora_rank)
-        self.ffn = nn.Sequential(LoRALayer(nn.Linear(hidden_dim, hidden_dim * 4), lora_rank), nn.GELU(),
-                                 nn.Dropout(0.1), LoRALayer(nn.Linear(hidden_dim * 4, hidden_dim), lora_rank))
+        self.ffn = nn.Sequential(
+            LoRALayer(nn.Linear(hidden_dim, hidden_dim * 4), lora_rank),
+            nn.GELU(),
+            nn.Dropout(0.1),
+            LoRALayer(nn.Linear(hidden_dim * 4, hidden_dim), lora_rank),
+        )
 
 
 class CustomDecisionTransformerLoRA(nn.Module):
@@ -240,26 +325,52 @@ class CustomDecisionTransformerLoRA(nn.Module):
         super().__init__()
         self.pos_embedding = nn.Parameter(torch.randn(1, 256, hidden_dim) * 0.02)
         self.state_embedding = nn.Linear(input_dim, hidden_dim)
-        self.transformer_blocks = nn.ModuleList(TransformerBlockWithLoRA(hidden_dim, lora_rank=lora_rank)
-                                                for _ in range(num_layers))
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlockWithLoRA(hidden_dim, lora_rank=lora_rank) for _ in range(num_layers)
+        )
         self.output_norm = nn.LayerNorm(hidden_dim)
         self.action_head = nn.Linear(hidden_dim, 3)
 
 
 def make_sketch(inputs: int, d: int, layers: int, rank: int):
     model = CustomDecisionTransformerLoRA(inputs, d, layers, rank)
-    return "sketch.pt", _save(model.state_dict()), dict(family="sketch", n_blocks=layers, d_model=d, ffn_dim=4 * d,
-                                                        state_dim=inputs, n_actions=3, lora_rank=rank, heads=None)
+    return (
+        "sketch.pt",
+        _save(model.state_dict()),
+        dict(
+            family="sketch",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=4 * d,
+            state_dim=inputs,
+            n_actions=3,
+            lora_rank=rank,
+            heads=None,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------- FLAG-TRADER's own namings
+
 
 def make_native(layers: int, d: int, rank: int, wrapper: str = "model_state_dict"):
     model = make_model(n_blocks=layers, d=d, f=2 * d, rank=rank, heads=4)
     sd = model.state_dict()
     obj = sd if wrapper == "bare" else {wrapper: sd, "config": {"num_heads": 4}}
-    return "native.pt", _save(obj), dict(family="native", n_blocks=layers, d_model=d, ffn_dim=2 * d, state_dim=60,
-                                         n_actions=3, lora_rank=rank, heads=None if wrapper == "bare" else 4)
+    return (
+        "native.pt",
+        _save(obj),
+        dict(
+            family="native",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=2 * d,
+            state_dim=60,
+            n_actions=3,
+            lora_rank=rank,
+            heads=None if wrapper == "bare" else 4,
+        ),
+    )
 
 
 def make_peft_native(layers: int, d: int, rank: int):
@@ -270,12 +381,25 @@ def make_peft_native(layers: int, d: int, rank: int):
     for k, v in sd.items():
         k2 = "base_model.model." + k
         if ".lora.lora_" in k:
-            out[k2.replace(".lora.lora_A", ".lora_A.default.weight").replace(".lora.lora_B", ".lora_B.default.weight")
-                ] = v.T.contiguous()
+            out[
+                k2.replace(".lora.lora_A", ".lora_A.default.weight").replace(".lora.lora_B", ".lora_B.default.weight")
+            ] = v.T.contiguous()
         else:
             out[k2.replace(".base.", ".base_layer.")] = v
-    return "peft.pt", _save(out), dict(family="peft", n_blocks=layers, d_model=d, ffn_dim=2 * d, state_dim=60,
-                                       n_actions=3, lora_rank=rank, heads=None)
+    return (
+        "peft.pt",
+        _save(out),
+        dict(
+            family="peft",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=2 * d,
+            state_dim=60,
+            n_actions=3,
+            lora_rank=rank,
+            heads=None,
+        ),
+    )
 
 
 class StockExport(nn.Module):
@@ -291,12 +415,24 @@ class StockExport(nn.Module):
 
 def make_stock(inputs: int, d: int, layers: int):
     model = StockExport(inputs, d, 4, layers, 3 * d, 32)
-    return "stock.pt", _save({"model_state_dict": model.state_dict(), "config": {"num_heads": 4, "layout": "stock"}}), \
-        dict(family="stock", n_blocks=layers, d_model=d, ffn_dim=3 * d, state_dim=inputs, n_actions=3, lora_rank=0,
-             heads=4)
+    return (
+        "stock.pt",
+        _save({"model_state_dict": model.state_dict(), "config": {"num_heads": 4, "layout": "stock"}}),
+        dict(
+            family="stock",
+            n_blocks=layers,
+            d_model=d,
+            ffn_dim=3 * d,
+            state_dim=inputs,
+            n_actions=3,
+            lora_rank=0,
+            heads=4,
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------- PEFT LLM adapter
+
 
 @dataclass
 class FLAGTraderConfig:
@@ -310,13 +446,20 @@ class FLAGTraderConfig:
 
 
 def _llm_dims(hidden: int, kv: int, inter: int) -> dict[str, tuple[str, int, int]]:
-    return {"q_proj": ("self_attn", hidden, hidden), "k_proj": ("self_attn", hidden, kv),
-            "v_proj": ("self_attn", hidden, kv), "o_proj": ("self_attn", hidden, hidden),
-            "gate_proj": ("mlp", hidden, inter), "up_proj": ("mlp", hidden, inter), "down_proj": ("mlp", inter, hidden)}
+    return {
+        "q_proj": ("self_attn", hidden, hidden),
+        "k_proj": ("self_attn", hidden, kv),
+        "v_proj": ("self_attn", hidden, kv),
+        "o_proj": ("self_attn", hidden, hidden),
+        "gate_proj": ("mlp", hidden, inter),
+        "up_proj": ("mlp", hidden, inter),
+        "down_proj": ("mlp", inter, hidden),
+    }
 
 
-def make_peft_llm(layers: int, hidden: int, kv: int, rank: int, targets: tuple[str, ...], alpha: int = 32,
-                  rslora: bool = True):
+def make_peft_llm(
+    layers: int, hidden: int, kv: int, rank: int, targets: tuple[str, ...], alpha: int = 32, rslora: bool = True
+):
     """A PEFT save_pretrained folder: adapter_model.safetensors + adapter_config.json, and heads.pt beside it."""
     from safetensors.torch import save
 
@@ -329,11 +472,24 @@ def make_peft_llm(layers: int, hidden: int, kv: int, rank: int, targets: tuple[s
             p = f"base_model.model.model.layers.{b}.{parent}.{t}"
             tensors[f"{p}.lora_A.weight"] = torch.randn(rank, d_in, generator=g)
             tensors[f"{p}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
-    config = {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "bias": "none", "lora_alpha": alpha,
-              "lora_dropout": 0.1, "peft_type": "LORA", "r": rank, "target_modules": list(targets),
-              "task_type": "CAUSAL_LM", "use_rslora": rslora, "use_dora": False, "peft_version": "0.21.2"}
-    heads = {"policy_head": nn.Linear(hidden, 3).state_dict(), "value_head": nn.Linear(hidden, 1).state_dict(),
-             "config": FLAGTraderConfig(lora_r=rank, lora_alpha=alpha, use_rslora=rslora, hidden_dim=hidden)}
+    config = {
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "bias": "none",
+        "lora_alpha": alpha,
+        "lora_dropout": 0.1,
+        "peft_type": "LORA",
+        "r": rank,
+        "target_modules": list(targets),
+        "task_type": "CAUSAL_LM",
+        "use_rslora": rslora,
+        "use_dora": False,
+        "peft_version": "0.21.2",
+    }
+    heads = {
+        "policy_head": nn.Linear(hidden, 3).state_dict(),
+        "value_head": nn.Linear(hidden, 1).state_dict(),
+        "config": FLAGTraderConfig(lora_r=rank, lora_alpha=alpha, use_rslora=rslora, hidden_dim=hidden),
+    }
 
     def write(folder: Path) -> Path:
         lora = folder / "lora"
@@ -343,17 +499,36 @@ def make_peft_llm(layers: int, hidden: int, kv: int, rank: int, targets: tuple[s
         (folder / "heads.pt").write_bytes(_save(heads))
         return lora
 
-    return "lora", write, dict(family="peft_llm", n_blocks=layers, d_model=hidden, lora_rank=rank,
-                               targets=tuple(sorted(targets)), alpha=alpha, rslora=rslora)
+    return (
+        "lora",
+        write,
+        dict(
+            family="peft_llm",
+            n_blocks=layers,
+            d_model=hidden,
+            lora_rank=rank,
+            targets=tuple(sorted(targets)),
+            alpha=alpha,
+            rslora=rslora,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------- MLP fallbacks
 
+
 class FallbackPolicy(nn.Module):
     def __init__(self, inputs: int, hidden: int, actions: int = 3) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, hidden // 2),
-                                 nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden // 2, actions))
+        self.net = nn.Sequential(
+            nn.Linear(inputs, hidden),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, hidden // 2),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(hidden // 2, actions),
+        )
 
 
 class PeftFallback(nn.Module):
@@ -365,9 +540,10 @@ class PeftFallback(nn.Module):
 
 def make_mlp(inputs: int, hidden: int, peft: bool = False):
     if peft:
-        obj = {"fallback": PeftFallback(inputs, hidden).state_dict(),
-               "config": FLAGTraderConfig(hidden_dim=hidden, use_fallback=True)}
+        obj = {
+            "fallback": PeftFallback(inputs, hidden).state_dict(),
+            "config": FLAGTraderConfig(hidden_dim=hidden, use_fallback=True),
+        }
     else:
         obj = FallbackPolicy(inputs, hidden).state_dict()
     return "mlp.pt", _save(obj), dict(family="mlp", d_model=hidden, state_dim=inputs, n_actions=3, lora_rank=0)
-

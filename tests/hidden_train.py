@@ -1,5 +1,6 @@
 """Tiny checkpoints trained with hidden assumptions (heads, mask, norm placement, LoRA scale), for the hypotheses
 tests: seeded, a few seconds each on synthetic OHLCV, saved like the training code but without the hidden values."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,22 @@ def hidden_bars(n_bars: int = 800, seed: int = 3) -> pd.DataFrame:
     return synthetic_ohlcv(n_bars, seed=seed)
 
 
-def train_hidden(bars: pd.DataFrame, num_heads: int, causal: bool, norm_first: bool, lora_scale: float,
-                 seed: int = 0, d: int = 32, blocks: int = 2, ffn: int = 64, rank: int = 4, window: int = 16,
-                 steps: int = 500, batch: int = 64, lr: float = 1e-2) -> dict:
+def train_hidden(
+    bars: pd.DataFrame,
+    num_heads: int,
+    causal: bool,
+    norm_first: bool,
+    lora_scale: float,
+    seed: int = 0,
+    d: int = 32,
+    blocks: int = 2,
+    ffn: int = 64,
+    rank: int = 4,
+    window: int = 16,
+    steps: int = 500,
+    batch: int = 64,
+    lr: float = 1e-2,
+) -> dict:
     """Train like the original (base frozen at random init; LoRA, embeddings, norms, head learn; loss at the
     decision position) and return the saved dict; its config names no head count, alpha, norm or mask."""
     torch.manual_seed(seed)
@@ -31,9 +45,20 @@ def train_hidden(bars: pd.DataFrame, num_heads: int, causal: bool, norm_first: b
     x = torch.tensor((feats.to_numpy(np.float64) - mean) / std, dtype=torch.float32)
     y = torch.tensor(labels, dtype=torch.long)
     targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(blocks) for m in BLOCK_LINEARS)
-    cfg = ModelConfig(n_blocks=blocks, d_model=d, ffn_dim=ffn, state_dim=60, n_actions=3, max_length=64,
-                      lora_rank=rank, lora_targets=targets, num_heads=num_heads, lora_scale=lora_scale,
-                      norm_first=norm_first, causal=causal)
+    cfg = ModelConfig(
+        n_blocks=blocks,
+        d_model=d,
+        ffn_dim=ffn,
+        state_dim=60,
+        n_actions=3,
+        max_length=64,
+        lora_rank=rank,
+        lora_targets=targets,
+        num_heads=num_heads,
+        lora_scale=lora_scale,
+        norm_first=norm_first,
+        causal=causal,
+    )
     model = FlagTrader(cfg, dropout=0.0)
     for name, p in model.named_parameters():
         p.requires_grad = ".base." not in name
@@ -44,14 +69,18 @@ def train_hidden(bars: pd.DataFrame, num_heads: int, causal: bool, norm_first: b
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = len(x)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         ends = torch.as_tensor(rng.integers(window - 1, n - 5, batch))
         idx = ends[:, None] - (window - 1) + torch.arange(window)
         loss = F.cross_entropy(model(x[idx])[:, -1], y[ends])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return {"model_state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "config": {"d_model": d, "n_layers": blocks, "lora_rank": rank, "window": window},
-            "feature_set": "simple-60", "feature_mean": mean.tolist(), "feature_std": std.tolist(),
-            "train_loss": float(loss.detach())}
+    return {
+        "model_state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "config": {"d_model": d, "n_layers": blocks, "lora_rank": rank, "window": window},
+        "feature_set": "simple-60",
+        "feature_mean": mean.tolist(),
+        "feature_std": std.tolist(),
+        "train_loss": float(loss.detach()),
+    }

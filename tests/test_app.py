@@ -1,9 +1,9 @@
 """AppTest: the app starts on the (tiny) demo, shows the Overview, and survives bad uploads."""
+
 from __future__ import annotations
 
-from streamlit.testing.v1 import AppTest
-
 from conftest import REPO, save_bytes
+from streamlit.testing.v1 import AppTest
 
 APP = str(REPO / "app.py")
 

@@ -1,14 +1,14 @@
 """Attention maps against stock nn.MultiheadAttention, rollout, and per-head statistics by direct formulas."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 from torch import nn
 
 from flag_model.analysis import attention
-
-from conftest import make_model
 
 
 def window(s: int = 12, d: int = 60, seed: int = 0) -> np.ndarray:
@@ -20,8 +20,9 @@ def stock_mha(attn) -> nn.MultiheadAttention:
     d = attn.q_proj.base.in_features
     mha = nn.MultiheadAttention(d, attn.num_heads, batch_first=True)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([attn.q_proj.merged_weight(), attn.k_proj.merged_weight(),
-                                            attn.v_proj.merged_weight()]))
+        mha.in_proj_weight.copy_(
+            torch.cat([attn.q_proj.merged_weight(), attn.k_proj.merged_weight(), attn.v_proj.merged_weight()])
+        )
         mha.in_proj_bias.copy_(torch.cat([attn.q_proj.base.bias, attn.k_proj.base.bias, attn.v_proj.base.bias]))
         mha.out_proj.weight.copy_(attn.out_proj.merged_weight())
         mha.out_proj.bias.copy_(attn.out_proj.base.bias)
@@ -39,12 +40,14 @@ def test_maps_equal_stock_multihead_attention(kw):
         for layer, block in enumerate(model.transformer_blocks):
             inp = block.norm1(h) if block.norm_first else h
             mask = torch.ones(12, 12, dtype=torch.bool).triu(1) if kw.get("causal") else None
-            _, expected = stock_mha(block.attention)(inp, inp, inp, need_weights=True, attn_mask=mask,
-                                                     average_attn_weights=False)
+            _, expected = stock_mha(block.attention)(
+                inp, inp, inp, need_weights=True, attn_mask=mask, average_attn_weights=False
+            )
             np.testing.assert_allclose(result.maps[layer], expected[0].numpy(), rtol=1e-4, atol=1e-6)
             h, _ = block(h)
-        np.testing.assert_allclose(result.probs, model(torch.from_numpy(x)[None])[0].softmax(-1).numpy(),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            result.probs, model(torch.from_numpy(x)[None])[0].softmax(-1).numpy(), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_rows_sum_to_one():
@@ -82,8 +85,8 @@ def test_head_stats_equal_direct_formulas():
         S = len(p)
         ent = np.mean([-(q * np.log(q)).sum() for q in p])
         look = np.mean([sum(p[i, j] * (i - j) for j in range(S)) for i in range(S)])
-        last = np.mean(p[:, S - 3:].sum(1))
-        fut = np.mean([p[i, i + 1:].sum() for i in range(S)])
+        last = np.mean(p[:, S - 3 :].sum(1))
+        fut = np.mean([p[i, i + 1 :].sum() for i in range(S)])
         assert row.entropy == pytest.approx(ent, rel=1e-6)
         assert row.lookback == pytest.approx(look, abs=1e-9)
         assert row.last_k_share == pytest.approx(last, rel=1e-9)
@@ -104,15 +107,19 @@ def test_summary_equals_mean_of_single_windows():
     model = make_model(seed=6)
     xs = np.stack([window(s=8, seed=i) for i in range(5)])
     calls = []
-    summary = attention.attention_summary(model, xs, last_k=2, batch_size=2,
-                                          progress=lambda f, m: calls.append(f))
+    summary = attention.attention_summary(model, xs, last_k=2, batch_size=2, progress=lambda f, m: calls.append(f))
     single = [attention.window_attention(model, x).maps for x in xs]
     per = [attention.head_stats(m, last_k=2) for m in single]
     cols = list(attention.STATS)
-    np.testing.assert_allclose(summary.stats[cols].to_numpy(), np.mean([p[cols].to_numpy() for p in per], 0),
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(summary.stats[[c + "_std" for c in cols]].to_numpy(),
-                               np.std([p[cols].to_numpy() for p in per], 0), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(
+        summary.stats[cols].to_numpy(), np.mean([p[cols].to_numpy() for p in per], 0), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        summary.stats[[c + "_std" for c in cols]].to_numpy(),
+        np.std([p[cols].to_numpy() for p in per], 0),
+        rtol=1e-3,
+        atol=1e-6,
+    )
     np.testing.assert_allclose(summary.mean_maps, np.mean(single, 0), rtol=1e-5, atol=1e-7)
     assert summary.n_windows == 5 and calls == [0.4, 0.8, 1.0]
 

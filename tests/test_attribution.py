@@ -1,16 +1,16 @@
 """Captum attributions: completeness, concentration on the only feature that matters, perturbation oracles,
 and that the shared model is left exactly as it was."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_model
 
 from flag_model.analysis import attribution as A
 from flag_model.data import FeatureMatrix
-
-from conftest import make_model
 
 S, D = 12, 60
 pytestmark = pytest.mark.filterwarnings("ignore:Setting forward, backward hooks")  # Captum, on our copy
@@ -105,8 +105,9 @@ def test_occlusion_matches_direct_patch_effect_and_covers_ragged_edges(model, wi
         t1, f1 = min(t0 + 5, S), min(f0 + 7, D)
         occluded = window.copy()
         occluded[t0:t1, f0:f1] = base[t0:t1, f0:f1]
-        assert res.attributions[t0:t1, f0:f1].sum() == pytest.approx(fx - direct_output(model, occluded, -1, 0),
-                                                                     abs=1e-5)
+        assert res.attributions[t0:t1, f0:f1].sum() == pytest.approx(
+            fx - direct_output(model, occluded, -1, 0), abs=1e-5
+        )
 
 
 def test_flat_market_baseline_gives_the_deciding_step_nothing(model, window):
@@ -153,8 +154,12 @@ def test_shared_model_is_not_mutated_and_keeps_no_hooks(model, window):
     assert all(p.grad is None for p in model.parameters())
     assert not model.training
     for mod in model.modules():
-        hooks = [mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks,
-                 getattr(mod, "_backward_pre_hooks", {})]
+        hooks = [
+            mod._forward_hooks,
+            mod._forward_pre_hooks,
+            mod._backward_hooks,
+            getattr(mod, "_backward_pre_hooks", {}),
+        ]
         assert not any(hooks), f"hook left on {type(mod).__name__}"
 
 
@@ -179,8 +184,15 @@ def test_baselines():
 
 
 def _fm(values: np.ndarray, normalisation: str, names=("a", "b", "pad_0")) -> FeatureMatrix:
-    return FeatureMatrix(values=values, times=pd.DatetimeIndex([]), close=np.zeros(len(values)), names=names,
-                         feature_set="simple-60", normalisation=normalisation, warnings=())
+    return FeatureMatrix(
+        values=values,
+        times=pd.DatetimeIndex([]),
+        close=np.zeros(len(values)),
+        names=names,
+        feature_set="simple-60",
+        normalisation=normalisation,
+        warnings=(),
+    )
 
 
 def test_feature_means_in_the_units_the_model_sees():
@@ -214,8 +226,15 @@ def test_global_importance_matches_single_windows_and_ranks_the_relevant_feature
     m = single_feature_model(11)
     wins = np.random.default_rng(2).standard_normal((9, S, D)).astype(np.float32)
     calls = []
-    gi = A.global_importance(m, wins, indices=[0, 3, 5, 8], method=A.IG, steps=8, batch_size=3,
-                             progress=lambda done, total: calls.append((done, total)))
+    gi = A.global_importance(
+        m,
+        wins,
+        indices=[0, 3, 5, 8],
+        method=A.IG,
+        steps=8,
+        batch_size=3,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert gi.totals.shape == (4, D) and gi.window_index.tolist() == [0, 3, 5, 8]
     assert calls == [(3, 4), (4, 4)]
     for row, i in enumerate(gi.window_index):  # batched Captum calls agree with one window at a time
@@ -264,8 +283,15 @@ def test_progress_counts_every_forward_pass(method):
     model = make_model(max_length=32)
     window = np.random.default_rng(0).standard_normal((12, 60)).astype(np.float32)
     calls: list[tuple[float, str]] = []
-    A.attribute(model, window, method, steps=7, internal_batch_size=4, occlusion_patch=(5, 7),
-                   progress=lambda f, msg: calls.append((f, msg)))
+    A.attribute(
+        model,
+        window,
+        method,
+        steps=7,
+        internal_batch_size=4,
+        occlusion_patch=(5, 7),
+        progress=lambda f, msg: calls.append((f, msg)),
+    )
     fractions = [f for f, _ in calls]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     total = A.forward_rows(method, 1, 12, 60, 7, (5, 7))

@@ -1,4 +1,5 @@
 """Block-bootstrap intervals against direct formulas and known distributions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,14 +7,14 @@ import pandas as pd
 import pytest
 
 from flag_model.analysis.bootstrap import draws, f1_macro, replicate_sums, score_intervals, unit_sums
-from flag_model.analysis.predict import (NO_LABEL, Predictions, decision_rows, evaluate, evaluate_arrays)
+from flag_model.analysis.predict import NO_LABEL, Predictions, decision_rows, evaluate, evaluate_arrays
 
 
 def test_unit_sums_are_direct_block_sums():
     v = np.arange(20, dtype=float).reshape(10, 2)
     got = unit_sums(v, block=3)
     assert got.shape == (8, 2)
-    np.testing.assert_allclose(got, [v[i:i + 3].sum(0) for i in range(8)])
+    np.testing.assert_allclose(got, [v[i : i + 3].sum(0) for i in range(8)])
     groups = np.array([5, 5, 5, 7, 7, 9, 9, 9, 9, 9])
     np.testing.assert_allclose(unit_sums(v, groups=groups), [v[:3].sum(0), v[3:5].sum(0), v[5:].sum(0)])
 
@@ -71,9 +72,17 @@ def test_evaluate_adds_intervals_by_position_in_blocks_mode():
     labels = rng.integers(0, 3, n)
     actions = np.where(position < 4, labels, rng.integers(0, 3, n))  # early positions always right
     labels[-1] = NO_LABEL
-    pred = Predictions(times=pd.date_range("2025-01-01", periods=n, freq="5min"), close=np.ones(n),
-                       logits=np.zeros((n, 3), np.float32), row=np.arange(n), position=position, labels=labels,
-                       window=w, mode="blocks", actions=("SELL", "HOLD", "BUY"))
+    pred = Predictions(
+        times=pd.date_range("2025-01-01", periods=n, freq="5min"),
+        close=np.ones(n),
+        logits=np.zeros((n, 3), np.float32),
+        row=np.arange(n),
+        position=position,
+        labels=labels,
+        window=w,
+        mode="blocks",
+        actions=("SELL", "HOLD", "BUY"),
+    )
     m = evaluate(pred, actions, n_boot=300)
     ci = m.intervals
     assert ci.accuracy[0] < m.accuracy < ci.accuracy[1] and ci.f1_macro[0] < m.f1_macro < ci.f1_macro[1]

@@ -6,6 +6,7 @@ malicious uploads give a readable error. One screenshot per page goes to test-ou
 With FLAG_TRADER_WRITE_SCREENSHOT=1 the README screenshot assets/screenshot.png is regenerated from the
 Overview of the full demo (built once into test-output/demo-cache, a few minutes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,22 +17,30 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from browser_util import REPO, app_pages, free_port
 from conftest import make_model, save_bytes
+
+pytestmark = pytest.mark.browser
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the browser tests need it",
-                allow_module_level=True)
+    pytest.skip(
+        "no Chromium on PATH (Debian: apt-get install chromium); the browser tests need it", allow_module_level=True
+    )
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 OUT = REPO / "test-output"
 PAGES = app_pages()
 VIEWPORT = {"width": 1400, "height": 900}
@@ -86,8 +95,21 @@ class Runs:
 def streamlit_server(env: dict[str, str], log: Path) -> Iterator[str]:
     """`streamlit run app.py` on a free port until /_stcore/health answers; always stopped afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-           str(port), "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "app.py",
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     log.parent.mkdir(exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
@@ -179,7 +201,7 @@ def act(pg, action) -> None:
     for _ in range(2):
         started, finished, completed = runs.started, runs.finished, runs.completed
         action()
-        if _wait(pg, lambda: runs.started > started or runs.finished > finished, START_MS):
+        if _wait(pg, lambda s=started, f=finished: runs.started > s or runs.finished > f, START_MS):
             break
     else:
         _fail(pg, "the action started no script run")
@@ -241,8 +263,15 @@ def _upload(pg, where: str, path: Path, expect: str) -> None:
 def test_checkpoint_upload_then_every_page(server, page, tmp_path):
     """A checkpoint other than the demo (d=16) uploaded through the sidebar's file input serves every page."""
     ckpt = tmp_path / "browser_upload.pt"
-    ckpt.write_bytes(save_bytes({"model_state_dict": make_model(seed=21).state_dict(), "epoch": 2,
-                                 "config": {"num_heads": 4, "lora_alpha": 4, "lora_rank": 4}}))
+    ckpt.write_bytes(
+        save_bytes(
+            {
+                "model_state_dict": make_model(seed=21).state_dict(),
+                "epoch": 2,
+                "config": {"num_heads": 4, "lora_alpha": 4, "lora_rank": 4},
+            }
+        )
+    )
     open_url(page, server)
     _choose_upload_source(page)
     _upload(page, SIDEBAR, ckpt, "tensors loaded strictly")
@@ -257,9 +286,12 @@ def test_checkpoint_upload_then_every_page(server, page, tmp_path):
         assert page.locator(SIDEBAR).get_by_text("browser_upload.pt").count() >= 1
 
 
-@pytest.mark.xfail(strict=False, reason="harness, not app: after one refused upload replaces another, `act` sometimes "
-                   "never sees the runs balance (the page shows the right message; see failed.png) -- fix the run "
-                   "pairing in `Runs`")
+@pytest.mark.xfail(
+    strict=False,
+    reason="harness, not app: after one refused upload replaces another, `act` sometimes "
+    "never sees the runs balance (the page shows the right message; see failed.png) -- fix the run "
+    "pairing in `Runs`",
+)
 def test_bad_and_malicious_uploads_show_a_readable_error(server, page, tmp_path):
     marker = tmp_path / "pwned"
 
@@ -297,8 +329,10 @@ def test_market_data_upload_on_predictions(server, page, tmp_path):
     assert "browser_bars.csv: 600 rows" in main and "demo market" not in main
 
 
-@pytest.mark.skipif(os.environ.get("FLAG_TRADER_WRITE_SCREENSHOT") != "1",
-                    reason="set FLAG_TRADER_WRITE_SCREENSHOT=1 to regenerate assets/screenshot.png")
+@pytest.mark.skipif(
+    os.environ.get("FLAG_TRADER_WRITE_SCREENSHOT") != "1",
+    reason="set FLAG_TRADER_WRITE_SCREENSHOT=1 to regenerate assets/screenshot.png",
+)
 def test_write_readme_screenshot(browser):
     """The Overview of the full demo at 1400x900, downscaled to a small palette PNG for the README."""
     from PIL import Image
@@ -372,8 +406,10 @@ def _visit(pg, server: str, spec) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.skipif(os.environ.get("FLAG_TRADER_FIRST_MINUTE") != "1",
-                    reason="a measurement: set FLAG_TRADER_FIRST_MINUTE=1 (builds the full demo from a fresh home)")
+@pytest.mark.skipif(
+    os.environ.get("FLAG_TRADER_FIRST_MINUTE") != "1",
+    reason="a measurement: set FLAG_TRADER_FIRST_MINUTE=1 (builds the full demo from a fresh home)",
+)
 def test_first_minute_from_a_fresh_home(browser, tmp_path, tiny_ckpt_bytes):
     """`streamlit run` from a fresh home folder with no demo cached: the first page is usable while the full demo
     builds (its progress in the sidebar, Upload working), then the demo opens and every page is visited twice.

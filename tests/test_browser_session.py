@@ -5,17 +5,27 @@ Uses the server, browser and helpers of test_browser.py (Playwright + Debian's C
 With FLAG_TRADER_SHOTS=DIR the LoRA page of a checkpoint with dead and NaN adapters, the Overview table and the
 sidebar status are also saved there as PNGs.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
-
 from conftest import make_model, save_bytes
-from test_browser import (MAIN, SIDEBAR, _choose_upload_source, _upload, act, browser, check_page,  # noqa: F401
-                          open_url, page, server)
+from test_browser import (
+    MAIN,
+    SIDEBAR,
+    _choose_upload_source,
+    _upload,
+    act,
+    check_page,  # noqa: F401
+    open_url,
+)
+
+pytestmark = pytest.mark.browser
 
 SHOTS = Path(os.environ["FLAG_TRADER_SHOTS"]) if os.environ.get("FLAG_TRADER_SHOTS") else None
 
@@ -68,8 +78,12 @@ def test_fast_arrow_keys_on_an_offset_slider_do_not_freeze_the_page(server, page
     act(page, page.get_by_role("button", name="Apply offsets").click)
     assert page.locator('[data-stale="true"]').count() == 0
     assert shown.inner_text() == "1.00"
-    act(page, lambda: page.locator('[data-testid="stRadio"]').filter(has_text="Mode").get_by_text(
-        "blocks", exact=True).click())  # the page still answers
+    act(
+        page,
+        lambda: (
+            page.locator('[data-testid="stRadio"]').filter(has_text="Mode").get_by_text("blocks", exact=True).click()
+        ),
+    )  # the page still answers
     check_page(page, "offsets-after-fast-keys")
 
 
@@ -77,10 +91,15 @@ def test_blocks_mode_scores_through_the_newest_bar(server, page, tmp_path):
     csv, bars = _bars_csv(tmp_path)
     open_url(page, f"{server}/predictions")
     _upload(page, MAIN, csv, "session_bars.csv: 600 rows")
-    act(page, lambda: page.locator('[data-testid="stRadio"]').filter(has_text="Mode").get_by_text(
-        "blocks", exact=True).click())
-    window = int(page.locator('[data-testid="stNumberInput"]').filter(has_text="Window length")
-                 .locator("input").input_value())
+    act(
+        page,
+        lambda: (
+            page.locator('[data-testid="stRadio"]').filter(has_text="Mode").get_by_text("blocks", exact=True).click()
+        ),
+    )
+    window = int(
+        page.locator('[data-testid="stNumberInput"]').filter(has_text="Window length").locator("input").input_value()
+    )
     assert (len(bars) - 50) % window, "the case needs a partial last block"
     check_page(page, "blocks-mode")
     with page.expect_download() as dl:

@@ -1,4 +1,5 @@
 """Safe loading: every saved-dict layout and prefix round-trips; every bad input is a clear CheckpointError."""
+
 from __future__ import annotations
 
 import io
@@ -8,9 +9,9 @@ import zipfile
 
 import pytest
 import torch
+from conftest import full_layout_config, save_bytes
 from safetensors.torch import save as st_save
 
-from conftest import full_layout_config, save_bytes
 from flag_model import CheckpointError, build_model, load_checkpoint
 from flag_model.config import ConfigError, infer_config
 from flag_model.model import expected_shapes
@@ -21,8 +22,15 @@ def _layouts(sd: dict) -> dict[str, object]:
     return {
         "bare": sd,
         "model+config": {"model": sd, "config": cfg},
-        "training": {"epoch": 7, "model_state_dict": sd, "optimizer_state_dict": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 1e-3}]},
-                     "train_loss": 0.8, "val_loss": 0.9, "val_accuracy": 0.6142, "config": cfg},
+        "training": {
+            "epoch": 7,
+            "model_state_dict": sd,
+            "optimizer_state_dict": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 1e-3}]},
+            "train_loss": 0.8,
+            "val_loss": 0.9,
+            "val_accuracy": 0.6142,
+            "config": cfg,
+        },
         "state_dict+model_config": {"state_dict": sd, "model_config": cfg},
         "module. prefix": {f"module.{k}": v for k, v in sd.items()},
         "model. prefix": {"model_state_dict": {f"model.{k}": v for k, v in sd.items()}},
@@ -117,16 +125,19 @@ def _truncated(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda d: b"", "empty"),
-    (_truncated, "damaged or truncated"),
-    (lambda d: os.urandom(4096), "not a PyTorch or safetensors checkpoint"),
-    (lambda d: b'{"model": "flag_trader", "epoch": 3}', "JSON file"),
-    (lambda d: b"epoch,loss\n1,0.5\n", "text file"),
-    (lambda d: save_bytes({"epoch": 3, "note": "no weights"}), "holds no tensors"),
-    (lambda d: save_bytes([1, 2, 3]), "not a dict of tensors"),
-    (lambda d: st_save({"a": torch.ones(4)})[:40], "damaged or truncated"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: b"", "empty"),
+        (_truncated, "damaged or truncated"),
+        (lambda d: os.urandom(4096), "not a PyTorch or safetensors checkpoint"),
+        (lambda d: b'{"model": "flag_trader", "epoch": 3}', "JSON file"),
+        (lambda d: b"epoch,loss\n1,0.5\n", "text file"),
+        (lambda d: save_bytes({"epoch": 3, "note": "no weights"}), "holds no tensors"),
+        (lambda d: save_bytes([1, 2, 3]), "not a dict of tensors"),
+        (lambda d: st_save({"a": torch.ones(4)})[:40], "damaged or truncated"),
+    ],
+)
 def test_bad_inputs_give_clear_errors(make, needle, tiny_ckpt_bytes):
     with pytest.raises(CheckpointError, match=needle):
         load_checkpoint(make(tiny_ckpt_bytes))

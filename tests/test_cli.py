@@ -1,4 +1,5 @@
 """The command line: inspect describes the demo and a d=768 file; errors go to stderr without a traceback."""
+
 from __future__ import annotations
 
 import json
@@ -6,15 +7,16 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO, full_layout_config
+
 from flag_model.__main__ import main
 from flag_model.model import expected_shapes
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flag_model", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flag_model", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_inspect_demo(tiny_demo_path, capsys):

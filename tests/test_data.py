@@ -1,4 +1,5 @@
 """Reading, validating and featurising uploads; drift; windows; labels on the real ETH file."""
+
 from __future__ import annotations
 
 import io
@@ -7,10 +8,28 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flag_model.data import (ColumnMapping, DataError, RunningMoments, bar_interval, check_interval, check_window,
-                             checkpoint_features, column_features, default_window, detect_columns, drift_table,
-                             format_timedelta, horizon_text, iter_table_chunks, parse_times, prepare_features,
-                             prepare_ohlcv, read_table, rolling_windows, training_interval)
+from flag_model.data import (
+    ColumnMapping,
+    DataError,
+    RunningMoments,
+    bar_interval,
+    check_interval,
+    check_window,
+    checkpoint_features,
+    column_features,
+    default_window,
+    detect_columns,
+    drift_table,
+    format_timedelta,
+    horizon_text,
+    iter_table_chunks,
+    parse_times,
+    prepare_features,
+    prepare_ohlcv,
+    read_table,
+    rolling_windows,
+    training_interval,
+)
 from flag_model.demo import synthetic_ohlcv
 from flag_model.features import SIMPLE60_NAMES, LabelRule, compute_labels, simple60
 
@@ -27,15 +46,25 @@ def as_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     return read_table(df.to_csv(index=False).encode(), "x.csv")
 
 
-@pytest.mark.parametrize("names, expected", [
-    (["datetime", "timestamp", "open", "high", "low", "close", "volume"],
-     ColumnMapping("datetime", "open", "high", "low", "close", "volume")),
-    (["Date", "Open", "High", "Low", "Close", "Volume"], ColumnMapping("Date", "Open", "High", "Low", "Close", "Volume")),
-    (["t", "o", "h", "l", "c", "v"], ColumnMapping("t", "o", "h", "l", "c", "v")),
-    (["Timestamp", "open_price", "HIGH", "low", "Price", "Vol"],
-     ColumnMapping("Timestamp", "open_price", "HIGH", "low", "Price", "Vol")),
-    (["time", "close"], ColumnMapping("time", None, None, None, "close", None)),
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (
+            ["datetime", "timestamp", "open", "high", "low", "close", "volume"],
+            ColumnMapping("datetime", "open", "high", "low", "close", "volume"),
+        ),
+        (
+            ["Date", "Open", "High", "Low", "Close", "Volume"],
+            ColumnMapping("Date", "Open", "High", "Low", "Close", "Volume"),
+        ),
+        (["t", "o", "h", "l", "c", "v"], ColumnMapping("t", "o", "h", "l", "c", "v")),
+        (
+            ["Timestamp", "open_price", "HIGH", "low", "Price", "Vol"],
+            ColumnMapping("Timestamp", "open_price", "HIGH", "low", "Price", "Vol"),
+        ),
+        (["time", "close"], ColumnMapping("time", None, None, None, "close", None)),
+    ],
+)
 def test_detect_columns(names, expected):
     assert detect_columns(names) == expected
 
@@ -49,8 +78,9 @@ def test_epoch_seconds_milliseconds_and_strings_agree(bars):
 
 
 def test_prepare_ohlcv_renamed_columns(bars):
-    df = bars.drop(columns="datetime").rename(columns={"timestamp": "Time", "open": "Open", "close": "Price",
-                                                       "volume": "Vol"})
+    df = bars.drop(columns="datetime").rename(
+        columns={"timestamp": "Time", "open": "Open", "close": "Price", "volume": "Vol"}
+    )
     prep = prepare_ohlcv(df, detect_columns(df.columns))
     assert prep.ok and not prep.issues and prep.time_format == "epoch ms"
     assert list(prep.frame.columns) == ["datetime", "timestamp", "open", "high", "low", "close", "volume"]
@@ -78,7 +108,9 @@ def test_missing_value_runs(bars):
     df.loc[10:12, "volume"] = np.nan
     df.loc[100:107, "volume"] = np.nan
     e = only_error(prepare_ohlcv(df, OHLCV), "volume")
-    assert e.row == 11 and "11 missing" in e.message and "rows 11–13" in e.message and "rows 101–108 (8 rows)" in e.message
+    assert (
+        e.row == 11 and "11 missing" in e.message and "rows 11–13" in e.message and "rows 101–108 (8 rows)" in e.message
+    )
     fixed = prepare_ohlcv(df, OHLCV, repair=True)
     assert fixed.ok and fixed.frame["volume"].iloc[100] == df["volume"].iloc[99]
     assert any(w.column == "volume" for w in fixed.warnings)
@@ -177,9 +209,11 @@ def test_origin_makes_chunk_features_equal_whole_file(bars):
 def test_drift_flags_zero_columns_scale_jumps_and_names(bars):
     fm = checkpoint_features(bars, {}, 64, "none")
     raw_std = fm.raw_std[:60]
-    meta = {"feature_mean": fm.raw_mean[:60].tolist() + [0.0] * 4,
-            "feature_std": (raw_std / 50).tolist() + [1.0] * 4,
-            "feature_names": list(SIMPLE60_NAMES[:59]) + ["other", "a", "b", "c", "d"]}
+    meta = {
+        "feature_mean": fm.raw_mean[:60].tolist() + [0.0] * 4,
+        "feature_std": (raw_std / 50).tolist() + [1.0] * 4,
+        "feature_names": list(SIMPLE60_NAMES[:59]) + ["other", "a", "b", "c", "d"],
+    }
     table = drift_table(fm, meta)
     assert len(table) == 64
     assert table["flags"].iloc[60:].str.contains("zero padding").all()
@@ -260,7 +294,13 @@ def test_bar_interval_median_and_gaps():
     assert bi.gaps["missing bars"].tolist() == [3, 1]
     assert bar_interval(times[:1]).median is None
     assert [format_timedelta(pd.Timedelta(x)) for x in ("5min", "1h", "1D", "2D", "30s", "90s")] == [
-        "5 min", "1 h", "1 day", "2 days", "30 s", "90 s"]
+        "5 min",
+        "1 h",
+        "1 day",
+        "2 days",
+        "30 s",
+        "90 s",
+    ]
 
 
 def test_training_interval_stored_or_assumed():

@@ -1,5 +1,6 @@
 """The demo checkpoint: a seeded, untrained test size in about a second; the stored feature clip; the background
 build every session sees; and (slow) the trained full demo, which must show what each page is for."""
+
 from __future__ import annotations
 
 import threading
@@ -8,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
 from flag_model import demo
 from flag_model.analysis.attention import attention_summary
 from flag_model.analysis.health import health_scan
@@ -38,8 +39,15 @@ def test_full_demo_spec_is_the_documented_layout():
     sd = FlagTrader(demo.demo_config(demo.DEMO_SIZES["full"]), dropout=0.1).state_dict()
     assert len(sd) == 343 and sum(v.numel() for v in sd.values()) == 10_444_291
     cfg = infer_config(sd)[0]
-    assert (cfg.n_blocks, cfg.d_model, cfg.ffn_dim, cfg.lora_rank, cfg.state_dim, cfg.n_actions, cfg.max_length) == \
-        (12, 256, 1024, 16, 60, 3, 256)
+    assert (cfg.n_blocks, cfg.d_model, cfg.ffn_dim, cfg.lora_rank, cfg.state_dim, cfg.n_actions, cfg.max_length) == (
+        12,
+        256,
+        1024,
+        16,
+        60,
+        3,
+        256,
+    )
 
 
 def test_demo_cache_file_carries_the_version(monkeypatch, tmp_path):
@@ -153,7 +161,7 @@ def test_trained_demo_shows_what_the_pages_are_for(full_demo_path):
     window = int(ckpt.meta["config"]["window"])
     fm = checkpoint_features(demo.demo_data("full"), ckpt.meta, 60)
     windows = rolling_windows(fm.values, window)
-    held_out = windows[-int(0.2 * len(windows)):]  # the chronological 20 % the demo never trained on
+    held_out = windows[-int(0.2 * len(windows)) :]  # the chronological 20 % the demo never trained on
     attn = attention_summary(model, held_out[:: len(held_out) // 16]).stats
     focus = attn["entropy"] / np.log(window)
     assert focus.min() < 0.8, focus.describe()  # attention: some heads clearly focus (uniform = 1.0)

@@ -1,21 +1,20 @@
 """Scoring on a local Dask cluster of 2 worker processes equals single-process `predict` row for row, with
 identical logits, across part boundaries; a killed worker and a bad input file still give complete output."""
+
 from __future__ import annotations
 
 import os
 import signal
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import make_model, save_bytes
+
 from flag_model.__main__ import main
 from flag_model.data import WARMUP
 from flag_model.demo import synthetic_ohlcv
-from flag_model.distributed import (discover_sources, local_client, make_spec, plan_parts, read_output,
-                                    score_on_cluster)
+from flag_model.distributed import discover_sources, local_client, make_spec, plan_parts, read_output, score_on_cluster
 
 pytest.importorskip("distributed")
 WINDOW = 20
@@ -42,19 +41,45 @@ def client():
 def single_process(files, name, tmp_path, *extra, data=None):
     """Single-process `predict` of files/name (or of `data`) with the same settings."""
     out = tmp_path / f"single_{name}.parquet"
-    assert main(["predict", str(files / "tiny.pt"), str(data or files / name), "--out", str(out), "--window",
-                 str(WINDOW), "--chunk-rows", "700", *extra]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(files / "tiny.pt"),
+                str(data or files / name),
+                "--out",
+                str(out),
+                "--window",
+                str(WINDOW),
+                "--chunk-rows",
+                "700",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return pd.read_parquet(out)
 
 
-@pytest.mark.parametrize("mode, extra", [("rolling", ()),  # default engine batches
-                                         ("blocks", ("--precision", "exact", "--normalisation", "data",
-                                                     "--batch-size", "16"))])
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("rolling", ()),  # default engine batches
+        ("blocks", ("--precision", "exact", "--normalisation", "data", "--batch-size", "16")),
+    ],
+)
 def test_cluster_equals_single_process_across_part_boundaries(files, client, tmp_path, mode, extra):
     opts = dict(zip(extra[::2], extra[1::2]))
-    spec, _ = make_spec(files / "tiny.pt", window=WINDOW, mode=mode, precision=opts.get("--precision", "fast"),
-                        normalisation=opts.get("--normalisation", "checkpoint"), chunk_rows=700, partition_windows=1,
-                        batch_size=int(opts["--batch-size"]) if "--batch-size" in opts else None)
+    spec, _ = make_spec(
+        files / "tiny.pt",
+        window=WINDOW,
+        mode=mode,
+        precision=opts.get("--precision", "fast"),
+        normalisation=opts.get("--normalisation", "checkpoint"),
+        chunk_rows=700,
+        partition_windows=1,
+        batch_size=int(opts["--batch-size"]) if "--batch-size" in opts else None,
+    )
     out = tmp_path / "out"
     result = score_on_cluster(client, [str(files / "AAA.csv"), str(files / "BBB.parquet")], spec, out)
     assert result.errors == []
@@ -102,25 +127,51 @@ def test_symbol_dataset_equals_one_file_per_symbol(files, client, tmp_path):
     result = score_on_cluster(client, [str(data)], spec, tmp_path / "out")
     assert result.errors == []
     for name in ("AAA.csv", "BBB.parquet"):
-        pd.testing.assert_frame_equal(read_output(tmp_path / "out", name.split(".")[0]),
-                                      single_process(files, name, tmp_path), check_exact=True)
+        pd.testing.assert_frame_equal(
+            read_output(tmp_path / "out", name.split(".")[0]), single_process(files, name, tmp_path), check_exact=True
+        )
 
 
 def test_cli_bad_file_is_named_and_the_others_finish(files, client, tmp_path, capsys):
     bad = tmp_path / "CCC.csv"
     synthetic_ohlcv(300, seed=3).iloc[[0, 2, 1, *range(3, 300)]].to_csv(bad, index=False)
     out = tmp_path / "out"
-    rc = main(["predict", str(files / "tiny.pt"), str(files / "AAA.csv"), str(bad), str(tmp_path / "nope_*.csv"),
-               "--out", str(out), "--window", str(WINDOW), "--chunk-rows", "700",
-               "--scheduler", client.scheduler.address])
+    rc = main(
+        [
+            "predict",
+            str(files / "tiny.pt"),
+            str(files / "AAA.csv"),
+            str(bad),
+            str(tmp_path / "nope_*.csv"),
+            "--out",
+            str(out),
+            "--window",
+            str(WINDOW),
+            "--chunk-rows",
+            "700",
+            "--scheduler",
+            client.scheduler.address,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert f"error: {bad}" in err and "not sorted" in err and "nope_*.csv" in err
     assert not (out / "symbol=CCC").exists()
-    pd.testing.assert_frame_equal(read_output(out, "AAA"), single_process(files, "AAA.csv", tmp_path),
-                                  check_exact=True)
-    assert main(["predict", str(files / "tiny.pt"), str(files / "AAA.csv"), "--out", str(out),
-                 "--scheduler", client.scheduler.address]) == 2
+    pd.testing.assert_frame_equal(read_output(out, "AAA"), single_process(files, "AAA.csv", tmp_path), check_exact=True)
+    assert (
+        main(
+            [
+                "predict",
+                str(files / "tiny.pt"),
+                str(files / "AAA.csv"),
+                "--out",
+                str(out),
+                "--scheduler",
+                client.scheduler.address,
+            ]
+        )
+        == 2
+    )
     assert "not empty" in capsys.readouterr().err
 
 

@@ -1,13 +1,14 @@
 """The inference engine against the reference model (the FlagTrader forward) and stock torch modules."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_model
 from flag_model import engine as eng_mod
 from flag_model.data import rolling_windows
 from flag_model.engine import InferenceEngine, default_batch_size, forward_flops
@@ -18,8 +19,10 @@ VARIANTS = [
     pytest.param(dict(causal=True), id="post-norm-causal"),
     pytest.param(dict(norm_first=True, causal=True), id="pre-norm-causal"),
     pytest.param(dict(targets=()), id="no-lora"),
-    pytest.param(dict(causal=True, targets=("transformer_blocks.1.ffn.3", "transformer_blocks.0.attention.v_proj")),
-                 id="some-lora-causal"),
+    pytest.param(
+        dict(causal=True, targets=("transformer_blocks.1.ffn.3", "transformer_blocks.0.attention.v_proj")),
+        id="some-lora-causal",
+    ),
 ]
 
 
@@ -42,14 +45,24 @@ def test_engine_equals_stock_transformer_layers(norm_first):
     cfg = model.config
     layers = []
     for blk in model.transformer_blocks:
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=norm_first, layer_norm_eps=cfg.ln_eps)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model,
+            cfg.num_heads,
+            cfg.ffn_dim,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=norm_first,
+            layer_norm_eps=cfg.ln_eps,
+        )
         att = blk.attention
         with torch.no_grad():
-            layer.self_attn.in_proj_weight.copy_(torch.cat([att.q_proj.merged_weight(), att.k_proj.merged_weight(),
-                                                            att.v_proj.merged_weight()]))
-            layer.self_attn.in_proj_bias.copy_(torch.cat([att.q_proj.base.bias, att.k_proj.base.bias,
-                                                          att.v_proj.base.bias]))
+            layer.self_attn.in_proj_weight.copy_(
+                torch.cat([att.q_proj.merged_weight(), att.k_proj.merged_weight(), att.v_proj.merged_weight()])
+            )
+            layer.self_attn.in_proj_bias.copy_(
+                torch.cat([att.q_proj.base.bias, att.k_proj.base.bias, att.v_proj.base.bias])
+            )
             layer.self_attn.out_proj.weight.copy_(att.out_proj.merged_weight())
             layer.self_attn.out_proj.bias.copy_(att.out_proj.base.bias)
             layer.linear1.weight.copy_(blk.ffn[0].merged_weight())
@@ -76,7 +89,12 @@ def test_engine_leaves_the_model_untouched_and_owns_its_weights():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     params = {p.data_ptr() for p in model.parameters()}
-    owned = [engine.w_embed, engine.pos, engine.w_head, *(t for b in engine.blocks for t in (b.w_qkv, b.w_out, b.w_ffn1))]
+    owned = [
+        engine.w_embed,
+        engine.pos,
+        engine.w_head,
+        *(t for b in engine.blocks for t in (b.w_qkv, b.w_out, b.w_ffn1)),
+    ]
     assert not params & {t.data_ptr() for t in owned}
     assert all(m.lora_enabled for m in model.linears().values())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

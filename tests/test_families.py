@@ -1,15 +1,16 @@
 """Every layout family, written by our own generators at two or more sizes (tests/family_generators.py), opened
 through load_checkpoint like a user's file: ranked first as its true family, with the right sizes and LoRA rank,
 the same answer in `inspect` and `diff`; dataclass / Namespace / numpy objects read without calling anything."""
+
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
+import family_generators as gen
 import pytest
 
-import family_generators as gen
 from flag_model import layouts, load_checkpoint
 from flag_model.__main__ import main
 
@@ -63,11 +64,14 @@ def test_each_family_is_ranked_first_with_its_sizes(case, tmp_path):
         assert ckpt.config is not None and ckpt.read_mode == "weights_only"
 
 
-@pytest.mark.parametrize("layers, hidden, kv, rank, targets", [
-    (30, 576, 192, 16, ("q_proj", "v_proj")),
-    (4, 64, 32, 8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-    (7, 96, 96, 2, ("o_proj",)),
-])
+@pytest.mark.parametrize(
+    "layers, hidden, kv, rank, targets",
+    [
+        (30, 576, 192, 16, ("q_proj", "v_proj")),
+        (4, 64, 32, 8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        (7, 96, 96, 2, ("o_proj",)),
+    ],
+)
 @pytest.mark.parametrize("open_as", ["folder", "parent folder", "adapter_config.json", "adapter_model.safetensors"])
 def test_peft_llm_adapter_folder_with_its_config(layers, hidden, kv, rank, targets, open_as, tmp_path, capsys):
     _, write, facts = gen.make_peft_llm(layers, hidden, kv, rank, targets, alpha=32, rslora=True)
@@ -80,7 +84,7 @@ def test_peft_llm_adapter_folder_with_its_config(layers, hidden, kv, rank, targe
     assert rec.best.lora_rank == rank and rec.best.lora_targets() == facts["targets"]
     assert (rec.best.size.n_blocks, rec.best.size.d_model) == (layers, hidden)
     scale, how = layouts.lora_scale_for(rec)
-    assert scale == pytest.approx(32 / rank ** 0.5) and "rsLoRA" in how
+    assert scale == pytest.approx(32 / rank**0.5) and "rsLoRA" in how
     assert main(["inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["family"]["family"] == "peft_llm" and info["family"]["lora_rank"] == rank
@@ -93,9 +97,16 @@ def test_peft_llm_adapter_folder_with_its_config(layers, hidden, kv, rank, targe
     assert layouts.recognise_checkpoint(heads).best.family.name == "mlp"
 
 
-@pytest.mark.parametrize("case", ["a2c 44→256, 4 layers", "cgdt agent 60→64, 6 layers",
-                                  "cgdt engine 60→64, 3 layers, dataclass config", "ppo 49→64, 3 layers",
-                                  "fallback MLP 60→256"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "a2c 44→256, 4 layers",
+        "cgdt agent 60→64, 6 layers",
+        "cgdt engine 60→64, 3 layers, dataclass config",
+        "ppo 49→64, 3 layers",
+        "fallback MLP 60→256",
+    ],
+)
 def test_inspect_and_diff_agree_and_foreign_files_get_no_fix_chain(case, tmp_path, capsys):
     name, data, facts = CASES[case]()
     path = tmp_path / name
@@ -136,15 +147,26 @@ def test_shared_real_layouts_are_recognised():
     root = Path(__file__).resolve().parents[2] / "shared" / "layouts"
     if not root.is_dir():
         pytest.skip(f"{root} not found (it lives beside the repository)")
-    want = {"cgdt_agent": "cgdt_agent", "cgdt_engine": "cgdt_engine", "fallback_mlp": "mlp", "peft_fallback": "mlp",
-            "peft_smollm2_adapter": "peft_llm", "ppo_policy": "ppo", "ppo_policy_bare": "ppo", "sketch": "sketch",
-            "transformer_a2c": "a2c"}
+    want = {
+        "cgdt_agent": "cgdt_agent",
+        "cgdt_engine": "cgdt_engine",
+        "fallback_mlp": "mlp",
+        "peft_fallback": "mlp",
+        "peft_smollm2_adapter": "peft_llm",
+        "ppo_policy": "ppo",
+        "ppo_policy_bare": "ppo",
+        "sketch": "sketch",
+        "transformer_a2c": "a2c",
+    }
     for f in sorted(root.glob("*.txt")):
-        shapes = {m.group(1): tuple(int(x) for x in m.group(2).split(",") if x.strip())
-                  for line in f.read_text().splitlines() if (m := re.match(r"^(\S+)\s+\[([\d, ]*)\]\s+\w+$", line))}
+        shapes = {
+            m.group(1): tuple(int(x) for x in m.group(2).split(",") if x.strip())
+            for line in f.read_text().splitlines()
+            if (m := re.match(r"^(\S+)\s+\[([\d, ]*)\]\s+\w+$", line))
+        }
         for wrapper in ("model_state_dict.", "model."):
             if all(k.startswith(wrapper) or k.startswith(("optimizer", "actor_opt", "critic_opt")) for k in shapes):
-                shapes = {k[len(wrapper):]: s for k, s in shapes.items() if k.startswith(wrapper)}
+                shapes = {k[len(wrapper) :]: s for k, s in shapes.items() if k.startswith(wrapper)}
         rec = layouts.recognise(shapes)
         assert rec.best.family.name == want[f.stem] and rec.confident, (f.name, rec.headline())
         if f.stem in ("sketch", "peft_smollm2_adapter"):
@@ -176,31 +198,45 @@ def test_sketch_converts_to_native_pre_norm_and_diff_agrees_with_convert(tmp_pat
 
 def test_stock_export_stores_what_a_rebuild_needs_and_reloads_exactly(tmp_path):
     import torch
-    from torch import nn
-
     from conftest import make_model
+    from torch import nn
 
     model = make_model(seed=2, lora_scale=0.5, norm_first=True)
     data = layouts.export_file(model.state_dict(), "stock", "pt", lora_scale=0.5, num_heads=4, norm_first=True)
     ckpt = load_checkpoint(data)
     c = ckpt.stored_config
     assert (c["activation"], c["norm_first"], c["batch_first"], c["layer_norm_eps"], c["nhead"]) == (
-        "gelu", True, True, 1e-5, 4)
+        "gelu",
+        True,
+        True,
+        1e-5,
+        4,
+    )
     # Rebuilt from the stored values alone with stock modules (an independent oracle), the logits are the same;
     # with nn.TransformerEncoderLayer's defaults (ReLU, post-norm) they are not.
-    layer = nn.TransformerEncoderLayer(c["d_model"], c["nhead"], c["dim_feedforward"], dropout=0.0,
-                                       activation=c["activation"], layer_norm_eps=c["layer_norm_eps"],
-                                       batch_first=c["batch_first"], norm_first=c["norm_first"])
+    layer = nn.TransformerEncoderLayer(
+        c["d_model"],
+        c["nhead"],
+        c["dim_feedforward"],
+        dropout=0.0,
+        activation=c["activation"],
+        layer_norm_eps=c["layer_norm_eps"],
+        batch_first=c["batch_first"],
+        norm_first=c["norm_first"],
+    )
     encoder = nn.TransformerEncoder(layer, c["n_blocks"], enable_nested_tensor=False)
     sd = ckpt.state_dict
-    enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    enc_sd = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
     encoder.load_state_dict(enc_sd, strict=True)
     x = torch.randn(2, 5, 60)
     with torch.no_grad():
-        h = torch.nn.functional.linear(x, sd["state_embedding.weight"], sd["state_embedding.bias"]) + \
-            sd["pos_embedding"][:, :5]
-        h = torch.nn.functional.layer_norm(encoder.eval()(h), (c["d_model"],), sd["output_norm.weight"],
-                                           sd["output_norm.bias"])
+        h = (
+            torch.nn.functional.linear(x, sd["state_embedding.weight"], sd["state_embedding.bias"])
+            + sd["pos_embedding"][:, :5]
+        )
+        h = torch.nn.functional.layer_norm(
+            encoder.eval()(h), (c["d_model"],), sd["output_norm.weight"], sd["output_norm.bias"]
+        )
         logits = torch.nn.functional.linear(h, sd["action_head.weight"], sd["action_head.bias"])
         torch.testing.assert_close(logits, model(x), rtol=0, atol=1e-5)
     check = layouts.stock_reload_check(model.state_dict(), None, lora_scale=0.5, num_heads=4, norm_first=True)

@@ -43,7 +43,7 @@ def eth_features(eth: pd.DataFrame) -> pd.DataFrame:
 
 def oracle_row(win: pd.DataFrame, first_time: pd.Timestamp) -> np.ndarray:
     """FEATURES.md for one 51-bar window (DatetimeIndex, columns open..volume), as float32 (60,)."""
-    o, h, l, c, v = (win[k] for k in ("open", "high", "low", "close", "volume"))
+    o, h, l, c, v = (win[k] for k in ("open", "high", "low", "close", "volume"))  # noqa: E741
     last = lambda s: s.iloc[-1]  # noqa: E731
     f = [np.nan] * 60
     f[0] = c.iloc[-1] / c.iloc[0] - 1
@@ -153,8 +153,16 @@ def test_eth_matches_the_oracle(eth: pd.DataFrame, eth_features: pd.DataFrame) -
     rng = np.random.default_rng(11)
     hard = _hard_rows(eth)
     assert len(hard) > 5  # 5-minute closes do tie their SMAs: the rounding quirk is exercised
-    rows = sorted({WARMUP, WARMUP + 1, len(eth) - 1, *range(len(eth) - 5, len(eth)),
-                   *rng.integers(WARMUP, len(eth), 200).tolist(), *hard[:150]})
+    rows = sorted(
+        {
+            WARMUP,
+            WARMUP + 1,
+            len(eth) - 1,
+            *range(len(eth) - 5, len(eth)),
+            *rng.integers(WARMUP, len(eth), 200).tolist(),
+            *hard[:150],
+        }
+    )
     assert_oracle(eth, eth_features, rows)
 
 
@@ -165,8 +173,9 @@ def _bars(n: int = 130, seed: int = 0, freq: str = "5min") -> pd.DataFrame:
     high = np.maximum(open_, close) * (1.0 + rng.uniform(0.0, 0.003, n))
     low = np.minimum(open_, close) * (1.0 - rng.uniform(0.0, 0.003, n))
     index = pd.date_range("2027-12-31 18:00", periods=n, freq=freq, name="datetime")
-    return pd.DataFrame({"open": open_, "high": high, "low": low, "close": close,
-                         "volume": rng.lognormal(6.0, 0.8, n)}, index=index)
+    return pd.DataFrame(
+        {"open": open_, "high": high, "low": low, "close": close, "volume": rng.lognormal(6.0, 0.8, n)}, index=index
+    )
 
 
 def _flat(df: pd.DataFrame) -> pd.DataFrame:
@@ -212,8 +221,11 @@ def _all_flat(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(open=5.0, high=5.0, low=5.0, close=5.0, volume=0.0)
 
 
-@pytest.mark.parametrize("edit", [_flat, _zero_volume, _gaps, _nans, _spike, _all_flat],
-                         ids=["flat-prices", "zero-volume", "gaps", "nan", "single-spike", "all-flat-no-volume"])
+@pytest.mark.parametrize(
+    "edit",
+    [_flat, _zero_volume, _gaps, _nans, _spike, _all_flat],
+    ids=["flat-prices", "zero-volume", "gaps", "nan", "single-spike", "all-flat-no-volume"],
+)
 def test_edge_cases_match_the_oracle(edit) -> None:
     df = edit(_bars())
     with np.errstate(all="ignore"):
@@ -225,8 +237,17 @@ def test_edge_cases_match_the_oracle(edit) -> None:
 def test_documented_values_on_a_flat_market() -> None:
     feats = simple60(_all_flat(_bars(80)))
     assert (feats["rsi_14"] == 100.0).all() and (feats["bb_pctb"] == 0.5).all()
-    for name in ("zscore_oldest", "bb_z20", "vol_rel", "vol_maxmin", "ret_std", "close_std_20", "macd",
-                 "macd_signal", "macd_hist"):
+    for name in (
+        "zscore_oldest",
+        "bb_z20",
+        "vol_rel",
+        "vol_maxmin",
+        "ret_std",
+        "close_std_20",
+        "macd",
+        "macd_signal",
+        "macd_hist",
+    ):
         assert (feats[name] == 0.0).all(), name
 
 
@@ -289,7 +310,9 @@ def test_labels_small_example() -> None:
 
 def test_label_rule_from_checkpoint_metadata() -> None:
     assert LabelRule.from_meta({"label_rule": {"horizon": 3, "threshold": 0.001}}) == (
-        LabelRule(3, 0.001), "stored in the checkpoint")
+        LabelRule(3, 0.001),
+        "stored in the checkpoint",
+    )
     assert LabelRule.from_meta({"config": {"label_rule": {"horizon": 7}}})[0] == LabelRule(7, 0.002)
     rule, source = LabelRule.from_meta({"label_rule": {"horizon": "soon"}})
     assert rule == LabelRule() and source.startswith("assumed")

@@ -9,6 +9,7 @@ with finite model inputs. Never another exception, a hang or a crash: the corrup
 Run with `pytest -s` to see the outcome counts (torch's legacy format embeds storage addresses, so the counts
 for flipped legacy bytes vary by a few between runs).
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,8 +27,8 @@ import sys
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -41,8 +42,14 @@ CASE_LIMIT_S = 15.0  # one case slower than this counts as a hang
 
 # ---- corruption builders (pure bytes -> bytes) ---------------------------------------------------------
 
-def _rezip(data: bytes, order: Callable[[list[str]], list[str]] | None = None, drop: tuple[str, ...] = (),
-           replace: dict[str, bytes] | None = None, extra: dict[str, bytes] | None = None) -> bytes:
+
+def _rezip(
+    data: bytes,
+    order: Callable[[list[str]], list[str]] | None = None,
+    drop: tuple[str, ...] = (),
+    replace: dict[str, bytes] | None = None,
+    extra: dict[str, bytes] | None = None,
+) -> bytes:
     """Rewrite a torch zip with members reordered, dropped, replaced or added (stored, like torch writes)."""
     zin = zipfile.ZipFile(io.BytesIO(data))
     names = [i.filename for i in zin.infolist()]
@@ -67,18 +74,22 @@ def _patch_zip_size(data: bytes, member: str, size: int, local: bool, central: b
         pos = 0
         while (pos := d.find(b"PK\x01\x02", pos)) >= 0:
             n = struct.unpack_from("<H", d, pos + 28)[0]
-            if bytes(d[pos + 46:pos + 46 + n]).decode() == member:
+            if bytes(d[pos + 46 : pos + 46 + n]).decode() == member:
                 struct.pack_into("<II", d, pos + 20, size, size)
                 break
             pos += 4
     return bytes(d)
 
 
-def _safetensors_with(data: bytes, edit: Callable[[dict], object] | None = None, length: int | None = None,
-                      raw_header: bytes | None = None) -> bytes:
+def _safetensors_with(
+    data: bytes,
+    edit: Callable[[dict], object] | None = None,
+    length: int | None = None,
+    raw_header: bytes | None = None,
+) -> bytes:
     """A safetensors file with its JSON header edited, replaced, or its declared header length changed."""
     n = struct.unpack("<Q", data[:8])[0]
-    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
     if edit is not None:
         edit(header)
     raw = raw_header if raw_header is not None else json.dumps(header).encode()
@@ -109,12 +120,12 @@ def _deep_dict(n: int) -> bytes:
 
 # ---- the corruptions -------------------------------------------------------------------------------------
 
+
 def corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, ...]]]:
     """(category, case name, file bytes, allowed outcomes) for every corruption, deterministically."""
     import torch
-    from safetensors.torch import save as st_save
-
     from conftest import make_model, save_bytes
+    from safetensors.torch import save as st_save
 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -147,9 +158,13 @@ def corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, 
     pkl_start = zinfo.header_offset + 30 + len(zinfo.filename)
     cd_start = good.find(b"PK\x01\x02")
     st_hlen = 8 + struct.unpack("<Q", safet[:8])[0]
-    regions = (("zip anywhere", good, 0, len(good), 50), ("zip pickle", good, pkl_start, zinfo.file_size, 70),
-               ("zip directory", good, cd_start, len(good) - cd_start, 40), ("legacy", legacy, 0, len(legacy), 40),
-               ("safetensors header", safet, 0, st_hlen, 40))
+    regions = (
+        ("zip anywhere", good, 0, len(good), 50),
+        ("zip pickle", good, pkl_start, zinfo.file_size, 70),
+        ("zip directory", good, cd_start, len(good) - cd_start, 40),
+        ("legacy", legacy, 0, len(legacy), 40),
+        ("safetensors header", safet, 0, st_hlen, 40),
+    )
     for what, data, start, span, n in regions:
         for i in range(n):
             d = bytearray(data)
@@ -167,24 +182,48 @@ def corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, 
     for n in names:  # torch has defaults for the small records (byteorder, versions, alignment)
         if "/data" not in n:
             yield "zip member removed", f"without {n}", _rezip(good, drop=(n,)), anything
-    for n, junk in [("archive/byteorder", b"big"), ("archive/byteorder", b"middle"), ("archive/data.pkl", b""),
-                    ("archive/data.pkl", b"\x80\x02}q\x00."), ("archive/data.pkl", b"not a pickle"),
-                    ("archive/.format_version", b"99"), (storages[0], b"\x00" * 3), (storages[1], b"")]:
+    for n, junk in [
+        ("archive/byteorder", b"big"),
+        ("archive/byteorder", b"middle"),
+        ("archive/data.pkl", b""),
+        ("archive/data.pkl", b"\x80\x02}q\x00."),
+        ("archive/data.pkl", b"not a pickle"),
+        ("archive/.format_version", b"99"),
+        (storages[0], b"\x00" * 3),
+        (storages[1], b""),
+    ]:
         yield "zip member replaced", f"{n} = {junk[:12]!r}", _rezip(good, replace={n: junk}), anything
-    yield "zip member added", "duplicate data.pkl", _rezip(good, extra={"archive/data.pkl": b"\x80\x02K\x01."}), anything
+    yield (
+        "zip member added",
+        "duplicate data.pkl",
+        _rezip(good, extra={"archive/data.pkl": b"\x80\x02K\x01."}),
+        anything,
+    )
     yield "zip member added", "foreign member", _rezip(good, extra={"other/data.pkl": b"x"}), anything
     members = {n: zipfile.ZipFile(io.BytesIO(good)).read(n) for n in names}
-    yield "zip members renamed", "renamed folder", _rezip(
-        good, drop=tuple(names), extra={n.replace("archive/", "renamed/"): b for n, b in members.items()}), anything
-    yield "zip members renamed", "no folder", _rezip(
-        good, drop=tuple(names), extra={n.split("/", 1)[1]: b for n, b in members.items()}), anything
+    yield (
+        "zip members renamed",
+        "renamed folder",
+        _rezip(good, drop=tuple(names), extra={n.replace("archive/", "renamed/"): b for n, b in members.items()}),
+        anything,
+    )
+    yield (
+        "zip members renamed",
+        "no folder",
+        _rezip(good, drop=tuple(names), extra={n.split("/", 1)[1]: b for n, b in members.items()}),
+        anything,
+    )
 
     # Huge declared sizes: zip headers, safetensors header length/offsets/shapes, stride-0 tensors.
     for member in ["archive/data.pkl", storages[0], "archive/byteorder"]:
         for size in (0, 2**31 - 1, 2**32 - 1):
             for local, central in ((True, False), (False, True), (True, True)):
-                yield ("huge declared size: zip header", f"{member} size {size} local={local} central={central}",
-                       _patch_zip_size(good, member, size, local, central), anything)
+                yield (
+                    "huge declared size: zip header",
+                    f"{member} size {size} local={local} central={central}",
+                    _patch_zip_size(good, member, size, local, central),
+                    anything,
+                )
     first = sorted(json.loads(safet[8:st_hlen]).keys() - {"__metadata__"})[0]
     st_cases = {
         "header length 2**63": _safetensors_with(safet, length=2**63),
@@ -220,19 +259,32 @@ def corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, 
     # Wrong shapes: every key as 0-d, 1-d, 3-d, transposed or one row longer.
     for k in keys:
         t = sd[k]
-        variants = {"0-d": torch.tensor(0.5), "1-d": t.flatten()[:5].clone(), "3-d": t.reshape(1, 1, -1).clone(),
-                    "transposed": t.T.contiguous() if t.dim() == 2 else t.flip(0).clone(),
-                    "one more row": torch.cat([t, t[:1]]) if t.dim() >= 1 else t}
+        variants = {
+            "0-d": torch.tensor(0.5),
+            "1-d": t.flatten()[:5].clone(),
+            "3-d": t.reshape(1, 1, -1).clone(),
+            "transposed": t.T.contiguous() if t.dim() == 2 else t.flip(0).clone(),
+            "one more row": torch.cat([t, t[:1]]) if t.dim() >= 1 else t,
+        }
         for vname in rng.sample(sorted(variants), 2):
             bad = dict(sd)
             bad[k] = variants[vname]
             yield "wrong shape", f"{k} {vname}", wrap(bad), anything
 
     # Wrong dtypes: integers and bools load (cast, with a warning); complex, float8, quantized are refused.
-    for dtype, outcome in ((torch.int64, anything), (torch.int8, anything), (torch.bool, anything),
-                           (torch.float64, anything), (torch.float16, anything), (torch.bfloat16, anything),
-                           (torch.complex64, (CKERR,)), (torch.complex128, (CKERR,)),
-                           (torch.float8_e4m3fn, (CKERR,)), (torch.float8_e5m2, (CKERR,)), (torch.uint16, (CKERR,))):
+    for dtype, outcome in (
+        (torch.int64, anything),
+        (torch.int8, anything),
+        (torch.bool, anything),
+        (torch.float64, anything),
+        (torch.float16, anything),
+        (torch.bfloat16, anything),
+        (torch.complex64, (CKERR,)),
+        (torch.complex128, (CKERR,)),
+        (torch.float8_e4m3fn, (CKERR,)),
+        (torch.float8_e5m2, (CKERR,)),
+        (torch.uint16, (CKERR,)),
+    ):
         for k in rng.sample(keys, 3):
             bad = dict(sd)
             bad[k] = sd[k].to(dtype)
@@ -254,37 +306,78 @@ def corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[str, 
             bad = dict(sd)
             bad[k] = v
             yield "non-tensor value", f"{k} = {v!r}", wrap(bad), (CKERR, BUILD)
-    for name, obj in {"list": [sd], "tuple": (sd, 1), "int": 7, "string": "model", "None": None,
-                      "tensor": torch.randn(3, generator=gen), "empty dict": {}, "int keys": {1: torch.randn(2)},
-                      "only optimizer": {"optimizer_state_dict": {"state": {}, "param_groups": []}}}.items():
+    for name, obj in {
+        "list": [sd],
+        "tuple": (sd, 1),
+        "int": 7,
+        "string": "model",
+        "None": None,
+        "tensor": torch.randn(3, generator=gen),
+        "empty dict": {},
+        "int keys": {1: torch.randn(2)},
+        "only optimizer": {"optimizer_state_dict": {"state": {}, "param_groups": []}},
+    }.items():
         yield "non-tensor top level", name, save_bytes(obj), (CKERR, BUILD)
     for key in ("num_heads", "lora_alpha", "lora_rank", "norm_first", "causal", "d_model", "n_layers"):
         for v in ("abc", [1], None, {"a": 1}, -3, 0, 10**30, 10**400, float("nan"), float("inf"), True, b"\x00"):
-            yield "odd stored config", f"config[{key}] = {v!r:.20}", save_bytes(
-                {"model_state_dict": sd, "config": {key: v}}), (LOADED, BUILD)
+            yield (
+                "odd stored config",
+                f"config[{key}] = {v!r:.20}",
+                save_bytes({"model_state_dict": sd, "config": {key: v}}),
+                (LOADED, BUILD),
+            )
     for v in ("{not json", "[1, 2]", 5, [1, 2], None):
         yield "odd stored config", f"config = {v!r}", save_bytes({"model_state_dict": sd, "config": v}), (LOADED,)
 
     # Pickle-level bombs: deep nesting and shared sub-objects (exponential to walk naively).
     for n in (100, 5_000, 100_000):
-        yield "deep nesting", f"list {n} deep (zip)", _splice_pickle(
-            save_bytes({"model_state_dict": sd, "history": "PLACEHOLDER"}), "archive/data.pkl", "PLACEHOLDER",
-            _deep_list(n)), (LOADED,)
-        yield "deep nesting", f"dict {n} deep (zip)", _splice_pickle(
-            save_bytes({"model_state_dict": sd, "history": "PLACEHOLDER"}), "archive/data.pkl", "PLACEHOLDER",
-            _deep_dict(n)), (LOADED,)
+        yield (
+            "deep nesting",
+            f"list {n} deep (zip)",
+            _splice_pickle(
+                save_bytes({"model_state_dict": sd, "history": "PLACEHOLDER"}),
+                "archive/data.pkl",
+                "PLACEHOLDER",
+                _deep_list(n),
+            ),
+            (LOADED,),
+        )
+        yield (
+            "deep nesting",
+            f"dict {n} deep (zip)",
+            _splice_pickle(
+                save_bytes({"model_state_dict": sd, "history": "PLACEHOLDER"}),
+                "archive/data.pkl",
+                "PLACEHOLDER",
+                _deep_dict(n),
+            ),
+            (LOADED,),
+        )
     buf = io.BytesIO()
     torch.save({"model_state_dict": sd, "history": "PLACEHOLDER"}, buf, _use_new_zipfile_serialization=False)
-    yield "deep nesting", "list 100000 deep (legacy)", _splice_pickle(buf.getvalue(), None, "PLACEHOLDER",
-                                                                       _deep_list(100_000)), (LOADED,)
-    yield "deep nesting", "bare state dict beside a dict 100 deep", _splice_pickle(
-        save_bytes({"w": torch.ones(2), "nest": "PLACEHOLDER"}), "archive/data.pkl", "PLACEHOLDER",
-        _deep_dict(100)), (CKERR,)
+    yield (
+        "deep nesting",
+        "list 100000 deep (legacy)",
+        _splice_pickle(buf.getvalue(), None, "PLACEHOLDER", _deep_list(100_000)),
+        (LOADED,),
+    )
+    yield (
+        "deep nesting",
+        "bare state dict beside a dict 100 deep",
+        _splice_pickle(
+            save_bytes({"w": torch.ones(2), "nest": "PLACEHOLDER"}), "archive/data.pkl", "PLACEHOLDER", _deep_dict(100)
+        ),
+        (CKERR,),
+    )
     row = [0] * 1000
     yield "shared sub-objects", "list 1000^3", wrap(sd, history=[[row] * 1000] * 1000), (LOADED,)
     level = {str(i): 0 for i in range(300)}
-    yield "shared sub-objects", "dict 300^3", wrap(sd, history={str(i): {str(j): level for j in range(300)}
-                                                                for i in range(300)}), (LOADED,)
+    yield (
+        "shared sub-objects",
+        "dict 300^3",
+        wrap(sd, history={str(i): {str(j): level for j in range(300)} for i in range(300)}),
+        (LOADED,),
+    )
     tensors = {str(i): sd["action_head.bias"] for i in range(200)}
     bomb = {str(i): {str(j): tensors for j in range(200)} for i in range(200)}
     yield "shared sub-objects", "8M tensor entries in nested dicts", save_bytes(bomb), (CKERR,)
@@ -313,9 +406,15 @@ def data_corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[
 
     yield "valid (control)", "ohlcv.csv", good, (DATA_OK,)
     yield "valid (control)", "ohlcv.parquet", parquet, (DATA_OK,)
-    for name, data in {"0 bytes": b"", "whitespace": b"  \n\n  \n", "header only": good.split(b"\n")[0] + b"\n",
-                       "header and one row": b"\n".join(good.split(b"\n")[:2]), "one newline": b"\n",
-                       "BOM only": b"\xef\xbb\xbf", "NUL bytes": b"\x00" * 100}.items():
+    for name, data in {
+        "0 bytes": b"",
+        "whitespace": b"  \n\n  \n",
+        "header only": good.split(b"\n")[0] + b"\n",
+        "header and one row": b"\n".join(good.split(b"\n")[:2]),
+        "one newline": b"\n",
+        "BOM only": b"\xef\xbb\xbf",
+        "NUL bytes": b"\x00" * 100,
+    }.items():
         yield "empty file", f"{name}.csv", data, (DATAERR, ISSUES)
     yield "empty file", "0 bytes.parquet", b"", (DATAERR,)
     yield "empty file", "no rows.parquet", _parquet(df.iloc[:0]), (DATAERR, ISSUES)
@@ -331,8 +430,28 @@ def data_corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[
     yield "encoding", "invalid utf-8 in header.csv", good.replace(b"close", b"cl\xe9\xff"), anything
 
     cols = list(df.columns)
-    junk = ["abc", "", "NaN", "inf", "-inf", "1e400", "--", "1,234.5", "$100", " 12 ", "0x1F", "None", "TRUE",
-            "12abc", "٣٤", "1e-400", "-0", "nan%", "NULL", "\"quoted\""]
+    junk = [
+        "abc",
+        "",
+        "NaN",
+        "inf",
+        "-inf",
+        "1e400",
+        "--",
+        "1,234.5",
+        "$100",
+        " 12 ",
+        "0x1F",
+        "None",
+        "TRUE",
+        "12abc",
+        "٣٤",
+        "1e-400",
+        "-0",
+        "nan%",
+        "NULL",
+        '"quoted"',
+    ]
     for i in range(60):
         lines = text.split("\n")
         for _ in range(rng.randint(1, 5)):
@@ -345,27 +464,56 @@ def data_corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[
         bad = df.astype({col: str})
         bad.loc[bad.index[::7], col] = "n/a"
         yield "text in numeric/time columns", f"every 7th {col} text.parquet", _parquet(bad), anything
-        yield "text in numeric/time columns", f"{col} all text.csv", df.assign(**{col: "x"}).to_csv(index=False).encode(), anything
+        yield (
+            "text in numeric/time columns",
+            f"{col} all text.csv",
+            df.assign(**{col: "x"}).to_csv(index=False).encode(),
+            anything,
+        )
 
-    odd_values = {"negative prices": df.assign(close=-df["close"]), "zero prices": df.assign(open=0.0),
-                  "huge values": df.assign(volume=1e308), "inf values": df.assign(high=np.inf),
-                  "all NaN close": df.assign(close=np.nan), "high < low": df.assign(high=df["low"] - 1),
-                  "reversed rows": df.iloc[::-1], "duplicated rows": pd.concat([df, df]),
-                  "shuffled rows": df.sample(frac=1, random_state=seed), "one row": df.iloc[:1],
-                  "fewer rows than the warm-up": df.iloc[:40], "no time column": df.drop(columns=["datetime", "timestamp"]),
-                  "no close column": df.drop(columns=["close"]), "only close": df[["datetime", "close"]],
-                  "duplicate column names": df.rename(columns={"open": "close"}),
-                  "times year 1500": df.assign(datetime="1500-01-01 00:00:00"),
-                  "times year 3000": df.assign(datetime=[f"30{i % 100:02d}-01-01" for i in range(len(df))]),
-                  "times bogus dates": df.assign(datetime="2025-13-45 25:61:00"),
-                  "epoch seconds": df.assign(datetime=df["timestamp"] // 1000).drop(columns=["timestamp"]),
-                  "epoch huge": df.assign(datetime=1e25).drop(columns=["timestamp"]),
-                  "mixed time zones": df.assign(datetime=[f"2025-01-06T00:{i % 60:02d}:00{'+02:00' if i % 2 else 'Z'}"
-                                                          for i in range(len(df))]),
-                  "100 extra columns": pd.concat([df, pd.DataFrame(np.ones((len(df), 100)), columns=[f"f{i}" for i in range(100)])], axis=1),
-                  "200 feature columns": pd.DataFrame(np.random.default_rng(0).normal(size=(300, 200)), columns=[f"x{i}" for i in range(200)]).assign(time=df["datetime"])}
-    refused = {"negative prices", "zero prices", "all NaN close", "one row", "fewer rows than the warm-up",
-               "times year 1500", "times year 3000", "times bogus dates", "reversed rows", "duplicated rows"}
+    odd_values = {
+        "negative prices": df.assign(close=-df["close"]),
+        "zero prices": df.assign(open=0.0),
+        "huge values": df.assign(volume=1e308),
+        "inf values": df.assign(high=np.inf),
+        "all NaN close": df.assign(close=np.nan),
+        "high < low": df.assign(high=df["low"] - 1),
+        "reversed rows": df.iloc[::-1],
+        "duplicated rows": pd.concat([df, df]),
+        "shuffled rows": df.sample(frac=1, random_state=seed),
+        "one row": df.iloc[:1],
+        "fewer rows than the warm-up": df.iloc[:40],
+        "no time column": df.drop(columns=["datetime", "timestamp"]),
+        "no close column": df.drop(columns=["close"]),
+        "only close": df[["datetime", "close"]],
+        "duplicate column names": df.rename(columns={"open": "close"}),
+        "times year 1500": df.assign(datetime="1500-01-01 00:00:00"),
+        "times year 3000": df.assign(datetime=[f"30{i % 100:02d}-01-01" for i in range(len(df))]),
+        "times bogus dates": df.assign(datetime="2025-13-45 25:61:00"),
+        "epoch seconds": df.assign(datetime=df["timestamp"] // 1000).drop(columns=["timestamp"]),
+        "epoch huge": df.assign(datetime=1e25).drop(columns=["timestamp"]),
+        "mixed time zones": df.assign(
+            datetime=[f"2025-01-06T00:{i % 60:02d}:00{'+02:00' if i % 2 else 'Z'}" for i in range(len(df))]
+        ),
+        "100 extra columns": pd.concat(
+            [df, pd.DataFrame(np.ones((len(df), 100)), columns=[f"f{i}" for i in range(100)])], axis=1
+        ),
+        "200 feature columns": pd.DataFrame(
+            np.random.default_rng(0).normal(size=(300, 200)), columns=[f"x{i}" for i in range(200)]
+        ).assign(time=df["datetime"]),
+    }
+    refused = {
+        "negative prices",
+        "zero prices",
+        "all NaN close",
+        "one row",
+        "fewer rows than the warm-up",
+        "times year 1500",
+        "times year 3000",
+        "times bogus dates",
+        "reversed rows",
+        "duplicated rows",
+    }
     for name, frame in odd_values.items():
         allowed = (ISSUES,) if name in refused else anything
         yield "odd values", f"{name}.csv", frame.to_csv(index=False).encode(), allowed
@@ -374,18 +522,23 @@ def data_corruptions(seed: int = SEED) -> Iterator[tuple[str, str, bytes, tuple[
 
     lines = good.split(b"\n")
     structure = {
-        "no header": b"\n".join(lines[1:]), "ragged rows": good.replace(b"\n2025-01-06 00:1", b",9,9,9\n2025-01-06 00:1"),
-        "unterminated quote": good.replace(b"\n2025-01-06 00:2", b"\n\"2025-01-06 00:2", 1),
-        "quoted newlines": good.replace(b"open", b'"op\nen"'), "blank lines": good.replace(b"\n", b"\n\n"),
-        "CRLF": good.replace(b"\n", b"\r\n"), "CR only": good.replace(b"\n", b"\r"),
+        "no header": b"\n".join(lines[1:]),
+        "ragged rows": good.replace(b"\n2025-01-06 00:1", b",9,9,9\n2025-01-06 00:1"),
+        "unterminated quote": good.replace(b"\n2025-01-06 00:2", b'\n"2025-01-06 00:2', 1),
+        "quoted newlines": good.replace(b"open", b'"op\nen"'),
+        "blank lines": good.replace(b"\n", b"\n\n"),
+        "CRLF": good.replace(b"\n", b"\r\n"),
+        "CR only": good.replace(b"\n", b"\r"),
         "very long line": lines[0] + b"\n" + b"1," * 20_000 + b"\n" + b"\n".join(lines[1:]),
         "NUL in cells": good.replace(b"2025-01-06 00:05", b"2025-01-06\x0000:05"),
         "header repeated mid-file": b"\n".join(lines[:100] + [lines[0]] + lines[100:]),
         "comment lines": b"# exported by a tool\n# second comment\n" + good,
         "excel sep= line": b"sep=,\n" + good,
-        "JSON instead": df.head(5).to_json().encode(), "HTML instead": b"<html><body>404</body></html>",
+        "JSON instead": df.head(5).to_json().encode(),
+        "HTML instead": b"<html><body>404</body></html>",
         "a PNG": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
-        "a zip": _rezip_bytes(good), "gzip bytes": gzip.compress(good),
+        "a zip": _rezip_bytes(good),
+        "gzip bytes": gzip.compress(good),
         "random bytes": random.Random(seed).randbytes(5000),
     }
     for name, data in structure.items():
@@ -424,8 +577,16 @@ def classify_data(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
 
     import numpy as np
 
-    from flag_model.data import (DataError, check_window, checkpoint_features, column_features, detect_columns,
-                                 feature_candidates, read_table, rolling_windows)
+    from flag_model.data import (
+        DataError,
+        check_window,
+        checkpoint_features,
+        column_features,
+        detect_columns,
+        feature_candidates,
+        read_table,
+        rolling_windows,
+    )
     from flag_model.features import WARMUP
     from flag_model.ui.predictions import KINDS, prepare
 
@@ -442,16 +603,20 @@ def classify_data(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
         columns = () if ohlcv else tuple(feature_candidates(df, mapping)[:60])
         key = hashlib.sha256(data).hexdigest()
         for repair in (False, True):
-            prep = prepare(key, KINDS[0] if ohlcv else KINDS[1], mapping, columns, None if ohlcv else mapping.close,
-                           repair, 60, df)
+            prep = prepare(
+                key, KINDS[0] if ohlcv else KINDS[1], mapping, columns, None if ohlcv else mapping.close, repair, 60, df
+            )
             if not prep.ok:
                 messages = [i.message for i in prep.errors]
                 if not messages or min(map(len, messages)) < 20:
                     return "unexpected: refused without a message", repr(prep.issues)[:300]
                 outcome, detail = (ISSUES, messages[0]) if outcome == DATA_OK else (outcome, detail)
                 continue
-            fm = (checkpoint_features(prep.frame, {}, 60, "data") if ohlcv
-                  else column_features(prep.frame, list(prep.feature_columns), {}, 60, "data"))
+            fm = (
+                checkpoint_features(prep.frame, {}, 60, "data")
+                if ohlcv
+                else column_features(prep.frame, list(prep.feature_columns), {}, 60, "data")
+            )
             issue = check_window(len(fm.values), 16, 32, WARMUP if ohlcv else 0)
             if issue is None:
                 windows = rolling_windows(fm.values, 16)
@@ -463,6 +628,7 @@ def classify_data(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
 
 
 # ---- running one case --------------------------------------------------------------------------------------
+
 
 def classify(data: bytes, name: str, path: Path | None) -> tuple[str, str]:
     """-> (outcome, detail). Outcome is one of CKERR / BUILD / LOADED, or 'unexpected <type>'."""
@@ -517,8 +683,20 @@ def worker(kind: str, tmp: Path) -> None:
             print(json.dumps({"start": f"{cat} | {name} | {via}"}), flush=True)
             t0 = time.perf_counter()
             outcome, detail = run(data, name, path)
-            print(json.dumps({"cat": cat, "case": name, "via": via, "outcome": outcome, "allowed": allowed,
-                              "detail": detail[:300], "s": round(time.perf_counter() - t0, 3)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "cat": cat,
+                        "case": name,
+                        "via": via,
+                        "outcome": outcome,
+                        "allowed": allowed,
+                        "detail": detail[:300],
+                        "s": round(time.perf_counter() - t0, 3),
+                    }
+                ),
+                flush=True,
+            )
             if path is not None:
                 path.unlink()
 
@@ -528,8 +706,14 @@ def _fuzz(kind: str, tmp_path: Path) -> list[dict]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = None
     try:
-        proc = subprocess.run([sys.executable, __file__, kind, str(tmp_path)], capture_output=True, text=True,
-                              timeout=300, env=env, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, __file__, kind, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=REPO,
+        )
         out, rc = proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as exc:
         out, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "timeout"
@@ -538,7 +722,8 @@ def _fuzz(kind: str, tmp_path: Path) -> list[dict]:
     done = [r for r in rows if "outcome" in r]
     assert rc == 0 and len(done) == len(started), (
         f"the {kind} fuzz worker ended with {rc} during: {started[-1] if started else 'startup'}\n"
-        f"{proc.stderr[-3000:] if proc is not None else ''}")
+        f"{proc.stderr[-3000:] if proc is not None else ''}"
+    )
     return done
 
 
@@ -548,9 +733,12 @@ def _report(kind: str, done: list[dict], names: dict[str, str]) -> list[dict]:
     slow = [r for r in done if r["s"] > CASE_LIMIT_S]
     counts = Counter(r["outcome"] for r in done)
     cases = {(r["cat"], r["case"]) for r in done}
-    print(f"\n{kind} fuzz: {len(cases)} corruptions, {len(done)} loads ({sum(r['via'] == 'path' for r in done)} "
-          f"from a path): " + ", ".join(f"{counts[k]} {v}" for k, v in names.items())
-          + f", {len(bad)} unexpected, {len(slow)} slower than {CASE_LIMIT_S:.0f} s, 0 crashes")
+    print(
+        f"\n{kind} fuzz: {len(cases)} corruptions, {len(done)} loads ({sum(r['via'] == 'path' for r in done)} "
+        f"from a path): "
+        + ", ".join(f"{counts[k]} {v}" for k, v in names.items())
+        + f", {len(bad)} unexpected, {len(slow)} slower than {CASE_LIMIT_S:.0f} s, 0 crashes"
+    )
     for (cat, outcome), n in sorted(Counter((r["cat"], r["outcome"]) for r in done).items()):
         print(f"  {cat:45s} {outcome:25s} {n}")
     assert len(cases) >= 250
@@ -575,6 +763,7 @@ def test_data_fuzz(tmp_path: Path) -> None:
 
 # ---- malicious pickles ----------------------------------------------------------------------------------
 
+
 def _payloads(marker: Path) -> dict[str, tuple[str, bytes]]:
     """name -> (the global it needs, pickle bytes whose loading with plain pickle creates `marker`)."""
     import builtins
@@ -588,19 +777,22 @@ def _payloads(marker: Path) -> dict[str, tuple[str, bytes]]:
 
     py = f"open({str(marker)!r}, 'w').close()"
     touch = f"touch {marker}"
-    getattr_chain = (b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V"
-                     + touch.encode() + b"\ntR.")
+    getattr_chain = b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V" + touch.encode() + b"\ntR."
     return {
         "os.system (protocol 2)": ("posix.system", pickle.dumps(Reduce(os.system, touch), protocol=2)),
         "os.system (protocol 4)": ("posix.system", pickle.dumps(Reduce(os.system, touch), protocol=4)),
         "eval": ("builtins.eval", pickle.dumps(Reduce(builtins.eval, py), protocol=2)),
         "exec": ("builtins.exec", pickle.dumps(Reduce(builtins.exec, py), protocol=3)),
-        "subprocess.check_call": ("subprocess.check_call",
-                                  pickle.dumps(Reduce(subprocess.check_call, ["touch", str(marker)]), protocol=2)),
+        "subprocess.check_call": (
+            "subprocess.check_call",
+            pickle.dumps(Reduce(subprocess.check_call, ["touch", str(marker)]), protocol=2),
+        ),
         "builtins.getattr chain": ("builtins.getattr", getattr_chain),
         "__builtin__.eval (py2 name)": ("builtins.eval", b"c__builtin__\neval\n(V" + py.encode() + b"\ntR."),
-        "payload inside the state dict": ("posix.system", pickle.dumps(
-            {"model_state_dict": {"w": Reduce(os.system, touch)}, "epoch": 1}, protocol=2)),
+        "payload inside the state dict": (
+            "posix.system",
+            pickle.dumps({"model_state_dict": {"w": Reduce(os.system, touch)}, "epoch": 1}, protocol=2),
+        ),
     }
 
 
@@ -647,10 +839,10 @@ if __name__ == "__main__":
 
 # ---- odd but readable checkpoints through the app ---------------------------------------------------------
 
+
 def _odd_checkpoints() -> dict[str, bytes]:
     """Files that load (or are refused only by the model) but are unusual in a way pages must cope with."""
     import torch
-
     from conftest import make_model, save_bytes
 
     sd = make_model(seed=5).state_dict()
@@ -663,14 +855,26 @@ def _odd_checkpoints() -> dict[str, bytes]:
         "float16": save_bytes({"model_state_dict": {k: v.half() for k, v in sd.items()}, "config": cfg}),
         "bfloat16": save_bytes({"model_state_dict": {k: v.bfloat16() for k, v in sd.items()}, "config": cfg}),
         "integer head": with_(**{"action_head.weight": (sd["action_head.weight"] * 10).to(torch.int64)}),
-        "NaN weights": with_(**{"transformer_blocks.0.ffn.0.base.weight":
-                                sd["transformer_blocks.0.ffn.0.base.weight"] * float("nan")}),
+        "NaN weights": with_(
+            **{"transformer_blocks.0.ffn.0.base.weight": sd["transformer_blocks.0.ffn.0.base.weight"] * float("nan")}
+        ),
         "1e30 weights": with_(**{"state_embedding.weight": sd["state_embedding.weight"] * 1e30}),
-        "dead LoRA (B = 0)": save_bytes({"model_state_dict": {k: (v * 0 if k.endswith("lora_B") else v)
-                                                              for k, v in sd.items()}, "config": cfg}),
+        "dead LoRA (B = 0)": save_bytes(
+            {"model_state_dict": {k: (v * 0 if k.endswith("lora_B") else v) for k, v in sd.items()}, "config": cfg}
+        ),
         "no LoRA": save_bytes({k: v for k, v in sd.items() if ".lora." not in k}),
-        "odd metadata": save_bytes({"model_state_dict": sd, "config": cfg, "history": [[list(range(2000))] * 50] * 50,
-                                    "blob": b"\x00\xff", "c": 1 + 2j, "s": {1, 2}, "n": None, "t": torch.ones(3, 3)}),
+        "odd metadata": save_bytes(
+            {
+                "model_state_dict": sd,
+                "config": cfg,
+                "history": [[list(range(2000))] * 50] * 50,
+                "blob": b"\x00\xff",
+                "c": 1 + 2j,
+                "s": {1, 2},
+                "n": None,
+                "t": torch.ones(3, 3),
+            }
+        ),
         "bad stored config": save_bytes({"model_state_dict": sd, "config": {"num_heads": "eight", "lora_alpha": -3}}),
         "another layout": save_bytes({f"encoder.{k}": v for k, v in sd.items()}),
     }
@@ -680,14 +884,14 @@ def _odd_checkpoints() -> dict[str, bytes]:
 def test_odd_checkpoints_through_every_page(tiny_demo_path, name):
     """Uploaded through the sidebar, each odd file gives every page a clear message or its figures, never an
     exception box."""
-    from streamlit.testing.v1 import AppTest
-
     from browser_util import app_pages
+    from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
     at.sidebar.radio(key="ckpt_source").set_value("Upload").run()
-    at.sidebar.file_uploader(key="ckpt_upload").upload(f"{name}.pt", _odd_checkpoints()[name],
-                                                       "application/octet-stream").run()
+    at.sidebar.file_uploader(key="ckpt_upload").upload(
+        f"{name}.pt", _odd_checkpoints()[name], "application/octet-stream"
+    ).run()
     assert at.session_state["_flag_loaded"].ckpt is not None, [e.value for e in at.sidebar.error]
     for page in app_pages():
         at.switch_page(page.file).run()
@@ -700,12 +904,12 @@ def test_odd_checkpoints_through_every_page(tiny_demo_path, name):
 
 def test_a_stored_head_count_is_never_replaced_silently(tiny_demo_path):
     """d=256 with 128 heads stored: the sidebar must offer 128 (any divisor of d is a valid head count)."""
+    from conftest import make_model, save_bytes
     from streamlit.testing.v1 import AppTest
 
-    from conftest import make_model, save_bytes
-
-    data = save_bytes({"model_state_dict": make_model(d=256, f=32, n_blocks=1, heads=8).state_dict(),
-                       "config": {"num_heads": 128}})
+    data = save_bytes(
+        {"model_state_dict": make_model(d=256, f=32, n_blocks=1, heads=8).state_dict(), "config": {"num_heads": 128}}
+    )
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
     at.sidebar.radio(key="ckpt_source").set_value("Upload").run()
     at.sidebar.file_uploader(key="ckpt_upload").upload("heads128.pt", data, "application/octet-stream").run()
@@ -720,9 +924,8 @@ ODD_PATHS = ["~no_such_user_xyz/model.pt", "a\x00b.pt", "x" * 5000, "/dev/zero",
 def test_odd_server_paths_give_a_readable_error(tiny_demo_path, tmp_path):
     """The sidebar's 'Server path' and the Predictions page's path field: odd paths (an unknown ~user, a NUL
     byte, a name too long, a device, a folder) end in a message, never an exception box."""
-    from streamlit.testing.v1 import AppTest
-
     from browser_util import app_pages
+    from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
     at.sidebar.radio(key="ckpt_source").set_value("Server path").run()
@@ -740,6 +943,7 @@ def test_odd_server_paths_give_a_readable_error(tiny_demo_path, tmp_path):
 
 
 # ---- the restricted reader (safe_pickle) on its own --------------------------------------------------------
+
 
 class _MarkingDict(collections.OrderedDict):
     """An OrderedDict subclass whose methods would create a marker file if they ever ran."""
@@ -766,9 +970,15 @@ try:
             open(self.marker, "w").close()
 
         def __reduce_ex__(self, proto):  # the way torch pickles a Parameter subclass that carries state
-            return (_torch._tensor._rebuild_from_type_v2,
-                    (_torch._utils._rebuild_parameter, type(self), (self.data, False, collections.OrderedDict()),
-                     {"flag": 1}))
+            return (
+                _torch._tensor._rebuild_from_type_v2,
+                (
+                    _torch._utils._rebuild_parameter,
+                    type(self),
+                    (self.data, False, collections.OrderedDict()),
+                    {"flag": 1},
+                ),
+            )
 except ImportError:  # the worker subprocess imports this file too
     pass
 
@@ -787,7 +997,7 @@ def test_restricted_reader_refuses_every_malicious_global_itself(tmp_path: Path,
     from flag_model.safe_pickle import RestrictedPickleError, classify_global, restricted_load
 
     marker = tmp_path / "marker"
-    for name, (needs, payload) in _payloads(marker).items():
+    for name, (_needs, payload) in _payloads(marker).items():
         data = _containers(payload)[container]
         with pytest.raises(RestrictedPickleError) as err:
             if container == "torch zip":
@@ -813,8 +1023,13 @@ def test_foreign_classes_are_inert_records_and_their_methods_never_run(tmp_path:
     dict.__setitem__(odict, "a", torch.ones(2))
     _MarkingParameter.marker = str(marker)
     param = _MarkingParameter(torch.arange(3.0))
-    obj = {"model_state_dict": {"w": torch.ones(2, 3), "p": param}, "extra": odict, "config": _Config(),
-           "args": argparse.Namespace(lr=0.1, steps=np.int64(7)), "acc": np.float32(0.5)}
+    obj = {
+        "model_state_dict": {"w": torch.ones(2, 3), "p": param},
+        "extra": odict,
+        "config": _Config(),
+        "args": argparse.Namespace(lr=0.1, steps=np.int64(7)),
+        "acc": np.float32(0.5),
+    }
     for legacy in (False, True):
         buf = io.BytesIO()
         torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)

@@ -1,13 +1,14 @@
 """Words and figures that must not mislead: ordinals, LoRA flags on dead/NaN adapters, NaN counts, LoRA targets,
 the prefix explanation, the per-tensor diff colours and complete error messages."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_model, save_bytes
+
 from flag_model import layouts
 from flag_model.analysis import lora
 from flag_model.analysis.health import health_scan
@@ -19,7 +20,19 @@ from flag_model.plots import change_heatmap, lora_heatmap, ordinal
 
 def test_ordinals():
     assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 112)] == [
-        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st", "112th"]
+        "1st",
+        "2nd",
+        "3rd",
+        "4th",
+        "11th",
+        "12th",
+        "13th",
+        "21st",
+        "22nd",
+        "23rd",
+        "101st",
+        "112th",
+    ]
 
 
 def test_dead_and_nan_adapters_are_flagged_for_what_they_are():
@@ -55,8 +68,10 @@ def test_nan_counts_and_lora_targets_in_words():
     assert finding.message == "2 tensors contain non-finite values: 6 NaN and 1 Inf of their 515 elements."
     targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(12) for m in BLOCK_LINEARS)
     assert lora_targets_text(targets, 12) == "q, k, v, out, ffn.0, ffn.3 in all 12 blocks (72 adapters)"
-    assert lora_targets_text(("transformer_blocks.1.ffn.3", "transformer_blocks.0.attention.v_proj"), 2) == \
-        "v in block 0; ffn.3 in block 1 (2 adapters)"
+    assert (
+        lora_targets_text(("transformer_blocks.1.ffn.3", "transformer_blocks.0.attention.v_proj"), 2)
+        == "v in block 0; ffn.3 in block 1 (2 adapters)"
+    )
     table = config_table(make_model().config)
     assert {"norm_first", "causal", "lora_targets"} <= set(table["field"])
 
@@ -94,9 +109,16 @@ def test_the_status_names_each_assumption_and_who_set_it():
     from flag_model.analysis.summary import assumptions_line
 
     cfg = make_model().config  # no stored config: everything assumed
-    assert assumptions_line(cfg, cfg) == "4 heads (assumed) · post-norm (assumed) · no mask (assumed) · LoRA scale 1 (assumed)"
+    assert (
+        assumptions_line(cfg, cfg)
+        == "4 heads (assumed) · post-norm (assumed) · no mask (assumed) · LoRA scale 1 (assumed)"
+    )
     changed = cfg.with_assumptions(num_heads=2, causal=True)
-    assert assumptions_line(cfg, changed) == "2 heads (set) · post-norm (assumed) · causal mask (set) · LoRA scale 1 (assumed)"
-    stored = load_checkpoint(save_bytes({"model_state_dict": make_model().state_dict(),
-                                         "config": {"num_heads": 4, "norm_first": True}})).config
+    assert (
+        assumptions_line(cfg, changed)
+        == "2 heads (set) · post-norm (assumed) · causal mask (set) · LoRA scale 1 (assumed)"
+    )
+    stored = load_checkpoint(
+        save_bytes({"model_state_dict": make_model().state_dict(), "config": {"num_heads": 4, "norm_first": True}})
+    ).config
     assert assumptions_line(stored, stored).startswith("4 heads (stored) · pre-norm (stored) · no mask (assumed)")

@@ -1,5 +1,6 @@
 """Hypotheses ranking: candidates, scoring against the reference model, bootstrap and metrics against direct
 formulas, and recovery of hidden settings from tiny checkpoints trained with them."""
+
 from __future__ import annotations
 
 import json
@@ -9,26 +10,31 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_config, make_model, save_bytes
-from flag_model.analysis.bootstrap import f1_macro
+from hidden_train import hidden_bars, train_hidden
+
 from flag_model.analysis import hypotheses as hy
+from flag_model.analysis.bootstrap import f1_macro
 from flag_model.analysis.predict import evaluate_arrays
 from flag_model.checkpoint import load_checkpoint
 from flag_model.config import infer_config
 from flag_model.data import FeatureMatrix
 from flag_model.features import LabelRule
 from flag_model.model import build_model
-from hidden_train import hidden_bars, train_hidden
 
 
 def _data(n_rows: int = 80, n_windows: int = 24, longest: int = 12, seed: int = 0) -> hy.LabelledData:
     rng = np.random.default_rng(seed)
     close = 100 * np.exp(np.cumsum(rng.normal(0, 0.004, n_rows)))
-    fm = FeatureMatrix(values=rng.normal(size=(n_rows, 60)).astype(np.float32),
-                       times=pd.date_range("2025-01-01", periods=n_rows, freq="5min"), close=close,
-                       names=tuple(f"f{i}" for i in range(60)), feature_set="test", normalisation="none",
-                       warnings=())
+    fm = FeatureMatrix(
+        values=rng.normal(size=(n_rows, 60)).astype(np.float32),
+        times=pd.date_range("2025-01-01", periods=n_rows, freq="5min"),
+        close=close,
+        names=tuple(f"f{i}" for i in range(60)),
+        feature_set="test",
+        normalisation="none",
+        warnings=(),
+    )
     return hy.labelled_windows(fm, n_windows, longest, LabelRule())
 
 
@@ -52,14 +58,20 @@ def test_scores_equal_the_reference_model_and_the_pure_function():
     model = make_model(4, d=32, rank=4, heads=4)
     sd, cfg = model.state_dict(), model.config
     data = _data()
-    hyps = [hy.Hypothesis(h, c, n, s, w) for h, c, n, s, w in
-            ((1, False, False, 1.0, 12), (4, True, False, 0.5, 12), (2, True, True, 2.0, 8), (4, False, True, 2.0, 12))]
+    hyps = [
+        hy.Hypothesis(h, c, n, s, w)
+        for h, c, n, s, w in (
+            (1, False, False, 1.0, 12),
+            (4, True, False, 0.5, 12),
+            (2, True, True, 2.0, 8),
+            (4, False, True, 2.0, 12),
+        )
+    ]
     index = np.arange(len(data))
     shared = hy.score_hypotheses(sd, cfg, hyps, data, index)
     for h in hyps:
         windows = data.windows(h.window, index)
-        ref = build_model(sd, num_heads=h.num_heads, lora_scale=h.lora_scale, norm_first=h.norm_first,
-                          causal=h.causal)
+        ref = build_model(sd, num_heads=h.num_heads, lora_scale=h.lora_scale, norm_first=h.norm_first, causal=h.causal)
         with torch.no_grad():  # the oracle: the reference model's own forward, decision position
             expected = ref(torch.from_numpy(windows))[:, -1].numpy()
         np.testing.assert_allclose(shared[h], expected, atol=1e-5, rtol=0)
@@ -80,13 +92,19 @@ def test_metrics_and_bootstrap_against_direct_formulas():
     labels = rng.integers(0, 3, 300)
     logits = rng.normal(size=(300, 3)).astype(np.float32)
     s = hy.window_scores(logits, labels)
-    np.testing.assert_allclose(s["nll"], F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
-                                                         reduction="none").numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        s["nll"],
+        F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="none").numpy(),
+        rtol=1e-6,
+    )
     p = torch.from_numpy(logits).double().softmax(-1).numpy()
     np.testing.assert_allclose(s["brier"], ((p - np.eye(3)[labels]) ** 2).sum(1), rtol=1e-9)
     conf, correct = p.max(1), (p.argmax(1) == labels)
-    ece = sum(abs(correct[m].mean() - conf[m].mean()) * m.mean()
-              for b in range(10) if (m := (np.minimum((conf * 10).astype(int), 9) == b)).any())
+    ece = sum(
+        abs(correct[m].mean() - conf[m].mean()) * m.mean()
+        for b in range(10)
+        if (m := (np.minimum((conf * 10).astype(int), 9) == b)).any()
+    )
     assert hy.expected_calibration_error(conf, correct.astype(float)) == pytest.approx(ece)
     cm = np.bincount(labels * 3 + s["pred"], minlength=9).reshape(1, 3, 3)
     assert f1_macro(cm)[0] == pytest.approx(evaluate_arrays(labels, s["pred"], ("S", "H", "B")).f1_macro)
@@ -144,7 +162,9 @@ def test_cost_estimate_and_cancel():
 HIDDEN = [
     pytest.param(dict(num_heads=1, causal=True, norm_first=False, lora_scale=2.0), 0, id="1head-causal-post-x2"),
     pytest.param(dict(num_heads=4, causal=False, norm_first=True, lora_scale=0.5), 0, id="4heads-nomask-pre-x0.5"),
-    pytest.param(dict(num_heads=2, causal=False, norm_first=False, lora_scale=1.0), 24, id="2heads-nomask-post-x1-screened"),
+    pytest.param(
+        dict(num_heads=2, causal=False, norm_first=False, lora_scale=1.0), 24, id="2heads-nomask-post-x1-screened"
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ Broken files are built here by hand-written key rewrites (not by the library's o
 files are checked against the original tensors and logits; stock exports are checked against stock
 torch.nn.TransformerEncoderLayer modules.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, full_layout_config, make_config, make_model, save_bytes
 from torch import nn
 
-from conftest import REPO, full_layout_config, make_config, make_model, save_bytes
 from flag_model import build_model, layouts, load_checkpoint
 from flag_model.__main__ import main
 from flag_model.layouts import LAYOUTS, LayoutError, LayoutSize
@@ -36,8 +37,10 @@ def _same_tensors(a, b) -> None:
 
 # ------------------------------------------------------------------------------------ layouts, ranking
 
-@pytest.mark.parametrize("cfg", [make_config(), make_config(targets=()), full_layout_config(768, 3072)],
-                         ids=["tiny", "no-lora", "d768"])
+
+@pytest.mark.parametrize(
+    "cfg", [make_config(), make_config(targets=()), full_layout_config(768, 3072)], ids=["tiny", "no-lora", "d768"]
+)
 def test_native_layout_is_the_model_state_dict(cfg):
     size = LayoutSize.from_config(cfg)
     native = layouts.native_layout(size)
@@ -48,8 +51,9 @@ def test_native_layout_is_the_model_state_dict(cfg):
 
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n not in ("peft_llm", "mlp")])
-@pytest.mark.parametrize("size", [LayoutSize(2, 16, 32, 60, 3, 32, 4), LayoutSize(12, 768, 3072, 45, 3, 256, 16)],
-                         ids=["tiny", "d768"])
+@pytest.mark.parametrize(
+    "size", [LayoutSize(2, 16, 32, 60, 3, 32, 4), LayoutSize(12, 768, 3072, 45, 3, 256, 16)], ids=["tiny", "d768"]
+)
 def test_ranking_picks_each_layout_and_sizes_are_recovered(name, size):
     keys = LAYOUTS[name].keys(size)
     ranking = layouts.rank_layouts(keys)
@@ -69,14 +73,18 @@ def test_ranking_picks_each_layout_and_sizes_are_recovered(name, size):
 def test_ranking_through_the_checkpoint_loader():
     size = LayoutSize(2, 16, 32, 60, 3, 32, 0)
     cgdt = {k: torch.zeros(s) for k, s in LAYOUTS["cgdt_agent"].keys(size).items()}
-    nested = {"dt": {k[3:]: v for k, v in cgdt.items() if k.startswith("dt.")},
-              "critic": {k[7:]: v for k, v in cgdt.items() if k.startswith("critic.")}, "epoch": 3}
+    nested = {
+        "dt": {k[3:]: v for k, v in cgdt.items() if k.startswith("dt.")},
+        "critic": {k[7:]: v for k, v in cgdt.items() if k.startswith("critic.")},
+        "epoch": 3,
+    }
     ckpt = load_checkpoint(save_bytes(nested))
     assert ckpt.config is None
     assert layouts.rank_layouts(ckpt.state_dict).iloc[0].layout == "cgdt_agent"
 
 
 # ------------------------------------------------------------------------------------------ key diff
+
 
 def test_diff_keys_and_aligned_table():
     file = {"a.weight": (2, 3), "b.weight": (4,), "extra": (1,)}
@@ -93,6 +101,7 @@ def test_diff_keys_and_aligned_table():
 
 
 # ------------------------------------------------------------------------ broken files and their fixes
+
 
 def _peft_by_hand(sd):
     """HF PEFT naming written out directly: base_layer, lora_A.default.weight [r, in], lora_B [out, r]."""
@@ -222,6 +231,7 @@ def test_renames_that_collide_and_shapes_that_say_nothing_are_errors():
 
 # ---------------------------------------------------------------------------------------- conversions
 
+
 def test_native_peft_native_round_trip(tiny_state_dict):
     peft = layouts.apply_fixes(tiny_state_dict, ["native_to_peft", "add_prefix:base_model.model."])
     assert layouts.rank_layouts(peft).iloc[0].layout == "peft"
@@ -256,8 +266,9 @@ class StockFlagTrader(nn.Module):
         super().__init__()
         self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.max_length, cfg.d_model))
         self.state_embedding = nn.Linear(cfg.state_dim, cfg.d_model)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=False)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.num_heads, cfg.ffn_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=False
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.n_blocks, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(cfg.d_model)
         self.action_head = nn.Linear(cfg.d_model, cfg.n_actions)
@@ -299,6 +310,7 @@ def test_strict_load_on_shapes_and_on_tensors(tiny_state_dict):
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+
 @pytest.fixture
 def files(tmp_path, tiny_ckpt_bytes, tiny_state_dict):
     good = tmp_path / "good.pt"
@@ -315,7 +327,11 @@ def test_cli_diff(files, capsys):
     assert "63/63 matched" in out and "loads strictly" in out and "FLAG-TRADER LoRA layout" in out
     assert main(["diff", str(peft), "--against", "reconstruction"]) == 1
     out = capsys.readouterr().out
-    assert "PEFT-wrapped FLAG-TRADER layout" in out and "suggested fixes" in out and "after the fixes: 63/63 matched" in out
+    assert (
+        "PEFT-wrapped FLAG-TRADER layout" in out
+        and "suggested fixes" in out
+        and "after the fixes: 63/63 matched" in out
+    )
     assert main(["diff", str(good), "--against", str(peft), "--json"]) == 1
     rep = json.loads(capsys.readouterr().out)
     assert rep["counts"]["matched"] == 0 and rep["counts"]["missing"] == 63
@@ -342,14 +358,21 @@ def test_cli_convert(files, tmp_path, tiny_model, capsys):
 def test_cli_errors_are_one_line_without_traceback(files, tmp_path, capsys):
     good, _ = files
     bad = tmp_path / "a2c.pt"
-    bad.write_bytes(save_bytes({k: torch.zeros(s) for k, s in
-                                LAYOUTS["a2c"].keys(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}))
-    for argv, says in ((["diff", str(good), "--against", "nonsense"], "neither a known target"),
-                       (["convert", str(bad), str(tmp_path / "x.pt"), "--to", "stock"], "cannot convert")):
+    bad.write_bytes(
+        save_bytes({k: torch.zeros(s) for k, s in LAYOUTS["a2c"].keys(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()})
+    )
+    for argv, says in (
+        (["diff", str(good), "--against", "nonsense"], "neither a known target"),
+        (["convert", str(bad), str(tmp_path / "x.pt"), "--to", "stock"], "cannot convert"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err
     assert not (tmp_path / "x.pt").exists()
-    proc = subprocess.run([sys.executable, "-m", "flag_model", "diff", str(tmp_path / "missing.pt"), "--against",
-                           "reconstruction"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flag_model", "diff", str(tmp_path / "missing.pt"), "--against", "reconstruction"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
 """LoRA metrics against direct dense formulas, flags, spectra and ablation against a LoRA-free model."""
+
 from __future__ import annotations
 
 import math
@@ -6,11 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_config, make_model
 
 from flag_model.analysis import lora
 from flag_model.model import FlagTrader
-
-from conftest import make_config, make_model
 
 PATH = "transformer_blocks.1.ffn.0"
 
@@ -30,8 +30,7 @@ def dense_metrics(lin) -> dict[str, float]:
         "spectral": float(torch.linalg.matrix_norm(delta, ord=2)),
         "stable_rank": float(torch.linalg.matrix_norm(delta) ** 2 / s[0] ** 2),
         "effective_rank": math.exp(float(-(p * p.log()).sum())),
-        "amplification": float(torch.linalg.matrix_norm(delta)
-                               / torch.linalg.matrix_norm(U[:, :r].T @ W @ Vh[:r].T)),
+        "amplification": float(torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W @ Vh[:r].T)),
         "a_fro": float(torch.linalg.matrix_norm(A)),
         "b_fro": float(torch.linalg.matrix_norm(B)),
     }
@@ -110,7 +109,9 @@ def test_adapter_paths_intersects_blocks_and_modules():
     model = make_model()
     assert len(lora.adapter_paths(model)) == 12
     assert lora.adapter_paths(model, blocks=[1], modules=["ffn.0", "attention.q_proj"]) == [
-        "transformer_blocks.1.attention.q_proj", PATH]
+        "transformer_blocks.1.attention.q_proj",
+        PATH,
+    ]
     assert lora.adapter_paths(model, blocks=[]) == []
 
 

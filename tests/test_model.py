@@ -1,11 +1,12 @@
 """The reconstruction against stock PyTorch modules loaded with LoRA-merged weights (independent oracle)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import full_layout_config, make_model, randomize
 from torch import nn
 
-from conftest import full_layout_config, make_model, randomize
 from flag_model import ModelMismatchError, build_model
 from flag_model.model import FlagTrader, expected_shapes
 
@@ -19,9 +20,18 @@ class StockStack(nn.Module):
         self.pos = model.pos_embedding.detach().clone()
         self.embed = nn.Linear(cfg.state_dim, cfg.d_model)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=cfg.norm_first, layer_norm_eps=cfg.ln_eps)
-            for _ in range(cfg.n_blocks))
+            nn.TransformerEncoderLayer(
+                cfg.d_model,
+                cfg.num_heads,
+                cfg.ffn_dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=cfg.norm_first,
+                layer_norm_eps=cfg.ln_eps,
+            )
+            for _ in range(cfg.n_blocks)
+        )
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.head = nn.Linear(cfg.d_model, cfg.n_actions)
         self.causal = cfg.causal
@@ -31,8 +41,12 @@ class StockStack(nn.Module):
             self.head.load_state_dict(model.action_head.state_dict())
             for layer, block in zip(self.layers, model.transformer_blocks):
                 att = block.attention
-                layer.self_attn.in_proj_weight.copy_(torch.cat([p.merged_weight() for p in (att.q_proj, att.k_proj, att.v_proj)]))
-                layer.self_attn.in_proj_bias.copy_(torch.cat([p.base.bias for p in (att.q_proj, att.k_proj, att.v_proj)]))
+                layer.self_attn.in_proj_weight.copy_(
+                    torch.cat([p.merged_weight() for p in (att.q_proj, att.k_proj, att.v_proj)])
+                )
+                layer.self_attn.in_proj_bias.copy_(
+                    torch.cat([p.base.bias for p in (att.q_proj, att.k_proj, att.v_proj)])
+                )
                 layer.self_attn.out_proj.weight.copy_(att.out_proj.merged_weight())
                 layer.self_attn.out_proj.bias.copy_(att.out_proj.base.bias)
                 layer.linear1.weight.copy_(block.ffn[0].merged_weight())
@@ -70,7 +84,9 @@ def _check(model: FlagTrader, batch: int = 3, seq: int = 11, atol: float = 1e-5)
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("assumptions", [{}, {"norm_first": True}, {"causal": True}, {"norm_first": True, "causal": True}])
+@pytest.mark.parametrize(
+    "assumptions", [{}, {"norm_first": True}, {"causal": True}, {"norm_first": True, "causal": True}]
+)
 def test_tiny_model_matches_stock_transformer(assumptions):
     _check(make_model(**assumptions))
 

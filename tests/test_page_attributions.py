@@ -1,10 +1,10 @@
 """AppTest runs of the Attributions page on the tiny demo (conftest sets FLAG_TRADER_DEMO_SIZE=tiny)."""
+
 from __future__ import annotations
 
 import pytest
-from streamlit.testing.v1 import AppTest
-
 from conftest import REPO
+from streamlit.testing.v1 import AppTest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting forward, backward hooks")
 

@@ -1,9 +1,9 @@
 """AppTest: the Hypotheses page ranks the tiny demo's assumptions, and Adopt sets the sidebar to an entry."""
+
 from __future__ import annotations
 
-from streamlit.testing.v1 import AppTest
-
 from conftest import REPO, save_bytes
+from streamlit.testing.v1 import AppTest
 
 APP = str(REPO / "app.py")
 
@@ -51,8 +51,9 @@ def test_overview_suggests_the_page_when_heads_are_not_stored(tiny_demo_path, ti
     at.run()
     assert not any("Hypotheses" in i.value for i in at.info)  # the demo stores its head count
     at.sidebar.radio(key="ckpt_source").set_value("Upload").run()
-    at.sidebar.file_uploader(key="ckpt_upload").upload("bare.pt", save_bytes(tiny_state_dict),
-                                                       "application/octet-stream").run()
+    at.sidebar.file_uploader(key="ckpt_upload").upload(
+        "bare.pt", save_bytes(tiny_state_dict), "application/octet-stream"
+    ).run()
     assert not at.exception
     assert any("does not name the head count" in i.value for i in at.info)
     at.switch_page("app_pages/hypotheses.py").run()

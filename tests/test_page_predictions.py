@@ -1,15 +1,15 @@
 """The Predictions page through AppTest: demo data, an upload, bad uploads, feature columns, blocks mode."""
+
 from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
 from flag_model import ui
 from flag_model.demo import synthetic_ohlcv
 from flag_model.features import simple60
-
 
 # Build the tiny demo before the first AppTest run, so that no run spends its timeout training it.
 pytestmark = pytest.mark.usefixtures("tiny_demo_path")
@@ -39,8 +39,16 @@ def metric(at: AppTest, label: str) -> str:
 def bars() -> pd.DataFrame:
     """Exchange-style column names and epoch-millisecond times, to exercise detection."""
     b = synthetic_ohlcv(900, seed=5)
-    return b.drop(columns="datetime").rename(columns={"timestamp": "Timestamp", "open": "Open", "high": "High",
-                                                      "low": "Low", "close": "Close", "volume": "Vol"})
+    return b.drop(columns="datetime").rename(
+        columns={
+            "timestamp": "Timestamp",
+            "open": "Open",
+            "high": "High",
+            "low": "Low",
+            "close": "Close",
+            "volume": "Vol",
+        }
+    )
 
 
 def test_demo_data_without_upload():
@@ -89,8 +97,16 @@ def test_too_short_upload(bars):
 
 
 def test_feature_columns_are_padded_with_a_warning(bars):
-    raw = bars.rename(columns={"Timestamp": "timestamp", "Open": "open", "High": "high", "Low": "low",
-                               "Close": "close", "Vol": "volume"})
+    raw = bars.rename(
+        columns={
+            "Timestamp": "timestamp",
+            "Open": "open",
+            "High": "high",
+            "Low": "low",
+            "Close": "close",
+            "Vol": "volume",
+        }
+    )
     raw.insert(0, "datetime", pd.to_datetime(raw["timestamp"], unit="ms"))
     feats = simple60(raw).iloc[:, :45]
     feats = feats[sorted(feats.columns)]  # 45 alphabetical indicator columns: the mistake of DESIGN §1
@@ -131,7 +147,7 @@ def test_missing_volume_is_an_error_naming_the_column(bars):
 
 
 def test_feature_matrix_download_matches_the_features(bars):
-    from flag_model.data import prepare_ohlcv, detect_columns
+    from flag_model.data import detect_columns, prepare_ohlcv
     from flag_model.ui.predictions import _raw_features
 
     prep = prepare_ohlcv(bars, detect_columns(bars.columns))

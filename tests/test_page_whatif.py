@@ -1,10 +1,11 @@
 """AppTest runs of the What-if page and the Attributions page's "How faithful" panel on the tiny demo."""
+
 from __future__ import annotations
 
 import pytest
+from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
 from flag_model.analysis import whatif as wi
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting forward, backward hooks")

@@ -1,14 +1,14 @@
 """AppTest runs of the LoRA and Attention pages on the tiny demo (conftest sets FLAG_TRADER_DEMO_SIZE=tiny)."""
+
 from __future__ import annotations
 
 import datetime
 
 import pytest
+from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
 from flag_model import load_checkpoint
-
-from conftest import REPO
 
 
 @pytest.fixture
@@ -20,6 +20,7 @@ def open_page(tiny_demo_path):
         at.run()
         assert not at.exception, at.exception
         return at
+
     return _open
 
 
@@ -69,7 +70,8 @@ def test_attention_page_shows_assumptions_maps_and_stats(open_page):
     assert "bars " in texts(at)
     next(r for r in at.main.radio if r.key == "attn_one_queries").set_value("deciding").run()
     assert not at.exception and "uniform: 0.00" in texts(at) + " ".join(
-        c.proto.spec for c in at.get("plotly_chart"))  # the deciding bar has no future keys
+        c.proto.spec for c in at.get("plotly_chart")
+    )  # the deciding bar has no future keys
     next(b for b in at.main.button if b.label.startswith("Compute")).click().run()
     assert not at.exception, at.exception
     assert "Mean over 64 windows of length 32" in texts(at)

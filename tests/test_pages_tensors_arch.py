@@ -1,9 +1,10 @@
 """AppTest for the Tensor tree and Architecture check pages: demo, second checkpoint, broken files, one-click fix."""
+
 from __future__ import annotations
 
+from conftest import REPO, save_bytes
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, save_bytes
 from flag_model.layouts import apply_fixes
 
 APP = str(REPO / "app.py")
@@ -35,7 +36,9 @@ def test_tensor_tree_on_demo_says_base_is_untrained_init(tiny_demo_path):
     assert at.title[0].value == "Tensor tree"
     assert at.metric[0].value == "63"
     table = at.dataframe[0].value
-    assert len(table) == 63 and {"base", "lora_A", "lora_B", "norm", "embedding", "positional", "head"} <= set(table["role"])
+    assert len(table) == 63 and {"base", "lora_A", "lora_B", "norm", "embedding", "positional", "head"} <= set(
+        table["role"]
+    )
     at.selectbox(key="tensors_pick").set_value("transformer_blocks.0.attention.q_proj.base.weight").run()
     assert not at.exception
     assert "looks like untrained initialisation" in _texts(at.info)
@@ -115,8 +118,9 @@ def test_architecture_second_checkpoint_target_and_broken_file(tiny_demo_path, t
 
 
 def test_architecture_for_a_foreign_layout_without_config(tiny_demo_path):
-    from flag_model.layouts import LAYOUTS, LayoutSize
     import torch
+
+    from flag_model.layouts import LAYOUTS, LayoutSize
 
     sd = {k: torch.randn(s) for k, s in LAYOUTS["a2c"].keys(LayoutSize(2, 16, 32, 60, 3, 32, 0)).items()}
     at = _upload(_page("app_pages/architecture.py"), "a2c.pt", save_bytes(sd))

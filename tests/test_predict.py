@@ -1,16 +1,29 @@
 """Predictions: rolling vs blocks semantics, streaming = one-shot, metrics against direct formulas, the CLI."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_model
+
 from flag_model.__main__ import main
-from flag_model.analysis.predict import (NO_LABEL, Predictions, attach_labels, class_shares, collapse_alarm,
-                                         concat_predictions, decide, equity_curve, evaluate, predict_features,
-                                         predictions_frame, row_labels, stream_predictions)
+from flag_model.analysis.predict import (
+    NO_LABEL,
+    Predictions,
+    attach_labels,
+    class_shares,
+    collapse_alarm,
+    concat_predictions,
+    decide,
+    equity_curve,
+    evaluate,
+    predict_features,
+    predictions_frame,
+    row_labels,
+    stream_predictions,
+)
 from flag_model.checkpoint import load_checkpoint
 from flag_model.data import DataError, checkpoint_features, detect_columns, prepare_ohlcv, read_table
 from flag_model.demo import synthetic_ohlcv
@@ -48,7 +61,9 @@ def test_modes_against_the_reference_model(bars, model, mode):
         else:  # non-overlapping windows, every position scored; the newest partial block by the last w rows
             k, r = n // w, n % w
             assert r > 0  # the case this checks
-            ref = torch.cat([model(x[: k * w].reshape(k, w, 60)).reshape(k * w, -1), model(x[None, n - w:])[0, w - r:]])
+            ref = torch.cat(
+                [model(x[: k * w].reshape(k, w, 60)).reshape(k * w, -1), model(x[None, n - w :])[0, w - r :]]
+            )
             np.testing.assert_array_equal(pred.row, np.arange(n))
             np.testing.assert_array_equal(pred.position, np.r_[np.tile(np.arange(w), k), np.arange(w - r, w)])
     np.testing.assert_allclose(pred.logits, ref.numpy(), atol=1e-5, rtol=0)
@@ -67,7 +82,7 @@ def test_chunked_streaming_equals_one_shot(bars, model, mode, precision):
     engine = InferenceEngine(model, precision, batch_size=16)
     expected = one_shot_frame(bars, engine, 20, mode)
     for size in (37, 101, 256, 700):
-        chunks = (bars.iloc[i:i + size] for i in range(0, len(bars), size))
+        chunks = (bars.iloc[i : i + size] for i in range(0, len(bars), size))
         got = predictions_frame(concat_predictions(list(stream_predictions(chunks, {}, engine, 20, mode, "none"))))
         pd.testing.assert_frame_equal(got, expected, check_exact=True)
 
@@ -92,10 +107,17 @@ def test_labels_rule_and_unknown_future():
 
 def synthetic_pred(labels, mode="rolling", window=4, position=None) -> Predictions:
     n = len(labels)
-    return Predictions(times=pd.date_range("2025-01-01", periods=n, freq="5min"), close=np.linspace(100, 110, n),
-                       logits=np.zeros((n, 3), np.float32), row=np.arange(n),
-                       position=np.arange(n) % window if position is None else position,
-                       labels=np.asarray(labels), window=window, mode=mode, actions=("SELL", "HOLD", "BUY"))
+    return Predictions(
+        times=pd.date_range("2025-01-01", periods=n, freq="5min"),
+        close=np.linspace(100, 110, n),
+        logits=np.zeros((n, 3), np.float32),
+        row=np.arange(n),
+        position=np.arange(n) % window if position is None else position,
+        labels=np.asarray(labels),
+        window=window,
+        mode=mode,
+        actions=("SELL", "HOLD", "BUY"),
+    )
 
 
 def test_metrics_against_direct_formulas():
@@ -163,8 +185,20 @@ def test_equity_curve_by_hand():
 def test_download_frame_columns():
     pred = synthetic_pred([0, 2, NO_LABEL])
     frame = predictions_frame(pred)
-    assert list(frame.columns) == ["datetime", "timestamp", "position", "close", "logit_SELL", "logit_HOLD",
-                                   "logit_BUY", "prob_SELL", "prob_HOLD", "prob_BUY", "action", "label"]
+    assert list(frame.columns) == [
+        "datetime",
+        "timestamp",
+        "position",
+        "close",
+        "logit_SELL",
+        "logit_HOLD",
+        "logit_BUY",
+        "prob_SELL",
+        "prob_HOLD",
+        "prob_BUY",
+        "action",
+        "label",
+    ]
     assert frame["label"].tolist() == ["SELL", "BUY", ""]
     assert frame["timestamp"].iloc[0] == pd.Timestamp("2025-01-01").value // 10**6
 
@@ -175,8 +209,21 @@ def test_cli_predict_streams_and_matches_the_page(tmp_path, tiny_demo_path, bars
     renamed = bars.drop(columns="datetime").rename(columns={"timestamp": "Timestamp", "close": "Close"})
     renamed.to_csv(data, index=False)
     out = tmp_path / f"pred{suffix}"
-    rc = main(["predict", str(tiny_demo_path), str(data), "--out", str(out), "--window", "24",
-               "--precision", "exact", "--chunk-rows", "113"])
+    rc = main(
+        [
+            "predict",
+            str(tiny_demo_path),
+            str(data),
+            "--out",
+            str(out),
+            "--window",
+            "24",
+            "--precision",
+            "exact",
+            "--chunk-rows",
+            "113",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "accuracy" in err and "peak RSS" in err
@@ -184,8 +231,9 @@ def test_cli_predict_streams_and_matches_the_page(tmp_path, tiny_demo_path, bars
     model = build_model(load_checkpoint(tiny_demo_path))
     ckpt = load_checkpoint(tiny_demo_path)
     fm = checkpoint_features(bars, ckpt.meta, 60, "checkpoint")
-    expected = predictions_frame(attach_labels(predict_features(fm, InferenceEngine(model, "exact"), 24), fm.close,
-                                               LabelRule()))
+    expected = predictions_frame(
+        attach_labels(predict_features(fm, InferenceEngine(model, "exact"), 24), fm.close, LabelRule())
+    )
     if suffix == ".csv":
         expected["datetime"] = expected["datetime"].astype(str)
         pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=1e-6)
@@ -207,13 +255,34 @@ def test_cli_predict_data_normalisation_two_passes(tmp_path, tiny_demo_path, bar
     data = tmp_path / "bars.parquet"
     bars.to_parquet(data, index=False)
     out = tmp_path / "p.parquet"
-    assert main(["predict", str(tiny_demo_path), str(data), "--out", str(out), "--normalisation", "data",
-                 "--mode", "blocks", "--chunk-rows", "200", "--precision", "exact"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tiny_demo_path),
+                str(data),
+                "--out",
+                str(out),
+                "--normalisation",
+                "data",
+                "--mode",
+                "blocks",
+                "--chunk-rows",
+                "200",
+                "--precision",
+                "exact",
+            ]
+        )
+        == 0
+    )
     got = pd.read_parquet(out)
     ckpt = load_checkpoint(tiny_demo_path)
     fm = checkpoint_features(bars, ckpt.meta, 60, "data")
-    expected = predictions_frame(attach_labels(predict_features(fm, InferenceEngine(build_model(ckpt), "exact"),
-                                                                32, "blocks"), fm.close, LabelRule()))
+    expected = predictions_frame(
+        attach_labels(
+            predict_features(fm, InferenceEngine(build_model(ckpt), "exact"), 32, "blocks"), fm.close, LabelRule()
+        )
+    )
     np.testing.assert_allclose(got["logit_BUY"], expected["logit_BUY"], atol=1e-4)  # stats differ by rounding only
     assert (got["action"] == expected["action"]).mean() > 0.99
 
@@ -255,7 +324,7 @@ def test_scoring_only_the_most_recent_rows(bars, model, mode):
         first = -(-(n - 130) // w) * w
         np.testing.assert_array_equal(part.row, np.arange(first, n))
     np.testing.assert_allclose(part.logits, full.logits[np.isin(full.row, part.row)], atol=1e-5, rtol=0)
-    assert len(predict_features(fm, engine, w, mode, last=10 ** 6)) == len(full)
+    assert len(predict_features(fm, engine, w, mode, last=10**6)) == len(full)
 
 
 def test_cli_predict_says_when_the_bar_interval_differs(tmp_path, tiny_demo_path, bars, capsys):
@@ -266,11 +335,28 @@ def test_cli_predict_says_when_the_bar_interval_differs(tmp_path, tiny_demo_path
     assert "NOTICE" not in err and "as in training (5 min)" in err
     assert "(default stored in the checkpoint)" in err and "counted as HOLD in training" in err
     hourly = tmp_path / "hourly.csv"
-    bars.iloc[:200].assign(datetime=pd.date_range("2025-01-01", periods=200, freq="1h"),
-                           timestamp=lambda d: d["datetime"].astype("datetime64[ms]").astype("int64")).to_csv(
-        hourly, index=False)
-    assert main(["predict", str(tiny_demo_path), str(hourly), "--out", str(tmp_path / "b.csv"), "--window", "8",
-                 "--horizon", "3", "--threshold", "0.002"]) == 0
+    bars.iloc[:200].assign(
+        datetime=pd.date_range("2025-01-01", periods=200, freq="1h"),
+        timestamp=lambda d: d["datetime"].astype("datetime64[ms]").astype("int64"),
+    ).to_csv(hourly, index=False)
+    assert (
+        main(
+            [
+                "predict",
+                str(tiny_demo_path),
+                str(hourly),
+                "--out",
+                str(tmp_path / "b.csv"),
+                "--window",
+                "8",
+                "--horizon",
+                "3",
+                "--threshold",
+                "0.002",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "NOTICE: Bar interval differs" in err and "every 1 h" in err and "3 h here instead of 15 min" in err
     assert "Label = return over the next 3 bars (3 h)" in err

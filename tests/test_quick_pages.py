@@ -1,13 +1,14 @@
 """Pages that open quickly: Predictions scores a bounded default and keeps its result for the session; a slow
 attribution shows its progress."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
+from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
 from flag_model.ui import predictions as pw
 
 pytestmark = pytest.mark.usefixtures("tiny_demo_path")
@@ -51,6 +52,7 @@ def test_a_slow_attribution_shows_its_progress(monkeypatch):
             time.sleep(0.2)  # each pass takes a while: past a second the bar appears
             seen.append(fraction)
             progress(fraction, message)
+
         return real(*a, progress=tick, **k)
 
     monkeypatch.setattr(attr, "attribute", slow)

@@ -4,8 +4,10 @@
 Library attacks first, then the same files through every page with AppTest: a clear message, no exception box,
 nothing from outside the root or from a file's content disclosed, no live link or image from user text.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,15 +26,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_model, save_bytes
+
 from flag_model import CheckpointError, build_model, load_checkpoint
 from flag_model.analysis import lora
-from flag_model.analysis.predict import (NO_DECISION, class_shares, decide, equity_curve, evaluate_arrays,
-                                         undecided_note)
+from flag_model.analysis.predict import NO_DECISION, class_shares, decide, equity_curve, evaluate_arrays, undecided_note
 from flag_model.config import ConfigError
-from flag_model.data import (ColumnMapping, DataError, drift_table, iter_table_chunks, prepare_ohlcv, read_table,
-                             stored_stats)
+from flag_model.data import (
+    ColumnMapping,
+    DataError,
+    drift_table,
+    iter_table_chunks,
+    prepare_ohlcv,
+    read_table,
+    stored_stats,
+)
 from flag_model.limits import Limits, limits
 from flag_model.model import ModelMismatchError
 from flag_model.server_paths import ServerPathError, resolve_under_root, server_root
@@ -44,6 +52,7 @@ LIVE_MARKUP = re.compile(r"(?<!\\)\]\((?:https?:|//)|<img|<a\s", re.I)  # an une
 
 
 # ---- server paths ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
@@ -61,9 +70,23 @@ def test_server_paths_only_regular_files_inside_the_root(root: Path) -> None:
     assert resolve_under_root("sub/model.pt", root) == root / "sub" / "model.pt"
     assert resolve_under_root(str(root / "sub" / "model.pt"), root) == root / "sub" / "model.pt"
     assert resolve_under_root("link_in.pt", root) == root / "sub" / "model.pt"  # a link that stays inside
-    refused = ["link_out.pt", "../outside.env", "sub/../../outside.env", "/etc/passwd", "/dev/zero", "/proc/self/environ",
-               "sub", ".", "missing.pt", "~root/.bashrc", "~no_such_user_xyz/m.pt", "a\x00b.pt", "x" * 5000, "/" * 300,
-               "  "]
+    refused = [
+        "link_out.pt",
+        "../outside.env",
+        "sub/../../outside.env",
+        "/etc/passwd",
+        "/dev/zero",
+        "/proc/self/environ",
+        "sub",
+        ".",
+        "missing.pt",
+        "~root/.bashrc",
+        "~no_such_user_xyz/m.pt",
+        "a\x00b.pt",
+        "x" * 5000,
+        "/" * 300,
+        "  ",
+    ]
     messages = set()
     for p in refused:
         with pytest.raises(ServerPathError) as err:
@@ -83,12 +106,13 @@ def test_server_root_is_off_unless_configured(monkeypatch, root: Path) -> None:
 
 # ---- the resource policy ----------------------------------------------------------------------------------
 
+
 def test_limits_come_from_one_frozen_policy_and_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("FLAG_TRADER_MAX_PARAMS", "1000")
     monkeypatch.setenv("FLAG_TRADER_MAX_INFLATION", "2.5")
     lim = limits()
     assert lim.max_params == 1000 and lim.max_inflation == 2.5 and lim.max_rows == Limits().max_rows
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         lim.max_params = 5  # frozen
     monkeypatch.setenv("FLAG_TRADER_MAX_ROWS", "lots")
     with pytest.raises(ValueError, match="FLAG_TRADER_MAX_ROWS"):
@@ -96,8 +120,12 @@ def test_limits_come_from_one_frozen_policy_and_the_environment(monkeypatch) -> 
 
 
 def test_errors_never_quote_file_content(tmp_path: Path) -> None:
-    for content in (f"PASSWORD={SECRET}\n".encode(), f"c{SECRET}\nrow2,{SECRET}\n".encode(),
-                    f'{{"token": "{SECRET}"}}'.encode(), f"close,open\n{SECRET},1\n".encode()):
+    for content in (
+        f"PASSWORD={SECRET}\n".encode(),
+        f"c{SECRET}\nrow2,{SECRET}\n".encode(),
+        f'{{"token": "{SECRET}"}}'.encode(),
+        f"close,open\n{SECRET},1\n".encode(),
+    ):
         f = tmp_path / "x.pt"
         f.write_bytes(content)
         for src in (content, f):
@@ -115,8 +143,9 @@ def test_safetensors_header_is_checked_before_any_tensor(monkeypatch) -> None:
     huge = _safetensors({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 4]}}, b"\0" * 4)
     with pytest.raises(CheckpointError, match="max_params"):
         load_checkpoint(huge, name="huge.safetensors")
-    many = _safetensors({f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
-                         for i in range(300)}, b"\0" * 1200)
+    many = _safetensors(
+        {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(300)}, b"\0" * 1200
+    )
     monkeypatch.setenv("FLAG_TRADER_MAX_TENSORS", "100")
     with pytest.raises(CheckpointError, match="max_tensors"):
         load_checkpoint(many, name="many.safetensors")
@@ -183,18 +212,27 @@ def test_metadata_of_the_wrong_type_is_ignored_not_fatal() -> None:
     assert stored_stats({"feature_mean": [True, 1], "feature_std": [1, 1]}, 2) is None
     from flag_model.data import FeatureMatrix
 
-    fm = FeatureMatrix(np.zeros((3, 2), np.float32), pd.DatetimeIndex(pd.date_range("2025", periods=3)),
-                       np.ones(3), ("a", "b"), "x", "none", ())
+    fm = FeatureMatrix(
+        np.zeros((3, 2), np.float32),
+        pd.DatetimeIndex(pd.date_range("2025", periods=3)),
+        np.ones(3),
+        ("a", "b"),
+        "x",
+        "none",
+        (),
+    )
     assert len(drift_table(fm, {"feature_mean": ["x", {}], "feature_std": [[1], "y"]})) == 2
 
 
 # ---- data files -----------------------------------------------------------------------------------------------
 
+
 def _bars(n: int = 80) -> pd.DataFrame:
     t = pd.date_range("2025-01-01", periods=n, freq="5min")
     close = 100 + np.arange(n, dtype=float)
-    return pd.DataFrame({"datetime": t.astype(str), "open": close, "high": close + 1, "low": close - 1,
-                         "close": close, "volume": 10.0})
+    return pd.DataFrame(
+        {"datetime": t.astype(str), "open": close, "high": close + 1, "low": close - 1, "close": close, "volume": 10.0}
+    )
 
 
 def test_csv_header_and_parquet_footer_are_checked_first(monkeypatch, tmp_path: Path) -> None:
@@ -228,8 +266,10 @@ def test_a_first_row_wider_than_the_header_is_cut_to_the_header(tmp_path: Path) 
 
 def test_non_finite_prices_are_a_validation_error() -> None:
     df = _bars().assign(close=np.inf)
-    prep = prepare_ohlcv(read_table(df.to_csv(index=False).encode(), "inf.csv"),
-                         ColumnMapping("datetime", "open", "high", "low", "close", "volume"))
+    prep = prepare_ohlcv(
+        read_table(df.to_csv(index=False).encode(), "inf.csv"),
+        ColumnMapping("datetime", "open", "high", "low", "close", "volume"),
+    )
     assert not prep.ok and any("infinite" in i.message for i in prep.errors)
 
 
@@ -242,8 +282,13 @@ def test_non_finite_logits_are_never_a_decision() -> None:
     assert shares["count"].tolist() == [0, 1, 1] and "2 of 4 bars have no decision" in undecided_note(actions)
     m = evaluate_arrays(np.array([1, 0, 0, 2]), actions, ("SELL", "HOLD", "BUY"))
     assert m.n == 2 and m.accuracy == 1.0
-    eq = equity_curve(pd.DatetimeIndex(pd.date_range("2025", periods=4, freq="h")), np.array([1.0, 2, 4, 8]),
-                      actions, ("SELL", "HOLD", "BUY"), fee=0.0)
+    eq = equity_curve(
+        pd.DatetimeIndex(pd.date_range("2025", periods=4, freq="h")),
+        np.array([1.0, 2, 4, 8]),
+        actions,
+        ("SELL", "HOLD", "BUY"),
+        fee=0.0,
+    )
     assert eq.frame["strategy"].iloc[-1] == 1.0  # HOLD, then flat twice: no position without a decision
 
 
@@ -259,6 +304,7 @@ def test_lora_metrics_and_spectra_survive_nan_weights() -> None:
 
 
 # ---- through the app ------------------------------------------------------------------------------------------
+
 
 def _markdown_texts(at) -> list[str]:
     """The markdown body of every element that renders markdown, in the sidebar and the main area."""
@@ -292,9 +338,8 @@ def test_server_path_is_off_without_a_root(tiny_demo_path, monkeypatch) -> None:
 def test_server_path_reads_only_inside_the_root(tiny_demo_path, monkeypatch, root: Path) -> None:
     """The sidebar, the second-checkpoint field (Tensor tree) and the Predictions data path, with a root: a file
     inside opens; outside, a symlink out, a folder, a device or a missing file all give the same refusal."""
-    from streamlit.testing.v1 import AppTest
-
     from browser_util import app_pages
+    from streamlit.testing.v1 import AppTest
 
     (root / "good.pt").write_bytes(tiny_demo_path.read_bytes())
     _bars(400).to_csv(root / "bars.csv", index=False)
@@ -331,10 +376,12 @@ def _crafted_checkpoints() -> dict[str, bytes]:
     one = make_model(seed=6, max_length=1).state_dict()
     return {
         "markdown key": save_bytes({"model_state_dict": {**sd, f"extra.{LINK}": torch.ones(2)}, "config": cfg}),
-        "markdown metadata": save_bytes({"model_state_dict": sd, "config": {**cfg, "note": LINK}, LINK: LINK,
-                                         "feature_names": [LINK] * 60}),
-        "feature_mean strings": save_bytes({"model_state_dict": sd, "config": cfg, "feature_mean": ["x"] * 60,
-                                            "feature_std": ["y"] * 60}),
+        "markdown metadata": save_bytes(
+            {"model_state_dict": sd, "config": {**cfg, "note": LINK}, LINK: LINK, "feature_names": [LINK] * 60}
+        ),
+        "feature_mean strings": save_bytes(
+            {"model_state_dict": sd, "config": cfg, "feature_mean": ["x"] * 60, "feature_std": ["y"] * 60}
+        ),
         "max_length 1": save_bytes({"model_state_dict": one, "config": cfg}),
         "all NaN": save_bytes({"model_state_dict": {k: v * float("nan") for k, v in sd.items()}, "config": cfg}),
     }
@@ -342,15 +389,15 @@ def _crafted_checkpoints() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("name", list(_crafted_checkpoints()))
 def test_crafted_checkpoints_through_every_page(name) -> None:
-    from streamlit.testing.v1 import AppTest
-
     from browser_util import app_pages
+    from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
     at.session_state["ckpt_source"] = "Upload"  # straight to the upload: the demo is not needed
     at.run()
-    at.sidebar.file_uploader(key="ckpt_upload").upload(f"{LINK}.pt", _crafted_checkpoints()[name],
-                                                       "application/octet-stream").run()
+    at.sidebar.file_uploader(key="ckpt_upload").upload(
+        f"{LINK}.pt", _crafted_checkpoints()[name], "application/octet-stream"
+    ).run()
     _assert_clean(at, "sidebar")
     assert at.session_state["_flag_loaded"].ckpt is not None
     for page in app_pages():
@@ -363,15 +410,15 @@ def test_crafted_checkpoints_through_every_page(name) -> None:
 def test_refused_uploads_show_an_inert_name_and_no_content(tiny_demo_path, monkeypatch, root: Path) -> None:
     """A text file named like a link, uploaded as a checkpoint and as market data (with a link in a column name
     and in a cell): plain, escaped messages."""
-    from streamlit.testing.v1 import AppTest
-
     from browser_util import app_pages
+    from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
     at.session_state["ckpt_source"] = "Upload"
     at.run()
-    at.sidebar.file_uploader(key="ckpt_upload").upload(f"{LINK}.pt", f"PASSWORD={SECRET}\n".encode(),
-                                                       "application/octet-stream").run()
+    at.sidebar.file_uploader(key="ckpt_upload").upload(
+        f"{LINK}.pt", f"PASSWORD={SECRET}\n".encode(), "application/octet-stream"
+    ).run()
     _assert_clean(at, "sidebar")
     assert at.sidebar.error and "\\[Session expired" in at.sidebar.error[0].value
     at.sidebar.radio(key="ckpt_source").set_value("Demo").run()
@@ -390,8 +437,14 @@ def test_refused_uploads_show_an_inert_name_and_no_content(tiny_demo_path, monke
 def test_memory_cases_stay_within_the_policy_in_a_child_process() -> None:
     """The issue's memory attacks, each in a fresh interpreter capped at 3 GiB of address space above its
     start-up: every one ends in a clear error (run `python tests/test_security.py rss` for the peak RSS table)."""
-    out = subprocess.run([sys.executable, __file__, "rss"], capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, __file__, "rss"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(MEMORY_CASES)
@@ -401,9 +454,12 @@ def test_memory_cases_stay_within_the_policy_in_a_child_process() -> None:
 
 # ---- memory cases, each run in a child process (python tests/test_security.py rss) ----------------------------
 
+
 def _empty_d8192() -> bytes:
-    sd = {k: torch.empty(0) if v.dim() == 1 else torch.empty(*(0 if s == 16 else s for s in v.shape))
-          for k, v in make_model(n_blocks=12, d=16, f=32).state_dict().items()}
+    sd = {
+        k: torch.empty(0) if v.dim() == 1 else torch.empty(*(0 if s == 16 else s for s in v.shape))
+        for k, v in make_model(n_blocks=12, d=16, f=32).state_dict().items()
+    }
     sd["state_embedding.weight"] = torch.empty(8192, 0)
     sd["pos_embedding"] = torch.empty(1, 0, 8192)
     sd["output_norm.weight"] = torch.empty(8192)[:0].clone()
@@ -436,15 +492,20 @@ def _wide_csv() -> bytes:
 def _long_parquet() -> bytes:
     buf = io.BytesIO()
     n = 10_000_000
-    pd.DataFrame({"datetime": np.zeros(n, "datetime64[ns]"), **{c: np.ones(n) for c in ("open", "high", "low",
-                 "close", "volume")}}).to_parquet(buf, compression="zstd")
+    pd.DataFrame(
+        {
+            "datetime": np.zeros(n, "datetime64[ns]"),
+            **{c: np.ones(n) for c in ("open", "high", "low", "close", "volume")},
+        }
+    ).to_parquet(buf, compression="zstd")
     return buf.getvalue()
 
 
 def _many_safetensors() -> bytes:
     n = 1_000_000
-    return _safetensors({f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
-                         for i in range(n)}, b"\0" * (4 * n))
+    return _safetensors(
+        {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(n)}, b"\0" * (4 * n)
+    )
 
 
 def _huge_safetensors_shape() -> bytes:
@@ -453,10 +514,12 @@ def _huge_safetensors_shape() -> bytes:
 
 def _documented() -> bytes:
     from conftest import full_layout_config, randomize
+
     from flag_model.model import FlagTrader
 
-    return save_bytes({"model_state_dict": randomize(FlagTrader(full_layout_config())).state_dict(),
-                       "config": {"num_heads": 8}})
+    return save_bytes(
+        {"model_state_dict": randomize(FlagTrader(full_layout_config())).state_dict(), "config": {"num_heads": 8}}
+    )
 
 
 MEMORY_CASES = {  # name -> (builder, reader)
@@ -497,25 +560,49 @@ def _rss_case(name: str, path: str, reader: str) -> None:
         outcome = f"refused: {type(exc).__name__}: {str(exc)[:150]}"
     except MemoryError as exc:  # the cap hit: a failure of the policy
         outcome = f"MemoryError {exc}"
-    print(json.dumps({"case": name, "outcome": outcome, "import_rss_mib": round(before),
-                      "peak_rss_mib": round(peak_mib()),
-                      "s": round(time.perf_counter() - t0, 2), "file_bytes": os.path.getsize(path)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "case": name,
+                "outcome": outcome,
+                "import_rss_mib": round(before),
+                "peak_rss_mib": round(peak_mib()),
+                "s": round(time.perf_counter() - t0, 2),
+                "file_bytes": os.path.getsize(path),
+            }
+        ),
+        flush=True,
+    )
 
 
 def _rss_table() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (build, reader) in MEMORY_CASES.items():
-            suffix = ".csv" if "CSV" in name else ".parquet" if "Parquet" in name else \
-                ".safetensors" if "safetensors" in name else ".pt"
+        for name, (_build, reader) in MEMORY_CASES.items():
+            suffix = (
+                ".csv"
+                if "CSV" in name
+                else ".parquet"
+                if "Parquet" in name
+                else ".safetensors"
+                if "safetensors" in name
+                else ".pt"
+            )
             path = Path(tmp) / f"case{suffix}"
             # each file is built in its own process, so the reader's process starts small
             subprocess.run([sys.executable, __file__, "build", name, str(path)], check=True, timeout=300, cwd=REPO)
-            r = subprocess.run([sys.executable, __file__, "case", name, str(path), reader], capture_output=True,
-                               text=True, timeout=300, cwd=REPO)
-            sys.stdout.write(r.stdout or json.dumps({"case": name, "outcome": f"crashed rc={r.returncode}: "
-                                                     f"{r.stderr[-300:]}"}) + "\n")
+            r = subprocess.run(
+                [sys.executable, __file__, "case", name, str(path), reader],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                cwd=REPO,
+            )
+            sys.stdout.write(
+                r.stdout
+                or json.dumps({"case": name, "outcome": f"crashed rc={r.returncode}: {r.stderr[-300:]}"}) + "\n"
+            )
             sys.stdout.flush()
 
 

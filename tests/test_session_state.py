@@ -1,20 +1,34 @@
 """Settings that stick: every settings widget of every page is kept across page switches, no trigger widget is
 (Streamlit refuses to set those), the current data stays with the session, and ranges clamp kept values."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
-
 from browser_util import app_pages
 from conftest import REPO
+from streamlit.testing.v1 import AppTest
+
 from flag_model.demo import synthetic_ohlcv
 from flag_model.ui import session
 
 pytestmark = pytest.mark.usefixtures("tiny_demo_path")
-SETTINGS = ("slider", "select_slider", "selectbox", "multiselect", "number_input", "radio", "toggle", "checkbox",
-            "text_input", "date_input", "time_input", "color_picker", "text_area")
+SETTINGS = (
+    "slider",
+    "select_slider",
+    "selectbox",
+    "multiselect",
+    "number_input",
+    "radio",
+    "toggle",
+    "checkbox",
+    "text_input",
+    "date_input",
+    "time_input",
+    "color_picker",
+    "text_area",
+)
 TRIGGERS = ("button", "download_button", "file_uploader")
 
 

@@ -1,5 +1,6 @@
 """Many users: uploads stay in their session, the shared cached model is never changed by any page or
 action, concurrent sessions do not disturb each other, and the shared caches stay bounded."""
+
 from __future__ import annotations
 
 import ast
@@ -8,10 +9,9 @@ import threading
 import weakref
 
 import pytest
-from streamlit.testing.v1 import AppTest
-
 from browser_util import REPO, app_pages, model_fingerprint
 from conftest import make_model, save_bytes
+from streamlit.testing.v1 import AppTest
 
 LOADED = "_flag_loaded"  # flag_model.ui.LOADED
 PAGES = app_pages()
@@ -189,7 +189,8 @@ def test_the_fingerprint_sees_in_place_changes():
         "weight nudged": lambda m: q(m).base.weight.data.add_(1e-6),
         "requires_grad": lambda m: m.action_head.bias.requires_grad_(False),
         "parametrization": lambda m: torch.nn.utils.parametrize.register_parametrization(
-            q(m).base, "weight", torch.nn.Identity()),
+            q(m).base, "weight", torch.nn.Identity()
+        ),
     }
     for name, change in changes.items():
         model = make_model(seed=1)

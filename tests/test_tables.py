@@ -1,4 +1,5 @@
 """Downloads are formula-safe: text that a spreadsheet would run is quoted, numbers stay numbers."""
+
 import io
 
 import pandas as pd
@@ -6,8 +7,14 @@ import pytest
 
 from flag_model.tables import table_bytes
 
-EVIL = ["=HYPERLINK(\"http://x\",\"y\")", "+cmd|' /C calc'!A0", "@SUM(1+1)*cmd|' /C calc'!A0", "-2+3+cmd|' /C calc'!A0",
-        "\tx", "\rx"]
+EVIL = [
+    '=HYPERLINK("http://x","y")',
+    "+cmd|' /C calc'!A0",
+    "@SUM(1+1)*cmd|' /C calc'!A0",
+    "-2+3+cmd|' /C calc'!A0",
+    "\tx",
+    "\rx",
+]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -1,4 +1,5 @@
 """Tensor statistics, roles, tree, random-init spectrum check and state-dict diff, against direct formulas."""
+
 from __future__ import annotations
 
 import math
@@ -6,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import full_layout_config, make_model
 from torch import nn
 
-from conftest import full_layout_config, make_model
 from flag_model import layouts, load_checkpoint
 from flag_model.analysis import tensors as T
-from flag_model.model import LoRA, FlagTrader
+from flag_model.model import FlagTrader, LoRA
 
 
 def test_statistics_match_numpy():
@@ -19,11 +20,20 @@ def test_statistics_match_numpy():
     a = torch.randn(7, 5, generator=g)
     a[0, :2] = 0
     b = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.0])
-    sd = {"a": a, "b": b, "c": torch.arange(6, dtype=torch.int64).reshape(2, 3), "h": a.half(),
-          "ln.weight": 1 + 1e-3 * torch.randn(64, generator=g)}
+    sd = {
+        "a": a,
+        "b": b,
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "h": a.half(),
+        "ln.weight": 1 + 1e-3 * torch.randn(64, generator=g),
+    }
     df = T.tensor_stats(sd).set_index("name")
-    for name, ref in (("a", a.numpy()), ("c", np.arange(6.0)), ("h", a.half().float().numpy()),
-                      ("ln.weight", sd["ln.weight"].numpy())):
+    for name, ref in (
+        ("a", a.numpy()),
+        ("c", np.arange(6.0)),
+        ("h", a.half().float().numpy()),
+        ("ln.weight", sd["ln.weight"].numpy()),
+    ):
         row = df.loc[name]
         assert row["mean"] == pytest.approx(ref.mean(dtype=np.float64), rel=1e-5, abs=1e-6)
         assert row["std"] == pytest.approx(ref.std(dtype=np.float64), rel=1e-4)
@@ -48,11 +58,18 @@ def test_roles_of_every_key_family():
     assert roles["transformer_blocks.0.norm2.bias"] == "norm" and roles["output_norm.weight"] == "norm"
     assert roles["action_head.bias"] == "head"
     assert set(roles.values()) == {"positional", "embedding", "base", "lora_A", "lora_B", "norm", "head"}
-    foreign = {"encoder.layers.0.attention.in_proj_weight": "base", "actor.network.2.weight": "head",
-               "encoder.input_proj.0.weight": "embedding", "encoder.pos_encoding.pe": "positional",
-               "ln_f.weight": "norm", "transformer_blocks.0.ln1.bias": "norm", "regime_embed.weight": "embedding",
-               "base_model.model.transformer_blocks.0.ffn.0.lora_A.weight": "lora_A",
-               "transformer.layers.1.linear2.weight": "base", "encoder.layers.0.norm1.weight": "norm"}
+    foreign = {
+        "encoder.layers.0.attention.in_proj_weight": "base",
+        "actor.network.2.weight": "head",
+        "encoder.input_proj.0.weight": "embedding",
+        "encoder.pos_encoding.pe": "positional",
+        "ln_f.weight": "norm",
+        "transformer_blocks.0.ln1.bias": "norm",
+        "regime_embed.weight": "embedding",
+        "base_model.model.transformer_blocks.0.ffn.0.lora_A.weight": "lora_A",
+        "transformer.layers.1.linear2.weight": "base",
+        "encoder.layers.0.norm1.weight": "norm",
+    }
     assert {k: T.tensor_role(k) for k in foreign} == foreign
 
 
@@ -80,8 +97,9 @@ def test_tree_of_the_343_tensor_layout():
 def test_marchenko_pastur_against_monte_carlo(rows, cols):
     g = torch.Generator().manual_seed(2)
     sigma = 0.05
-    sample = np.mean([torch.linalg.svdvals(torch.randn(rows, cols, generator=g) * sigma).numpy() for _ in range(8)],
-                     axis=0)
+    sample = np.mean(
+        [torch.linalg.svdvals(torch.randn(rows, cols, generator=g) * sigma).numpy() for _ in range(8)], axis=0
+    )
     expected = T.marchenko_pastur_singular_values(rows, cols, sigma)
     assert expected.shape == (min(rows, cols),) and np.all(np.diff(expected) <= 0)
     assert np.abs(sample - expected).max() / expected[0] < 0.03

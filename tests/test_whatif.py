@@ -1,6 +1,7 @@
 """What-if and faithfulness: edits against direct formulas, flips checked by an independent build_model forward,
 the gradient search against random directions with the same budget, stability against a re-implementation,
 deletion curves against random orders, and the shared model left exactly as it was."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from browser_util import model_fingerprint
 from conftest import make_model
+
 from flag_model import build_model, load_checkpoint
 from flag_model.__main__ import main
 from flag_model.analysis import attribution as A
@@ -37,7 +38,7 @@ def decide(model, window: np.ndarray) -> np.ndarray:
 
 
 def window_at(fm, end: int) -> np.ndarray:
-    return fm.values[end - S:end]
+    return fm.values[end - S : end]
 
 
 def test_edits_change_exactly_the_chosen_cells_by_the_formula():
@@ -46,9 +47,12 @@ def test_edits_change_exactly_the_chosen_cells_by_the_formula():
     mean = rng.standard_normal(6).astype(np.float32)
     feats, t0, t1 = (1, 4), 3, 7
     expected = {
-        W.SET: lambda c, j: np.float32(2.5), W.ADD: lambda c, j: c + np.float32(2.5),
-        W.MULTIPLY: lambda c, j: c * np.float32(2.5), W.ZERO: lambda c, j: 0.0,
-        W.COPY: lambda c, j: src[t, j], W.MEAN: lambda c, j: mean[j],
+        W.SET: lambda c, j: np.float32(2.5),
+        W.ADD: lambda c, j: c + np.float32(2.5),
+        W.MULTIPLY: lambda c, j: c * np.float32(2.5),
+        W.ZERO: lambda c, j: 0.0,
+        W.COPY: lambda c, j: src[t, j],
+        W.MEAN: lambda c, j: mean[j],
     }
     for op, formula in expected.items():
         out = W.apply_edit(w, W.Edit(op, feats, t0, t1, 2.5), source=src, feature_mean=mean)
@@ -57,9 +61,14 @@ def test_edits_change_exactly_the_chosen_cells_by_the_formula():
                 want = formula(w[t, j], j) if (t0 <= t < t1 and j in feats) else w[t, j]
                 assert out[t, j] == pytest.approx(want), (op, t, j)
     assert np.array_equal(W.apply_edit(w, W.Edit(W.MEAN, feats, t0, t1))[t0:t1][:, feats], np.zeros((4, 2)))
-    for bad, kw in ((W.Edit(W.SET, (6,), 0, 1), {}), (W.Edit(W.SET, (0,), 5, 5), {}),
-                    (W.Edit(W.COPY, (0,), 0, 2), {}), (W.Edit("scale", (0,), 0, 2), {}),
-                    (W.Edit(W.SET, (), 0, 2), {}), (W.Edit(W.MULTIPLY, (0,), 0, 2, 1e39), {})):
+    for bad, kw in (
+        (W.Edit(W.SET, (6,), 0, 1), {}),
+        (W.Edit(W.SET, (0,), 5, 5), {}),
+        (W.Edit(W.COPY, (0,), 0, 2), {}),
+        (W.Edit("scale", (0,), 0, 2), {}),
+        (W.Edit(W.SET, (), 0, 2), {}),
+        (W.Edit(W.MULTIPLY, (0,), 0, 2, 1e39), {}),
+    ):
         with pytest.raises(ValueError):
             W.apply_edit(w, bad, **kw)
 
@@ -69,7 +78,7 @@ def test_evaluate_edits_reports_the_plain_forward(demo):
     w = window_at(fm, 2000)
     res = W.evaluate_edits(model, w, [W.Edit(W.ADD, (3, 9), S - 4, S, 1.5), W.Edit(W.ZERO, (0,), 0, S)])
     manual = w.copy()
-    manual[S - 4:, [3, 9]] += np.float32(1.5)
+    manual[S - 4 :, [3, 9]] += np.float32(1.5)
     manual[:, 0] = 0
     assert np.array_equal(res.edited, manual) and res.changed_cells == int((manual != w).sum())
     assert np.allclose(res.before, decide(model, w), atol=1e-6)
@@ -145,8 +154,9 @@ def test_stability_matches_a_direct_reimplementation(demo):
     assert np.allclose(res.unchanged[0], (got == clean).mean(axis=1))
     assert res.unchanged[0, 0] == 1.0 and res.decisions[0] == clean
     calls: list[tuple[int, int]] = []
-    many = W.decision_stability(model, np.stack([w, window_at(fm, 5000)]), sigma, ks, n_samples=4,
-                                progress=lambda d, t: calls.append((d, t)))
+    many = W.decision_stability(
+        model, np.stack([w, window_at(fm, 5000)]), sigma, ks, n_samples=4, progress=lambda d, t: calls.append((d, t))
+    )
     assert calls == [(1, 2), (2, 2)] and many.unchanged.shape == (2, 3)
     assert list(many.curve().columns) == ["k", "share unchanged", "p10 over windows", "min over windows"]
 
@@ -210,8 +220,9 @@ def test_cli_whatif_json_is_checkable_with_our_own_forward(demo, tmp_path, capsy
     assert main(["whatif", str(path), str(csv), "--at", at, "--features", "rsi_14,ret_5", "macd", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {c["feature"] for c in out["edited_cells"]} <= {"rsi_14", "ret_5", "macd"}
-    assert out["flipped"] == (out["target"] == names[int(decide(fresh, np.array(out["edited_window"],
-                                                                                     np.float32)).argmax())])
+    assert out["flipped"] == (
+        out["target"] == names[int(decide(fresh, np.array(out["edited_window"], np.float32)).argmax())]
+    )
     assert main(["whatif", str(path), str(csv), "--at", "1990-01-01"]) == 2
     assert main(["whatif", str(path), str(csv), "--at", at, "--features", "nope"]) == 2
     assert "unknown feature" in capsys.readouterr().err

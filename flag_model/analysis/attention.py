@@ -5,10 +5,11 @@ position j, each row sums to 1. Without a causal mask position i also attends to
 `future_share` statistic measures that leak. Everything runs under inference mode on the shared model,
 which is only read.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -44,8 +45,7 @@ def window_attention(model: FlagTrader, window: np.ndarray) -> WindowAttention:
     """window (S, state_dim) -> its attention maps and per-position probabilities."""
     with torch.inference_mode():
         logits, maps = model(_as_batch(window)[None], return_attention=True)
-        return WindowAttention(maps=torch.stack(maps, 1)[0].float().numpy(),
-                               probs=logits[0].softmax(-1).numpy())
+        return WindowAttention(maps=torch.stack(maps, 1)[0].float().numpy(), probs=logits[0].softmax(-1).numpy())
 
 
 def rollout(maps: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def _stats(p: torch.Tensor, last_k: int, query: int | None = None) -> torch.Tens
     dist = pos[:, None] - pos[None, :]  # i - j: > 0 looks back, < 0 looks ahead
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
     lookback = (p * dist).sum(-1)
-    last_k = p[..., max(S - last_k, 0):].sum(-1)
+    last_k = p[..., max(S - last_k, 0) :].sum(-1)
     future = (p * (dist < 0)).sum(-1)
     out = torch.stack([entropy, lookback, last_k, future], -1)
     return out.mean(-2) if query is None else out[..., query, :]
@@ -128,8 +128,13 @@ class AttentionSummary:
     n_windows: int
 
 
-def attention_summary(model: FlagTrader, windows: np.ndarray, last_k: int = 8, batch_size: int | None = None,
-                      progress: Progress | None = None) -> AttentionSummary:
+def attention_summary(
+    model: FlagTrader,
+    windows: np.ndarray,
+    last_k: int = 8,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> AttentionSummary:
     """windows (N, S, state_dim) -> AttentionSummary; `progress(fraction, message)` after every batch.
 
     batch_size None keeps the attention maps of one batch near MAP_BUDGET bytes (they grow with S²).
@@ -144,7 +149,7 @@ def attention_summary(model: FlagTrader, windows: np.ndarray, last_k: int = 8, b
     per_window, per_decision, map_sum = [], [], torch.zeros(cfg.n_blocks, cfg.num_heads, S, S, dtype=torch.float64)
     with torch.inference_mode():
         for i in range(0, n, batch_size):
-            _, maps = model(_as_batch(windows[i:i + batch_size]), return_attention=True)
+            _, maps = model(_as_batch(windows[i : i + batch_size]), return_attention=True)
             per_window.append(torch.stack([_stats(p, last_k) for p in maps], 1))  # (B, L, H, 4)
             per_decision.append(torch.stack([_stats(p, last_k, -1) for p in maps], 1))
             for layer, p in enumerate(maps):
@@ -157,5 +162,10 @@ def attention_summary(model: FlagTrader, windows: np.ndarray, last_k: int = 8, b
     dec = torch.cat(per_decision).double().numpy()
     decision_stats = _frame(dec.mean(0)).merge(_frame(dec.std(0), "_std"), on=["layer", "head"])
     mean_maps = (map_sum / n).numpy()
-    return AttentionSummary(stats=stats, decision_stats=decision_stats, mean_maps=mean_maps.astype(np.float32),
-                            future_by_query=future_by_query(mean_maps).mean(1), n_windows=n)
+    return AttentionSummary(
+        stats=stats,
+        decision_stats=decision_stats,
+        mean_maps=mean_maps.astype(np.float32),
+        future_by_query=future_by_query(mean_maps).mean(1),
+        n_windows=n,
+    )

@@ -19,6 +19,7 @@ Safety: the shared, cached model is never mutated. Gradient and perturbation met
 (no hooks, no parameter writes, no mode change); DeepLift, which attaches hooks while it runs, works on
 a private deep copy. Everything runs with gradients enabled, outside inference mode, on fresh tensors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,14 +28,21 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from captum.attr import (DeepLift, FeatureAblation, GradientShap, InputXGradient, IntegratedGradients, Occlusion,
-                         Saliency)
+from captum.attr import (
+    DeepLift,
+    FeatureAblation,
+    GradientShap,
+    InputXGradient,
+    IntegratedGradients,
+    Occlusion,
+    Saliency,
+)
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
@@ -45,8 +53,15 @@ from .lora import action_names
 # Captum warns on every DeepLift call that it sets hooks; they live on our private copy only.
 warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
 
-IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION = ("Integrated Gradients", "Saliency", "Input × Gradient",
-                                                          "DeepLift", "GradientSHAP", "Occlusion", "Feature Ablation")
+IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION = (
+    "Integrated Gradients",
+    "Saliency",
+    "Input × Gradient",
+    "DeepLift",
+    "GradientSHAP",
+    "Occlusion",
+    "Feature Ablation",
+)
 METHODS: tuple[str, ...] = (IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION)
 PATH_METHODS = frozenset({IG, SHAP})  # `steps` applies
 DELTA_METHODS = frozenset({IG, DEEPLIFT, SHAP})  # Captum returns a convergence delta
@@ -57,7 +72,7 @@ METHOD_NOTES = {
     IXG: "Input times gradient; no baseline (an implicit all-zero reference).",
     DEEPLIFT: "DeepLift rescale rule relative to the baseline, on a private model copy (it sets hooks).",
     SHAP: "GradientSHAP with the baseline as reference: gradients at `steps` random points on the path "
-          "times (x − baseline); its delta is the mean over the samples. Stochastic: numbers vary between runs.",
+    "times (x − baseline); its delta is the mean over the samples. Stochastic: numbers vary between runs.",
     OCCLUSION: "Patches of time × features set to the baseline; effect per patch spread over its cells.",
     ABLATION: "One feature over the whole window set to the baseline; effect spread over its time steps.",
 }
@@ -69,7 +84,7 @@ BASELINE_NOTES = {
     MEANS: "each feature at its mean (see `feature_means`) at every step.",
     WINDOW_MEAN: "each feature at its own average over this window: credits moments that deviate from it.",
     FLAT: "every step equal to the window's last bar (a market that did not move): credits the history "
-          "only; the last bar itself gets zero attribution.",
+    "only; the last bar itself gets zero attribution.",
 }
 OUTPUTS = ("logit", "probability")
 
@@ -127,8 +142,9 @@ class GlobalImportance:
     def table(self) -> pd.DataFrame:
         """One row per feature, ranked by mean |total|; per predicted class mean |total| columns."""
         mag = np.abs(self.totals)
-        df = pd.DataFrame({"feature": self.feature_names, "mean_abs": mag.mean(axis=0),
-                           "mean_signed": self.totals.mean(axis=0)})
+        df = pd.DataFrame(
+            {"feature": self.feature_names, "mean_abs": mag.mean(axis=0), "mean_signed": self.totals.mean(axis=0)}
+        )
         for c, name in enumerate(self.action_names):
             rows = self.predicted == c
             df[f"mean_abs_{name}"] = mag[rows].mean(axis=0) if rows.any() else np.nan
@@ -144,8 +160,9 @@ class DecisionOutput(nn.Module):
     """(B, S, state_dim) -> (B, n_actions): logits (or probabilities) of the deciding position only.
     `on_rows(n)`, if given, is told the number of windows of every forward pass (progress of Captum's loops)."""
 
-    def __init__(self, model: nn.Module, position: int, output: str = "logit",
-                 on_rows: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, position: int, output: str = "logit", on_rows: Callable[[int], None] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.position = position
@@ -159,8 +176,7 @@ class DecisionOutput(nn.Module):
         return y.softmax(-1) if self.output == "probability" else y
 
 
-def forward_rows(method: str, n_windows: int, length: int, width: int, steps: int,
-                 patch: tuple[int, int]) -> int:
+def forward_rows(method: str, n_windows: int, length: int, width: int, steps: int, patch: tuple[int, int]) -> int:
     """Windows Captum passes through the model for one `_run` of `method` on n_windows windows (for progress)."""
     if method == IG:
         return n_windows * (steps + 2)  # the path points, then f(x) and f(baseline) for the delta
@@ -202,8 +218,10 @@ def make_baseline(x: np.ndarray, name: str, feature_mean: np.ndarray | None = No
         return np.zeros_like(x)
     if name == MEANS:
         if feature_mean is None or np.shape(feature_mean) != (x.shape[-1],):
-            raise ValueError(f"the 'feature means' baseline needs a feature_mean vector of length {x.shape[-1]}; "
-                             "get one from feature_means(feature_matrix, checkpoint.meta).")
+            raise ValueError(
+                f"the 'feature means' baseline needs a feature_mean vector of length {x.shape[-1]}; "
+                "get one from feature_means(feature_matrix, checkpoint.meta)."
+            )
         return np.broadcast_to(np.asarray(feature_mean, np.float32), x.shape).copy()
     if name == WINDOW_MEAN:
         return np.broadcast_to(x.mean(axis=-2, keepdims=True), x.shape).copy()
@@ -238,21 +256,38 @@ def _position(pos: int, length: int) -> int:
 
 def _patch_cells(length: int, width: int, patch: tuple[int, int]) -> np.ndarray:
     """(S, D) number of cells in the non-overlapping occlusion patch each cell belongs to (edges are smaller)."""
+
     def sizes(n: int, w: int) -> np.ndarray:
         start = (np.arange(n) // w) * w
         return np.minimum(w, n - start)
+
     return np.outer(sizes(length, patch[0]), sizes(width, patch[1])).astype(np.float32)
 
 
-def _run(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tensor, target: torch.Tensor, position: int,
-         output: str, steps: int, batch: int, patch: tuple[int, int],
-         on_rows: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _run(
+    model: nn.Module,
+    method: str,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    target: torch.Tensor,
+    position: int,
+    output: str,
+    steps: int,
+    batch: int,
+    patch: tuple[int, int],
+    on_rows: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Captum on a batch x (B, S, D) -> attributions (B, S, D) and per-window delta (B,) or None."""
     f = DecisionOutput(model, position, output, on_rows)
     if method == IG:
-        return IntegratedGradients(f).attribute(x, base, target=target, n_steps=steps,
-                                                internal_batch_size=max(batch, x.shape[0]),
-                                                return_convergence_delta=True)
+        return IntegratedGradients(f).attribute(
+            x,
+            base,
+            target=target,
+            n_steps=steps,
+            internal_batch_size=max(batch, x.shape[0]),
+            return_convergence_delta=True,
+        )
     if method == SALIENCY:
         return Saliency(f).attribute(x, target=target, abs=False), None
     if method == IXG:
@@ -263,8 +298,13 @@ def _run(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tensor, tar
         chunk = max(1, batch // steps)
         attrs, deltas = [], []
         for i in range(0, x.shape[0], chunk):
-            a, d = GradientShap(f).attribute(x[i:i + chunk], base[i:i + chunk], n_samples=steps,
-                                             target=target[i:i + chunk], return_convergence_delta=True)
+            a, d = GradientShap(f).attribute(
+                x[i : i + chunk],
+                base[i : i + chunk],
+                n_samples=steps,
+                target=target[i : i + chunk],
+                return_convergence_delta=True,
+            )
             attrs.append(a)
             deltas.append(d.view(-1, steps).mean(dim=1))  # ordered by example, then sample
         return torch.cat(attrs), torch.cat(deltas)
@@ -272,12 +312,19 @@ def _run(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tensor, tar
     per_eval = max(1, batch // x.shape[0])  # each perturbation is evaluated for every example
     if method == OCCLUSION:
         patch = (min(patch[0], length), min(patch[1], width))
-        attr = Occlusion(f).attribute(x, sliding_window_shapes=patch, strides=patch, baselines=base, target=target,
-                                      perturbations_per_eval=per_eval)
+        attr = Occlusion(f).attribute(
+            x,
+            sliding_window_shapes=patch,
+            strides=patch,
+            baselines=base,
+            target=target,
+            perturbations_per_eval=per_eval,
+        )
         return attr / torch.from_numpy(_patch_cells(length, width, patch)), None
     mask = torch.arange(width).expand(1, length, width).contiguous()  # one group per feature, whole window
-    attr = FeatureAblation(f).attribute(x, baselines=base, target=target, feature_mask=mask,
-                                        perturbations_per_eval=per_eval)
+    attr = FeatureAblation(f).attribute(
+        x, baselines=base, target=target, feature_mask=mask, perturbations_per_eval=per_eval
+    )
     return attr / length, None
 
 
@@ -381,22 +428,25 @@ def attribute(
         while True:
             total, done = forward_rows(method, 1, length, width, n or 1, occlusion_patch), 0
 
-            def on_rows(rows: int) -> None:
+            def on_rows(rows: int, n: int | None = n, total: int = total) -> None:
                 nonlocal done
                 done += rows
                 if progress is not None:
                     label = f"{method}" + (f", {n} steps" if n else "")
                     progress(min(done / total, 1.0), f"{label}: {min(done, total):,} / {total:,} model passes")
 
-            attr, delta = _run(worker, method, x, base, tgt_t, pos, output, n or 1, internal_batch_size,
-                               occlusion_patch, on_rows)
+            attr, delta = _run(
+                worker, method, x, base, tgt_t, pos, output, n or 1, internal_batch_size, occlusion_patch, on_rows
+            )
             d = None if delta is None else float(delta.view(-1)[0])
             rel = _relative(d, change)
             if method != IG or auto_threshold is None or rel is None or rel < auto_threshold:
                 break
             if n * 2 > max_steps:
-                notes.append(f"relative delta still {rel:.1%} at the step cap of {max_steps}; "
-                             "the attributions may not add up to f(x) − f(baseline).")
+                notes.append(
+                    f"relative delta still {rel:.1%} at the step cap of {max_steps}; "
+                    "the attributions may not add up to f(x) − f(baseline)."
+                )
                 break
             notes.append(f"{n} steps: relative delta {rel:.1%} ≥ {auto_threshold:.1%}, doubling")
             n *= 2
@@ -404,21 +454,41 @@ def attribute(
     if method == DEEPLIFT:
         notes.append(deeplift_caveat(model))
     return AttributionResult(
-        method=method, attributions=attr[0].detach().float().numpy(), target=tgt,
-        target_name=action_names(n_actions)[tgt], position=pos, baseline=baseline, output=output,
-        probabilities=probs.float().numpy(), f_input=float(fx), f_baseline=float(fb),
-        delta=d, relative_delta=rel, steps=n, seconds=seconds,
-        feature_names=names, notes=tuple(notes),
+        method=method,
+        attributions=attr[0].detach().float().numpy(),
+        target=tgt,
+        target_name=action_names(n_actions)[tgt],
+        position=pos,
+        baseline=baseline,
+        output=output,
+        probabilities=probs.float().numpy(),
+        f_input=float(fx),
+        f_baseline=float(fb),
+        delta=d,
+        relative_delta=rel,
+        steps=n,
+        seconds=seconds,
+        feature_names=names,
+        notes=tuple(notes),
     )
 
 
 def deeplift_caveat(model: nn.Module) -> str:
     """Which non-linearities DeepLift's rescale rule does not cover in this model (they get plain gradients)."""
-    kinds = sorted({type(m).__name__ for m in model.modules() if type(m) not in SUPPORTED_NON_LINEAR
-                    and type(m).__module__ in ("torch.nn.modules.activation", "torch.nn.modules.normalization")})
-    return ("Captum's DeepLift rescale rule covers only " + ", ".join(sorted(t.__name__ for t in SUPPORTED_NON_LINEAR))
-            + f"; this model's {', '.join(kinds) or 'layers'} and the softmax inside attention (a function, not a "
-            "module) get plain gradients, so completeness is not guaranteed: read the delta.")
+    kinds = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if type(m) not in SUPPORTED_NON_LINEAR
+            and type(m).__module__ in ("torch.nn.modules.activation", "torch.nn.modules.normalization")
+        }
+    )
+    return (
+        "Captum's DeepLift rescale rule covers only "
+        + ", ".join(sorted(t.__name__ for t in SUPPORTED_NON_LINEAR))
+        + f"; this model's {', '.join(kinds) or 'layers'} and the softmax inside attention (a function, not a "
+        "module) get plain gradients, so completeness is not guaranteed: read the delta."
+    )
 
 
 def completeness(result: AttributionResult, threshold: float = 0.05) -> tuple[str, str]:
@@ -428,11 +498,15 @@ def completeness(result: AttributionResult, threshold: float = 0.05) -> tuple[st
     if result.delta is None:
         return "n/a", f"{result.method} has no completeness check (no convergence delta)."
     if rel is None:
-        return "n/a", (f"f(x) − f(baseline) is 0, so the relative delta is undefined; delta {result.delta:+.2e}. "
-                       "Choose another baseline.")
+        return "n/a", (
+            f"f(x) − f(baseline) is 0, so the relative delta is undefined; delta {result.delta:+.2e}. "
+            "Choose another baseline."
+        )
     level = "good" if rel < threshold else "fair" if rel < 4 * threshold else "poor"
-    return level, (f"**Completeness {level}**: delta {result.delta:+.2e} = Σ attributions − (f(x) − f(baseline)); "
-                   f"relative delta {100 * rel:.3g} % of |f(x) − f(baseline)| (threshold {threshold:.1%}).")
+    return level, (
+        f"**Completeness {level}**: delta {result.delta:+.2e} = Σ attributions − (f(x) − f(baseline)); "
+        f"relative delta {100 * rel:.3g} % of |f(x) − f(baseline)| (threshold {threshold:.1%})."
+    )
 
 
 def feature_table(result: AttributionResult, top_k: int | None = None) -> pd.DataFrame:
@@ -468,15 +542,19 @@ def rank_agreement(vectors: Mapping[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame({k: np.asarray(v, np.float64) for k, v in vectors.items()}).corr(method="spearman")
 
 
-def agreement(results: Sequence[AttributionResult], by: str = "feature",
-              extra: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
+def agreement(
+    results: Sequence[AttributionResult], by: str = "feature", extra: Mapping[str, np.ndarray] | None = None
+) -> pd.DataFrame:
     """Spearman correlation of |per-feature| (by="feature") or |per-time| (by="time") totals between results,
     plus any `extra` importance vectors (e.g. attention rollout of the deciding step, by="time").
     By time, Feature Ablation is left out: it spreads each effect evenly over time, so its steps are all equal."""
     if by not in ("feature", "time"):
         raise ValueError(f"by must be 'feature' or 'time', not {by!r}")
-    vecs = {r.method: np.abs(r.per_feature if by == "feature" else r.per_time) for r in results
-            if by == "feature" or r.method != ABLATION}
+    vecs = {
+        r.method: np.abs(r.per_feature if by == "feature" else r.per_time)
+        for r in results
+        if by == "feature" or r.method != ABLATION
+    }
     vecs.update(extra or {})
     return rank_agreement(vecs)
 
@@ -529,7 +607,7 @@ def global_importance(
     with torch.inference_mode(False), torch.enable_grad():
         worker = _worker(model, method)
         for start in range(0, len(idx), batch_size):
-            x_np = np.ascontiguousarray(windows[idx[start:start + batch_size]], dtype=np.float32)
+            x_np = np.ascontiguousarray(windows[idx[start : start + batch_size]], dtype=np.float32)
             if not np.isfinite(x_np).all():
                 raise ValueError("a window contains NaN or infinite values; clean the features first.")
             x = torch.tensor(x_np, requires_grad=True)
@@ -544,8 +622,15 @@ def global_importance(
             if progress is not None:
                 progress(min(start + batch_size, len(idx)), len(idx))
     return GlobalImportance(
-        method=method, baseline=baseline, output=output, position=pos,
-        totals=np.concatenate(totals).astype(np.float32), window_index=idx, predicted=np.concatenate(predicted),
-        targets=np.concatenate(targets), feature_names=names,
-        action_names=action_names(model.config.n_actions), seconds=time.perf_counter() - t0,
+        method=method,
+        baseline=baseline,
+        output=output,
+        position=pos,
+        totals=np.concatenate(totals).astype(np.float32),
+        window_index=idx,
+        predicted=np.concatenate(predicted),
+        targets=np.concatenate(targets),
+        feature_names=names,
+        action_names=action_names(model.config.n_actions),
+        seconds=time.perf_counter() - t0,
     )

@@ -6,10 +6,11 @@ whole given groups (blocks mode: one group per scored window, so accuracy by pos
 Every score is a ratio of sums, so each unit is reduced to its per-sample contribution sums once and a
 replicate is the sum of the units it draws.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -73,9 +74,18 @@ class Intervals:
     method: str  # in words, for captions
 
 
-def score_intervals(labels: np.ndarray, actions: np.ndarray, n_classes: int, block: int = 1,
-                    groups: np.ndarray | None = None, position: np.ndarray | None = None, window: int = 0,
-                    n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> Intervals:
+def score_intervals(
+    labels: np.ndarray,
+    actions: np.ndarray,
+    n_classes: int,
+    block: int = 1,
+    groups: np.ndarray | None = None,
+    position: np.ndarray | None = None,
+    window: int = 0,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Intervals:
     """Intervals for accuracy, F1-macro and (given groups and positions) accuracy by position.
 
     labels, actions (n,) int in time order, every sample labelled. Without groups: moving blocks of
@@ -92,12 +102,12 @@ def score_intervals(labels: np.ndarray, actions: np.ndarray, n_classes: int, blo
         units = np.hstack([units, hits, np.bincount(cell, minlength=size).reshape(-1, window)])
     n_draw = len(units) if groups is not None else max(1, round(n / max(1, min(block, n))))
     reps = replicate_sums(units, n_draw, n_boot, seed)
-    cm = reps[:, :k * k].reshape(-1, k, k)
+    cm = reps[:, : k * k].reshape(-1, k, k)
     acc = np.trace(cm, axis1=1, axis2=2) / cm.sum((1, 2))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     by_position = None
     if groups is not None and position is not None:
-        hits, count = reps[:, k * k:k * k + window], reps[:, k * k + window:]
+        hits, count = reps[:, k * k : k * k + window], reps[:, k * k + window :]
         with np.errstate(invalid="ignore", divide="ignore"):
             lo, hi = np.nanpercentile(hits / count, q, axis=0) if n_boot else (np.nan, np.nan)
         by_position = pd.DataFrame({"position": np.arange(window), "lo": lo, "hi": hi})

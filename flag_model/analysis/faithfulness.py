@@ -16,13 +16,14 @@
   original ones. A method that keeps a high correlation after the learned adapters are destroyed explains the
   input more than the model. The cached, shared model is never touched.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,18 @@ import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import nn
 
-from .attribution import (IG, IXG, SALIENCY, ZEROS, DecisionOutput, _run, _worker, attribute, make_baseline,
-                          rank_agreement)
+from .attribution import (
+    IG,
+    IXG,
+    SALIENCY,
+    ZEROS,
+    DecisionOutput,
+    _run,
+    _worker,
+    attribute,
+    make_baseline,
+    rank_agreement,
+)
 from .lora import action_names
 
 Progress = Callable[[float, str], None]
@@ -59,20 +70,33 @@ class Curves:
     @property
     def areas(self) -> dict[str, float]:
         f = self.fractions
-        return {"deletion area": self.area(self.deletion, f),
-                "random deletion area": self.area(self.random_deletion, f),
-                "insertion area": self.area(self.insertion, f),
-                "random insertion area": self.area(self.random_insertion, f)}
+        return {
+            "deletion area": self.area(self.deletion, f),
+            "random deletion area": self.area(self.random_deletion, f),
+            "insertion area": self.area(self.insertion, f),
+            "random insertion area": self.area(self.random_insertion, f),
+        }
 
     def frame(self) -> pd.DataFrame:
         """Long form for plotting: fraction, curve (deletion/insertion), order (method or 'random (mean)'), p."""
         rows = []
-        for curve, ours, rand in (("deletion", self.deletion, self.random_deletion),
-                                  ("insertion", self.insertion, self.random_insertion)):
-            rows.append(pd.DataFrame({"fraction": self.fractions, "curve": curve, "order": self.method,
-                                      "probability": ours}))
-            rows.append(pd.DataFrame({"fraction": self.fractions, "curve": curve, "order": "random (mean)",
-                                      "probability": rand.mean(axis=0)}))
+        for curve, ours, rand in (
+            ("deletion", self.deletion, self.random_deletion),
+            ("insertion", self.insertion, self.random_insertion),
+        ):
+            rows.append(
+                pd.DataFrame({"fraction": self.fractions, "curve": curve, "order": self.method, "probability": ours})
+            )
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "fraction": self.fractions,
+                        "curve": curve,
+                        "order": "random (mean)",
+                        "probability": rand.mean(axis=0),
+                    }
+                )
+            )
         return pd.concat(rows, ignore_index=True)
 
 
@@ -81,14 +105,24 @@ def _target_probs(model: nn.Module, windows: np.ndarray, target: int, position: 
     out = []
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(windows[i:i + batch_size], dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
             out.append(model(x)[:, position].softmax(-1)[:, target].numpy())
     return np.concatenate(out)
 
 
-def deletion_insertion(model: nn.Module, window: np.ndarray, attributions: np.ndarray, target: int,
-                       baseline: np.ndarray, method: str = "attribution", position: int = -1, n_points: int = 21,
-                       n_random: int = 8, seed: int = 0, batch_size: int = 64) -> Curves:
+def deletion_insertion(
+    model: nn.Module,
+    window: np.ndarray,
+    attributions: np.ndarray,
+    target: int,
+    baseline: np.ndarray,
+    method: str = "attribution",
+    position: int = -1,
+    n_points: int = 21,
+    n_random: int = 8,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> Curves:
     """Deletion and insertion curves of window (S, D) in the order of `attributions` (S, D), most positive first,
     against `n_random` random orders. `baseline` (S, D) is what deleted cells become. n_points fractions 0..1."""
     w, b = np.asarray(window, np.float32), np.asarray(baseline, np.float32)
@@ -99,8 +133,10 @@ def deletion_insertion(model: nn.Module, window: np.ndarray, attributions: np.nd
     n_cells = w.size
     counts = np.unique(np.round(np.linspace(0, n_cells, n_points)).astype(int))
     rng = np.random.default_rng(seed)
-    orders = [np.argsort(-np.asarray(attributions, np.float64).ravel(), kind="stable"),
-              *(rng.permutation(n_cells) for _ in range(n_random))]
+    orders = [
+        np.argsort(-np.asarray(attributions, np.float64).ravel(), kind="stable"),
+        *(rng.permutation(n_cells) for _ in range(n_random)),
+    ]
     batch = []
     for order in orders:
         rank = np.empty(n_cells, dtype=np.int64)
@@ -112,8 +148,19 @@ def deletion_insertion(model: nn.Module, window: np.ndarray, attributions: np.nd
     return Curves(method, counts / n_cells, probs[0, 0], probs[0, 1], probs[1:, 0], probs[1:, 1])
 
 
-def _infidelity(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tensor, attr: torch.Tensor,
-                target: int, position: int, output: str, share: float, n_samples: int, seed: int) -> float:
+def _infidelity(
+    model: nn.Module,
+    method: str,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    attr: torch.Tensor,
+    target: int,
+    position: int,
+    output: str,
+    share: float,
+    n_samples: int,
+    seed: int,
+) -> float:
     gen = torch.Generator().manual_seed(seed)
 
     def perturb(inputs: torch.Tensor, baselines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,17 +174,29 @@ def _infidelity(model: nn.Module, method: str, x: torch.Tensor, base: torch.Tens
     return float(value[0])
 
 
-def _sensitivity(model: nn.Module, method: str, x: torch.Tensor, target: int, position: int, baseline: str,
-                 feature_mean: np.ndarray | None, output: str, steps: int, radius: float, n_samples: int,
-                 seed: int) -> float:
+def _sensitivity(
+    model: nn.Module,
+    method: str,
+    x: torch.Tensor,
+    target: int,
+    position: int,
+    baseline: str,
+    feature_mean: np.ndarray | None,
+    output: str,
+    steps: int,
+    radius: float,
+    n_samples: int,
+    seed: int,
+) -> float:
     worker = _worker(model, method)
 
     def explain(inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x_in = inputs[0] if isinstance(inputs, tuple) else inputs  # Captum passes a tuple of one tensor
         base = torch.from_numpy(make_baseline(x_in.detach().numpy(), baseline, feature_mean))
         tgt = torch.full((len(x_in),), target, dtype=torch.long)
-        attr = _run(worker, method, x_in.detach().clone().requires_grad_(True), base, tgt, position, output,
-                    steps, 64, (8, 1))[0].detach()
+        attr = _run(
+            worker, method, x_in.detach().clone().requires_grad_(True), base, tgt, position, output, steps, 64, (8, 1)
+        )[0].detach()
         return (attr,) if isinstance(inputs, tuple) else attr
 
     torch.manual_seed(seed)  # Captum's default perturbation draws from torch's global generator
@@ -156,12 +215,25 @@ class Faithfulness:
     seconds: float
 
 
-def faithfulness(model: nn.Module, window: np.ndarray, methods: Sequence[str] = DEFAULT_METHODS,
-                 target: int | None = None, position: int = -1, baseline: str = ZEROS,
-                 feature_mean: np.ndarray | None = None, output: str = "logit", steps: int = 32, n_points: int = 16,
-                 n_random: int = 4, infidelity_share: float = 0.1, infidelity_samples: int = 16,
-                 sensitivity_radius: float = 0.1, sensitivity_samples: int = 4, seed: int = 0,
-                 progress: Progress | None = None) -> Faithfulness:
+def faithfulness(
+    model: nn.Module,
+    window: np.ndarray,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    target: int | None = None,
+    position: int = -1,
+    baseline: str = ZEROS,
+    feature_mean: np.ndarray | None = None,
+    output: str = "logit",
+    steps: int = 32,
+    n_points: int = 16,
+    n_random: int = 4,
+    infidelity_share: float = 0.1,
+    infidelity_samples: int = 16,
+    sensitivity_radius: float = 0.1,
+    sensitivity_samples: int = 4,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Faithfulness:
     """Faithfulness of `methods` on one window (S, D) for class `target` (None: the predicted class).
 
     Curves use the probability of the class and delete cells to `baseline` (the attribution baseline);
@@ -179,28 +251,58 @@ def faithfulness(model: nn.Module, window: np.ndarray, methods: Sequence[str] = 
         if progress is not None:
             progress(i / len(methods), f"{method}: attributions and curves")
         t1 = time.perf_counter()
-        res = attribute(model, w, method, target=tgt, position=pos, baseline=baseline, feature_mean=feature_mean,
-                        steps=steps, output=output)
+        res = attribute(
+            model,
+            w,
+            method,
+            target=tgt,
+            position=pos,
+            baseline=baseline,
+            feature_mean=feature_mean,
+            steps=steps,
+            output=output,
+        )
         cv = deletion_insertion(model, w, res.attributions, tgt, base_np, method, pos, n_points, n_random, seed)
         curves[method] = cv
         with torch.inference_mode(False), torch.enable_grad():
             x, base = torch.from_numpy(w.copy())[None], torch.from_numpy(base_np)[None]
             attr = torch.from_numpy(res.attributions)[None]
-            infid = _infidelity(model, method, x, base, attr, tgt, pos, output, infidelity_share,
-                                infidelity_samples, seed)
+            infid = _infidelity(
+                model, method, x, base, attr, tgt, pos, output, infidelity_share, infidelity_samples, seed
+            )
             if progress is not None:
                 progress((i + 0.5) / len(methods), f"{method}: sensitivity")
-            sens = _sensitivity(model, method, x, tgt, pos, baseline, feature_mean, output, steps,
-                                sensitivity_radius, sensitivity_samples, seed)
+            sens = _sensitivity(
+                model,
+                method,
+                x,
+                tgt,
+                pos,
+                baseline,
+                feature_mean,
+                output,
+                steps,
+                sensitivity_radius,
+                sensitivity_samples,
+                seed,
+            )
         a = cv.areas
-        rows.append({"method": method, **a,
-                     "deletion beats random": a["deletion area"] < a["random deletion area"],
-                     "insertion beats random": a["insertion area"] > a["random insertion area"],
-                     "infidelity": infid, "sensitivity max": sens, "seconds": time.perf_counter() - t1})
+        rows.append(
+            {
+                "method": method,
+                **a,
+                "deletion beats random": a["deletion area"] < a["random deletion area"],
+                "insertion beats random": a["insertion area"] > a["random insertion area"],
+                "infidelity": infid,
+                "sensitivity max": sens,
+                "seconds": time.perf_counter() - t1,
+            }
+        )
     if progress is not None:
         progress(1.0, "done")
-    return Faithfulness(pd.DataFrame(rows), curves, tgt, action_names(model.config.n_actions)[tgt],
-                        time.perf_counter() - t0)
+    return Faithfulness(
+        pd.DataFrame(rows), curves, tgt, action_names(model.config.n_actions)[tgt], time.perf_counter() - t0
+    )
 
 
 def randomised_copy(model: nn.Module, n_top_blocks: int, seed: int = 0) -> nn.Module:
@@ -228,10 +330,19 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(rank_agreement({"a": np.abs(a).ravel(), "b": np.abs(b).ravel()}).iloc[0, 1])
 
 
-def randomisation_check(model: nn.Module, window: np.ndarray, methods: Sequence[str] = DEFAULT_METHODS,
-                        target: int | None = None, position: int = -1, baseline: str = ZEROS,
-                        feature_mean: np.ndarray | None = None, output: str = "logit", steps: int = 32,
-                        seed: int = 0, progress: Progress | None = None) -> pd.DataFrame:
+def randomisation_check(
+    model: nn.Module,
+    window: np.ndarray,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    target: int | None = None,
+    position: int = -1,
+    baseline: str = ZEROS,
+    feature_mean: np.ndarray | None = None,
+    output: str = "logit",
+    steps: int = 32,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
     """Cascading randomisation of the LoRA adapters, top block first, on private copies.
 
     Returns one row per (blocks randomised k = 0..n_blocks, method): `randomised` names the blocks, `spearman`
@@ -251,9 +362,15 @@ def randomisation_check(model: nn.Module, window: np.ndarray, methods: Sequence[
         label = "none" if k == 0 else f"blocks {n_blocks - 1}…{n_blocks - k}" if k > 1 else f"block {n_blocks - 1}"
         for m in methods:
             res = original[m] if k == 0 else attribute(clone, w, m, target=tgt, **kw)
-            rows.append({"blocks randomised": k, "randomised": label, "method": m,
-                         "spearman": _spearman(original[m].attributions, res.attributions),
-                         "decision": names[int(np.argmax(res.probabilities))]})
+            rows.append(
+                {
+                    "blocks randomised": k,
+                    "randomised": label,
+                    "method": m,
+                    "spearman": _spearman(original[m].attributions, res.attributions),
+                    "decision": names[int(np.argmax(res.probabilities))],
+                }
+            )
     if progress is not None:
         progress(1.0, "done")
     return pd.DataFrame(rows)

@@ -1,10 +1,11 @@
 """Parameter counts, dtypes and a health scan of a state dict (no model needed)."""
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import pandas as pd
 import torch
@@ -79,31 +80,57 @@ def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
         nan = sum(int(torch.isnan(floats[k]).sum()) for k in bad)
         inf = sum(int(torch.isinf(floats[k]).sum()) for k in bad)
         total = sum(floats[k].numel() for k in bad)
-        out.append(Finding("error", "NaN / Inf", f"{_count(len(bad), 'tensor')} {'contains' if len(bad) == 1 else 'contain'} "
-                           f"non-finite values: {nan:,} NaN and {inf:,} Inf of their {total:,} elements.", bad))
+        out.append(
+            Finding(
+                "error",
+                "NaN / Inf",
+                f"{_count(len(bad), 'tensor')} {'contains' if len(bad) == 1 else 'contain'} "
+                f"non-finite values: {nan:,} NaN and {inf:,} Inf of their {total:,} elements.",
+                bad,
+            )
+        )
     else:
         out.append(Finding("ok", "NaN / Inf", "every tensor is finite."))
     # native `…lora_B` and PEFT `…lora_B.weight` / `…lora_B.<adapter>.weight`
     is_b = {k: bool(re.search(r"lora_B(\.[^.]+)?(\.weight)?$", k)) for k in floats}
     zero = tuple(k for k, t in floats.items() if t.numel() and not t.any() and not is_b[k])
-    out.append(Finding("warning", "all-zero tensors", f"{_count(len(zero), 'tensor')} {'is' if len(zero) == 1 else 'are'} "
-                       "all zeros.", zero) if zero
-               else Finding("ok", "all-zero tensors", "no tensor is all zeros (LoRA B checked separately)."))
+    out.append(
+        Finding(
+            "warning",
+            "all-zero tensors",
+            f"{_count(len(zero), 'tensor')} {'is' if len(zero) == 1 else 'are'} all zeros.",
+            zero,
+        )
+        if zero
+        else Finding("ok", "all-zero tensors", "no tensor is all zeros (LoRA B checked separately).")
+    )
     b_keys = [k for k in floats if is_b[k]]
     dead = tuple(k for k in b_keys if floats[k].abs().max().item() < _B_ZERO)
     if not b_keys:
         out.append(Finding("info", "LoRA adapters", "the file has no LoRA adapters."))
     elif dead:
-        out.append(Finding("warning", "LoRA adapters",
-                           f"{len(dead)}/{len(b_keys)} adapters have lora_B ≈ 0: they change nothing "
-                           "(untrained, or saved before training).", dead))
+        out.append(
+            Finding(
+                "warning",
+                "LoRA adapters",
+                f"{len(dead)}/{len(b_keys)} adapters have lora_B ≈ 0: they change nothing "
+                "(untrained, or saved before training).",
+                dead,
+            )
+        )
     else:
         out.append(Finding("ok", "LoRA adapters", f"all {len(b_keys)} adapters have non-zero lora_B."))
     head = floats.get("action_head.weight")
     if head is not None:
         if _looks_like_linear_init(head):
-            out.append(Finding("warning", "action head", "action_head.weight looks like its random initialisation.",
-                               ("action_head.weight",)))
+            out.append(
+                Finding(
+                    "warning",
+                    "action head",
+                    "action_head.weight looks like its random initialisation.",
+                    ("action_head.weight",),
+                )
+            )
         else:
             out.append(Finding("ok", "action head", "action_head.weight does not look like its initialisation."))
     bases = [k for k in floats if k.endswith(".base.weight")]
@@ -111,13 +138,26 @@ def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
     if bases:
         share = len(init) / len(bases)
         level = "info" if share > 0.5 else "ok"
-        msg = (f"{len(init)}/{len(bases)} base weights look like untrained nn.Linear initialisation "
-               "(uniform ±1/√in). Expected for FLAG-TRADER: only LoRA, embeddings, norms and the head were trained."
-               if init else "no base weight looks like untrained initialisation.")
+        msg = (
+            f"{len(init)}/{len(bases)} base weights look like untrained nn.Linear initialisation "
+            "(uniform ±1/√in). Expected for FLAG-TRADER: only LoRA, embeddings, norms and the head were trained."
+            if init
+            else "no base weight looks like untrained initialisation."
+        )
         out.append(Finding(level, "base weights", msg, init))
     return out
 
 
 def findings_frame(findings: list[Finding]) -> pd.DataFrame:
-    return pd.DataFrame([{"level": f.level, "check": f.check, "message": f.message,
-                          "tensors": len(f.keys), "examples": ", ".join(f.keys[:3])} for f in findings])
+    return pd.DataFrame(
+        [
+            {
+                "level": f.level,
+                "check": f.check,
+                "message": f.message,
+                "tensors": len(f.keys),
+                "examples": ", ".join(f.keys[:3]),
+            }
+            for f in findings
+        ]
+    )

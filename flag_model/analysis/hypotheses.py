@@ -20,12 +20,14 @@ used only for the optional screening stage, which only decides which combination
 `score_combination` is a pure function of (state dict, config, hypothesis, windows), so the scoring of one
 combination can run anywhere (e.g. a Dask worker); `rank_scores` turns any set of logits into a ranking.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,8 +68,10 @@ class Hypothesis:
     scale_source: str = field(default="", compare=False)
 
     def label(self) -> str:
-        return (f"{self.num_heads} heads · {'pre' if self.norm_first else 'post'}-norm · "
-                f"{'causal' if self.causal else 'no mask'} · LoRA ×{self.lora_scale:g} · window {self.window}")
+        return (
+            f"{self.num_heads} heads · {'pre' if self.norm_first else 'post'}-norm · "
+            f"{'causal' if self.causal else 'no mask'} · LoRA ×{self.lora_scale:g} · window {self.window}"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,18 +85,35 @@ class SearchSpace:
     windows: tuple[int, ...]
 
     def hypotheses(self) -> list[Hypothesis]:
-        return [Hypothesis(h, c, n, s, w, src) for w in self.windows for s, src in self.scales
-                for n in self.norm_first for c in self.causal for h in self.heads]
+        return [
+            Hypothesis(h, c, n, s, w, src)
+            for w in self.windows
+            for s, src in self.scales
+            for n in self.norm_first
+            for c in self.causal
+            for h in self.heads
+        ]
 
     def table(self) -> pd.DataFrame:
         """One row per assumption: its candidates and where they come from."""
-        return pd.DataFrame([
-            ("heads", ", ".join(map(str, self.heads)), f"divisors of d with head width >= {MIN_HEAD_WIDTH}, and a stored count"),
-            ("causal mask", ", ".join("on" if c else "off" for c in self.causal), "both"),
-            ("norm placement", ", ".join("pre" if n else "post" for n in self.norm_first), "both"),
-            ("LoRA scale", ", ".join(f"{s:g}" for s, _ in self.scales), "; ".join(f"{s:g}: {src}" for s, src in self.scales)),
-            ("window length", ", ".join(map(str, self.windows)), "stored in the checkpoint, else 64, or chosen"),
-        ], columns=["assumption", "candidates", "source"])
+        return pd.DataFrame(
+            [
+                (
+                    "heads",
+                    ", ".join(map(str, self.heads)),
+                    f"divisors of d with head width >= {MIN_HEAD_WIDTH}, and a stored count",
+                ),
+                ("causal mask", ", ".join("on" if c else "off" for c in self.causal), "both"),
+                ("norm placement", ", ".join("pre" if n else "post" for n in self.norm_first), "both"),
+                (
+                    "LoRA scale",
+                    ", ".join(f"{s:g}" for s, _ in self.scales),
+                    "; ".join(f"{s:g}: {src}" for s, src in self.scales),
+                ),
+                ("window length", ", ".join(map(str, self.windows)), "stored in the checkpoint, else 64, or chosen"),
+            ],
+            columns=["assumption", "candidates", "source"],
+        )
 
     def __len__(self) -> int:
         return len(self.heads) * len(self.causal) * len(self.norm_first) * len(self.scales) * len(self.windows)
@@ -121,12 +142,18 @@ def candidate_scales(cfg: ModelConfig) -> tuple[tuple[float, str], ...]:
     found.setdefault(round(DEFAULT_ALPHA / r, 9), []).append(f"default alpha {DEFAULT_ALPHA:g} / r {r}")
     if stored:
         found.setdefault(round(cfg.lora_scale * r / math.sqrt(r), 9), []).append(
-            f"rsLoRA: stored alpha {cfg.lora_scale * r:g} / sqrt(r {r})")
+            f"rsLoRA: stored alpha {cfg.lora_scale * r:g} / sqrt(r {r})"
+        )
     return tuple((s, "; ".join(src)) for s, src in sorted(found.items()))
 
 
-def search_space(cfg: ModelConfig, meta: Mapping[str, Any], windows: Sequence[int] | None = None,
-                 heads: Sequence[int] | None = None, scales: Sequence[float] | None = None) -> SearchSpace:
+def search_space(
+    cfg: ModelConfig,
+    meta: Mapping[str, Any],
+    windows: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    scales: Sequence[float] | None = None,
+) -> SearchSpace:
     """The default search space of a checkpoint; `windows`/`heads`/`scales` replace a dimension's candidates.
     Window lengths default to the one the checkpoint's metadata names (else 64). Raises ValueError on values
     the model cannot take."""
@@ -139,8 +166,11 @@ def search_space(cfg: ModelConfig, meta: Mapping[str, Any], windows: Sequence[in
     if bad:
         raise ValueError(f"{bad} heads do not divide the hidden size d={cfg.d_model}.")
     known = dict(candidate_scales(cfg))
-    sc = (tuple((float(s), known.get(round(float(s), 9), "given")) for s in sorted(set(scales))) if scales
-          else tuple(known.items()))
+    sc = (
+        tuple((float(s), known.get(round(float(s), 9), "given")) for s in sorted(set(scales)))
+        if scales
+        else tuple(known.items())
+    )
     if any(not math.isfinite(s) or s < 0 for s, _ in sc):
         raise ValueError("LoRA scales must be finite and >= 0.")
     return SearchSpace(hs, (False, True), (False, True), sc, wins)
@@ -179,14 +209,23 @@ def labelled_windows(fm: FeatureMatrix, n_windows: int, longest: int, rule: Labe
     rows = np.flatnonzero(labels != NO_LABEL)
     rows = rows[rows >= longest - 1]
     if len(rows) == 0:
-        raise DataError(f"no labelled window: windows of {longest} rows need {longest + rule.horizon} feature rows "
-                        f"with prices; the data has {len(fm.values)}. Use more data or a shorter window.")
+        raise DataError(
+            f"no labelled window: windows of {longest} rows need {longest + rule.horizon} feature rows "
+            f"with prices; the data has {len(fm.values)}. Use more data or a shorter window."
+        )
     ends = np.unique(rows[np.linspace(0, len(rows) - 1, min(n_windows, len(rows))).round().astype(np.int64)])
     return LabelledData(fm.values, ends, labels[ends], fm.times[ends], rule, fm.normalisation, fm.warnings)
 
 
-def labelled_data(ohlcv: pd.DataFrame, meta: Mapping[str, Any], state_dim: int, n_windows: int, longest: int,
-                  rule: LabelRule | None = None, normalisation: str = "auto") -> LabelledData:
+def labelled_data(
+    ohlcv: pd.DataFrame,
+    meta: Mapping[str, Any],
+    state_dim: int,
+    n_windows: int,
+    longest: int,
+    rule: LabelRule | None = None,
+    normalisation: str = "auto",
+) -> LabelledData:
     """OHLCV bars -> the checkpoint's features and labelled windows (labels by `rule`, default the checkpoint's
     stored rule, else simple-60's; a bar interval unlike training's is a warning). normalisation "auto": the stored
     feature statistics when the checkpoint has them, else z-scores of this data (a model trained on raw
@@ -195,8 +234,13 @@ def labelled_data(ohlcv: pd.DataFrame, meta: Mapping[str, Any], state_dim: int, 
     fm = checkpoint_features(ohlcv, meta, state_dim, "checkpoint" if normalisation == "auto" else normalisation)
     if normalisation == "auto" and fm.normalisation != "checkpoint":
         fm = checkpoint_features(ohlcv, meta, state_dim, "data")
-        fm = replace(fm, warnings=("the checkpoint stores no feature statistics: features are z-scored with this "
-                                   "data's mean and std", *fm.warnings))
+        fm = replace(
+            fm,
+            warnings=(
+                "the checkpoint stores no feature statistics: features are z-scored with this data's mean and std",
+                *fm.warnings,
+            ),
+        )
     interval = check_interval(fm.times, meta, rule.horizon)
     if not interval.matches:  # the ranking is only as good as the match between this data and training's
         fm = replace(fm, warnings=(interval.message.replace("**", ""), *fm.warnings))
@@ -206,16 +250,24 @@ def labelled_data(ohlcv: pd.DataFrame, meta: Mapping[str, Any], state_dim: int, 
 # Scoring
 
 
-def _engine(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, scale: float, precision: str,
-            device: str | None = None) -> InferenceEngine:
+def _engine(
+    state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, scale: float, precision: str, device: str | None = None
+) -> InferenceEngine:
     """An engine holding the weights merged with LoRA scale `scale` (the model itself is dropped)."""
-    model = build_model(state_dict, num_heads=cfg.num_heads, lora_scale=scale, norm_first=cfg.norm_first,
-                        causal=cfg.causal)  # strict, shapes checked before allocating
+    model = build_model(
+        state_dict, num_heads=cfg.num_heads, lora_scale=scale, norm_first=cfg.norm_first, causal=cfg.causal
+    )  # strict, shapes checked before allocating
     return InferenceEngine(model, precision, device)
 
 
-def score_combination(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, hyp: Hypothesis,
-                      windows: np.ndarray, precision: str = "exact", device: str | None = None) -> np.ndarray:
+def score_combination(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    hyp: Hypothesis,
+    windows: np.ndarray,
+    precision: str = "exact",
+    device: str | None = None,
+) -> np.ndarray:
     """Decision-position logits (n, n_actions) float32 of windows (n, hyp.window, state_dim) under `hyp`.
     A pure function of its arguments, for running one combination anywhere."""
     engine = _engine(state_dict, cfg, hyp.lora_scale, precision, device)
@@ -223,15 +275,24 @@ def score_combination(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, 
     bs = engine.batch_size(hyp.window)
     out = np.empty((len(windows), cfg.n_actions), dtype=np.float32)
     for start in range(0, len(windows), bs):
-        x = torch.from_numpy(np.array(windows[start:start + bs], dtype=np.float32))
-        out[start:start + bs] = variant.forward_embedded(engine.embed(x)).cpu().numpy()
+        x = torch.from_numpy(np.array(windows[start : start + bs], dtype=np.float32))
+        out[start : start + bs] = variant.forward_embedded(engine.embed(x)).cpu().numpy()
     return out
 
 
-def score_hypotheses(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, hyps: Sequence[Hypothesis],
-                     data: LabelledData, index: np.ndarray, precision: str = "exact",
-                     progress: Progress | None = None, cancel: Cancel | None = None,
-                     done: int = 0, total: int | None = None, device: str | None = None) -> dict[Hypothesis, np.ndarray]:
+def score_hypotheses(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    hyps: Sequence[Hypothesis],
+    data: LabelledData,
+    index: np.ndarray,
+    precision: str = "exact",
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    done: int = 0,
+    total: int | None = None,
+    device: str | None = None,
+) -> dict[Hypothesis, np.ndarray]:
     """Logits (len(index), n_actions) of windows `index` under each hypothesis, sharing the merge per scale
     and the embedding per batch. Equal to `score_combination` per hypothesis (same engine, same batches).
     `done`/`total` place this call's progress inside a larger run. Raises Cancelled when `cancel()` is true."""
@@ -247,12 +308,12 @@ def score_hypotheses(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, h
             bs = engine.batch_size(length)  # the same batches as score_combination: identical logits
             logits = {h: np.empty((len(index), cfg.n_actions), dtype=np.float32) for h in group}
             for start in range(0, len(index), bs):
-                sel = index[start:start + bs]
+                sel = index[start : start + bs]
                 emb = engine.embed(torch.from_numpy(data.windows(length, sel)))
                 for h, v in zip(group, variants):
                     if cancel is not None and cancel():
                         raise Cancelled("stopped by the user")
-                    logits[h][start:start + len(sel)] = v.forward_embedded(emb).cpu().numpy()
+                    logits[h][start : start + len(sel)] = v.forward_embedded(emb).cpu().numpy()
                     done += len(sel)
                     if progress is not None:
                         progress(done, total, f"LoRA ×{scale:g}, window {length}: {h.label()}")
@@ -284,15 +345,28 @@ class Ranking:
         """JSON-ready entries, best first (the CLI's --json)."""
         out = []
         for r in self.table.itertuples(index=False):
-            out.append({
-                "rank": int(r.rank), "num_heads": int(r.num_heads), "causal": bool(r.causal),
-                "norm_first": bool(r.norm_first), "lora_scale": float(r.lora_scale), "window": int(r.window),
-                "nll": float(r.nll), "nll_interval": [float(r.nll_low), float(r.nll_high)],
-                "accuracy": float(r.accuracy), "accuracy_interval": [float(r.accuracy_low), float(r.accuracy_high)],
-                "f1": float(r.f1), "f1_interval": [float(r.f1_low), float(r.f1_high)],
-                "brier": float(r.brier), "ece": float(r.ece), "share_best": float(r.share_best),
-                "windows": int(r.windows), "stage": r.stage, "lora_scale_source": r.scale_source,
-            })
+            out.append(
+                {
+                    "rank": int(r.rank),
+                    "num_heads": int(r.num_heads),
+                    "causal": bool(r.causal),
+                    "norm_first": bool(r.norm_first),
+                    "lora_scale": float(r.lora_scale),
+                    "window": int(r.window),
+                    "nll": float(r.nll),
+                    "nll_interval": [float(r.nll_low), float(r.nll_high)],
+                    "accuracy": float(r.accuracy),
+                    "accuracy_interval": [float(r.accuracy_low), float(r.accuracy_high)],
+                    "f1": float(r.f1),
+                    "f1_interval": [float(r.f1_low), float(r.f1_high)],
+                    "brier": float(r.brier),
+                    "ece": float(r.ece),
+                    "share_best": float(r.share_best),
+                    "windows": int(r.windows),
+                    "stage": r.stage,
+                    "lora_scale_source": r.scale_source,
+                }
+            )
         return out
 
 
@@ -321,8 +395,13 @@ def window_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarra
     p = np.exp(logp)
     pred = p.argmax(axis=1)
     onehot = np.eye(logits.shape[1])[labels]
-    return {"nll": -logp[np.arange(len(labels)), labels], "correct": (pred == labels).astype(np.float64),
-            "pred": pred, "brier": ((p - onehot) ** 2).sum(axis=1), "confidence": p.max(axis=1)}
+    return {
+        "nll": -logp[np.arange(len(labels)), labels],
+        "correct": (pred == labels).astype(np.float64),
+        "pred": pred,
+        "brier": ((p - onehot) ** 2).sum(axis=1),
+        "confidence": p.max(axis=1),
+    }
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -333,8 +412,13 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(gap.sum() / max(n.sum(), 1))
 
 
-def _summaries(logits: Mapping[Hypothesis, np.ndarray], labels: np.ndarray, weights: np.ndarray,
-               level: float, names: tuple[str, ...]) -> tuple[list[dict[str, Any]], np.ndarray]:
+def _summaries(
+    logits: Mapping[Hypothesis, np.ndarray],
+    labels: np.ndarray,
+    weights: np.ndarray,
+    level: float,
+    names: tuple[str, ...],
+) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Point scores and bootstrap intervals per hypothesis; also the (resamples, entries) mean NLLs."""
     k, n = len(names), len(labels)
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
@@ -347,23 +431,42 @@ def _summaries(logits: Mapping[Hypothesis, np.ndarray], labels: np.ndarray, weig
         boot_acc = weights @ s["correct"] / n
         boot_f1 = f1_macro(conf.reshape(-1, k, k))
         means.append(boot_nll)
-        rows.append({
-            "num_heads": h.num_heads, "causal": h.causal, "norm_first": h.norm_first, "lora_scale": h.lora_scale,
-            "window": h.window, "nll": float(s["nll"].mean()),
-            "nll_low": float(np.percentile(boot_nll, lo_q)), "nll_high": float(np.percentile(boot_nll, hi_q)),
-            "accuracy": metrics.accuracy if metrics else float("nan"),
-            "accuracy_low": float(np.percentile(boot_acc, lo_q)), "accuracy_high": float(np.percentile(boot_acc, hi_q)),
-            "f1": metrics.f1_macro if metrics else float("nan"),
-            "f1_low": float(np.percentile(boot_f1, lo_q)), "f1_high": float(np.percentile(boot_f1, hi_q)),
-            "brier": float(s["brier"].mean()), "ece": expected_calibration_error(s["confidence"], s["correct"]),
-            "windows": n, "scale_source": h.scale_source, "label": h.label(),
-        })
+        rows.append(
+            {
+                "num_heads": h.num_heads,
+                "causal": h.causal,
+                "norm_first": h.norm_first,
+                "lora_scale": h.lora_scale,
+                "window": h.window,
+                "nll": float(s["nll"].mean()),
+                "nll_low": float(np.percentile(boot_nll, lo_q)),
+                "nll_high": float(np.percentile(boot_nll, hi_q)),
+                "accuracy": metrics.accuracy if metrics else float("nan"),
+                "accuracy_low": float(np.percentile(boot_acc, lo_q)),
+                "accuracy_high": float(np.percentile(boot_acc, hi_q)),
+                "f1": metrics.f1_macro if metrics else float("nan"),
+                "f1_low": float(np.percentile(boot_f1, lo_q)),
+                "f1_high": float(np.percentile(boot_f1, hi_q)),
+                "brier": float(s["brier"].mean()),
+                "ece": expected_calibration_error(s["confidence"], s["correct"]),
+                "windows": n,
+                "scale_source": h.scale_source,
+                "label": h.label(),
+            }
+        )
     return rows, np.stack(means, axis=1)
 
 
-def rank_scores(final: Mapping[Hypothesis, np.ndarray], data: LabelledData, screened: Mapping[Hypothesis, np.ndarray]
-                | None = None, screen_index: np.ndarray | None = None, resamples: int = DEFAULT_RESAMPLES,
-                level: float = 0.95, seed: int = 0, precision: str = "exact") -> Ranking:
+def rank_scores(
+    final: Mapping[Hypothesis, np.ndarray],
+    data: LabelledData,
+    screened: Mapping[Hypothesis, np.ndarray] | None = None,
+    screen_index: np.ndarray | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+    precision: str = "exact",
+) -> Ranking:
     """Rank hypotheses by mean NLL over all windows of `data` (`final`: logits (n, A) each). Entries dropped by
     screening (`screened`, logits on windows `screen_index` only) follow, marked, with their screening scores."""
     names = action_names(next(iter(final.values())).shape[1])
@@ -377,18 +480,52 @@ def rank_scores(final: Mapping[Hypothesis, np.ndarray], data: LabelledData, scre
     table = pd.DataFrame(rows).sort_values("nll", kind="stable")
     if screened:
         m = len(screen_index)
-        srows, _ = _summaries(screened, data.labels[screen_index],
-                              bootstrap_weights(m, block_length(m, longest, data.ends[screen_index]), resamples, seed),
-                              level, names)
+        srows, _ = _summaries(
+            screened,
+            data.labels[screen_index],
+            bootstrap_weights(m, block_length(m, longest, data.ends[screen_index]), resamples, seed),
+            level,
+            names,
+        )
         for r in srows:
             r["share_best"], r["stage"] = 0.0, "screened out"
         table = pd.concat([table, pd.DataFrame(srows).sort_values("nll", kind="stable")], ignore_index=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    cols = ["rank", "num_heads", "causal", "norm_first", "lora_scale", "window", "nll", "nll_low", "nll_high",
-            "accuracy", "accuracy_low", "accuracy_high", "f1", "f1_low", "f1_high", "brier", "ece", "share_best",
-            "windows", "stage", "scale_source", "label"]
-    return Ranking(table[cols].reset_index(drop=True), n, resamples, block, level, precision, data.rule,
-                   data.normalisation, warnings=data.warnings)
+    cols = [
+        "rank",
+        "num_heads",
+        "causal",
+        "norm_first",
+        "lora_scale",
+        "window",
+        "nll",
+        "nll_low",
+        "nll_high",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "f1",
+        "f1_low",
+        "f1_high",
+        "brier",
+        "ece",
+        "share_best",
+        "windows",
+        "stage",
+        "scale_source",
+        "label",
+    ]
+    return Ranking(
+        table[cols].reset_index(drop=True),
+        n,
+        resamples,
+        block,
+        level,
+        precision,
+        data.rule,
+        data.normalisation,
+        warnings=data.warnings,
+    )
 
 
 # Cost and the whole run
@@ -407,8 +544,10 @@ class CostEstimate:
 
     def text(self) -> str:
         t = f", about {self.seconds:,.0f} s here" if self.seconds is not None else ""
-        return (f"{self.hypotheses} combinations × {self.windows:,} windows: {self.window_passes:,} window passes, "
-                f"{self.gflop:,.0f} GFLOP{t}")
+        return (
+            f"{self.hypotheses} combinations × {self.windows:,} windows: {self.window_passes:,} window passes, "
+            f"{self.gflop:,.0f} GFLOP{t}"
+        )
 
 
 AUTO_SCREEN_GFLOP = 1500.0  # above this (minutes on a laptop CPU) "auto" screens first
@@ -431,8 +570,15 @@ def plan_stages(n_hyps: int, n_windows: int, screen: int, keep: int) -> tuple[in
     return screen, max(1, keep)
 
 
-def estimate_cost(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, space: SearchSpace, n_windows: int,
-                  screen: int = 0, keep: int = 8, probe: bool = True) -> CostEstimate:
+def estimate_cost(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    space: SearchSpace,
+    n_windows: int,
+    screen: int = 0,
+    keep: int = 8,
+    probe: bool = True,
+) -> CostEstimate:
     """Passes, merges and GFLOP of a ranking (decision position only in the last block, as the engine runs),
     and seconds extrapolated from a timed probe of a few random windows through one merged engine."""
     hyps = space.hypotheses()
@@ -458,11 +604,22 @@ def estimate_cost(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, spac
     return CostEstimate(len(hyps), n_windows, passes, merges, gflop, seconds)
 
 
-def rank_hypotheses(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, data: LabelledData,
-                    space: SearchSpace, *, screen: int = 0, keep: int = 8, screen_precision: str = "fast",
-                    resamples: int = DEFAULT_RESAMPLES, level: float = 0.95, seed: int = 0,
-                    progress: Progress | None = None, cancel: Cancel | None = None,
-                    device: str | None = None) -> Ranking:
+def rank_hypotheses(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    data: LabelledData,
+    space: SearchSpace,
+    *,
+    screen: int = 0,
+    keep: int = 8,
+    screen_precision: str = "fast",
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    device: str | None = None,
+) -> Ranking:
     """Score every hypothesis of `space` on `data` and rank them (see the module docstring).
 
     screen > 0: first score all combinations on `screen` evenly spread windows (in `screen_precision`), keep the
@@ -474,26 +631,34 @@ def rank_hypotheses(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, da
     m, kept_n = plan_stages(len(hyps), n, screen, keep)
     total = len(hyps) * (m or n) + (kept_n * n if m else 0)
     if not m:
-        final = score_hypotheses(state_dict, cfg, hyps, data, np.arange(n), "exact", progress, cancel, 0, total,
-                                 device)
+        final = score_hypotheses(state_dict, cfg, hyps, data, np.arange(n), "exact", progress, cancel, 0, total, device)
         ranking = rank_scores(final, data, resamples=resamples, level=level, seed=seed)
     else:
         sidx = np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
-        first = score_hypotheses(state_dict, cfg, hyps, data, sidx, screen_precision, progress, cancel, 0, total,
-                                 device)
+        first = score_hypotheses(
+            state_dict, cfg, hyps, data, sidx, screen_precision, progress, cancel, 0, total, device
+        )
         order = sorted(hyps, key=lambda h: float(window_scores(first[h], data.labels[sidx])["nll"].mean()))
         kept = order[:kept_n]
-        final = score_hypotheses(state_dict, cfg, kept, data, np.arange(n), "exact", progress, cancel,
-                                 len(hyps) * len(sidx), total, device)
+        final = score_hypotheses(
+            state_dict, cfg, kept, data, np.arange(n), "exact", progress, cancel, len(hyps) * len(sidx), total, device
+        )
         ranking = rank_scores(final, data, {h: first[h] for h in order[kept_n:]}, sidx, resamples, level, seed)
-    return replace(ranking, seconds=time.perf_counter() - t0,
-                   precision="float32" + (f" (screening: {screen_precision})" if m else ""))
+    return replace(
+        ranking,
+        seconds=time.perf_counter() - t0,
+        precision="float32" + (f" (screening: {screen_precision})" if m else ""),
+    )
 
 
 def assumptions_of(ranking_row: Mapping[str, Any]) -> dict[str, Any]:
     """The sidebar assumptions of one ranking row: num_heads, lora_scale, norm_first, causal."""
-    return {"num_heads": int(ranking_row["num_heads"]), "lora_scale": float(ranking_row["lora_scale"]),
-            "norm_first": bool(ranking_row["norm_first"]), "causal": bool(ranking_row["causal"])}
+    return {
+        "num_heads": int(ranking_row["num_heads"]),
+        "lora_scale": float(ranking_row["lora_scale"]),
+        "norm_first": bool(ranking_row["norm_first"]),
+        "causal": bool(ranking_row["causal"]),
+    }
 
 
 CLEAR_SHARE = 0.95
@@ -505,16 +670,23 @@ def verdict(ranking: Ranking) -> tuple[bool, str]:
     t = ranking.table
     best = t.iloc[0]
     if best["share_best"] >= CLEAR_SHARE:
-        return True, (f"Clear: {best['label']} has the lowest NLL in {best['share_best']:.0%} of "
-                      f"{ranking.resamples} resamples.")
+        return True, (
+            f"Clear: {best['label']} has the lowest NLL in {best['share_best']:.0%} of {ranking.resamples} resamples."
+        )
     close = t[(t["stage"] == "final") & (t["nll_low"] <= best["nll"])]
-    return False, (f"Not decisive: the best entry wins only {best['share_best']:.0%} of the resamples, and "
-                   f"{len(close) - 1} other entr{'y' if len(close) == 2 else 'ies'} reach its NLL within their "
-                   "intervals. More windows, or data the checkpoint was trained on, narrow the intervals.")
+    return False, (
+        f"Not decisive: the best entry wins only {best['share_best']:.0%} of the resamples, and "
+        f"{len(close) - 1} other entr{'y' if len(close) == 2 else 'ies'} reach its NLL within their "
+        "intervals. More windows, or data the checkpoint was trained on, narrow the intervals."
+    )
 
 
 def mark_in_use(table: pd.DataFrame, cfg: ModelConfig) -> pd.DataFrame:
     """The ranking table with a first column "in use": True on the entry equal to `cfg`'s assumptions."""
-    same = ((table["num_heads"] == cfg.num_heads) & (table["causal"] == cfg.causal)
-            & (table["norm_first"] == cfg.norm_first) & np.isclose(table["lora_scale"], cfg.lora_scale))
+    same = (
+        (table["num_heads"] == cfg.num_heads)
+        & (table["causal"] == cfg.causal)
+        & (table["norm_first"] == cfg.norm_first)
+        & np.isclose(table["lora_scale"], cfg.lora_scale)
+    )
     return table.assign(**{"in use": same.to_numpy()})[["in use", *table.columns]]

@@ -4,12 +4,13 @@
 an r×r SVD after QR of A and Bᵀ; the dense [out, in] ΔW is never formed for the metrics. That keeps the
 d=768 layout (72 adapters, 3072×768 FFN matrices) in seconds.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -36,8 +37,11 @@ OUTLIER_FACTOR = 2.0  # and at least this factor from the median: peers of equal
 DOMINATE_REL = 1.0  # ‖ΔW‖_F above ‖W‖_F: the update outweighs the base weight
 # Flag column -> words (also the heatmap legend): ✕ dead, ▲ dominates, ! outlier, ? non-finite values.
 FLAG_NAMES: dict[str, str] = {
-    "bad_base": "base weight has NaN/Inf", "bad_lora": "A or B has NaN/Inf", "dead": "dead (B ≈ 0)",
-    "dominating": "ΔW dominates W", "outlier": "outlier across blocks",
+    "bad_base": "base weight has NaN/Inf",
+    "bad_lora": "A or B has NaN/Inf",
+    "dead": "dead (B ≈ 0)",
+    "dominating": "ΔW dominates W",
+    "outlier": "outlier across blocks",
 }
 
 
@@ -69,11 +73,20 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
     if not (_finite(A, B, W) and math.isfinite(lin.scale)):  # an SVD of NaN/Inf fails or means nothing: NaN metrics
         block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
         module = path.split(".", 2)[2] if block >= 0 else path
-        return {"path": path, "block": block, "module": SHORT_NAMES.get(module, module), "d_out": W.shape[0],
-                "d_in": W.shape[1], "rank": A.shape[1], "scale": lin.scale, "w_fro": math.nan,
-                **{m: math.nan for m in METRICS},
-                # A and B themselves: which part is not finite (the flags), and B = 0 stays a dead adapter
-                "a_fro": float(torch.linalg.vector_norm(A.double())), "b_fro": float(torch.linalg.vector_norm(B.double()))}
+        return {
+            "path": path,
+            "block": block,
+            "module": SHORT_NAMES.get(module, module),
+            "d_out": W.shape[0],
+            "d_in": W.shape[1],
+            "rank": A.shape[1],
+            "scale": lin.scale,
+            "w_fro": math.nan,
+            **{m: math.nan for m in METRICS},
+            # A and B themselves: which part is not finite (the flags), and B = 0 stays a dead adapter
+            "a_fro": float(torch.linalg.vector_norm(A.double())),
+            "b_fro": float(torch.linalg.vector_norm(B.double())),
+        }
     svd = lowrank_svd(A, B, lin.scale)
     s = svd.S
     delta_fro = float(torch.linalg.vector_norm(s))
@@ -87,25 +100,35 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
         # float32 products: r×out×in work, the float64 copy of W would cost more than the rest together.
         projected = float(torch.linalg.matrix_norm((svd.U.to(W.dtype).T @ W) @ svd.V.to(W.dtype)))
         amplification = delta_fro / projected if projected > 0 else math.inf
-        stable_rank = delta_fro ** 2 / top ** 2
+        stable_rank = delta_fro**2 / top**2
     else:
         effective_rank = stable_rank = amplification = 0.0
     block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
     module = path.split(".", 2)[2] if block >= 0 else path
     return {
-        "path": path, "block": block, "module": SHORT_NAMES.get(module, module),
-        "d_out": W.shape[0], "d_in": W.shape[1], "rank": A.shape[1], "scale": lin.scale,
+        "path": path,
+        "block": block,
+        "module": SHORT_NAMES.get(module, module),
+        "d_out": W.shape[0],
+        "d_in": W.shape[1],
+        "rank": A.shape[1],
+        "scale": lin.scale,
         # A non-finite base weight has no meaningful ratio: NaN there, flagged as such, never "ΔW dominates W".
-        "delta_fro": delta_fro, "w_fro": w_fro,
+        "delta_fro": delta_fro,
+        "w_fro": w_fro,
         "rel_norm": math.nan if not math.isfinite(w_fro) else delta_fro / w_fro if w_fro > 0 else math.inf,
-        "spectral": top, "stable_rank": stable_rank, "effective_rank": effective_rank,
+        "spectral": top,
+        "stable_rank": stable_rank,
+        "effective_rank": effective_rank,
         "amplification": amplification,
-        "a_fro": float(torch.linalg.vector_norm(A.double())), "b_fro": float(torch.linalg.vector_norm(B.double())),
+        "a_fro": float(torch.linalg.vector_norm(A.double())),
+        "b_fro": float(torch.linalg.vector_norm(B.double())),
     }
 
 
-def _flag(df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: float,
-          dominate_rel: float) -> pd.DataFrame:
+def _flag(
+    df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: float, dominate_rel: float
+) -> pd.DataFrame:
     finite = {c: np.isfinite(df[c].to_numpy(dtype=float)) for c in ("w_fro", "a_fro", "b_fro")}  # also when empty
     df["bad_base"] = ~finite["w_fro"] & finite["a_fro"] & finite["b_fro"]
     df["bad_lora"] = ~finite["a_fro"] | ~finite["b_fro"]
@@ -119,10 +142,19 @@ def _flag(df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: f
     df["outlier_z"] = z
     df["outlier"] = (z.abs() > outlier_z) & ((log_norm - med).abs() > np.log10(outlier_factor))
     notes = []
-    for dead, dom, out, zi, base, ab in zip(df["dead"], df["dominating"], df["outlier"], z, df["bad_base"],
-                                           df["bad_lora"]):
-        parts = [name for name, on in ((FLAG_NAMES["bad_base"], base), (FLAG_NAMES["bad_lora"], ab),
-                                       (FLAG_NAMES["dead"], dead), (FLAG_NAMES["dominating"], dom)) if on]
+    for dead, dom, out, zi, base, ab in zip(
+        df["dead"], df["dominating"], df["outlier"], z, df["bad_base"], df["bad_lora"]
+    ):
+        parts = [
+            name
+            for name, on in (
+                (FLAG_NAMES["bad_base"], base),
+                (FLAG_NAMES["bad_lora"], ab),
+                (FLAG_NAMES["dead"], dead),
+                (FLAG_NAMES["dominating"], dom),
+            )
+            if on
+        ]
         if out:
             parts.append(f"outlier across blocks ({'high' if zi > 0 else 'low'}, z={zi:+.1f})")
         notes.append("; ".join(parts))
@@ -130,8 +162,13 @@ def _flag(df: pd.DataFrame, dead_rel: float, outlier_z: float, outlier_factor: f
     return df
 
 
-def adapter_metrics(model: FlagTrader, dead_rel: float = DEAD_REL, outlier_z: float = OUTLIER_Z,
-                    outlier_factor: float = OUTLIER_FACTOR, dominate_rel: float = DOMINATE_REL) -> pd.DataFrame:
+def adapter_metrics(
+    model: FlagTrader,
+    dead_rel: float = DEAD_REL,
+    outlier_z: float = OUTLIER_Z,
+    outlier_factor: float = OUTLIER_FACTOR,
+    dominate_rel: float = DOMINATE_REL,
+) -> pd.DataFrame:
     """One row per adapter: block, module (short name), shapes, every METRICS column, ‖W‖_F and flags.
 
     Flags (see FLAG_NAMES): `bad_base` / `bad_lora` (NaN or Inf in W, or in A or B: no ratio is meaningful),
@@ -187,8 +224,9 @@ def spectra(model: FlagTrader, path: str) -> pd.DataFrame:
     return pd.DataFrame({"k": np.arange(1, n + 1), "ΔW": padded, "W": s_w, "W + ΔW": s_merged})
 
 
-def adapter_paths(model: FlagTrader, blocks: Iterable[int] | None = None,
-                  modules: Iterable[str] | None = None) -> list[str]:
+def adapter_paths(
+    model: FlagTrader, blocks: Iterable[int] | None = None, modules: Iterable[str] | None = None
+) -> list[str]:
     """Paths of the adapters in the chosen blocks AND modules (None = all); modules as in BLOCK_LINEARS."""
     bset = None if blocks is None else {int(b) for b in blocks}
     mset = None if modules is None else set(modules)
@@ -226,11 +264,17 @@ class AblationResult:
         share_b = np.bincount(self.before.argmax(1), minlength=n_a) / max(len(self.before), 1)
         share_a = np.bincount(self.after.argmax(1), minlength=n_a) / max(len(self.after), 1)
         mean_b, mean_a = self.before.mean(0), self.after.mean(0)
-        return pd.DataFrame({
-            "action": self.actions, "mean p (LoRA on)": mean_b, "mean p (ablated)": mean_a,
-            "Δ mean p": mean_a - mean_b, "mean |Δp|": np.abs(self.after - self.before).mean(0),
-            "decided (LoRA on)": share_b, "decided (ablated)": share_a,
-        })
+        return pd.DataFrame(
+            {
+                "action": self.actions,
+                "mean p (LoRA on)": mean_b,
+                "mean p (ablated)": mean_a,
+                "Δ mean p": mean_a - mean_b,
+                "mean |Δp|": np.abs(self.after - self.before).mean(0),
+                "decided (LoRA on)": share_b,
+                "decided (ablated)": share_a,
+            }
+        )
 
 
 def ablated_copy(model: FlagTrader, disabled: Iterable[str]) -> FlagTrader:
@@ -250,7 +294,7 @@ def decision_probs(model: FlagTrader, windows: np.ndarray, batch_size: int = 64)
     out = []
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
-            x = torch.as_tensor(np.ascontiguousarray(windows[i:i + batch_size], dtype=np.float32))
+            x = torch.as_tensor(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
             out.append(model(x)[:, -1].softmax(-1).numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.n_actions), np.float32)
 
@@ -263,6 +307,8 @@ def ablate(model: FlagTrader, windows: np.ndarray, disabled: Iterable[str], batc
     disabled = tuple(disabled)
     clone = ablated_copy(model, disabled)
     return AblationResult(
-        disabled=disabled, actions=action_names(model.config.n_actions),
-        before=decision_probs(model, windows, batch_size), after=decision_probs(clone, windows, batch_size),
+        disabled=disabled,
+        actions=action_names(model.config.n_actions),
+        before=decision_probs(model, windows, batch_size),
+        after=decision_probs(clone, windows, batch_size),
     )

@@ -11,16 +11,29 @@ acts only at a window's last position (`decision_rows`). The one-shot path and t
 Rows: `Predictions.row` is internal (0 = first feature row); bars are identified by their time everywhere
 the user sees them, and row numbers in validation messages count the file's data lines from 1.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..data import (MODES, WARMUP, ColumnMapping, DataError, FeatureMatrix, check_window,
-                    checkpoint_features, detect_columns, horizon_text, prepare_ohlcv, rolling_windows)
+from ..data import (
+    MODES,
+    WARMUP,
+    ColumnMapping,
+    DataError,
+    FeatureMatrix,
+    check_window,
+    checkpoint_features,
+    detect_columns,
+    horizon_text,
+    prepare_ohlcv,
+    rolling_windows,
+)
 from ..engine import InferenceEngine, Progress
 from ..features import ACTIONS, LabelRule, compute_labels
 from .bootstrap import Intervals, score_intervals
@@ -69,24 +82,34 @@ class WindowRunner:
         self._buf: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self._context = np.zeros((0, engine.config.state_dim), dtype=np.float32)  # rows before the buffer
 
-    def feed(self, values: np.ndarray, times: np.ndarray, close: np.ndarray, labels: np.ndarray | None,
-             final: bool = False, progress: Progress | None = None) -> Predictions | None:
+    def feed(
+        self,
+        values: np.ndarray,
+        times: np.ndarray,
+        close: np.ndarray,
+        labels: np.ndarray | None,
+        final: bool = False,
+        progress: Progress | None = None,
+    ) -> Predictions | None:
         """Add rows (values (m, state_dim) float32, times, close, labels or None); returns what could be
         scored, or None. `final` scores everything left."""
         new = (values, np.asarray(times, dtype="datetime64[ns]"), close, labels)
         if self._buf is not None:
             old = self._buf
-            new = (np.concatenate([old[0], values]), np.concatenate([old[1], new[1]]),
-                   np.concatenate([old[2], close]),
-                   None if labels is None or old[3] is None else np.concatenate([old[3], labels]))
+            new = (
+                np.concatenate([old[0], values]),
+                np.concatenate([old[1], new[1]]),
+                np.concatenate([old[2], close]),
+                None if labels is None or old[3] is None else np.concatenate([old[3], labels]),
+            )
         vals, tms, cls, lbl = new
         w, m = self.window, len(vals)
         stride = 1 if self.mode == "rolling" else w
         available = max(0, (m - w) // stride + 1) if m >= w else 0
         take = available if final else (available // self.batch) * self.batch
-        self._buf = None if final else tuple(a[take * stride:] if a is not None else None for a in new)
+        self._buf = None if final else tuple(a[take * stride :] if a is not None else None for a in new)
         partial = self._partial_block(vals, take, final)
-        self._context = np.concatenate([self._context, vals[:take * stride][-w:]])[-w:]
+        self._context = np.concatenate([self._context, vals[: take * stride][-w:]])[-w:]
         if take == 0 and partial is None:
             return None
         if take == 0:
@@ -106,8 +129,9 @@ class WindowRunner:
         first, self.start = self.start, self.start + take * stride
         return self._finish(logits, local, position, tms, cls, lbl, first)
 
-    def _partial_block(self, vals: np.ndarray, take: int, final: bool
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def _partial_block(
+        self, vals: np.ndarray, take: int, final: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Blocks mode, last feed: the r < window rows after the full blocks, scored by the window of the
         last `window` rows (earlier rows from this feed or the context). -> (logits (r, A), local rows,
         positions) or None."""
@@ -115,24 +139,45 @@ class WindowRunner:
         r = len(vals) - take * w
         if self.mode != "blocks" or not final or r <= 0:
             return None
-        history = np.concatenate([self._context, vals[:take * w]])[-(w - r):] if w > r else vals[:0]
+        history = np.concatenate([self._context, vals[: take * w]])[-(w - r) :] if w > r else vals[:0]
         if len(history) < w - r:  # fewer than `window` rows in the whole input
             return None
-        window = np.concatenate([history, vals[take * w:]])
-        logits = self.engine.run(window[None], last_only=False)[0, w - r:]
+        window = np.concatenate([history, vals[take * w :]])
+        logits = self.engine.run(window[None], last_only=False)[0, w - r :]
         return logits, np.arange(take * w, len(vals)), np.arange(w - r, w, dtype=np.int64)
 
-    def _finish(self, logits: np.ndarray, local: np.ndarray, position: np.ndarray, tms: np.ndarray,
-                cls: np.ndarray, lbl: np.ndarray | None, first: int) -> Predictions:
+    def _finish(
+        self,
+        logits: np.ndarray,
+        local: np.ndarray,
+        position: np.ndarray,
+        tms: np.ndarray,
+        cls: np.ndarray,
+        lbl: np.ndarray | None,
+        first: int,
+    ) -> Predictions:
         """Predictions of buffer rows `local`; `first` is the feature-row index of buffer row 0."""
         return Predictions(
-            times=pd.DatetimeIndex(tms[local]), close=cls[local], logits=logits, row=local + first,
-            position=position, labels=None if lbl is None else lbl[local], window=self.window, mode=self.mode,
-            actions=self.actions)
+            times=pd.DatetimeIndex(tms[local]),
+            close=cls[local],
+            logits=logits,
+            row=local + first,
+            position=position,
+            labels=None if lbl is None else lbl[local],
+            window=self.window,
+            mode=self.mode,
+            actions=self.actions,
+        )
 
 
-def predict_features(fm: FeatureMatrix, engine: InferenceEngine, window: int, mode: str = "rolling",
-                     progress: Progress | None = None, last: int | None = None) -> Predictions:
+def predict_features(
+    fm: FeatureMatrix,
+    engine: InferenceEngine,
+    window: int,
+    mode: str = "rolling",
+    progress: Progress | None = None,
+    last: int | None = None,
+) -> Predictions:
     """The windows of a feature matrix in one pass (the page). `last`: score only about the most recent
     `last` rows (rolling: exactly; blocks: from the first block boundary inside them, through the newest
     row); rows keep their index in the whole matrix. Raises DataError when there are too few rows."""
@@ -167,9 +212,11 @@ def label_text(rule: LabelRule, bar: pd.Timedelta | None = None) -> str:
     """The rule in words, as scored here (bars without `horizon` future bars carry no label); with the
     data's bar interval `bar` the horizon is also given in time."""
     pct = 100 * rule.threshold
-    return (f"Label = return over the next {horizon_text(rule.horizon, bar)}: BUY above +{pct:g} %, SELL below "
-            f"-{pct:g} %, else HOLD; the last {rule.horizon} bars have no future: unknown here and not scored "
-            "(training counted them as HOLD)")
+    return (
+        f"Label = return over the next {horizon_text(rule.horizon, bar)}: BUY above +{pct:g} %, SELL below "
+        f"-{pct:g} %, else HOLD; the last {rule.horizon} bars have no future: unknown here and not scored "
+        "(training counted them as HOLD)"
+    )
 
 
 def attach_labels(pred: Predictions, close: np.ndarray, rule: LabelRule) -> Predictions:
@@ -207,9 +254,11 @@ def undecided_note(actions: np.ndarray) -> str | None:
     n = int((actions == NO_DECISION).sum())
     if not n:
         return None
-    return (f"{n:,} of {len(actions):,} bars have no decision: the model's logits there are NaN or infinite (damaged "
-            "weights, or inputs far outside the training range). They are left out of the shares, scores and the "
-            "equity curve (flat), and marked 'no decision' in the download.")
+    return (
+        f"{n:,} of {len(actions):,} bars have no decision: the model's logits there are NaN or infinite (damaged "
+        "weights, or inputs far outside the training range). They are left out of the shares, scores and the "
+        "equity curve (flat), and marked 'no decision' in the download."
+    )
 
 
 def class_shares(actions: np.ndarray, names: tuple[str, ...]) -> pd.DataFrame:
@@ -222,9 +271,11 @@ def collapse_alarm(shares: pd.DataFrame, threshold: float = COLLAPSE_SHARE) -> s
     """A message when one action takes more than `threshold` of all predictions (a collapsed model)."""
     top = shares.loc[shares["share"].idxmax()]
     if top["share"] > threshold:
-        return (f"Collapse alarm: {top['share']:.1%} of predictions are {top['action']}. A model this one-sided "
-                "usually sees inputs unlike its training data (features, scaling, window length) — check the "
-                "drift table and the settings.")
+        return (
+            f"Collapse alarm: {top['share']:.1%} of predictions are {top['action']}. A model this one-sided "
+            "usually sees inputs unlike its training data (features, scaling, window length) — check the "
+            "drift table and the settings."
+        )
     return None
 
 
@@ -243,8 +294,9 @@ class Metrics:
     intervals: Intervals | None = None  # block-bootstrap intervals (None when not asked for)
 
 
-def evaluate(pred: Predictions, actions: np.ndarray, n_boot: int = 0, block: int | None = None,
-             seed: int = 0) -> Metrics | None:
+def evaluate(
+    pred: Predictions, actions: np.ndarray, n_boot: int = 0, block: int | None = None, seed: int = 0
+) -> Metrics | None:
     """Scores of `actions` (n,) against pred.labels; None without labels. See `evaluate_arrays`.
 
     n_boot > 0 adds block-bootstrap intervals: blocks mode resamples whole windows; rolling mode moving
@@ -256,18 +308,26 @@ def evaluate(pred: Predictions, actions: np.ndarray, n_boot: int = 0, block: int
     if metrics is None or n_boot <= 0:
         return metrics
     known = (pred.labels != NO_LABEL) & (actions != NO_DECISION)  # the rows evaluate_arrays scores
-    ci = score_intervals(pred.labels[known], actions[known], len(pred.actions), block or pred.window,
-                         groups=pred.row[known] // pred.window if blocks else None,
-                         position=pred.position[known] if blocks else None, window=pred.window,
-                         n_boot=n_boot, seed=seed)
+    ci = score_intervals(
+        pred.labels[known],
+        actions[known],
+        len(pred.actions),
+        block or pred.window,
+        groups=pred.row[known] // pred.window if blocks else None,
+        position=pred.position[known] if blocks else None,
+        window=pred.window,
+        n_boot=n_boot,
+        seed=seed,
+    )
     by_position = metrics.by_position
     if by_position is not None and ci.by_position is not None:
         by_position = by_position.merge(ci.by_position, on="position", how="left")
     return replace(metrics, by_position=by_position, intervals=ci)
 
 
-def evaluate_arrays(labels: np.ndarray, actions: np.ndarray, names: tuple[str, ...],
-                    position: np.ndarray | None = None, window: int = 0) -> Metrics | None:
+def evaluate_arrays(
+    labels: np.ndarray, actions: np.ndarray, names: tuple[str, ...], position: np.ndarray | None = None, window: int = 0
+) -> Metrics | None:
     """Accuracy, F1-macro (over classes present in labels or predictions, like scikit-learn), per-class
     precision/recall, confusion matrix, majority baseline and (given positions) accuracy by position in the
     window. Rows labelled NO_LABEL or without a decision are left out; None when no row is left."""
@@ -283,8 +343,10 @@ def evaluate_arrays(labels: np.ndarray, actions: np.ndarray, names: tuple[str, .
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     present = (support > 0) | (predicted > 0)
-    per_class = pd.DataFrame({"precision": precision, "recall": recall, "f1": f1, "support": support,
-                              "predicted": predicted}, index=pd.Index(list(names), name="action"))
+    per_class = pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted},
+        index=pd.Index(list(names), name="action"),
+    )
     majority = int(np.argmax(support))
     by_position = None
     if position is not None:
@@ -294,11 +356,15 @@ def evaluate_arrays(labels: np.ndarray, actions: np.ndarray, names: tuple[str, .
         with np.errstate(invalid="ignore", divide="ignore"):
             by_position = pd.DataFrame({"position": np.arange(len(n_pos)), "n": n_pos, "accuracy": hits / n_pos})
     return Metrics(
-        n=int(known.sum()), accuracy=float(tp.sum() / cm.sum()), f1_macro=float(f1[present].mean()),
+        n=int(known.sum()),
+        accuracy=float(tp.sum() / cm.sum()),
+        f1_macro=float(f1[present].mean()),
         per_class=per_class,
-        confusion=pd.DataFrame(cm, index=pd.Index(list(names), name="true"),
-                               columns=pd.Index(list(names), name="predicted")),
-        majority_class=names[majority], majority_accuracy=float(support[majority] / cm.sum()),
+        confusion=pd.DataFrame(
+            cm, index=pd.Index(list(names), name="true"), columns=pd.Index(list(names), name="predicted")
+        ),
+        majority_class=names[majority],
+        majority_accuracy=float(support[majority] / cm.sum()),
         by_position=by_position,
     )
 
@@ -317,13 +383,16 @@ class Equity:
 def _stats(returns: np.ndarray, periods_per_year: float) -> dict[str, float]:
     curve = np.cumprod(1.0 + returns)
     std = returns.std()
-    return {"total return": float(curve[-1] - 1.0),
-            "Sharpe (annualised)": float(returns.mean() / std * np.sqrt(periods_per_year)) if std > 0 else 0.0,
-            "max drawdown": float((curve / np.maximum.accumulate(curve) - 1.0).min())}
+    return {
+        "total return": float(curve[-1] - 1.0),
+        "Sharpe (annualised)": float(returns.mean() / std * np.sqrt(periods_per_year)) if std > 0 else 0.0,
+        "max drawdown": float((curve / np.maximum.accumulate(curve) - 1.0).min()),
+    }
 
 
-def equity_curve(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarray, names: tuple[str, ...],
-                 fee: float = 0.0005) -> Equity | None:
+def equity_curve(
+    times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarray, names: tuple[str, ...], fee: float = 0.0005
+) -> Equity | None:
     """The signal's equity curve on consecutive bars; None without prices, or for actions that are not
     SELL/HOLD/BUY."""
     if len(close) < 3 or not np.isfinite(close).all() or set(names) != set(_POSITIONS):
@@ -334,8 +403,9 @@ def equity_curve(times: pd.DatetimeIndex, close: np.ndarray, actions: np.ndarray
     strategy = position[:-1] * ret - fee * change
     step = np.median(np.diff(times.asi8)) if len(times) > 1 else 0
     per_year = 365.25 * 86400e9 / step if step > 0 else 252.0
-    frame = pd.DataFrame({"datetime": times[1:], "strategy": np.cumprod(1.0 + strategy),
-                          "buy_and_hold": np.cumprod(1.0 + ret)})
+    frame = pd.DataFrame(
+        {"datetime": times[1:], "strategy": np.cumprod(1.0 + strategy), "buy_and_hold": np.cumprod(1.0 + ret)}
+    )
     stats = pd.DataFrame({"strategy": _stats(strategy, per_year), "buy_and_hold": _stats(ret, per_year)}).T
     return Equity(frame=frame, fee=fee, trades=int((change > 0).sum()), stats=stats)
 
@@ -345,9 +415,14 @@ def predictions_frame(pred: Predictions, offsets: np.ndarray | None = None) -> p
     (after offsets, if any), and the label where known."""
     probs, act = decide(pred.logits, offsets)
     names = pred.actions
-    out = pd.DataFrame({"datetime": pred.times,
-                        "timestamp": pred.times.as_unit("ms").asi8,
-                        "position": pred.position, "close": pred.close})
+    out = pd.DataFrame(
+        {
+            "datetime": pred.times,
+            "timestamp": pred.times.as_unit("ms").asi8,
+            "position": pred.position,
+            "close": pred.close,
+        }
+    )
     for i, n in enumerate(names):
         out[f"logit_{n}"] = pred.logits[:, i]
     for i, n in enumerate(names):
@@ -390,8 +465,10 @@ def feature_stream(
             say(issue.message)
         bars = prep.frame
         if carry is not None and len(bars) and bars["datetime"].iloc[0] <= carry["datetime"].iloc[-1]:
-            raise DataError(f"row {offset - len(chunk) + 1} ({bars['datetime'].iloc[0]}) is not later than the row "
-                            f"before it ({carry['datetime'].iloc[-1]}); sort the file by time and remove duplicates.")
+            raise DataError(
+                f"row {offset - len(chunk) + 1} ({bars['datetime'].iloc[0]}) is not later than the row "
+                f"before it ({carry['datetime'].iloc[-1]}); sort the file by time and remove duplicates."
+            )
         frame = bars if carry is None else pd.concat([carry, bars], ignore_index=True)
         origin = frame["datetime"].iloc[0] if origin is None else origin
         if len(frame) <= WARMUP:
@@ -404,8 +481,10 @@ def feature_stream(
         produced = True
         yield fm
     if not produced:
-        raise DataError(f"the file has fewer than {WARMUP + 1} usable bars; simple-60 needs {WARMUP} bars of "
-                        "warm-up before the first feature row.")
+        raise DataError(
+            f"the file has fewer than {WARMUP + 1} usable bars; simple-60 needs {WARMUP} bars of "
+            "warm-up before the first feature row."
+        )
 
 
 def stream_predictions(
@@ -447,8 +526,10 @@ def stream_predictions(
     if out is not None:
         yield out
     elif runner.start == 0:
-        raise DataError(f"too few rows: window {window} needs at least {window} rows of features "
-                        f"({window + WARMUP} bars); the file has fewer.")
+        raise DataError(
+            f"too few rows: window {window} needs at least {window} rows of features "
+            f"({window + WARMUP} bars); the file has fewer."
+        )
 
 
 def concat_predictions(parts: list[Predictions]) -> Predictions:
@@ -457,8 +538,12 @@ def concat_predictions(parts: list[Predictions]) -> Predictions:
         raise ValueError("no predictions to join")
     first = parts[0]
     labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
-    return replace(first, times=pd.DatetimeIndex(np.concatenate([p.times.to_numpy() for p in parts])),
-                   close=np.concatenate([p.close for p in parts]),
-                   logits=np.concatenate([p.logits for p in parts]),
-                   row=np.concatenate([p.row for p in parts]),
-                   position=np.concatenate([p.position for p in parts]), labels=labels)
+    return replace(
+        first,
+        times=pd.DatetimeIndex(np.concatenate([p.times.to_numpy() for p in parts])),
+        close=np.concatenate([p.close for p in parts]),
+        logits=np.concatenate([p.logits for p in parts]),
+        row=np.concatenate([p.row for p in parts]),
+        position=np.concatenate([p.position for p in parts]),
+        labels=labels,
+    )

@@ -1,4 +1,5 @@
 """What a checkpoint is: format, metadata, configuration with provenance, counts — for the Overview and `inspect`."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -24,8 +25,7 @@ def config_table(cfg: ModelConfig) -> pd.DataFrame:
             value = lora_targets_text(value, cfg.n_blocks)
         prov = cfg.provenance.get(name, "")
         kind = "assumption" if name in ModelConfig.ASSUMPTIONS else "inferred"
-        rows.append({"field": name, "value": str(value), "kind": kind,
-                     "source": prov.removeprefix("assumption: ")})
+        rows.append({"field": name, "value": str(value), "kind": kind, "source": prov.removeprefix("assumption: ")})
     return pd.DataFrame(rows)
 
 
@@ -33,8 +33,12 @@ def assumptions_line(file_config: ModelConfig, current: ModelConfig) -> str:
     """The assumptions in use, each marked with where its value comes from, for the load status:
     "8 heads (assumed) · post-norm (assumed) · no mask (assumed) · LoRA scale 1 (assumed)". A value the user
     changed from the file's default is marked "(set)", one read from the stored training config "(stored)"."""
-    words = {"num_heads": f"{current.num_heads} heads", "norm_first": "pre-norm" if current.norm_first else "post-norm",
-             "causal": "causal mask" if current.causal else "no mask", "lora_scale": f"LoRA scale {current.lora_scale:g}"}
+    words = {
+        "num_heads": f"{current.num_heads} heads",
+        "norm_first": "pre-norm" if current.norm_first else "post-norm",
+        "causal": "causal mask" if current.causal else "no mask",
+        "lora_scale": f"LoRA scale {current.lora_scale:g}",
+    }
     parts = []
     for name in ("num_heads", "norm_first", "causal", "lora_scale"):
         if getattr(current, name) != getattr(file_config, name):
@@ -59,11 +63,16 @@ def lora_targets_text(targets: tuple[str, ...], n_blocks: int) -> str:
     order = list(SHORT_NAMES.values())
     groups: dict[tuple[str, ...], list[int]] = {}
     for block, mods in sorted(by_block.items()):
-        groups.setdefault(tuple(sorted(mods, key=lambda m: order.index(m) if m in order else len(order))), []).append(block)
+        groups.setdefault(tuple(sorted(mods, key=lambda m: order.index(m) if m in order else len(order))), []).append(
+            block
+        )
     parts = []
     for mods, blocks in groups.items():
-        where = f"all {n_blocks} blocks" if len(blocks) == n_blocks else \
-            f"block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+        where = (
+            f"all {n_blocks} blocks"
+            if len(blocks) == n_blocks
+            else f"block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+        )
         parts.append(f"{', '.join(mods)} in {where}")
     return "; ".join(parts) + f" ({len(targets)} adapters)"
 
@@ -103,8 +112,11 @@ def foreign_table(ckpt: Checkpoint) -> pd.DataFrame:
         value: Any = ckpt.meta
         for part in where.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        fields = ", ".join(f"{k}={v}" for k, v in value.items() if k != "__class__") if isinstance(value, dict) \
+        fields = (
+            ", ".join(f"{k}={v}" for k, v in value.items() if k != "__class__")
+            if isinstance(value, dict)
             else ("" if value is None else str(value))
+        )
         rows.append({"where": where, "class": cls, "read as": fields[:300]})
     return pd.DataFrame(rows, columns=["where", "class", "read as"])
 
@@ -114,14 +126,20 @@ def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
     counts = parameter_counts(ckpt.state_dict)
     rec = recognise_checkpoint(ckpt)
     out: dict[str, Any] = {
-        "source": ckpt.source, "format": ckpt.format, "size_bytes": ckpt.size_bytes, "sha256": ckpt.digest,
-        "wrapper_keys": list(ckpt.wrapper_keys), "state_dict_key": ckpt.state_dict_key,
-        "prefixes_stripped": list(ckpt.prefixes_stripped), "tensors": ckpt.n_tensors,
+        "source": ckpt.source,
+        "format": ckpt.format,
+        "size_bytes": ckpt.size_bytes,
+        "sha256": ckpt.digest,
+        "wrapper_keys": list(ckpt.wrapper_keys),
+        "state_dict_key": ckpt.state_dict_key,
+        "prefixes_stripped": list(ckpt.prefixes_stripped),
+        "tensors": ckpt.n_tensors,
         "parameters": {g: int(counts.loc[g, "parameters"]) for g in counts.index},
         "dtypes": {k: int(v) for k, v in dtype_counts(ckpt.state_dict)["tensors"].items()},
         "metadata": {r.key: r.value for r in metadata_table(ckpt).itertuples()},
         "warnings": list(ckpt.warnings),
-        "read_mode": ckpt.read_mode, "foreign_objects": dict(ckpt.foreign_objects),
+        "read_mode": ckpt.read_mode,
+        "foreign_objects": dict(ckpt.foreign_objects),
         "family": rec.to_dict(),
         "health": findings_frame(health_scan(ckpt.state_dict)).drop(columns="examples").to_dict("records"),
     }
@@ -129,7 +147,8 @@ def inspect_dict(ckpt: Checkpoint) -> dict[str, Any]:
         out["fits"] = False
         out["config_error"] = ckpt.config_error or (
             f"this is a {rec.best.family.title} file, not FLAG-TRADER's own layout; it converts to "
-            f"{rec.best.family.converts_to} (see `diff --against reconstruction`).")
+            f"{rec.best.family.converts_to} (see `diff --against reconstruction`)."
+        )
         return out
     cfg = ckpt.config
     mismatch = find_mismatch(expected_shapes(cfg), ckpt.state_dict)

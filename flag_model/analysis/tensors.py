@@ -4,12 +4,14 @@ Statistics are computed with torch reductions over chunks of each tensor (no Pyt
 full-size temporary: see `flag_model.limits`), so all 343 tensors of a d=768 file (88 M parameters) take about a
 second and a huge or stride-0 tensor costs one chunk of memory.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,7 +75,7 @@ def _moments(t: torch.Tensor) -> tuple[dict[str, float], int, int]:
         a, b = torch.aminmax(x)
         lo, hi = min(lo, float(a)), max(hi, float(b))
         mean_b = float(x.sum(dtype=torch.float64)) / m
-        m2_b = float(torch.linalg.vector_norm((x.double() - mean_b))) ** 2
+        m2_b = float(torch.linalg.vector_norm(x.double() - mean_b)) ** 2
         sq += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
         zeros += m - int(torch.count_nonzero(x))
         total = cnt + m
@@ -81,8 +83,18 @@ def _moments(t: torch.Tensor) -> tuple[dict[str, float], int, int]:
         mean, m2, cnt = mean + delta * m / total, m2 + m2_b + delta * delta * cnt * m / total, total
     if not cnt:
         return {k: math.nan for k in ("mean", "std", "min", "max", "abs_max", "fro_norm")}, 0, n_all
-    return ({"mean": mean, "std": math.sqrt(m2 / cnt), "min": lo, "max": hi, "abs_max": max(-lo, hi),
-             "fro_norm": math.sqrt(sq)}, zeros, n_all - cnt)
+    return (
+        {
+            "mean": mean,
+            "std": math.sqrt(m2 / cnt),
+            "min": lo,
+            "max": hi,
+            "abs_max": max(-lo, hi),
+            "fro_norm": math.sqrt(sq),
+        },
+        zeros,
+        n_all - cnt,
+    )
 
 
 def tensor_stats(sd: Mapping[str, torch.Tensor]) -> pd.DataFrame:
@@ -95,12 +107,21 @@ def tensor_stats(sd: Mapping[str, torch.Tensor]) -> pd.DataFrame:
         n = t.numel()
         row, zeros, bad = _moments(t.detach())
         block, module = split_block(name)
-        rows.append({
-            "name": name, "role": tensor_role(name), "block": block, "module": module,
-            "shape": "×".join(map(str, t.shape)) or "scalar", "dtype": str(t.dtype).removeprefix("torch."),
-            "elements": n, "bytes": n * t.element_size(), **row,
-            "zeros_share": zeros / n if n else math.nan, "nonfinite": bad,
-        })
+        rows.append(
+            {
+                "name": name,
+                "role": tensor_role(name),
+                "block": block,
+                "module": module,
+                "shape": "×".join(map(str, t.shape)) or "scalar",
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "elements": n,
+                "bytes": n * t.element_size(),
+                **row,
+                "zeros_share": zeros / n if n else math.nan,
+                "nonfinite": bad,
+            }
+        )
     df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     df["block"] = df["block"].astype("Int64")
     return df
@@ -160,8 +181,16 @@ def tensor_tree(stats: pd.DataFrame, color: str = "std", root: str = "checkpoint
         else:
             w = np.where(known, elems, 0).astype(float)
             c = float((np.where(known, vals, 0.0) * w).sum() / w.sum()) if w.sum() else math.nan
-        rows.append({"id": node, "parent": parent, "label": label, "elements": int(elems.sum()),
-                     "n_tensors": len(idx), "color": c})
+        rows.append(
+            {
+                "id": node,
+                "parent": parent,
+                "label": label,
+                "elements": int(elems.sum()),
+                "n_tensors": len(idx),
+                "color": c,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -185,6 +214,7 @@ def key_status_tree(table: pd.DataFrame, root: str = "keys") -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------- detail
+
 
 @dataclass(frozen=True)
 class InitGuess:
@@ -280,10 +310,23 @@ def spectrum_check(key: str, t: torch.Tensor) -> SpectrumCheck | None:
     n = min(rows, cols)
     if guess.sigma == 0:
         zero = bool((x == 0).all())
-        verdict = ("all zero: exactly the LoRA initialisation of B — this adapter was never trained" if zero else
-                   "non-zero: LoRA B starts at zero, so this adapter was trained")
-        return SpectrumCheck(s, np.zeros(n), guess.description, 0.0, std, 0.0, int((s > 0).sum()),
-                             math.inf if not zero else 0.0, zero, verdict)
+        verdict = (
+            "all zero: exactly the LoRA initialisation of B — this adapter was never trained"
+            if zero
+            else "non-zero: LoRA B starts at zero, so this adapter was trained"
+        )
+        return SpectrumCheck(
+            s,
+            np.zeros(n),
+            guess.description,
+            0.0,
+            std,
+            0.0,
+            int((s > 0).sum()),
+            math.inf if not zero else 0.0,
+            zero,
+            verdict,
+        )
     expected = marchenko_pastur_singular_values(rows, cols, guess.sigma)
     edge = guess.sigma * (math.sqrt(max(rows, cols)) + math.sqrt(n))
     tol_edge = 0.05 + 2.0 * n ** (-2 / 3)
@@ -297,10 +340,13 @@ def spectrum_check(key: str, t: torch.Tensor) -> SpectrumCheck | None:
     ok = std_ok and bound_ok and spec_ok
     if ok:
         verdict = f"looks like untrained initialisation ({guess.description}): std {std:.4g} vs {guess.sigma:.4g}" + (
-            "" if n < 8 else f", spectrum within {err:.0%} of Marchenko–Pastur")
+            "" if n < 8 else f", spectrum within {err:.0%} of Marchenko–Pastur"
+        )
     elif above:
-        verdict = (f"trained / structured: {above} singular value{'s' * (above > 1)} above the random-init edge "
-                   f"{edge:.3g} (largest {s[0]:.3g})")
+        verdict = (
+            f"trained / structured: {above} singular value{'s' * (above > 1)} above the random-init edge "
+            f"{edge:.3g} (largest {s[0]:.3g})"
+        )
     elif not std_ok:
         verdict = f"not the default initialisation: entry std {std:.4g} vs {guess.sigma:.4g} for {guess.description}"
     elif not bound_ok:
@@ -350,11 +396,11 @@ def tensor_detail(name: str, t: torch.Tensor, bins: int = 60, max_cells: int = 2
     else:
         counts, edges = np.zeros(0), np.zeros(1)
     matrix, step = block_mean(x.reshape(-1, x.shape[-1]), max_cells) if x.dim() >= 2 else (None, 1)
-    return TensorDetail(name, tensor_role(name), tuple(t.shape), edges, counts, matrix, step,
-                        spectrum_check(name, t))
+    return TensorDetail(name, tensor_role(name), tuple(t.shape), edges, counts, matrix, step, spectrum_check(name, t))
 
 
 # --------------------------------------------------------------------------------------------- diff
+
 
 def state_dict_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> pd.DataFrame:
     """Per-key comparison of two state dicts: name, status (same / changed / reshaped / added / removed),
@@ -367,10 +413,15 @@ def state_dict_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
     for k in list(a) + [k for k in b if k not in a]:
         ta, tb = a.get(k), b.get(k)
         block, module = split_block(k)
-        row: dict[str, Any] = {"name": k, "block": block, "module": module,
-                               "shape_a": "" if ta is None else "×".join(map(str, ta.shape)),
-                               "shape_b": "" if tb is None else "×".join(map(str, tb.shape)),
-                               "rel_change": math.nan, "max_abs_change": math.nan}
+        row: dict[str, Any] = {
+            "name": k,
+            "block": block,
+            "module": module,
+            "shape_a": "" if ta is None else "×".join(map(str, ta.shape)),
+            "shape_b": "" if tb is None else "×".join(map(str, tb.shape)),
+            "rel_change": math.nan,
+            "max_abs_change": math.nan,
+        }
         if ta is None or tb is None:
             row["status"] = "added" if ta is None else "removed"
         elif ta.shape != tb.shape:
@@ -382,8 +433,9 @@ def state_dict_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
             row["max_abs_change"] = float(d.abs().max()) if d.numel() else 0.0
             row["status"] = "same" if num == 0 else "changed"
         rows.append(row)
-    df = pd.DataFrame(rows, columns=["name", "status", "block", "module", "shape_a", "shape_b", "rel_change",
-                                     "max_abs_change"])
+    df = pd.DataFrame(
+        rows, columns=["name", "status", "block", "module", "shape_a", "shape_b", "rel_change", "max_abs_change"]
+    )
     df["block"] = df["block"].astype("Int64")
     return df
 

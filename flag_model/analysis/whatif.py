@@ -18,11 +18,12 @@ the checkpoint's normalisation ("normalised feature space"), deciding at the las
 Budgets are counted in forward-pass equivalents: a forward is 1, a forward with a backward is 3.
 The shared, cached model is only read (no hooks, no parameter writes, no mode change).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -125,10 +126,16 @@ class FlipResult:
         d = self.delta[steps, feats]
         order = np.argsort(-np.abs(d), kind="stable")
         s, f = steps[order], feats[order]
-        return pd.DataFrame({
-            "step": s, "offset": s - (len(self.window) - 1), "feature": [self.feature_names[j] for j in f],
-            "before": self.window[s, f].astype(np.float64), "after": self.edited[s, f].astype(np.float64),
-            "change": d[order]})
+        return pd.DataFrame(
+            {
+                "step": s,
+                "offset": s - (len(self.window) - 1),
+                "feature": [self.feature_names[j] for j in f],
+                "before": self.window[s, f].astype(np.float64),
+                "after": self.edited[s, f].astype(np.float64),
+                "change": d[order],
+            }
+        )
 
 
 def _window(window: np.ndarray, model: nn.Module) -> np.ndarray:
@@ -143,8 +150,9 @@ def _window(window: np.ndarray, model: nn.Module) -> np.ndarray:
     return w
 
 
-def cell_mask(shape: tuple[int, int], features: Sequence[int] | None = None,
-              steps: tuple[int, int] | None = None) -> np.ndarray:
+def cell_mask(
+    shape: tuple[int, int], features: Sequence[int] | None = None, steps: tuple[int, int] | None = None
+) -> np.ndarray:
     """(S, D) bool: True on the chosen features (default all) over steps start..stop-1 (default all)."""
     length, width = shape
     start, stop = steps if steps is not None else (0, length)
@@ -160,8 +168,9 @@ def cell_mask(shape: tuple[int, int], features: Sequence[int] | None = None,
     return mask
 
 
-def apply_edit(window: np.ndarray, edit: Edit, source: np.ndarray | None = None,
-               feature_mean: np.ndarray | None = None) -> np.ndarray:
+def apply_edit(
+    window: np.ndarray, edit: Edit, source: np.ndarray | None = None, feature_mean: np.ndarray | None = None
+) -> np.ndarray:
     """A copy of `window` (S, D) with `edit` applied. `source` (S, D) is the other window for COPY;
     `feature_mean` (D,) the training mean in the units of the window for MEAN (0 after normalisation)."""
     out = np.array(window, dtype=np.float32)
@@ -194,8 +203,13 @@ def apply_edit(window: np.ndarray, edit: Edit, source: np.ndarray | None = None,
     return out
 
 
-def evaluate_edits(model: nn.Module, window: np.ndarray, edits: Sequence[Edit], source: np.ndarray | None = None,
-                   feature_mean: np.ndarray | None = None) -> EditResult:
+def evaluate_edits(
+    model: nn.Module,
+    window: np.ndarray,
+    edits: Sequence[Edit],
+    source: np.ndarray | None = None,
+    feature_mean: np.ndarray | None = None,
+) -> EditResult:
     """Apply `edits` in order to a copy of `window` (S, D) and return the probabilities before and after."""
     w = _window(window, model)
     edited = w
@@ -222,36 +236,64 @@ def _margin(logits: np.ndarray, target: int) -> np.ndarray:
     return logits[..., target] - others.max(axis=-1)
 
 
-def _prepare(model: nn.Module, window: np.ndarray, target: int, features: Sequence[int] | None,
-             steps: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(
+    model: nn.Module, window: np.ndarray, target: int, features: Sequence[int] | None, steps: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """The checked window (S, D) and its editable-cell mask; refuses a target the model already decides."""
     w = _window(window, model)
     n_actions = model.config.n_actions
     if not 0 <= target < n_actions:
         raise ValueError(f"target class {target} is outside 0..{n_actions - 1}.")
     if int(_logits(model, w[None])[0].argmax()) == target:
-        raise ValueError(f"the model already decides {action_names(n_actions)[target]} on this window; "
-                         "choose another target class.")
+        raise ValueError(
+            f"the model already decides {action_names(n_actions)[target]} on this window; choose another target class."
+        )
     return w, cell_mask(w.shape, features, steps)
 
 
-def _result(model: nn.Module, method: str, w: np.ndarray, edited: np.ndarray, target: int, min_margin: float,
-            evaluations: int, t0: float, feature_names: Sequence[str] | None, notes: list[str]) -> FlipResult:
+def _result(
+    model: nn.Module,
+    method: str,
+    w: np.ndarray,
+    edited: np.ndarray,
+    target: int,
+    min_margin: float,
+    evaluations: int,
+    t0: float,
+    feature_names: Sequence[str] | None,
+    notes: list[str],
+) -> FlipResult:
     """Verify `edited` with a plain forward of exactly these float32 values and package the result."""
     logits = _logits(model, np.stack([w, edited]))
     margin = float(_margin(logits[1:], target)[0])
     flipped = bool(int(logits[1].argmax()) == target and margin >= min_margin / 2)
     if not flipped:
-        notes.append("no edit within the budget made the model decide the target: shown is the closest attempt; "
-                     "allow more features, more steps or a larger budget.")
+        notes.append(
+            "no edit within the budget made the model decide the target: shown is the closest attempt; "
+            "allow more features, more steps or a larger budget."
+        )
     names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(w.shape[1]))
     probs = torch.from_numpy(logits).softmax(-1).numpy()
-    return FlipResult(method, target, flipped, w, edited, probs[0], probs[1], margin, evaluations + FORWARD,
-                      time.perf_counter() - t0, action_names(model.config.n_actions), names, tuple(notes))
+    return FlipResult(
+        method,
+        target,
+        flipped,
+        w,
+        edited,
+        probs[0],
+        probs[1],
+        margin,
+        evaluations + FORWARD,
+        time.perf_counter() - t0,
+        action_names(model.config.n_actions),
+        names,
+        tuple(notes),
+    )
 
 
-def _shrink(model: nn.Module, w: np.ndarray, delta: np.ndarray, target: int,
-            min_margin: float) -> tuple[np.ndarray, int]:
+def _shrink(
+    model: nn.Module, w: np.ndarray, delta: np.ndarray, target: int, min_margin: float
+) -> tuple[np.ndarray, int]:
     """Make a flipping delta sparser, then smaller, while w + delta still decides `target` with min_margin.
     Returns the new delta and the forward evaluations used."""
     evals = 0
@@ -316,7 +358,7 @@ def smallest_flip(
         for it in range(iterations):
             logits = model(x + m * delta)[0, -1]
             evals += FORWARD_BACKWARD
-            others = torch.cat([logits[:target], logits[target + 1:]])
+            others = torch.cat([logits[:target], logits[target + 1 :]])
             margin = logits[target] - others.max()
             d_now = (m * delta).detach()[0].numpy().copy()
             if margin.item() >= min_margin:
@@ -329,7 +371,7 @@ def smallest_flip(
                 if margin.item() > closest_margin:
                     closest, closest_margin = d_now, margin.item()
             # autograd.grad, not backward(): no .grad is ever written on the shared model's parameters
-            grad, = torch.autograd.grad(torch.relu(min_margin - margin), delta)
+            (grad,) = torch.autograd.grad(torch.relu(min_margin - margin), delta)
             with torch.no_grad():
                 # A step of at most lr on the cell with the largest gradient (others in proportion, so cells
                 # that matter little barely move), then the proximal L1 step: soft-thresholding makes
@@ -338,14 +380,27 @@ def smallest_flip(
                 delta.copy_(m * step.sign() * (step.abs() - lr * weight).clamp(min=0))
             if progress is not None and (it % 10 == 0 or it == iterations - 1):
                 progress(it + 1, iterations)
-    notes = [f"{iterations} gradient steps (largest step {lr:g}) with an adaptive L1 weight (start {l1_weight:g}), "
-             f"then pruning and scaling down while the logit margin stays ≥ {min_margin:g}."]
+    notes = [
+        f"{iterations} gradient steps (largest step {lr:g}) with an adaptive L1 weight (start {l1_weight:g}), "
+        f"then pruning and scaling down while the logit margin stays ≥ {min_margin:g}."
+    ]
     if best is None:
-        return _result(model, "gradient", w, (w + closest).astype(np.float32), target, min_margin, evals, t0,
-                       feature_names, notes)
+        return _result(
+            model, "gradient", w, (w + closest).astype(np.float32), target, min_margin, evals, t0, feature_names, notes
+        )
     delta_np, used = _shrink(model, w, best, target, min_margin)
-    return _result(model, "gradient", w, (w + delta_np).astype(np.float32), target, min_margin, evals + used, t0,
-                   feature_names, notes)
+    return _result(
+        model,
+        "gradient",
+        w,
+        (w + delta_np).astype(np.float32),
+        target,
+        min_margin,
+        evals + used,
+        t0,
+        feature_names,
+        notes,
+    )
 
 
 def random_flip(
@@ -396,11 +451,23 @@ def random_flip(
                 lo = mid
         if hi * l1_u < best_l1:
             best, best_l1 = (hi * u).astype(np.float32), hi * l1_u
-    notes = [f"{n_dirs} random Gaussian directions on the editable cells, each scaled to the smallest flipping "
-             f"size ({budget} forward evaluations)."]
+    notes = [
+        f"{n_dirs} random Gaussian directions on the editable cells, each scaled to the smallest flipping "
+        f"size ({budget} forward evaluations)."
+    ]
     delta = best if best is not None else closest
-    return _result(model, "random directions", w, (w + delta).astype(np.float32), target, min_margin, evals, t0,
-                   feature_names, notes)
+    return _result(
+        model,
+        "random directions",
+        w,
+        (w + delta).astype(np.float32),
+        target,
+        min_margin,
+        evals,
+        t0,
+        feature_names,
+        notes,
+    )
 
 
 def feature_sigma(values: np.ndarray) -> np.ndarray:
@@ -421,14 +488,27 @@ class Stability:
 
     def curve(self) -> pd.DataFrame:
         """Per k: mean share unchanged over the windows, and the 10th percentile and minimum over windows."""
-        return pd.DataFrame({"k": self.ks, "share unchanged": self.unchanged.mean(axis=0),
-                             "p10 over windows": np.quantile(self.unchanged, 0.1, axis=0),
-                             "min over windows": self.unchanged.min(axis=0)})
+        return pd.DataFrame(
+            {
+                "k": self.ks,
+                "share unchanged": self.unchanged.mean(axis=0),
+                "p10 over windows": np.quantile(self.unchanged, 0.1, axis=0),
+                "min over windows": self.unchanged.min(axis=0),
+            }
+        )
 
 
-def decision_stability(model: nn.Module, windows: np.ndarray, sigma: np.ndarray, ks: Sequence[float] = DEFAULT_KS,
-                       n_samples: int = 32, indices: Sequence[int] | None = None, seed: int = 0,
-                       batch_size: int = 256, progress: Progress | None = None) -> Stability:
+def decision_stability(
+    model: nn.Module,
+    windows: np.ndarray,
+    sigma: np.ndarray,
+    ks: Sequence[float] = DEFAULT_KS,
+    n_samples: int = 32,
+    indices: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> Stability:
     """Decision stability of windows (N, S, D) (or one window (S, D)) under Gaussian noise k·σ_j on feature j.
 
     For each window and k, `n_samples` noisy copies are decided; the share equal to the clean decision is
@@ -453,9 +533,9 @@ def decision_stability(model: nn.Module, windows: np.ndarray, sigma: np.ndarray,
         scale = np.repeat(ks_arr, n_samples).astype(np.float32)[:, None, None]  # (K * n_samples, 1, 1)
         got = np.empty(rows_per_window, dtype=int)
         for j in range(0, rows_per_window, batch_size):  # noise is drawn per batch: memory stays bounded
-            s = scale[j:j + batch_size]
+            s = scale[j : j + batch_size]
             noise = rng.standard_normal((len(s), *w.shape)).astype(np.float32) * sigma
-            got[j:j + len(s)] = _logits(model, w[None] + s * noise).argmax(-1)
+            got[j : j + len(s)] = _logits(model, w[None] + s * noise).argmax(-1)
         unchanged[n] = (got == clean).reshape(len(ks_arr), n_samples).mean(axis=1)
         decisions[n] = clean
         if progress is not None:

@@ -1,11 +1,13 @@
 """Strict load, conversion to the native layout, LoRA merge, exports (native / merged / stock PyTorch) and the
 targets a file is compared against."""
+
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from .diff import KeyDiff, diff_keys
 from .families import FAMILIES, LayoutSize
 from .families import native as native_family
 from .families.stock import expected as stock_expected
-from .fixes import Fix, _native_to_stock, merge_lora, suggest_fixes, apply_fixes
+from .fixes import Fix, _native_to_stock, apply_fixes, merge_lora, suggest_fixes
 from .keys import LayoutError, Shape, meta_like
 from .recognize import CLOSE, GOOD, Recognition, recognise
 
@@ -39,8 +41,9 @@ class StrictLoad:
     diff: KeyDiff | None
 
 
-def strict_load(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None = None,
-                **assumptions: Any) -> StrictLoad:
+def strict_load(
+    sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None = None, **assumptions: Any
+) -> StrictLoad:
     """Infer the config from `sd`, build FlagTrader on the meta device and load `sd` with strict=True.
 
     Nothing is allocated: `assign=True` lets the model borrow the given tensors, and it is discarded.
@@ -59,8 +62,13 @@ def strict_load(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None
             model.load_state_dict(dict(sd), strict=True, assign=True)
         except RuntimeError as exc:
             return StrictLoad(False, f"torch refused the strict load: {str(exc).splitlines()[0]}", cfg, diff)
-    return StrictLoad(True, f"{len(sd)}/{len(sd)} tensors load strictly into FlagTrader "
-                      f"({cfg.n_blocks} blocks, d={cfg.d_model}, LoRA rank {cfg.lora_rank}).", cfg, diff)
+    return StrictLoad(
+        True,
+        f"{len(sd)}/{len(sd)} tensors load strictly into FlagTrader "
+        f"({cfg.n_blocks} blocks, d={cfg.d_model}, LoRA rank {cfg.lora_rank}).",
+        cfg,
+        diff,
+    )
 
 
 EXPORT_KINDS = ("native", "merged", "stock")
@@ -69,8 +77,10 @@ EXPORT_FORMATS = ("pt", "safetensors")
 
 # Assumptions a family's own code fixes, applied when it is converted (the keys cannot tell them).
 FAMILY_ASSUMPTIONS: dict[str, tuple[dict[str, Any], str]] = {
-    "sketch": ({"norm_first": True, "lora_scale": 1.0},
-               "the sketch's forward is pre-norm (x + attn(norm1(x))) and adds x @ A @ B unscaled"),
+    "sketch": (
+        {"norm_first": True, "lora_scale": 1.0},
+        "the sketch's forward is pre-norm (x + attn(norm1(x))) and adds x @ A @ B unscaled",
+    ),
 }
 
 
@@ -87,8 +97,10 @@ def infer_sizes(sd: Mapping[str, Any], recognition: Recognition | None = None) -
     rec = recognition or recognise(sd)
     best = next((m for m in rec.matches if m.size is not None), None)
     if best is None:
-        raise LayoutError("cannot tell the hidden size: no embedding, attention projection, LayerNorm or MLP layer of "
-                          "a known family found. This does not look like a model checkpoint.")
+        raise LayoutError(
+            "cannot tell the hidden size: no embedding, attention projection, LayerNorm or MLP layer of "
+            "a known family found. This does not look like a model checkpoint."
+        )
     return best.size
 
 
@@ -102,8 +114,9 @@ def stock_layout(s: LayoutSize) -> dict[str, Shape]:
     return stock_expected(s)
 
 
-def to_native(sd: Mapping[str, torch.Tensor], recognition: Recognition | None = None
-              ) -> tuple[dict[str, torch.Tensor], list[Fix]]:
+def to_native(
+    sd: Mapping[str, torch.Tensor], recognition: Recognition | None = None
+) -> tuple[dict[str, torch.Tensor], list[Fix]]:
     """The file in the native layout (fixes chosen against the native layout at the family's own sizes).
 
     Raises LayoutError naming what is still wrong when no chain of fixes makes it load strictly, and at once when
@@ -114,12 +127,16 @@ def to_native(sd: Mapping[str, torch.Tensor], recognition: Recognition | None = 
     rec = recognition or recognise(sd)
     best = rec.best
     if best.score >= CLOSE and not best.family.convertible:
-        raise LayoutError(f"cannot convert to the native layout: the file is a {best.family.title} checkpoint "
-                          f"({best.score:.0%} of its keys), {best.family.converts_to}.")
+        raise LayoutError(
+            f"cannot convert to the native layout: the file is a {best.family.title} checkpoint "
+            f"({best.score:.0%} of its keys), {best.family.converts_to}."
+        )
     size = next((m.size for m in rec.matches if m.size is not None and m.family.convertible), None)
     if size is None:
-        raise LayoutError("cannot convert to the native layout: no FLAG-TRADER naming (native, PEFT, stock, sketch) "
-                          "fits this file's keys.")
+        raise LayoutError(
+            "cannot convert to the native layout: no FLAG-TRADER naming (native, PEFT, stock, sketch) "
+            "fits this file's keys."
+        )
     fixes = suggest_fixes(sd, native_layout(_native_size(size)))
     out = apply_fixes(sd, fixes)
     res = strict_load(meta_like(out))
@@ -127,9 +144,15 @@ def to_native(sd: Mapping[str, torch.Tensor], recognition: Recognition | None = 
         done = ", ".join(f.title for f in fixes) or "none applied"
         extra = ""
         if res.diff is not None:
-            extra = "; ".join(f"{n}: {', '.join(ks[:4])}" for n, ks in (
-                ("unexpected", res.diff.unexpected), ("missing", res.diff.missing),
-                ("mis-shaped", [k for k, _, _ in res.diff.mismatched])) if ks)
+            extra = "; ".join(
+                f"{n}: {', '.join(ks[:4])}"
+                for n, ks in (
+                    ("unexpected", res.diff.unexpected),
+                    ("missing", res.diff.missing),
+                    ("mis-shaped", [k for k, _, _ in res.diff.mismatched]),
+                )
+                if ks
+            )
         raise LayoutError(f"cannot convert to the native layout (fixes: {done}). {res.message} {extra}".strip())
     return out, fixes
 
@@ -169,8 +192,16 @@ def export_config(cfg: ModelConfig, kind: str) -> dict[str, Any]:
         out.pop("lora_rank", None)
         out["lora_merged_with_scale"] = cfg.lora_scale
     if kind == "stock":
-        out.update({"activation": "gelu", "batch_first": True, "layer_norm_eps": cfg.ln_eps, "nhead": cfg.num_heads,
-                    "dim_feedforward": cfg.ffn_dim, "dropout": 0.0})
+        out.update(
+            {
+                "activation": "gelu",
+                "batch_first": True,
+                "layer_norm_eps": cfg.ln_eps,
+                "nhead": cfg.num_heads,
+                "dim_feedforward": cfg.ffn_dim,
+                "dropout": 0.0,
+            }
+        )
     out["layout"] = kind
     return out
 
@@ -190,8 +221,12 @@ def export_bytes(sd: Mapping[str, torch.Tensor], fmt: str = "pt", config: Mappin
     raise LayoutError(f"unknown format '{fmt}'; choose one of {EXPORT_FORMATS}")
 
 
-def export_plan(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None = None, family_wins: bool = True,
-                **assumptions: Any) -> tuple[dict[str, torch.Tensor], ModelConfig, list[Fix], str]:
+def export_plan(
+    sd: Mapping[str, torch.Tensor],
+    stored: Mapping[str, Any] | None = None,
+    family_wins: bool = True,
+    **assumptions: Any,
+) -> tuple[dict[str, torch.Tensor], ModelConfig, list[Fix], str]:
     """(native dict, config with the assumptions, fixes, note): what every export starts from.
 
     The recognised family's own assumptions (the sketch: pre-norm, scale 1) replace the defaults; with
@@ -209,8 +244,9 @@ def export_plan(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None
     return native, cfg, fixes, note
 
 
-def export_file(sd: Mapping[str, torch.Tensor], kind: str, fmt: str, stored: Mapping[str, Any] | None = None,
-                **assumptions: Any) -> bytes:
+def export_file(
+    sd: Mapping[str, torch.Tensor], kind: str, fmt: str, stored: Mapping[str, Any] | None = None, **assumptions: Any
+) -> bytes:
     """Convert (any convertible layout) and serialise, with the config and assumptions stored beside the weights.
 
     `assumptions` are ModelConfig assumptions (num_heads, lora_scale, norm_first, causal); lora_scale is the
@@ -232,6 +268,7 @@ def export_problem(sd: Mapping[str, Any], kind: str) -> str | None:
 
 # ----------------------------------------------------------------------------------- stock rebuild
 
+
 class StockFlagTrader(nn.Module):
     """FLAG-TRADER rebuilt from stock torch modules and the config a stock export stores (the loading snippet)."""
 
@@ -241,9 +278,16 @@ class StockFlagTrader(nn.Module):
         self.causal = bool(c.get("causal", False))
         self.pos_embedding = nn.Parameter(torch.zeros(1, int(c["max_length"]), d))
         self.state_embedding = nn.Linear(int(c["state_dim"]), d)
-        layer = nn.TransformerEncoderLayer(d, int(c["nhead"]), int(c["dim_feedforward"]), dropout=0.0,
-                                           activation=c["activation"], layer_norm_eps=float(c["layer_norm_eps"]),
-                                           batch_first=bool(c["batch_first"]), norm_first=bool(c["norm_first"]))
+        layer = nn.TransformerEncoderLayer(
+            d,
+            int(c["nhead"]),
+            int(c["dim_feedforward"]),
+            dropout=0.0,
+            activation=c["activation"],
+            layer_norm_eps=float(c["layer_norm_eps"]),
+            batch_first=bool(c["batch_first"]),
+            norm_first=bool(c["norm_first"]),
+        )
         self.encoder = nn.TransformerEncoder(layer, int(c["n_blocks"]), enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(d, eps=float(c["layer_norm_eps"]))
         self.action_head = nn.Linear(d, int(c["n_actions"]))
@@ -255,7 +299,7 @@ class StockFlagTrader(nn.Module):
         return self.action_head(self.output_norm(self.encoder(h, mask=mask, is_causal=self.causal)))
 
 
-STOCK_SNIPPET = '''import torch
+STOCK_SNIPPET = """import torch
 from torch import nn
 
 ckpt = torch.load("{name}", weights_only=True)
@@ -282,7 +326,7 @@ class StockFlagTrader(nn.Module):
 
 model = StockFlagTrader(c).eval()
 model.load_state_dict(sd, strict=True)
-'''
+"""
 
 
 def stock_snippet(name: str = "model-stock.pt") -> str:
@@ -300,8 +344,14 @@ class ReloadCheck:
     loaded_strictly: bool
 
 
-def stock_reload_check(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any] | None = None, windows: int = 4,
-                       length: int = 16, seed: int = 0, **assumptions: Any) -> ReloadCheck:
+def stock_reload_check(
+    sd: Mapping[str, torch.Tensor],
+    stored: Mapping[str, Any] | None = None,
+    windows: int = 4,
+    length: int = 16,
+    seed: int = 0,
+    **assumptions: Any,
+) -> ReloadCheck:
     """Export as stock, rebuild from the stored config, and compare logits with FlagTrader on random windows."""
     from ..model import build_model
 
@@ -309,8 +359,9 @@ def stock_reload_check(sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any]
     stock_sd, _ = convert(native, "stock", cfg.lora_scale)
     stock = StockFlagTrader(export_config(cfg, "stock")).eval()
     stock.load_state_dict(stock_sd, strict=True)
-    ref = build_model(native, num_heads=cfg.num_heads, lora_scale=cfg.lora_scale, norm_first=cfg.norm_first,
-                      causal=cfg.causal)
+    ref = build_model(
+        native, num_heads=cfg.num_heads, lora_scale=cfg.lora_scale, norm_first=cfg.norm_first, causal=cfg.causal
+    )
     length = max(1, min(length, cfg.max_length))
     x = torch.randn(windows, length, cfg.state_dim, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -324,8 +375,9 @@ TARGETS: tuple[str, ...] = ("reconstruction",) + tuple(FAMILIES)
 ALIASES = {"cgdt": "cgdt_agent"}  # target names of earlier versions
 
 
-def reconstruction_config(cfg: ModelConfig | None, sd: Mapping[str, Any], recognition: Recognition | None = None
-                          ) -> tuple[ModelConfig, str]:
+def reconstruction_config(
+    cfg: ModelConfig | None, sd: Mapping[str, Any], recognition: Recognition | None = None
+) -> tuple[ModelConfig, str]:
     """The config of the reconstruction target, and how it was found: the file's inferred config, else the
     recognised family's sizes (a FLAG-TRADER naming keeps its LoRA rank and targets and its own assumptions)."""
     rec = recognition or recognise(sd)
@@ -336,14 +388,22 @@ def reconstruction_config(cfg: ModelConfig | None, sd: Mapping[str, Any], recogn
         raise LayoutError("cannot tell the hidden size: no family of known layouts reads this file's shapes.")
     size = best.size if best.family.convertible else replace(best.size, lora_rank=0, lora_targets=())
     if best.family.name == "peft_llm" or best.family.name == "mlp":
-        size = replace(size, lora_rank=0, lora_targets=(), n_blocks=max(size.n_blocks, 1),
-                       ffn_dim=size.ffn_dim or 4 * size.d_model, state_dim=size.state_dim or size.d_model,
-                       n_actions=size.n_actions or 3)
+        size = replace(
+            size,
+            lora_rank=0,
+            lora_targets=(),
+            n_blocks=max(size.n_blocks, 1),
+            ffn_dim=size.ffn_dim or 4 * size.d_model,
+            state_dim=size.state_dim or size.d_model,
+            n_actions=size.n_actions or 3,
+        )
     fam, why = FAMILY_ASSUMPTIONS.get(best.family.name, ({}, ""))
     out = replace(size, max_length=size.max_length or 1).to_config(**fam)
-    how = (f"sizes of the recognised family ({best.family.title}: {size.summary()})"
-           + (f"; {why}" if fam else "")
-           + ("" if best.family.convertible else " — what FLAG-TRADER at this file's sizes would hold"))
+    how = (
+        f"sizes of the recognised family ({best.family.title}: {size.summary()})"
+        + (f"; {why}" if fam else "")
+        + ("" if best.family.convertible else " — what FLAG-TRADER at this file's sizes would hold")
+    )
     return out, how
 
 
@@ -375,8 +435,13 @@ def with_sizes(size: LayoutSize, **changes: int | None) -> LayoutSize:
     return replace(size, **changes, lora_targets=targets, provenance=prov)
 
 
-def target_shapes(target: str, sd: Mapping[str, Any], cfg: ModelConfig | None = None,
-                  recognition: Recognition | None = None, **sizes: int | None) -> tuple[dict[str, Shape], str]:
+def target_shapes(
+    target: str,
+    sd: Mapping[str, Any],
+    cfg: ModelConfig | None = None,
+    recognition: Recognition | None = None,
+    **sizes: int | None,
+) -> tuple[dict[str, Shape], str]:
     """Expected keys and shapes of a named target, and a sentence saying how they were derived.
 
     'reconstruction' is FlagTrader(cfg) (cfg: the file's config with the current assumptions, else the recognised
@@ -391,7 +456,8 @@ def target_shapes(target: str, sd: Mapping[str, Any], cfg: ModelConfig | None = 
         cfg = resize_config(cfg, **sizes)
         return reconstruction_shapes(cfg), (
             f"FlagTrader with {cfg.n_blocks} blocks, d={cfg.d_model}, F={cfg.ffn_dim}, LoRA rank {cfg.lora_rank} on "
-            f"{len(cfg.lora_targets)} modules — {how}")
+            f"{len(cfg.lora_targets)} modules — {how}"
+        )
     if target not in FAMILIES:
         raise LayoutError(f"unknown target '{target}'; choose one of {TARGETS} or give a checkpoint path.")
     fam = FAMILIES[target]
@@ -400,15 +466,49 @@ def target_shapes(target: str, sd: Mapping[str, Any], cfg: ModelConfig | None = 
         size, whose = own.size, "the sizes it reads from this file"
     else:
         base = infer_sizes(sd, rec)
-        size = LayoutSize(base.n_blocks or 1, base.d_model, base.ffn_dim or 4 * base.d_model, base.state_dim or 60,
-                          base.n_actions or 3, base.max_length, base.lora_rank, (), base.num_heads, (), base.provenance)
+        size = LayoutSize(
+            base.n_blocks or 1,
+            base.d_model,
+            base.ffn_dim or 4 * base.d_model,
+            base.state_dim or 60,
+            base.n_actions or 3,
+            base.max_length,
+            base.lora_rank,
+            (),
+            base.num_heads,
+            (),
+            base.provenance,
+        )
         whose = "the file's sizes (it reads none of its own keys there)"
     size = with_sizes(size, **sizes)
     return fam.expected(size), f"{fam.title} at {whose}: {size.summary()} — {fam.description}"
 
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_KINDS", "FAMILY_ASSUMPTIONS", "ReloadCheck", "StockFlagTrader", "StrictLoad",
-           "TARGETS", "convert", "export_bytes", "export_config", "export_file", "export_plan", "export_problem",
-           "family_assumptions", "infer_sizes", "native_layout", "reconstruction_config", "reconstruction_shapes",
-           "resize_config", "stock_layout", "stock_reload_check", "stock_snippet", "strict_load", "target_shapes",
-           "to_native", "with_sizes"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "EXPORT_KINDS",
+    "FAMILY_ASSUMPTIONS",
+    "ReloadCheck",
+    "StockFlagTrader",
+    "StrictLoad",
+    "TARGETS",
+    "convert",
+    "export_bytes",
+    "export_config",
+    "export_file",
+    "export_plan",
+    "export_problem",
+    "family_assumptions",
+    "infer_sizes",
+    "native_layout",
+    "reconstruction_config",
+    "reconstruction_shapes",
+    "resize_config",
+    "stock_layout",
+    "stock_reload_check",
+    "stock_snippet",
+    "strict_load",
+    "target_shapes",
+    "to_native",
+    "with_sizes",
+]

@@ -4,11 +4,13 @@ file closest to a target (on shapes only).
 Orientation contract (DESIGN §2): native LoRA stores `lora.lora_A` [in, r] and `lora.lora_B` [r, out];
 PEFT stores `lora_A.weight` [r, in] and `lora_B.weight` [out, r]. Merged weight `W + scale·(A@B)ᵀ`.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,12 +26,23 @@ _PEFT_LORA = re.compile(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _NATIVE_LORA = re.compile(r"^(.*)\.lora\.lora_([AB])$")
 _BARE_LORA = re.compile(r"^(.*?)(?<!\.lora)\.lora_([AB])$")
 _FUSED = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
-_STOCK = re.compile(r"^(?:[\w.]*\.)?layers\.(\d+)\.(self_attn\.in_proj_weight|self_attn\.in_proj_bias|"
-                    r"self_attn\.out_proj\.(?:weight|bias)|linear1\.(?:weight|bias)|linear2\.(?:weight|bias)|"
-                    r"norm1\.(?:weight|bias)|norm2\.(?:weight|bias))$")
-_PRE_NORM_NAMES = {"ln1": "norm1", "ln_1": "norm1", "attn_norm": "norm1", "norm_attn": "norm1",
-                   "input_layernorm": "norm1", "ln2": "norm2", "ln_2": "norm2", "ffn_norm": "norm2",
-                   "norm_ffn": "norm2", "post_attention_layernorm": "norm2"}
+_STOCK = re.compile(
+    r"^(?:[\w.]*\.)?layers\.(\d+)\.(self_attn\.in_proj_weight|self_attn\.in_proj_bias|"
+    r"self_attn\.out_proj\.(?:weight|bias)|linear1\.(?:weight|bias)|linear2\.(?:weight|bias)|"
+    r"norm1\.(?:weight|bias)|norm2\.(?:weight|bias))$"
+)
+_PRE_NORM_NAMES = {
+    "ln1": "norm1",
+    "ln_1": "norm1",
+    "attn_norm": "norm1",
+    "norm_attn": "norm1",
+    "input_layernorm": "norm1",
+    "ln2": "norm2",
+    "ln_2": "norm2",
+    "ffn_norm": "norm2",
+    "norm_ffn": "norm2",
+    "post_attention_layernorm": "norm2",
+}
 _FINAL_NORM_NAMES = ("ln_f", "final_norm", "norm_f", "final_layer_norm", "ln_out")
 
 
@@ -44,7 +57,7 @@ def _rename(sd: Mapping[str, torch.Tensor], fn: Callable[[str], str]) -> dict[st
 
 
 def _strip_prefix(sd, prefix: str):
-    return _rename(sd, lambda k: k[len(prefix):] if k.startswith(prefix) else k)
+    return _rename(sd, lambda k: k[len(prefix) :] if k.startswith(prefix) else k)
 
 
 def _add_prefix(sd, prefix: str):
@@ -134,8 +147,10 @@ def _remove_base_level(sd):
 
 
 def _add_attention_level(sd):
-    return _rename(sd, lambda k: re.sub(r"(transformer_blocks\.\d+\.)(q_proj|k_proj|v_proj|out_proj|in_proj_)",
-                                        r"\1attention.\2", k))
+    return _rename(
+        sd,
+        lambda k: re.sub(r"(transformer_blocks\.\d+\.)(q_proj|k_proj|v_proj|out_proj|in_proj_)", r"\1attention.\2", k),
+    )
 
 
 def _remove_attention_level(sd):
@@ -158,6 +173,7 @@ def _rename_norms(sd):
         elif len(parts) == 2 and parts[0] in _FINAL_NORM_NAMES:
             parts[0] = "output_norm"
         return ".".join(parts)
+
     return _rename(sd, fn)
 
 
@@ -165,15 +181,22 @@ def _norms_to_ln(sd):
     def fn(k: str) -> str:
         k = re.sub(r"(transformer_blocks\.\d+\.)norm([12])\.", r"\1ln\2.", k)
         return re.sub(r"^output_norm\.", "ln_f.", k)
+
     return _rename(sd, fn)
 
 
-_STOCK_TO_NATIVE = {"self_attn.out_proj.weight": "attention.out_proj.base.weight",
-                    "self_attn.out_proj.bias": "attention.out_proj.base.bias",
-                    "linear1.weight": "ffn.0.base.weight", "linear1.bias": "ffn.0.base.bias",
-                    "linear2.weight": "ffn.3.base.weight", "linear2.bias": "ffn.3.base.bias",
-                    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
-                    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias"}
+_STOCK_TO_NATIVE = {
+    "self_attn.out_proj.weight": "attention.out_proj.base.weight",
+    "self_attn.out_proj.bias": "attention.out_proj.base.bias",
+    "linear1.weight": "ffn.0.base.weight",
+    "linear1.bias": "ffn.0.base.bias",
+    "linear2.weight": "ffn.3.base.weight",
+    "linear2.bias": "ffn.3.base.bias",
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+}
 
 
 def _stock_to_native(sd):
@@ -246,40 +269,80 @@ class Fix:
 
 
 _FIX_OPS: dict[str, tuple[Callable[..., dict], str, str]] = {
-    "strip_prefix": (_strip_prefix, "Strip the prefix '{arg}'", "remove '{arg}' from the start of every key that has it"),
+    "strip_prefix": (
+        _strip_prefix,
+        "Strip the prefix '{arg}'",
+        "remove '{arg}' from the start of every key that has it",
+    ),
     "add_prefix": (_add_prefix, "Add the prefix '{arg}'", "put '{arg}' in front of every key"),
-    "peft_to_native": (_peft_to_native, "PEFT → native LoRA",
-                       "base_layer → base; lora_A.weight [r, in] → lora.lora_A [in, r] and lora_B.weight [out, r] → "
-                       "lora.lora_B [r, out] (transposed)"),
-    "native_to_peft": (_native_to_peft, "Native LoRA → PEFT",
-                       "base → base_layer; lora.lora_A [in, r] → lora_A.weight [r, in], lora.lora_B → lora_B.weight "
-                       "[out, r] (transposed)"),
-    "transpose_lora": (_transpose_lora, "Transpose LoRA matrices",
-                       "lora_A stored [r, in] and lora_B stored [out, r] (PEFT orientation) under native names: "
-                       "transpose to [in, r] / [r, out]"),
-    "split_qkv": (_split_qkv, "Split fused in_proj into q/k/v",
-                  "in_proj_weight [3d, d] → q_proj, k_proj, v_proj [d, d] (rows 0:d, d:2d, 2d:3d); same for the bias"),
+    "peft_to_native": (
+        _peft_to_native,
+        "PEFT → native LoRA",
+        "base_layer → base; lora_A.weight [r, in] → lora.lora_A [in, r] and lora_B.weight [out, r] → "
+        "lora.lora_B [r, out] (transposed)",
+    ),
+    "native_to_peft": (
+        _native_to_peft,
+        "Native LoRA → PEFT",
+        "base → base_layer; lora.lora_A [in, r] → lora_A.weight [r, in], lora.lora_B → lora_B.weight "
+        "[out, r] (transposed)",
+    ),
+    "transpose_lora": (
+        _transpose_lora,
+        "Transpose LoRA matrices",
+        "lora_A stored [r, in] and lora_B stored [out, r] (PEFT orientation) under native names: "
+        "transpose to [in, r] / [r, out]",
+    ),
+    "split_qkv": (
+        _split_qkv,
+        "Split fused in_proj into q/k/v",
+        "in_proj_weight [3d, d] → q_proj, k_proj, v_proj [d, d] (rows 0:d, d:2d, 2d:3d); same for the bias",
+    ),
     "fuse_qkv": (_fuse_qkv, "Fuse q/k/v into in_proj", "q, k, v [d, d] stacked into in_proj_weight [3d, d]"),
-    "add_base_level": (_add_base_level, "Add the `base.` level",
-                       "plain nn.Linear names (ffn.0.weight) → LoRALinear names (ffn.0.base.weight)"),
+    "add_base_level": (
+        _add_base_level,
+        "Add the `base.` level",
+        "plain nn.Linear names (ffn.0.weight) → LoRALinear names (ffn.0.base.weight)",
+    ),
     "remove_base_level": (_remove_base_level, "Remove the `base.` level", "ffn.0.base.weight → ffn.0.weight"),
-    "add_attention_level": (_add_attention_level, "Add the `attention.` level",
-                            "transformer_blocks.N.q_proj → transformer_blocks.N.attention.q_proj"),
-    "remove_attention_level": (_remove_attention_level, "Remove the `attention.` level",
-                               "transformer_blocks.N.attention.q_proj → transformer_blocks.N.q_proj"),
+    "add_attention_level": (
+        _add_attention_level,
+        "Add the `attention.` level",
+        "transformer_blocks.N.q_proj → transformer_blocks.N.attention.q_proj",
+    ),
+    "remove_attention_level": (
+        _remove_attention_level,
+        "Remove the `attention.` level",
+        "transformer_blocks.N.attention.q_proj → transformer_blocks.N.q_proj",
+    ),
     "add_lora_level": (_add_lora_level, "Add the `lora.` level", "q_proj.lora_A → q_proj.lora.lora_A"),
     "remove_lora_level": (_remove_lora_level, "Remove the `lora.` level", "q_proj.lora.lora_A → q_proj.lora_A"),
-    "rename_norms": (_rename_norms, "Rename pre-norm LayerNorms",
-                     "ln1/attn_norm → norm1, ln2/ffn_norm → norm2, ln_f/final_norm → output_norm (names only: "
-                     "the norm placement stays an assumption)"),
-    "norms_to_ln": (_norms_to_ln, "Rename LayerNorms to ln1/ln2/ln_f",
-                    "norm1 → ln1, norm2 → ln2, output_norm → ln_f (the sketch's pre-norm names)"),
-    "merge_lora": (lambda sd, scale: merge_lora(sd, float(scale)), "Merge LoRA into the base weights (scale {arg})",
-                   "base.weight ← W + scale·(A@B)ᵀ, lora keys removed; the scale is the LoRA-scale assumption"),
-    "stock_to_native": (_stock_to_native, "Stock PyTorch → native",
-                        "layers.N.self_attn.in_proj_weight → q/k/v base weights, linear1/linear2 → ffn.0/ffn.3"),
-    "native_to_stock": (_native_to_stock, "Native → stock PyTorch",
-                        "q/k/v base weights → encoder.layers.N.self_attn.in_proj_weight, ffn.0/ffn.3 → linear1/linear2"),
+    "rename_norms": (
+        _rename_norms,
+        "Rename pre-norm LayerNorms",
+        "ln1/attn_norm → norm1, ln2/ffn_norm → norm2, ln_f/final_norm → output_norm (names only: "
+        "the norm placement stays an assumption)",
+    ),
+    "norms_to_ln": (
+        _norms_to_ln,
+        "Rename LayerNorms to ln1/ln2/ln_f",
+        "norm1 → ln1, norm2 → ln2, output_norm → ln_f (the sketch's pre-norm names)",
+    ),
+    "merge_lora": (
+        lambda sd, scale: merge_lora(sd, float(scale)),
+        "Merge LoRA into the base weights (scale {arg})",
+        "base.weight ← W + scale·(A@B)ᵀ, lora keys removed; the scale is the LoRA-scale assumption",
+    ),
+    "stock_to_native": (
+        _stock_to_native,
+        "Stock PyTorch → native",
+        "layers.N.self_attn.in_proj_weight → q/k/v base weights, linear1/linear2 → ffn.0/ffn.3",
+    ),
+    "native_to_stock": (
+        _native_to_stock,
+        "Native → stock PyTorch",
+        "q/k/v base weights → encoder.layers.N.self_attn.in_proj_weight, ffn.0/ffn.3 → linear1/linear2",
+    ),
 }
 
 
@@ -329,10 +392,12 @@ def candidate_fixes(file: Mapping[str, Any], target: Mapping[str, Any], lora_sca
     """Fix ids worth trying: every op, prefixes of unmatched keys on either side, a merge when the target
     has no LoRA but the file has."""
     fs, ts = shapes_of(file), shapes_of(target)
-    strip = {p for p in _prefixes([k for k in fs if k not in ts])
-             if any(k.startswith(p) and k[len(p):] in ts for k in fs)}
-    add = {p for p in _prefixes([k for k in ts if k not in fs])
-           if any(k.startswith(p) and k[len(p):] in fs for k in ts)}
+    strip = {
+        p for p in _prefixes([k for k in fs if k not in ts]) if any(k.startswith(p) and k[len(p) :] in ts for k in fs)
+    }
+    add = {
+        p for p in _prefixes([k for k in ts if k not in fs]) if any(k.startswith(p) and k[len(p) :] in fs for k in ts)
+    }
     ops = [op for op in _FIX_OPS if op not in ("strip_prefix", "add_prefix", "merge_lora")]
     merge = [f"merge_lora:{lora_scale:g}"] if has(list(fs), _NATIVE_LORA.pattern) and not has(list(ts), "lora") else []
     return [f"strip_prefix:{p}" for p in sorted(strip)] + [f"add_prefix:{p}" for p in sorted(add)] + merge + ops
@@ -342,8 +407,9 @@ def _score(sd: Mapping[str, Any], ts: Mapping[str, Shape]) -> int:
     return sum(1 for k, s in shapes_of(sd).items() if ts.get(k) == s)
 
 
-def suggest_fixes(file: Mapping[str, Any], target: Mapping[str, Any], lora_scale: float = 1.0,
-                  max_steps: int = 12) -> list[Fix]:
+def suggest_fixes(
+    file: Mapping[str, Any], target: Mapping[str, Any], lora_scale: float = 1.0, max_steps: int = 12
+) -> list[Fix]:
     """Fixes that bring the file's keys and shapes closest to the target, in order (greedy, on shapes only).
 
     Each step takes the fix that matches the most additional target keys; when no single fix helps, a pair
@@ -389,12 +455,22 @@ def suggest_fixes(file: Mapping[str, Any], target: Mapping[str, Any], lora_scale
     return [make_fix(f) for f in chosen]
 
 
-def fix_for_target(sd: Mapping[str, torch.Tensor], fixes: Sequence[Fix | str], target: Mapping[str, Any],
-                   drop_extra: bool = False) -> dict[str, torch.Tensor]:
+def fix_for_target(
+    sd: Mapping[str, torch.Tensor], fixes: Sequence[Fix | str], target: Mapping[str, Any], drop_extra: bool = False
+) -> dict[str, torch.Tensor]:
     """Apply fixes in order; with drop_extra also remove keys the target has no place for."""
     out = apply_fixes(sd, fixes)
     return drop_keys(out, diff_keys(out, target).unexpected) if drop_extra else out
 
 
-__all__ = ["Fix", "apply_fix", "apply_fixes", "candidate_fixes", "drop_keys", "fix_for_target", "make_fix",
-           "merge_lora", "suggest_fixes"]
+__all__ = [
+    "Fix",
+    "apply_fix",
+    "apply_fixes",
+    "candidate_fixes",
+    "drop_keys",
+    "fix_for_target",
+    "make_fix",
+    "merge_lora",
+    "suggest_fixes",
+]

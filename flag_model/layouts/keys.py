@@ -3,10 +3,12 @@
 Everything that compares layouts works on shapes only (plain tuples or `meta` tensors), so an 88 M-parameter
 file is recognised, diffed and repaired without touching its data; only the final conversion moves real tensors.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -53,8 +55,9 @@ def norm(prefix: str, d: int) -> dict[str, Shape]:
     return {f"{prefix}.weight": (d,), f"{prefix}.bias": (d,)}
 
 
-def find(shapes: Mapping[str, Shape], pattern: str, ok: Callable[[Shape], bool] = lambda s: True
-         ) -> tuple[str, Shape, re.Match] | None:
+def find(
+    shapes: Mapping[str, Shape], pattern: str, ok: Callable[[Shape], bool] = lambda s: True
+) -> tuple[str, Shape, re.Match] | None:
     """First key matching `pattern` (searched) whose shape passes `ok`: (key, shape, match)."""
     rx = re.compile(pattern)
     for k, s in shapes.items():
@@ -75,5 +78,18 @@ def has(keys, pattern: str) -> list[str]:
     return [k for k in keys if rx.search(k)]
 
 
-__all__ = ["KNOWN_PREFIXES", "LayoutError", "Shape", "find", "has", "indices", "key_pattern", "lin", "meta_like",
-           "natural_key", "norm", "shapes_of", "strip_prefixes"]
+__all__ = [
+    "KNOWN_PREFIXES",
+    "LayoutError",
+    "Shape",
+    "find",
+    "has",
+    "indices",
+    "key_pattern",
+    "lin",
+    "meta_like",
+    "natural_key",
+    "norm",
+    "shapes_of",
+    "strip_prefixes",
+]

@@ -2,11 +2,13 @@
 
 One `Recognition` feeds `inspect`, `diff`, the Overview and the Architecture page, so they never disagree.
 """
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -66,31 +68,49 @@ class Recognition:
         others = "; ".join(f"{m.family.title}: {m.score:.0%}" for m in self.matches[1:4] if m.score > 0)
         tail = f" Next: {others}." if others else ""
         if top.score >= GOOD:
-            head = (f"This file is the {top.family.title} layout: {top.matched}/{top.expected} keys "
-                    f"({top.size.summary() if top.size else ''}).")
+            head = (
+                f"This file is the {top.family.title} layout: {top.matched}/{top.expected} keys "
+                f"({top.size.summary() if top.size else ''})."
+            )
         elif top.score >= CLOSE:
-            head = (f"This file resembles the {top.family.title} layout ({top.score:.0%} of keys match; "
-                    f"{top.matched}/{top.expected}).")
+            head = (
+                f"This file resembles the {top.family.title} layout ({top.score:.0%} of keys match; "
+                f"{top.matched}/{top.expected})."
+            )
         else:
             groups = ", ".join(f"{g} ({n})" for g, n in self.unexplained[:3])
-            head = (f"This file matches no known layout well (closest: {top.family.title}, {top.score:.0%}). "
-                    f"Largest unexplained key groups: {groups or 'none'}.")
+            head = (
+                f"This file matches no known layout well (closest: {top.family.title}, {top.score:.0%}). "
+                f"Largest unexplained key groups: {groups or 'none'}."
+            )
         return head + tail
 
     def to_dict(self) -> dict[str, Any]:
         """The recognised family as plain JSON values (shared by `inspect --json` and `diff --json`)."""
         best = self.best
         scale, scale_how = lora_scale_for(self)
-        out = {"family": best.family.name, "title": best.family.title, "score": round(best.score, 4),
-               "matched": best.matched, "expected": best.expected, "confident": self.confident,
-               "description": best.family.description, "converts_to": best.family.converts_to,
-               "sizes": best.size.summary() if best.size else None,
-               "lora_rank": best.lora_rank, "lora_targets": list(best.lora_targets()),
-               "heads": best.size.num_heads if best.size else None, "evidence": list(best.evidence[:5]),
-               "headline": self.headline(), "unexplained": [{"group": g, "keys": n} for g, n in self.unexplained]}
+        out = {
+            "family": best.family.name,
+            "title": best.family.title,
+            "score": round(best.score, 4),
+            "matched": best.matched,
+            "expected": best.expected,
+            "confident": self.confident,
+            "description": best.family.description,
+            "converts_to": best.family.converts_to,
+            "sizes": best.size.summary() if best.size else None,
+            "lora_rank": best.lora_rank,
+            "lora_targets": list(best.lora_targets()),
+            "heads": best.size.num_heads if best.size else None,
+            "evidence": list(best.evidence[:5]),
+            "headline": self.headline(),
+            "unexplained": [{"group": g, "keys": n} for g, n in self.unexplained],
+        }
         if best.size is not None:
-            out["size_fields"] = {k: getattr(best.size, k) for k in ("n_blocks", "d_model", "ffn_dim", "state_dim",
-                                                                     "n_actions", "max_length", "lora_rank")}
+            out["size_fields"] = {
+                k: getattr(best.size, k)
+                for k in ("n_blocks", "d_model", "ffn_dim", "state_dim", "n_actions", "max_length", "lora_rank")
+            }
         if self.adapter_config:
             out["adapter_config"] = dict(self.adapter_config)
             out["lora_scale"] = scale
@@ -99,11 +119,23 @@ class Recognition:
 
     def table(self) -> pd.DataFrame:
         """One row per family: layout, title, score, matched, layout_keys, file_keys, sizes, LoRA, evidence..."""
-        rows = [{"layout": m.family.name, "title": m.family.title, "score": m.score, "matched": m.matched,
-                 "layout_keys": m.expected, "file_keys": m.file_keys, "convertible": m.family.convertible,
-                 "sizes": m.size.summary() if m.size else (m.error or ""), "lora_rank": m.lora_rank,
-                 "lora_targets": ", ".join(m.lora_targets()), "evidence": ", ".join(m.evidence[:3]),
-                 "note": m.family.description} for m in self.matches]
+        rows = [
+            {
+                "layout": m.family.name,
+                "title": m.family.title,
+                "score": m.score,
+                "matched": m.matched,
+                "layout_keys": m.expected,
+                "file_keys": m.file_keys,
+                "convertible": m.family.convertible,
+                "sizes": m.size.summary() if m.size else (m.error or ""),
+                "lora_rank": m.lora_rank,
+                "lora_targets": ", ".join(m.lora_targets()),
+                "evidence": ", ".join(m.evidence[:3]),
+                "note": m.family.description,
+            }
+            for m in self.matches
+        ]
         return pd.DataFrame(rows)
 
 
@@ -127,15 +159,18 @@ def score_family(family: Family, shapes: Mapping[str, Shape], stored: Mapping[st
     return FamilyMatch(family, size, score, matched, len(exp), len(shapes), evidence, None)
 
 
-def recognise(sd: Mapping[str, Any], stored: Mapping[str, Any] | None = None,
-              adapter_config: Mapping[str, Any] | None = None) -> Recognition:
+def recognise(
+    sd: Mapping[str, Any], stored: Mapping[str, Any] | None = None, adapter_config: Mapping[str, Any] | None = None
+) -> Recognition:
     """Rank every family on the file (shapes only; `stored`: the stored config and top-level metadata, read only
     for the head count; `adapter_config`: a PEFT folder's config)."""
     shapes = shapes_of(sd)
     extra = {**dict(stored or {}), **dict(adapter_config or {})}
     order = list(FAMILIES)
-    matches = sorted((score_family(f, shapes, extra) for f in FAMILIES.values()),
-                     key=lambda m: (-m.score, -m.matched, order.index(m.family.name)))
+    matches = sorted(
+        (score_family(f, shapes, extra) for f in FAMILIES.values()),
+        key=lambda m: (-m.score, -m.matched, order.index(m.family.name)),
+    )
     best = matches[0]
     exp = best.family.expected(best.size) if best.size else {}
     left = Counter(_group(k) for k, s in shapes.items() if exp.get(k) != s)
@@ -171,10 +206,20 @@ def lora_scale_for(rec: Recognition) -> tuple[float | None, str]:
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)):
         if cfg.get("use_rslora"):
-            return alpha / r ** 0.5, f"adapter_config.json: lora_alpha {alpha} / √r (rsLoRA, r={r})"
+            return alpha / r**0.5, f"adapter_config.json: lora_alpha {alpha} / √r (rsLoRA, r={r})"
         return alpha / r, f"adapter_config.json: lora_alpha {alpha} / r {r}"
     return None, "no adapter config"
 
 
-__all__ = ["CLOSE", "GOOD", "FamilyMatch", "Recognition", "lora_scale_for", "rank_layouts", "ranking_headline",
-           "recognise", "recognise_checkpoint", "score_family"]
+__all__ = [
+    "CLOSE",
+    "GOOD",
+    "FamilyMatch",
+    "Recognition",
+    "lora_scale_for",
+    "rank_layouts",
+    "ranking_headline",
+    "recognise",
+    "recognise_checkpoint",
+    "score_family",
+]

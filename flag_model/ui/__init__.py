@@ -3,6 +3,7 @@
 Checkpoints and models are cached per content digest with `st.cache_resource`, so they are shared by all
 sessions and must be treated as read-only. What a user uploads lives in their own session state only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,17 +20,23 @@ from pandas.io.formats.style import Styler
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from .. import demo
-from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..analysis.summary import assumptions_line
+from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..config import ConfigError, ModelConfig
-from ..data import (FeatureMatrix, IntervalCheck, check_interval, checkpoint_features, format_timedelta,
-                   training_interval)
+from ..data import (
+    FeatureMatrix,
+    IntervalCheck,
+    check_interval,
+    checkpoint_features,
+    format_timedelta,
+    training_interval,
+)
 from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
 from ..tables import table_bytes
-from .session import MARKET, MarketData, draw_data_slot, keep, keep_widget_state
 from .layouts import fixed_or
+from .session import MARKET, MarketData, draw_data_slot, keep, keep_widget_state
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
@@ -51,14 +58,20 @@ def download_table(df: pd.DataFrame, stem: str, key: str, label: str = "Download
     """CSV and Parquet download buttons for a table; every download in the app goes through here, so each one
     is formula-safe (see `flag_model.tables`). `key` must be unique on the page."""
     c1, c2 = st.columns(2)
-    c1.download_button(f"{label} CSV", lambda: table_bytes(df, "csv"), f"{stem}.csv", "text/csv", key=f"{key}_csv",
-                       on_click="ignore")
-    c2.download_button(f"{label} Parquet", lambda: table_bytes(df, "parquet"), f"{stem}.parquet",
-                       "application/vnd.apache.parquet", key=f"{key}_parquet", on_click="ignore")
+    c1.download_button(
+        f"{label} CSV", lambda: table_bytes(df, "csv"), f"{stem}.csv", "text/csv", key=f"{key}_csv", on_click="ignore"
+    )
+    c2.download_button(
+        f"{label} Parquet",
+        lambda: table_bytes(df, "parquet"),
+        f"{stem}.parquet",
+        "application/vnd.apache.parquet",
+        key=f"{key}_parquet",
+        on_click="ignore",
+    )
 
 
-def table(df: pd.DataFrame | Styler, stem: str, key: str, full_height: bool = False,
-          **kwargs) -> None:
+def table(df: pd.DataFrame | Styler, stem: str, key: str, full_height: bool = False, **kwargs) -> None:
     """`st.dataframe` with its download (`download_table`); full_height shows every row without scrolling
     (short tables whose last rows matter, e.g. the configuration)."""
     data = df.data if isinstance(df, Styler) else df
@@ -75,9 +88,11 @@ def server_folder() -> Path | None:
     return server_root(configured if isinstance(configured, str) else None)
 
 
-SERVER_PATHS_OFF = (f"Server paths are off on this server. The operator turns them on by naming a folder in "
-                    f"{ROOT_ENV} (or `server_root` in .streamlit/secrets.toml); only files inside it can be opened. "
-                    "Upload the file instead.")
+SERVER_PATHS_OFF = (
+    f"Server paths are off on this server. The operator turns them on by naming a folder in "
+    f"{ROOT_ENV} (or `server_root` in .streamlit/secrets.toml); only files inside it can be opened. "
+    "Upload the file instead."
+)
 
 
 def server_path_input(label: str, key: str, placeholder: str, where=None) -> Path | None:
@@ -86,9 +101,15 @@ def server_path_input(label: str, key: str, placeholder: str, where=None) -> Pat
     missing and not allowed)."""
     where = where or st
     root = server_folder()
-    text = where.text_input(label, key=key, placeholder=placeholder,
-                            help=f"A file inside the server folder {md_escape(root)} (relative to it, or its full "
-                                 "path). Read on the machine running the app." if root else SERVER_PATHS_OFF)
+    text = where.text_input(
+        label,
+        key=key,
+        placeholder=placeholder,
+        help=f"A file inside the server folder {md_escape(root)} (relative to it, or its full "
+        "path). Read on the machine running the app."
+        if root
+        else SERVER_PATHS_OFF,
+    )
     if root is None:
         where.caption(SERVER_PATHS_OFF)
         if text.strip():  # nothing is read, whatever the path
@@ -129,7 +150,7 @@ class LazyProgress:
 
 
 def demo_size() -> str:
-    """"full" (the documented 343-tensor layout) unless FLAG_TRADER_DEMO_SIZE says "tiny" (tests)."""
+    """ "full" (the documented 343-tensor layout) unless FLAG_TRADER_DEMO_SIZE says "tiny" (tests)."""
     return os.environ.get("FLAG_TRADER_DEMO_SIZE", "full")
 
 
@@ -154,11 +175,13 @@ def _checkpoint_from_path(path: str, mtime: float, size: int) -> Checkpoint:
 
 
 @st.cache_resource(max_entries=6, show_spinner="Building the model…")
-def _model(digest: str, num_heads: int, lora_scale: float, norm_first: bool, causal: bool,
-           _ckpt: Checkpoint) -> tuple[FlagTrader | None, str | None]:
+def _model(
+    digest: str, num_heads: int, lora_scale: float, norm_first: bool, causal: bool, _ckpt: Checkpoint
+) -> tuple[FlagTrader | None, str | None]:
     try:
-        return build_model(_ckpt, num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first,
-                           causal=causal), None
+        return build_model(
+            _ckpt, num_heads=num_heads, lora_scale=lora_scale, norm_first=norm_first, causal=causal
+        ), None
     except (ModelMismatchError, ConfigError) as exc:
         return None, str(exc)
 
@@ -208,8 +231,10 @@ def _build_progress() -> None:
     statuses = demo.running_builds()
     for status in statuses:
         if status.error:
-            st.error(f"The demo checkpoint could not be built: {md_escape(status.error)}. "
-                     "Reload the page to try again; Upload and Server path work meanwhile.")
+            st.error(
+                f"The demo checkpoint could not be built: {md_escape(status.error)}. "
+                "Reload the page to try again; Upload and Server path work meanwhile."
+            )
         else:
             st.progress(min(status.fraction, 1.0), text=_build_text(status))
     if not statuses:
@@ -224,8 +249,10 @@ _KEPT_UPLOAD = "_flag_kept_upload"  # (name, bytes) of this session's uploaded c
 
 def upload_limit_note(what: str = "files") -> str:
     """Where to go when a file is above the upload limit (the browser refuses it before the app sees it)."""
-    return (f"Up to {st.get_option('server.maxUploadSize')} MB here. Larger {what} (the d=768 checkpoint is 336 MB): "
-            "use **Server path**, which reads the file on the machine running the app.")
+    return (
+        f"Up to {st.get_option('server.maxUploadSize')} MB here. Larger {what} (the d=768 checkpoint is 336 MB): "
+        "use **Server path**, which reads the file on the machine running the app."
+    )
 
 
 def _remember_upload() -> None:
@@ -239,7 +266,10 @@ def _open_selected() -> Checkpoint | None:
         return _open_demo()
     if source == "Upload":
         up = st.sidebar.file_uploader(
-            "Checkpoint file", type=["pt", "pth", "bin", "safetensors"], key=_UPLOAD, on_change=_remember_upload,
+            "Checkpoint file",
+            type=["pt", "pth", "bin", "safetensors"],
+            key=_UPLOAD,
+            on_change=_remember_upload,
             help="Up to the server's upload limit (see .streamlit/config.toml); use 'Server path' for larger files.",
         )
         st.sidebar.caption(upload_limit_note("checkpoints"))
@@ -263,22 +293,31 @@ def _assumption_widgets(cfg: ModelConfig, digest: str) -> ModelConfig:
     sb.markdown("**Assumptions** — not recoverable from the weights")
     tag = digest[:12]
     # The stored value is always offered, so a head count above 64 is never silently replaced.
-    defaults = {f"heads_{tag}": cfg.num_heads, f"scale_{tag}": float(cfg.lora_scale),
-                f"norm_{tag}": "pre-norm" if cfg.norm_first else "post-norm", f"causal_{tag}": cfg.causal}
+    defaults = {
+        f"heads_{tag}": cfg.num_heads,
+        f"scale_{tag}": float(cfg.lora_scale),
+        f"norm_{tag}": "pre-norm" if cfg.norm_first else "post-norm",
+        f"causal_{tag}": cfg.causal,
+    }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
     chosen = st.session_state[f"heads_{tag}"]  # e.g. adopted from Hypotheses: may be a divisor above 64
-    heads_options = sorted({h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0} | {cfg.num_heads}
-                           | ({chosen} if isinstance(chosen, int) and chosen > 0 and cfg.d_model % chosen == 0 else set()))
+    heads_options = sorted(
+        {h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0}
+        | {cfg.num_heads}
+        | ({chosen} if isinstance(chosen, int) and chosen > 0 and cfg.d_model % chosen == 0 else set())
+    )
 
     def why(name: str) -> str:  # provenance names keys and stored values from the file: shown inert
         return md_escape(cfg.provenance.get(name, ""))
 
     heads = sb.selectbox("Attention heads", heads_options, key=keep(f"heads_{tag}"), help=why("num_heads"))
-    scale = sb.number_input("LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=keep(f"scale_{tag}"),
-                            help=why("lora_scale"))
-    norm = sb.radio("Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=keep(f"norm_{tag}"),
-                    help=why("norm_first"))
+    scale = sb.number_input(
+        "LoRA scale (alpha / r)", min_value=0.0, step=0.25, key=keep(f"scale_{tag}"), help=why("lora_scale")
+    )
+    norm = sb.radio(
+        "Norm placement", ("post-norm", "pre-norm"), horizontal=True, key=keep(f"norm_{tag}"), help=why("norm_first")
+    )
     causal = sb.toggle("Causal mask", key=keep(f"causal_{tag}"), help=why("causal"))
     return cfg.with_assumptions(num_heads=heads, lora_scale=scale, norm_first=norm == "pre-norm", causal=causal)
 
@@ -323,14 +362,21 @@ def sidebar() -> Loaded:
         loaded = Loaded(None, None, None, str(exc))
     else:
         if ckpt is None and st.session_state.get("ckpt_source", SOURCES[0]) == "Demo":
-            loaded = Loaded(None, None, None, "the built-in demo is being built — its progress is in the sidebar; "
-                                              "Upload and Server path work meanwhile")
+            loaded = Loaded(
+                None,
+                None,
+                None,
+                "the built-in demo is being built — its progress is in the sidebar; "
+                "Upload and Server path work meanwhile",
+            )
         elif ckpt is None:
             st.sidebar.info("Choose a checkpoint file.")
             loaded = Loaded(None, None, None, "no checkpoint chosen")
         elif ckpt.config is None:
-            st.sidebar.error(f"{ckpt.n_tensors} tensors read, but the file does not fit — see Architecture.\n\n"
-                             f"{md_escape(ckpt.config_error)}")
+            st.sidebar.error(
+                f"{ckpt.n_tensors} tensors read, but the file does not fit — see Architecture.\n\n"
+                f"{md_escape(ckpt.config_error)}"
+            )
             loaded = Loaded(ckpt, None, None, ckpt.config_error)
         else:
             cfg = _assumption_widgets(ckpt.config, ckpt.digest)
@@ -338,10 +384,13 @@ def sidebar() -> Loaded:
             st.sidebar.caption(f"Training bar interval: **{format_timedelta(bar)}** — {bar_source}.")
             model, err = _model(ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal, ckpt)
             if model is None:
-                st.sidebar.error(f"Does not fit — see Architecture ({assumptions_line(ckpt.config, cfg)}).\n\n{md_escape(err)}")
+                st.sidebar.error(
+                    f"Does not fit — see Architecture ({assumptions_line(ckpt.config, cfg)}).\n\n{md_escape(err)}"
+                )
             else:
-                st.sidebar.success(f"{ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly · "
-                                   f"{assumptions_line(ckpt.config, cfg)}")
+                st.sidebar.success(
+                    f"{ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly · {assumptions_line(ckpt.config, cfg)}"
+                )
             for w in ckpt.warnings:
                 st.sidebar.warning(md_escape(w))
             loaded = Loaded(ckpt, model, cfg, err)
@@ -369,8 +418,10 @@ def require_model() -> tuple[Checkpoint, FlagTrader]:
     ckpt = require_checkpoint()
     ld = loaded()
     if ld.model is None:
-        st.error(f"This checkpoint does not load into the reconstruction, so this page cannot run. "
-                 f"The Architecture page shows why.\n\n{md_escape(ld.error)}")
+        st.error(
+            f"This checkpoint does not load into the reconstruction, so this page cannot run. "
+            f"The Architecture page shows why.\n\n{md_escape(ld.error)}"
+        )
         st.stop()
     return ckpt, ld.model
 
@@ -399,8 +450,10 @@ def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatri
     try:
         fm, key = _market_features(ckpt.digest, state_dim, ohlcv, dict(ckpt.meta))
     except (ValueError, KeyError) as exc:
-        st.error(f"Could not compute features from {md_escape(name)}: {md_escape(exc)}. Check the upload on the "
-                 "Predictions page.")
+        st.error(
+            f"Could not compute features from {md_escape(name)}: {md_escape(exc)}. Check the upload on the "
+            "Predictions page."
+        )
         st.stop()
     interval_notice(fm.times, ckpt.meta)
     return name, fm, key

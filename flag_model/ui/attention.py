@@ -1,4 +1,5 @@
 """Widgets of the Attention page: per-head statistics beside what uniform attention would give."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,11 +14,14 @@ from .session import keep
 QUERIES = {"all": "every query (mean over positions)", "deciding": "the deciding bar's query (last position)"}
 
 
-def show_stats(stats: dict[str, pd.DataFrame], future: np.ndarray, last_k: int, length: int, causal: bool,
-               key: str) -> None:
+def show_stats(
+    stats: dict[str, pd.DataFrame], future: np.ndarray, last_k: int, length: int, causal: bool, key: str
+) -> None:
     """Four layer × head heatmaps for the chosen queries (all, or the deciding bar's), each titled with the
     uniform-attention baseline; the future share per query against its uniform line; both tables to download."""
-    which = st.radio("Statistics of", list(QUERIES), format_func=QUERIES.get, horizontal=True, key=keep(f"attn_{key}_queries"))
+    which = st.radio(
+        "Statistics of", list(QUERIES), format_func=QUERIES.get, horizontal=True, key=keep(f"attn_{key}_queries")
+    )
     base = attention.uniform_baseline(length, last_k, causal, None if which == "all" else -1)
     ranges = {"entropy": (0.0, float(np.log(length))), "last_k_share": (0.0, 1.0), "future_share": (0.0, 1.0)}
     labels = {**attention.STATS, "entropy": "entropy (nats)", "last_k_share": f"share on the last {last_k} steps"}
@@ -26,9 +30,11 @@ def show_stats(stats: dict[str, pd.DataFrame], future: np.ndarray, last_k: int, 
         title = f"{labels[col]} — uniform: {base[col]:.2f}"
         fig = plots.head_stat_heatmap(stats[which], col, title, ranges.get(col), diverging=col == "lookback")
         cols[i % 2].plotly_chart(fig, key=f"{key}_{col}")
-    st.caption("Uniform = attention spread evenly over the keys a query may see: the value of a head with no "
-               "preference. Without a mask the mean future share of uniform attention is (S−1)/(2S) ≈ 0.5, so a "
-               "future share near 0.5 is no preference, not a strong leak; the deciding bar has no future keys.")
+    st.caption(
+        "Uniform = attention spread evenly over the keys a query may see: the value of a head with no "
+        "preference. Without a mask the mean future share of uniform attention is (S−1)/(2S) ≈ 0.5, so a "
+        "future share near 0.5 is no preference, not a strong leak; the deciding bar has no future keys."
+    )
     S = future.shape[-1]
     uniform = np.zeros(S) if causal else (S - 1 - np.arange(S)) / S
     st.plotly_chart(plots.future_by_query_lines(future, uniform), key=f"{key}_future")

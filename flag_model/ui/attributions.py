@@ -1,5 +1,6 @@
 """Widgets and cached computations of the Attributions page (the page wires them together); work that takes more
 than a second shows progress."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,25 +16,59 @@ from .session import bounded, keep
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def attribute(model_key: tuple, data_key: str, start: int, length: int, method: str, opts: tuple,
-              _model, _values: np.ndarray, _means: np.ndarray, _names) -> attr.AttributionResult:
+def attribute(
+    model_key: tuple,
+    data_key: str,
+    start: int,
+    length: int,
+    method: str,
+    opts: tuple,
+    _model,
+    _values: np.ndarray,
+    _means: np.ndarray,
+    _names,
+) -> attr.AttributionResult:
     """One window (rows start..start+length-1 of _values); opts: attr.attribute's keyword arguments as items."""
     bar = LazyProgress()  # made here, so a cache hit replays nothing visible
-    result = attr.attribute(_model, _values[start:start + length], method, feature_mean=_means,
-                            feature_names=_names, progress=bar, **dict(opts))
+    result = attr.attribute(
+        _model,
+        _values[start : start + length],
+        method,
+        feature_mean=_means,
+        feature_names=_names,
+        progress=bar,
+        **dict(opts),
+    )
     bar.done()
     return result
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def global_importance(model_key: tuple, data_key: str, length: int, count: int, method: str, opts: tuple,
-                      _model, _values: np.ndarray, _means: np.ndarray, _names) -> attr.GlobalImportance:
+def global_importance(
+    model_key: tuple,
+    data_key: str,
+    length: int,
+    count: int,
+    method: str,
+    opts: tuple,
+    _model,
+    _values: np.ndarray,
+    _means: np.ndarray,
+    _names,
+) -> attr.GlobalImportance:
     """`count` windows of `length` spread evenly over _values."""
     bar = st.progress(0.0, text="Attributing many windows…")
     windows = rolling_windows(_values, length)
     result = attr.global_importance(
-        _model, windows, attr.evenly_spaced(len(windows), count), method, feature_mean=_means, feature_names=_names,
-        progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total} windows"), **dict(opts))
+        _model,
+        windows,
+        attr.evenly_spaced(len(windows), count),
+        method,
+        feature_mean=_means,
+        feature_names=_names,
+        progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total} windows"),
+        **dict(opts),
+    )
     bar.empty()
     return result
 
@@ -53,19 +88,38 @@ class MoreOptions:
 def more_options(length: int, state_dim: int) -> MoreOptions:
     with st.expander("More options"):
         o1, o2, o3, o4 = st.columns(4)
-        output = o1.radio("Explain the", attr.OUTPUTS, horizontal=True, key=keep("attr_output"), help="Logits are "
-                          "additive: IG's completeness f(x) − f(baseline) = Σ attributions holds in logit units.")
+        output = o1.radio(
+            "Explain the",
+            attr.OUTPUTS,
+            horizontal=True,
+            key=keep("attr_output"),
+            help="Logits are additive: IG's completeness f(x) − f(baseline) = Σ attributions holds in logit units.",
+        )
         st.session_state.setdefault("attr_auto", True)
-        auto = o2.toggle("Auto steps (IG)", key=keep("attr_auto"),
-                         help="Double the steps until the relative delta is below the threshold.")
-        threshold = o2.number_input("Threshold (relative delta)", 0.001, 1.0, format="%.3f",
-                                    key=bounded("attr_threshold", 0.001, 1.0, 0.05))
+        auto = o2.toggle(
+            "Auto steps (IG)",
+            key=keep("attr_auto"),
+            help="Double the steps until the relative delta is below the threshold.",
+        )
+        threshold = o2.number_input(
+            "Threshold (relative delta)", 0.001, 1.0, format="%.3f", key=bounded("attr_threshold", 0.001, 1.0, 0.05)
+        )
         max_steps = o3.number_input("Step cap", 1, 4096, key=bounded("attr_max_steps", 1, 4096, 800))
-        patch = (o3.number_input("Occlusion patch: steps", 1, length, key=bounded("attr_patch_t", 1, length, min(8, length))),
-                 o4.number_input("Occlusion patch: features", 1, state_dim, key=bounded("attr_patch_f", 1, state_dim, 1)))
+        patch = (
+            o3.number_input(
+                "Occlusion patch: steps", 1, length, key=bounded("attr_patch_t", 1, length, min(8, length))
+            ),
+            o4.number_input("Occlusion patch: features", 1, state_dim, key=bounded("attr_patch_f", 1, state_dim, 1)),
+        )
         lo = min(5, state_dim)
-        top_k = int_slider(o4, "Top features shown", lo, state_dim, min(20, state_dim),
-                           key=bounded("attr_top_k", lo, state_dim, min(20, state_dim)))
+        top_k = int_slider(
+            o4,
+            "Top features shown",
+            lo,
+            state_dim,
+            min(20, state_dim),
+            key=bounded("attr_top_k", lo, state_dim, min(20, state_dim)),
+        )
     return MoreOptions(output, float(threshold), bool(auto), int(max_steps), (int(patch[0]), int(patch[1])), int(top_k))
 
 

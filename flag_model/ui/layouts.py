@@ -1,5 +1,6 @@
 """Streamlit pieces of the Architecture and Overview pages that show a recognised layout family, the fixed
 checkpoint hook and the export panel (the library calls live in flag_model.layouts)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,24 +38,31 @@ def family_panel(rec: layouts.Recognition) -> None:
     if rec.adapter_config:
         scale, how = layouts.lora_scale_for(rec)
         a = rec.adapter_config
-        lines.append(f"- **Adapter config:** r={a.get('r')}, alpha={a.get('lora_alpha')}, "
-                     f"rsLoRA={a.get('use_rslora')}, "
-                     f"targets {md_escape(a.get('target_modules'))}, base model "
-                     f"{md_escape(a.get('base_model_name_or_path'))}" + (f"; scale {scale:.3g} ({md_escape(how)})"
-                                                                           if scale is not None else ""))
+        lines.append(
+            f"- **Adapter config:** r={a.get('r')}, alpha={a.get('lora_alpha')}, "
+            f"rsLoRA={a.get('use_rslora')}, "
+            f"targets {md_escape(a.get('target_modules'))}, base model "
+            f"{md_escape(a.get('base_model_name_or_path'))}"
+            + (f"; scale {scale:.3g} ({md_escape(how)})" if scale is not None else "")
+        )
     lines.append(f"- **Evidence keys:** {md_escape(', '.join(best.evidence[:4]) or 'none')}")
     lines.append(f"- **Converts to:** {md_escape(best.family.converts_to)}")
     if not rec.confident and rec.unexplained:
-        lines.append("- **Largest unexplained key groups:** " + md_escape(
-            ", ".join(f"{g} ({n} keys)" for g, n in rec.unexplained)))
+        lines.append(
+            "- **Largest unexplained key groups:** "
+            + md_escape(", ".join(f"{g} ({n} keys)" for g, n in rec.unexplained))
+        )
     st.markdown("\n".join(lines))
 
 
 def use_fixed(ckpt: Checkpoint, source: dict, stored: dict | None, assumptions: dict[str, Any]) -> None:
     """A button that makes the fixed state dict (as a native file with its config) this session's checkpoint;
     the file is written only when the button is pressed."""
-    if not st.button("Use the fixed checkpoint", key="arch_use_fixed", help="Every page then works on the fixed "
-                     "model (kept in this session only; the sidebar can switch back)."):
+    if not st.button(
+        "Use the fixed checkpoint",
+        key="arch_use_fixed",
+        help="Every page then works on the fixed model (kept in this session only; the sidebar can switch back).",
+    ):
         return
     try:
         data = layouts.export_file(source, "native", "pt", stored, **assumptions)
@@ -68,8 +76,10 @@ def use_fixed(ckpt: Checkpoint, source: dict, stored: dict | None, assumptions: 
 def stock_panel(key: str, source: dict, stored: dict | None, assumptions: dict[str, Any], stem: str) -> None:
     """For a stock export: the loading snippet and the max |Δlogit| of rebuilding it from its stored config.
     `key` identifies `source` (file digest and the fixes applied) for the cache."""
-    st.caption("The stock file stores activation='gelu', norm_first, batch_first, layer_norm_eps, nhead and "
-               "dim_feedforward in its config; rebuild it with stock torch modules only:")
+    st.caption(
+        "The stock file stores activation='gelu', norm_first, batch_first, layer_norm_eps, nhead and "
+        "dim_feedforward in its config; rebuild it with stock torch modules only:"
+    )
     st.code(layouts.stock_snippet(f"{stem}-stock.pt"), language="python")
     try:
         check = _reload_check(key, tuple(sorted(assumptions.items())), source, stored)
@@ -79,7 +89,8 @@ def stock_panel(key: str, source: dict, stored: dict | None, assumptions: dict[s
     (st.success if check.max_abs_logit_diff < 1e-4 else st.error)(
         f"Reload check: rebuilt from the stored config with nn.TransformerEncoderLayer, loaded strictly; max |Δlogit| "
         f"against the reconstruction = {check.max_abs_logit_diff:.2e} on {check.windows} random windows of "
-        f"{check.length} steps.")
+        f"{check.length} steps."
+    )
 
 
 @st.cache_data(max_entries=8, show_spinner="Checking the stock export…")

@@ -4,6 +4,7 @@ Uploaded data is cached by content digest; the inference engine by checkpoint di
 precision (it holds its own weight copies, so the shared model is never touched); predictions by
 (model, data, settings).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,13 +16,24 @@ import streamlit as st
 
 from .. import plots
 from ..analysis.bootstrap import N_BOOT
-from ..analysis.predict import (Predictions, decision_rows, equity_curve, evaluate, label_text,
-                                predict_features)
-from ..data import (ColumnMapping, DataError, FeatureMatrix, Issue, Prepared, checkpoint_features,
-                    column_features, detect_columns, drift_table, feature_candidates, prepare_features,
-                    prepare_ohlcv, read_table)
+from ..analysis.predict import Predictions, decision_rows, equity_curve, evaluate, label_text, predict_features
+from ..data import (
+    ColumnMapping,
+    DataError,
+    FeatureMatrix,
+    Issue,
+    Prepared,
+    checkpoint_features,
+    column_features,
+    detect_columns,
+    drift_table,
+    feature_candidates,
+    horizon_text,
+    prepare_features,
+    prepare_ohlcv,
+    read_table,
+)
 from ..engine import InferenceEngine
-from ..data import horizon_text
 from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
 from ..model import FlagTrader
 from ..server_paths import ServerPathError
@@ -33,8 +45,10 @@ _KEPT_UPLOAD = "_flag_kept_market_upload"  # (name, bytes) of this session's upl
 KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
 QUICK_SECONDS = 1.5  # the default scores what this machine does in about this long, so the page opens in ~3 s
 QUICK_BARS = (200, 5_000)  # ...but never fewer or more bars than these
-BARS_HELP = (f"By default what this machine scores in about {QUICK_SECONDS:g} s; raise it to score more history "
-             "(up to all {scorable:,}, with a progress bar).")
+BARS_HELP = (
+    f"By default what this machine scores in about {QUICK_SECONDS:g} s; raise it to score more history "
+    "(up to all {scorable:,}, with a progress bar)."
+)
 _KEPT_RESULT = "_pred_result"  # (settings, Predictions) of this session's last scoring
 _NONE = "—"
 
@@ -62,8 +76,12 @@ def data_source() -> tuple[str, str, pd.DataFrame, str] | None:
     """An uploaded file (kept for the session: the uploader itself empties on a page switch) or a server path as
     (name, data key, raw frame, source); None when neither is given. An unreadable file gives an error and stops
     the page."""
-    up = st.file_uploader("Market data: CSV or Parquet with OHLCV bars or feature columns",
-                          type=["csv", "parquet", "pq"], key=UPLOAD_KEY, on_change=_remember_upload)
+    up = st.file_uploader(
+        "Market data: CSV or Parquet with OHLCV bars or feature columns",
+        type=["csv", "parquet", "pq"],
+        key=UPLOAD_KEY,
+        on_change=_remember_upload,
+    )
     kept = st.session_state.get(_KEPT_UPLOAD) if up is None else None
     if kept is not None:
         c1, c2 = st.columns([4, 1])
@@ -72,24 +90,30 @@ def data_source() -> tuple[str, str, pd.DataFrame, str] | None:
     else:
         st.caption(upload_limit_note())
     try:
-        path = server_path_input("…or a path on the server (for files above the upload limit)", keep("pred_path"),
-                                 "ETH_USDT_5m.csv")
+        path = server_path_input(
+            "…or a path on the server (for files above the upload limit)", keep("pred_path"), "ETH_USDT_5m.csv"
+        )
         if up is not None or kept is not None:
             name, data = (up.name, up.getvalue()) if up is not None else kept
             digest = hashlib.sha256(data).hexdigest()
             return name, digest, _read_bytes(digest, name, data), "upload"
         if path is not None:
             stat = path.stat()
-            return (path.name, f"{path}:{stat.st_mtime}:{stat.st_size}",
-                    _read_path(str(path), stat.st_mtime, stat.st_size), "server path")
+            return (
+                path.name,
+                f"{path}:{stat.st_mtime}:{stat.st_size}",
+                _read_path(str(path), stat.st_mtime, stat.st_size),
+                "server path",
+            )
     except (DataError, ServerPathError, OSError) as exc:
         st.error(f"Could not read the market data: {md_escape(exc)}")
         st.stop()
     return None
 
 
-def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[str, ColumnMapping, list[str], str | None,
-                                                                        bool]:
+def mapping_widgets(
+    df: pd.DataFrame, state_dim: int, data_key: str
+) -> tuple[str, ColumnMapping, list[str], str | None, bool]:
     """Input kind, column mapping (detected by name, editable), feature columns in order, price column for
     labels (feature mode) and the repair switch. Widget keys carry the data key: a new file starts from
     its own detected mapping."""
@@ -106,31 +130,58 @@ def mapping_widgets(df: pd.DataFrame, state_dim: int, data_key: str) -> tuple[st
         cols = st.columns(6)
         for i, role in enumerate(("time", "open", "high", "low", "close", "volume")):
             guess = getattr(detected, role)
-            roles[role] = cols[i].selectbox(role, options, index=options.index(guess) if guess else 0,
-                                            key=keep(f"pred_map_{role}_{tag}"), disabled=kind != KINDS[0] and role != "time")
+            roles[role] = cols[i].selectbox(
+                role,
+                options,
+                index=options.index(guess) if guess else 0,
+                key=keep(f"pred_map_{role}_{tag}"),
+                disabled=kind != KINDS[0] and role != "time",
+            )
         mapping = ColumnMapping(**{r: (None if v == _NONE else v) for r, v in roles.items()})
         features: list[str] = []
         close = None
         if kind == KINDS[1]:
             candidates = feature_candidates(df, mapping)
-            features = st.multiselect(f"Feature columns, in the model's input order (at most {state_dim})",
-                                      candidates, default=candidates[:state_dim], key=keep(f"pred_features_{tag}"))
-            pick = st.selectbox("Price column for labels and the equity check (optional)", options,
-                                index=options.index(mapping.close) if mapping.close else 0, key=keep(f"pred_price_{tag}"))
+            features = st.multiselect(
+                f"Feature columns, in the model's input order (at most {state_dim})",
+                candidates,
+                default=candidates[:state_dim],
+                key=keep(f"pred_features_{tag}"),
+            )
+            pick = st.selectbox(
+                "Price column for labels and the equity check (optional)",
+                options,
+                index=options.index(mapping.close) if mapping.close else 0,
+                key=keep(f"pred_price_{tag}"),
+            )
             close = None if pick == _NONE else pick
-        repair = st.checkbox("Repair: drop unparseable times, sort, keep the last duplicate, carry missing values "
-                             "forward (each repair is listed below)", key=keep(f"pred_repair_{tag}"))
+        repair = st.checkbox(
+            "Repair: drop unparseable times, sort, keep the last duplicate, carry missing values "
+            "forward (each repair is listed below)",
+            key=keep(f"pred_repair_{tag}"),
+        )
     return kind, mapping, features, close, repair
 
 
 @st.cache_data(max_entries=4, show_spinner="Validating…")
-def prepare(data_key: str, kind: str, mapping: ColumnMapping, features: tuple[str, ...], close: str | None,
-            repair: bool, state_dim: int, _df: pd.DataFrame) -> Prepared:
+def prepare(
+    data_key: str,
+    kind: str,
+    mapping: ColumnMapping,
+    features: tuple[str, ...],
+    close: str | None,
+    repair: bool,
+    state_dim: int,
+    _df: pd.DataFrame,
+) -> Prepared:
     if kind == KINDS[0]:
         prep = prepare_ohlcv(_df, mapping, repair)
         if prep.ok and len(prep.frame) <= WARMUP:  # the features would raise; say it like the other checks
-            short = Issue("error", f"too few rows: {len(prep.frame)} usable bar(s), but the features need at least "
-                          f"{WARMUP + 1} ({WARMUP} bars of warm-up plus one). Upload a longer stretch of bars.")
+            short = Issue(
+                "error",
+                f"too few rows: {len(prep.frame)} usable bar(s), but the features need at least "
+                f"{WARMUP + 1} ({WARMUP} bars of warm-up plus one). Upload a longer stretch of bars.",
+            )
             return Prepared(None, (*prep.issues, short), prep.time_format)
         return prep
     return prepare_features(_df, list(features), mapping.time, state_dim, close, repair)
@@ -145,8 +196,9 @@ def show_issues(issues: tuple[Issue, ...], limit: int = 12) -> None:
 
 
 @st.cache_data(max_entries=4, show_spinner="Computing features…")
-def features(digest: str, prep_key: tuple, normalisation: str, state_dim: int, _prepared: Prepared,
-             _meta: dict) -> FeatureMatrix:
+def features(
+    digest: str, prep_key: tuple, normalisation: str, state_dim: int, _prepared: Prepared, _meta: dict
+) -> FeatureMatrix:
     """prep_key: everything `prepare` was called with (data key, kind, mapping, columns, price, repair)."""
     if not _prepared.feature_columns:
         return checkpoint_features(_prepared.frame, _meta, state_dim, normalisation)
@@ -159,8 +211,9 @@ def engine(digest: str, assumptions: tuple, precision: str, _model: FlagTrader) 
 
 
 @st.cache_resource(max_entries=8, show_spinner="Timing the engine…")
-def _bars_per_second(digest: str, assumptions: tuple, precision: str, window: int, mode: str,
-                     _engine: InferenceEngine) -> float:
+def _bars_per_second(
+    digest: str, assumptions: tuple, precision: str, window: int, mode: str, _engine: InferenceEngine
+) -> float:
     """Bars this engine scores per second at this window and mode, timed once per process on 16 windows."""
     probe = np.zeros((16, window, _engine.config.state_dim), np.float32)
     last_only = mode == "rolling"
@@ -170,8 +223,9 @@ def _bars_per_second(digest: str, assumptions: tuple, precision: str, window: in
     return len(probe) * (1 if last_only else window) / max(time.perf_counter() - start, 1e-6)
 
 
-def quick_bars(digest: str, assumptions: tuple, precision: str, window: int, mode: str, engine: InferenceEngine,
-               scorable: int) -> int:
+def quick_bars(
+    digest: str, assumptions: tuple, precision: str, window: int, mode: str, engine: InferenceEngine, scorable: int
+) -> int:
     """The default number of most recent bars to score: about QUICK_SECONDS of work on this machine, in
     hundreds, within QUICK_BARS and at most `scorable`."""
     rate = _bars_per_second(digest, assumptions, precision, window, mode, engine)
@@ -180,17 +234,43 @@ def quick_bars(digest: str, assumptions: tuple, precision: str, window: int, mod
 
 
 @st.cache_data(max_entries=6, show_spinner=False)
-def _predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
-                 window: int, mode: str, last: int, _engine: InferenceEngine, _fm: FeatureMatrix) -> Predictions:
+def _predictions(
+    digest: str,
+    assumptions: tuple,
+    precision: str,
+    prep_key: tuple,
+    normalisation: str,
+    window: int,
+    mode: str,
+    last: int,
+    _engine: InferenceEngine,
+    _fm: FeatureMatrix,
+) -> Predictions:
     bar = st.progress(0.0, text="Running the model…")  # made here so that a cache hit replays nothing visible
-    pred = predict_features(_fm, _engine, window, mode, last=last,
-                            progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} windows"))
+    pred = predict_features(
+        _fm,
+        _engine,
+        window,
+        mode,
+        last=last,
+        progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} windows"),
+    )
     bar.empty()
     return pred
 
 
-def predictions(digest: str, assumptions: tuple, precision: str, prep_key: tuple, normalisation: str,
-                window: int, mode: str, last: int, engine: InferenceEngine, fm: FeatureMatrix) -> Predictions:
+def predictions(
+    digest: str,
+    assumptions: tuple,
+    precision: str,
+    prep_key: tuple,
+    normalisation: str,
+    window: int,
+    mode: str,
+    last: int,
+    engine: InferenceEngine,
+    fm: FeatureMatrix,
+) -> Predictions:
     """Scores of the `last` most recent bars, with a progress bar; this session keeps its latest result, so
     coming back to the page never scores again (the shared cache may have dropped it for other sessions')."""
     settings = (digest, assumptions, precision, prep_key, normalisation, window, mode, last)
@@ -207,8 +287,10 @@ def offsets(names: tuple[str, ...]) -> np.ndarray:
     arrow keys reruns nothing until "Apply" (a rerun of this page per key press froze the browser)."""
     with st.form("pred_offsets_form", border=False):
         cols = st.columns(len(names) + 1, vertical_alignment="bottom")
-        values = [cols[i].slider(f"{n} offset", -3.0, 3.0, step=0.05, key=bounded(f"pred_offset_{n}", -3.0, 3.0, 0.0))
-                  for i, n in enumerate(names)]
+        values = [
+            cols[i].slider(f"{n} offset", -3.0, 3.0, step=0.05, key=bounded(f"pred_offset_{n}", -3.0, 3.0, 0.0))
+            for i, n in enumerate(names)
+        ]
         cols[-1].form_submit_button("Apply offsets")
     return np.array(values)
 
@@ -217,10 +299,14 @@ def show_drift(fm: FeatureMatrix, meta: dict) -> None:
     """The drift table against the checkpoint's stored statistics, flagged inputs first, with its download."""
     drift = drift_table(fm, meta).sort_values("flags", key=lambda f: f == "", kind="stable")
     flagged = drift[drift["flags"] != ""]
-    with st.expander(f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs "
-                     "flagged"):
-        st.dataframe(drift.style.apply(lambda r: ["background-color: #fde2e1" if r["flags"] else ""] * len(r),
-                                       axis=1), hide_index=True, width="stretch")
+    with st.expander(
+        f"Drift against the checkpoint's stored statistics — {len(flagged)} of {len(drift)} inputs flagged"
+    ):
+        st.dataframe(
+            drift.style.apply(lambda r: ["background-color: #fde2e1" if r["flags"] else ""] * len(r), axis=1),
+            hide_index=True,
+            width="stretch",
+        )
         download_table(drift, "drift", key="pred_drift")
 
 
@@ -236,12 +322,17 @@ def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule, bar: p
         return
     ci = metrics.intervals
     st.subheader("Against labels")
-    st.caption(f"{label_text(rule, bar)}. {metrics.n:,} scored bars have a label. Ranges: {ci.level:.0%} block-bootstrap "
-               f"intervals ({ci.n_boot:,} replicates, {ci.method}) — neighbouring bars are not independent.")
+    st.caption(
+        f"{label_text(rule, bar)}. {metrics.n:,} scored bars have a label. Ranges: {ci.level:.0%} block-bootstrap "
+        f"intervals ({ci.n_boot:,} replicates, {ci.method}) — neighbouring bars are not independent."
+    )
     c = st.columns(4)
-    c[0].metric("Accuracy", f"{metrics.accuracy:.1%}",
-                f"{100 * (metrics.accuracy - metrics.majority_accuracy):+.1f} pp vs baseline",
-                help=f"{ci.level:.0%} interval {_interval(ci.accuracy, True)}")
+    c[0].metric(
+        "Accuracy",
+        f"{metrics.accuracy:.1%}",
+        f"{100 * (metrics.accuracy - metrics.majority_accuracy):+.1f} pp vs baseline",
+        help=f"{ci.level:.0%} interval {_interval(ci.accuracy, True)}",
+    )
     c[0].caption(_interval(ci.accuracy, True))
     c[1].metric("F1 macro", f"{metrics.f1_macro:.3f}", help=f"{ci.level:.0%} interval {_interval(ci.f1_macro, False)}")
     c[1].caption(_interval(ci.f1_macro, False))
@@ -252,13 +343,16 @@ def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule, bar: p
         st.plotly_chart(plots.confusion_heatmap(metrics.confusion), width="stretch")
         download_table(metrics.confusion.reset_index(), "confusion_matrix", key="pred_confusion")
     with right:
-        st.dataframe(metrics.per_class.style.format({"precision": "{:.1%}", "recall": "{:.1%}", "f1": "{:.3f}"}),
-                     width="stretch")
+        st.dataframe(
+            metrics.per_class.style.format({"precision": "{:.1%}", "recall": "{:.1%}", "f1": "{:.3f}"}), width="stretch"
+        )
         download_table(metrics.per_class.reset_index(), "metrics_per_class", key="pred_per_class")
     if metrics.by_position is not None:
         st.plotly_chart(plots.accuracy_by_position(metrics.by_position, metrics.majority_accuracy), width="stretch")
-        st.caption("Without a causal mask every position sees the bars after it: high accuracy early in the "
-                   "window is look-ahead, not skill. Only the last position is what a live trader gets.")
+        st.caption(
+            "Without a causal mask every position sees the bars after it: high accuracy early in the "
+            "window is look-ahead, not skill. Only the last position is what a live trader gets."
+        )
         download_table(metrics.by_position, "accuracy_by_position", key="pred_by_position")
     else:
         st.caption("Switch to **blocks** mode to see accuracy by position in the window.")
@@ -271,14 +365,21 @@ def show_equity(pred: Predictions, actions: np.ndarray, fee_bps: float) -> None:
     if eq is None:
         st.caption("Too few decisions with prices for an equity curve.")
         return
-    held = ("each window's decision (its last position) is held until the next window's, "
-            f"{pred.window} bars later; earlier positions of a block see later bars and are not traded"
-            if pred.mode == "blocks" else "each bar's decision is held from its close to the next")
-    st.caption(f"Long on BUY, flat on HOLD, short on SELL; {held}. {eq.trades:,} position changes. "
-               "No slippage, funding or execution delay.")
+    held = (
+        "each window's decision (its last position) is held until the next window's, "
+        f"{pred.window} bars later; earlier positions of a block see later bars and are not traded"
+        if pred.mode == "blocks"
+        else "each bar's decision is held from its close to the next"
+    )
+    st.caption(
+        f"Long on BUY, flat on HOLD, short on SELL; {held}. {eq.trades:,} position changes. "
+        "No slippage, funding or execution delay."
+    )
     st.plotly_chart(plots.equity_lines(eq.frame), width="stretch")
-    st.dataframe(eq.stats.style.format({"total return": "{:+.1%}", "Sharpe (annualised)": "{:.2f}",
-                                        "max drawdown": "{:.1%}"}), width="stretch")
+    st.dataframe(
+        eq.stats.style.format({"total return": "{:+.1%}", "Sharpe (annualised)": "{:.2f}", "max drawdown": "{:.1%}"}),
+        width="stretch",
+    )
     download_table(eq.stats.reset_index(names="curve"), "equity_stats", key="pred_equity")
 
 
@@ -287,10 +388,25 @@ def label_rule(meta: dict, bar: pd.Timedelta | None) -> LabelRule:
     in time at the data's bar interval `bar`."""
     stored, source = LabelRule.from_meta(meta)
     c = st.columns(2)
-    horizon = int(c[0].number_input("Label horizon (bars)", 1, 500, stored.horizon, key=keep("pred_horizon"),
-                                    help=f"Default: the checkpoint's rule ({source})."))
-    threshold = c[1].number_input("Label threshold (%)", 0.0, 20.0, 100 * stored.threshold, 0.05, key=keep("pred_threshold"),
-                                  help=f"Default: the checkpoint's rule ({source}).")
+    horizon = int(
+        c[0].number_input(
+            "Label horizon (bars)",
+            1,
+            500,
+            stored.horizon,
+            key=keep("pred_horizon"),
+            help=f"Default: the checkpoint's rule ({source}).",
+        )
+    )
+    threshold = c[1].number_input(
+        "Label threshold (%)",
+        0.0,
+        20.0,
+        100 * stored.threshold,
+        0.05,
+        key=keep("pred_threshold"),
+        help=f"Default: the checkpoint's rule ({source}).",
+    )
     c[0].caption(f"{horizon_text(horizon, bar)} at this data's bars; default rule {source}.")
     return LabelRule(horizon, threshold / 100)
 
@@ -298,7 +414,7 @@ def label_rule(meta: dict, bar: pd.Timedelta | None) -> LabelRule:
 @st.cache_data(max_entries=2, show_spinner="Computing the feature matrix…")
 def _raw_features(prep_key: tuple, feature_set: str, _frame: pd.DataFrame) -> pd.DataFrame:
     feats = compute_features(_frame, feature_set).reset_index(drop=True)
-    feats.insert(0, "datetime", _frame["datetime"].to_numpy()[len(_frame) - len(feats):])
+    feats.insert(0, "datetime", _frame["datetime"].to_numpy()[len(_frame) - len(feats) :])
     return feats
 
 
@@ -319,9 +435,11 @@ def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> No
             table.insert(0, "datetime", fm.times)
         matrix, reference = st.tabs(["Matrix", "What each feature is"])
         with matrix:
-            st.caption(f"{len(table):,} rows × {table.shape[1] - 1} features, one row per bar with a full "
-                       f"{WARMUP + 1}-bar window; the table shows the last {min(SHOWN_ROWS, len(table)):,} rows, the "
-                       "downloads hold all. Hover a column name for its definition and quirk.")
+            st.caption(
+                f"{len(table):,} rows × {table.shape[1] - 1} features, one row per bar with a full "
+                f"{WARMUP + 1}-bar window; the table shows the last {min(SHOWN_ROWS, len(table)):,} rows, the "
+                "downloads hold all. Hover a column name for its definition and quirk."
+            )
             help_of = {n: feature_help(i) for i, n in enumerate(SIMPLE60_NAMES)}
             config = {c: st.column_config.NumberColumn(help=help_of[c]) for c in table.columns if c in help_of}
             st.dataframe(table.tail(SHOWN_ROWS), column_config=config, hide_index=True, width="stretch")

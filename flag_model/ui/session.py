@@ -8,10 +8,12 @@ state that outlives the widget. That is done here for every settings widget whos
 widgets (buttons, uploads, chart or table selections) are never registered: Streamlit refuses to set their
 state. tests/test_session_state.py checks every page: each settings widget kept, no trigger.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -87,7 +89,7 @@ class MarketData:
 
 
 def describe(data: MarketData) -> str:
-    """"name · 51,852 rows · 5 min bars · upload" for the sidebar."""
+    """ "name · 51,852 rows · 5 min bars · upload" for the sidebar."""
     return f"{data.name} · {len(data.frame):,} rows · {bar_interval(data.frame['datetime']).text} bars · {data.source}"
 
 
@@ -116,11 +118,12 @@ def set_market(data: MarketData | None) -> None:
         _fill(slot, market_data())
 
 
-def window_by_time(times: pd.DatetimeIndex, length: int, key: str, label: str = "Decision bar (last bar of the "
-                   "window)", container=st) -> int:
+def window_by_time(
+    times: pd.DatetimeIndex, length: int, key: str, label: str = "Decision bar (last bar of the window)", container=st
+) -> int:
     """A window of `length` rows chosen by the date and time of its last bar; -> its first row. The slider
     steps by the median bar interval and snaps to the latest bar at or before the chosen time."""
-    ends = times[length - 1:]
+    ends = times[length - 1 :]
     if len(ends) <= 1:
         return 0
     lo, hi = ends[0].to_pydatetime(), ends[-1].to_pydatetime()

@@ -1,4 +1,5 @@
 """Widgets and result panels of the What-if page (Streamlit glue; the math is in analysis/whatif.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,24 +24,41 @@ def requested(clicked: bool, key: str, settings: tuple) -> bool:
     return stored == settings
 
 
-def pick_window(fm: FeatureMatrix, default_length: int, max_length: int, key: str,
-                label: str = "Decision bar (last bar of the window)", length: int | None = None) -> tuple[int, int]:
+def pick_window(
+    fm: FeatureMatrix,
+    default_length: int,
+    max_length: int,
+    key: str,
+    label: str = "Decision bar (last bar of the window)",
+    length: int | None = None,
+) -> tuple[int, int]:
     """Window length and the window chosen by its decision bar's date/time -> (first row, length).
     With `length` given only the time is asked (e.g. a second window of the same length)."""
     n = len(fm.values)
     if length is None:
         length = int_slider(st, "Window length", 1, min(max_length, n), default_length, key=keep(f"{key}_len"))
-    ends = fm.times[length - 1:]  # the decision bar of each window
+    ends = fm.times[length - 1 :]  # the decision bar of each window
     if len(ends) == 1:
         return 0, length
     step = max(pd.Series(ends).diff().median(), pd.Timedelta(minutes=1)).to_pytimedelta()
-    when = st.slider(label, ends[0].to_pydatetime(), ends[-1].to_pydatetime(), ends[-1].to_pydatetime(), step=step,
-                     format="YYYY-MM-DD HH:mm", key=keep(f"{key}_when"))
+    when = st.slider(
+        label,
+        ends[0].to_pydatetime(),
+        ends[-1].to_pydatetime(),
+        ends[-1].to_pydatetime(),
+        step=step,
+        format="YYYY-MM-DD HH:mm",
+        key=keep(f"{key}_when"),
+    )
     return int(np.clip(ends.searchsorted(when, side="right") - 1, 0, len(ends) - 1)), length
 
 
-def cells_controls(names: tuple[str, ...], length: int, key: str, all_features: bool = False,
-                   ) -> tuple[tuple[int, ...], tuple[int, int]]:
+def cells_controls(
+    names: tuple[str, ...],
+    length: int,
+    key: str,
+    all_features: bool = False,
+) -> tuple[tuple[int, ...], tuple[int, int]]:
     """Features (all, or a multiselect) and a time range of offsets (0 = decision bar)
     -> (feature indices, (start, stop))."""
     c1, c2 = st.columns([3, 2])
@@ -48,8 +66,11 @@ def cells_controls(names: tuple[str, ...], length: int, key: str, all_features: 
         chosen = list(names)
     else:
         chosen = c1.multiselect("Features", names, list(names[:1]), key=keep(f"{key}_feat"))
-    lo, hi = c2.slider("Time steps (0 = decision bar)", -(length - 1), 0, (-(length - 1), 0), key=keep(f"{key}_time")) \
-        if length > 1 else (0, 0)
+    lo, hi = (
+        c2.slider("Time steps (0 = decision bar)", -(length - 1), 0, (-(length - 1), 0), key=keep(f"{key}_time"))
+        if length > 1
+        else (0, 0)
+    )
     return tuple(names.index(c) for c in chosen), (lo + length - 1, hi + length)
 
 
@@ -57,12 +78,21 @@ def edit_controls(fm: FeatureMatrix, length: int, key: str) -> tuple[wi.Edit, in
     """One edit (operation, features, time range, value) and, for copying, the first row of the other window."""
     o1, o2 = st.columns([2, 1])
     op = o1.selectbox("Edit", wi.EDIT_OPS, key=keep(f"{key}_op"), help="Values are in the model's normalised units.")
-    value = o2.number_input("Value", value=1.0 if op == wi.MULTIPLY else 0.0, step=0.25, key=keep(f"{key}_value"),
-                            disabled=op not in (wi.SET, wi.ADD, wi.MULTIPLY), format="%.3f")
+    value = o2.number_input(
+        "Value",
+        value=1.0 if op == wi.MULTIPLY else 0.0,
+        step=0.25,
+        key=keep(f"{key}_value"),
+        disabled=op not in (wi.SET, wi.ADD, wi.MULTIPLY),
+        format="%.3f",
+    )
     st.caption(wi.EDIT_NOTES[op])
     feats, (start, stop) = cells_controls(fm.names, length, key)
-    source = pick_window(fm, length, length, f"{key}_src", "Copy from the window ending at", length)[0] \
-        if op == wi.COPY else None
+    source = (
+        pick_window(fm, length, length, f"{key}_src", "Copy from the window ending at", length)[0]
+        if op == wi.COPY
+        else None
+    )
     return wi.Edit(op, feats, start, stop, float(value)), source
 
 
@@ -70,8 +100,12 @@ def show_edit(res: wi.EditResult) -> None:
     """Before/after bars and what changed."""
     left, right = st.columns([2, 1])
     left.plotly_chart(plots.before_after_bars(res.before, res.after, res.action_names, "Decision before and after"))
-    right.metric("Decision", res.decision_after, None if res.decision_after == res.decision_before
-                 else f"was {res.decision_before}", delta_color="off")
+    right.metric(
+        "Decision",
+        res.decision_after,
+        None if res.decision_after == res.decision_before else f"was {res.decision_before}",
+        delta_color="off",
+    )
     right.metric("Cells changed", res.changed_cells)
     change = res.after - res.before
     right.caption(" · ".join(f"{a} {d:+.1%}" for a, d in zip(res.action_names, change)))
@@ -80,8 +114,10 @@ def show_edit(res: wi.EditResult) -> None:
 def show_flip(flip: wi.FlipResult, rival: wi.FlipResult | None, key: str) -> None:
     """Verified verdict, size of the edit, before/after bars, the perturbation heatmap and the edited cells."""
     if flip.flipped:
-        st.success(f"Verified: a plain forward of the edited window decides **{flip.target_name}** "
-                   f"(logit margin {flip.margin:+.3f}).")
+        st.success(
+            f"Verified: a plain forward of the edited window decides **{flip.target_name}** "
+            f"(logit margin {flip.margin:+.3f})."
+        )
     else:
         st.error(f"No flip to {flip.target_name} found: " + " ".join(flip.notes[1:]))
     k = st.columns(5)
@@ -92,15 +128,20 @@ def show_flip(flip: wi.FlipResult, rival: wi.FlipResult | None, key: str) -> Non
     k[4].metric("Time", f"{flip.seconds:.1f} s")
     st.caption(flip.notes[0])
     if rival is not None:
-        verdict = (f"flipped with L1 {rival.l1:.3g} over {rival.n_cells} cells" if rival.flipped else "found no flip")
+        verdict = f"flipped with L1 {rival.l1:.3g} over {rival.n_cells} cells" if rival.flipped else "found no flip"
         st.caption(f"Random directions with the same budget ({rival.evaluations} forward evaluations) {verdict}.")
     left, right = st.columns([1, 2])
-    left.plotly_chart(plots.before_after_bars(flip.before, flip.after, flip.action_names, "Decision",
-                                              "after the smallest edit"), key=f"{key}_bars")
+    left.plotly_chart(
+        plots.before_after_bars(flip.before, flip.after, flip.action_names, "Decision", "after the smallest edit"),
+        key=f"{key}_bars",
+    )
     offsets = np.arange(len(flip.window)) - (len(flip.window) - 1)
-    right.plotly_chart(plots.attribution_heatmap(flip.delta, flip.feature_names, offsets,
-                                                 f"Perturbation that makes it {flip.target_name}", "change"),
-                       key=f"{key}_map")
+    right.plotly_chart(
+        plots.attribution_heatmap(
+            flip.delta, flip.feature_names, offsets, f"Perturbation that makes it {flip.target_name}", "change"
+        ),
+        key=f"{key}_map",
+    )
     cells = flip.cells()
     st.dataframe(cells.head(200), hide_index=True)
     download_table(cells, f"flip_to_{flip.target_name}", key=f"{key}_cells", label="Edited cells")

@@ -1,10 +1,12 @@
 """Shared by the three namings of the FLAG-TRADER model itself (native, PEFT-wrapped, the sketch): one size
 inference and one key generator, parameterised by how each names a projection, its base and its LoRA matrices."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ...config import BLOCK_LINEARS
 from ..keys import LayoutError, Shape, find, indices, lin, norm
@@ -26,15 +28,23 @@ class Naming:
 
 
 NATIVE = Naming(lambda m: m, lambda adapted: ".base", lambda w, a: f".lora.lora_{w}", False, False)
-PEFT = Naming(lambda m: m, lambda adapted: ".base_layer" if adapted else "", lambda w, a: f".lora_{w}{a}.weight",
-              True, False, "base_model.model.")
+PEFT = Naming(
+    lambda m: m,
+    lambda adapted: ".base_layer" if adapted else "",
+    lambda w, a: f".lora_{w}{a}.weight",
+    True,
+    False,
+    "base_model.model.",
+)
 SKETCH = Naming(lambda m: m.removeprefix("attention."), lambda adapted: ".base", lambda w, a: f".lora_{w}", False, True)
 
 
 def infer(naming: Naming, shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     """Every size from shapes; LoRA targets are exactly the modules that carry an A matrix."""
-    emb = need(find(shapes, r"^(.*?)state_embedding(\.base_layer|\.base)?\.weight$", lambda s: len(s) == 2),
-               "state_embedding.weight")
+    emb = need(
+        find(shapes, r"^(.*?)state_embedding(\.base_layer|\.base)?\.weight$", lambda s: len(s) == 2),
+        "state_embedding.weight",
+    )
     root = emb[2].group(1)
     (d, state_dim), prov = emb[1], {}
     prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, state_dim]"
@@ -56,12 +66,27 @@ def infer(naming: Naming, shapes: Mapping[str, Shape], stored: Mapping[str, Any]
     adapter = ""
     if naming.peft_orientation and (m := find(shapes, r"\.lora_A(\.[^.]+)\.weight$")):
         adapter = m[2].group(1)
-    targets = tuple(f"transformer_blocks.{b}.{m}" for b in blocks for m in BLOCK_LINEARS
-                    if f"{root}transformer_blocks.{b}.{naming.module(m)}{naming.lora('A', adapter)}" in shapes)
+    targets = tuple(
+        f"transformer_blocks.{b}.{m}"
+        for b in blocks
+        for m in BLOCK_LINEARS
+        if f"{root}transformer_blocks.{b}.{naming.module(m)}{naming.lora('A', adapter)}" in shapes
+    )
     prov["lora_rank"] = f"{n} LoRA A matrices" if rank else "no LoRA A matrices: no LoRA"
     heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(n_blocks, d, ffn, state_dim, actions, length, rank, targets, heads,
-                      (("adapter", adapter), ("prefix", root)), prov)
+    return LayoutSize(
+        n_blocks,
+        d,
+        ffn,
+        state_dim,
+        actions,
+        length,
+        rank,
+        targets,
+        heads,
+        (("adapter", adapter), ("prefix", root)),
+        prov,
+    )
 
 
 def expected(naming: Naming, s: LayoutSize) -> dict[str, Shape]:
@@ -69,8 +94,14 @@ def expected(naming: Naming, s: LayoutSize) -> dict[str, Shape]:
     root, adapter = s.get("prefix", naming.default_prefix), s.get("adapter", "")
     d, f, r = s.d_model, s.ffn_dim, s.lora_rank
     targets = set(s.native_targets())
-    dims = {"attention.q_proj": (d, d), "attention.k_proj": (d, d), "attention.v_proj": (d, d),
-            "attention.out_proj": (d, d), "ffn.0": (d, f), "ffn.3": (f, d)}
+    dims = {
+        "attention.q_proj": (d, d),
+        "attention.k_proj": (d, d),
+        "attention.v_proj": (d, d),
+        "attention.out_proj": (d, d),
+        "ffn.0": (d, f),
+        "ffn.3": (f, d),
+    }
     out: dict[str, Shape] = {}
     if s.max_length:
         out[f"{root}pos_embedding"] = (1, s.max_length, d)

@@ -1,10 +1,12 @@
 """Transformer-A2C actor-critic (shared/layouts/transformer_a2c.txt): a pre-norm encoder of custom blocks with
 nn.MultiheadAttention (`attention.in_proj_weight`), `ff.0`/`ff.3`, a LayerNorm'd input projection, a sinusoidal
 `pos_encoding.pe` buffer, and actor/critic MLPs. Saved by its trainer under model_state_dict."""
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..keys import LayoutError, Shape, find, indices, lin, norm
 from .base import Family, LayoutSize, mha, need, positional, sequential, sequential_keys, stored_heads
@@ -28,8 +30,19 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     actions = actor[-1][2] if actor else 3
     prov["n_actions"] = f"last layer of actor.network ({actions} outputs)" if actor else "default 3"
     heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(max(blocks) + 1, d, ffn, state_dim, actions, length, 0, (), heads,
-                      (("actor", actor), ("critic", critic), ("prefix", root)), prov)
+    return LayoutSize(
+        max(blocks) + 1,
+        d,
+        ffn,
+        state_dim,
+        actions,
+        length,
+        0,
+        (),
+        heads,
+        (("actor", actor), ("critic", critic), ("prefix", root)),
+        prov,
+    )
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:
@@ -40,23 +53,40 @@ def expected(s: LayoutSize) -> dict[str, Shape]:
         out[f"{e}pos_encoding.pe"] = (1, s.max_length, d)
     for b in range(s.n_blocks):
         p = f"{e}transformer_blocks.{b}."
-        out.update({**norm(f"{p}norm1", d), **norm(f"{p}norm2", d), **mha(f"{p}attention", d),
-                    **lin(f"{p}ff.0", d, f), **lin(f"{p}ff.3", f, d)})
+        out.update(
+            {
+                **norm(f"{p}norm1", d),
+                **norm(f"{p}norm2", d),
+                **mha(f"{p}attention", d),
+                **lin(f"{p}ff.0", d, f),
+                **lin(f"{p}ff.3", f, d),
+            }
+        )
     out.update(norm(f"{e}final_norm", d))
     actor = s.get("actor") or ((0, "linear", d // 2), (3, "linear", s.n_actions))
     critic = s.get("critic") or ((0, "linear", d // 2), (3, "linear", 1))
-    return {**out, **sequential_keys(f"{root}actor.network.", actor, d),
-            **sequential_keys(f"{root}critic.network.", critic, d)}
+    return {
+        **out,
+        **sequential_keys(f"{root}actor.network.", actor, d),
+        **sequential_keys(f"{root}critic.network.", critic, d),
+    }
 
 
 FAMILY = Family(
-    name="a2c", title="Transformer-A2C",
+    name="a2c",
+    title="Transformer-A2C",
     description="an actor-critic policy: pre-norm encoder blocks with fused nn.MultiheadAttention "
-                "(attention.in_proj_weight [3d, d]), ff.0/ff.3, no LoRA, a sinusoidal pos_encoding buffer, "
-                "and separate actor and critic networks — a different model, not FLAG-TRADER",
+    "(attention.in_proj_weight [3d, d]), ff.0/ff.3, no LoRA, a sinusoidal pos_encoding buffer, "
+    "and separate actor and critic networks — a different model, not FLAG-TRADER",
     converts_to="nothing: a different model (no LoRA, pre-norm, an actor-critic head); load it with its own class",
-    convertible=False, carries_lora=False,
-    signature=(r"encoder\.input_proj\.0\.weight$", r"encoder\.transformer_blocks\.\d+\.attention\.in_proj_weight$",
-               r"actor\.network\.\d+\.weight$", r"encoder\.transformer_blocks\.\d+\.ff\.0\.weight$"),
-    infer=infer, expected=expected,
+    convertible=False,
+    carries_lora=False,
+    signature=(
+        r"encoder\.input_proj\.0\.weight$",
+        r"encoder\.transformer_blocks\.\d+\.attention\.in_proj_weight$",
+        r"actor\.network\.\d+\.weight$",
+        r"encoder\.transformer_blocks\.\d+\.ff\.0\.weight$",
+    ),
+    infer=infer,
+    expected=expected,
 )

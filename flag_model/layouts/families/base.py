@@ -1,10 +1,12 @@
 """What a layout family is: a signature, size inference from shapes, expected keys at those sizes, words."""
+
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ...config import BLOCK_LINEARS, DEFAULT_HEADS, ModelConfig
 from ..keys import LayoutError, Shape, lin, norm
@@ -39,11 +41,15 @@ class LayoutSize:
         return dict(self.extra).get(name, default)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "LayoutSize":
+    def from_config(cls, cfg: Any) -> LayoutSize:
         """From a ModelConfig (or anything with the same size attributes)."""
         fields = ("n_blocks", "d_model", "ffn_dim", "state_dim", "n_actions", "max_length", "lora_rank")
-        return cls(*(getattr(cfg, f) for f in fields), lora_targets=tuple(getattr(cfg, "lora_targets", ())),
-                   num_heads=getattr(cfg, "num_heads", None), provenance={k: "given" for k in fields})
+        return cls(
+            *(getattr(cfg, f) for f in fields),
+            lora_targets=tuple(getattr(cfg, "lora_targets", ())),
+            num_heads=getattr(cfg, "num_heads", None),
+            provenance={k: "given" for k in fields},
+        )
 
     def native_targets(self) -> tuple[str, ...]:
         """FLAG-TRADER LoRA module paths: the inferred ones, or every projection when only a rank is given."""
@@ -58,19 +64,35 @@ class LayoutSize:
         heads = num_heads or self.num_heads or DEFAULT_HEADS
         if self.d_model % heads:
             heads = max(h for h in range(1, min(self.d_model, DEFAULT_HEADS) + 1) if self.d_model % h == 0)
-        return ModelConfig(self.n_blocks, self.d_model, self.ffn_dim, self.state_dim, self.n_actions,
-                           self.max_length, self.lora_rank, self.native_targets(), num_heads=heads,
-                           provenance=dict(self.provenance), **assumptions)
+        return ModelConfig(
+            self.n_blocks,
+            self.d_model,
+            self.ffn_dim,
+            self.state_dim,
+            self.n_actions,
+            self.max_length,
+            self.lora_rank,
+            self.native_targets(),
+            num_heads=heads,
+            provenance=dict(self.provenance),
+            **assumptions,
+        )
 
     def summary(self) -> str:
         """'12 blocks, d=256, F=1024, 60 inputs, 3 actions, LoRA rank 16 on 72 modules, 8 heads (stored)'."""
-        parts = [f"{self.n_blocks} blocks" if self.n_blocks else None, f"d={self.d_model}" if self.d_model else None,
-                 f"F={self.ffn_dim}" if self.ffn_dim else None, f"{self.state_dim} inputs" if self.state_dim else None,
-                 f"{self.n_actions} actions" if self.n_actions else None]
+        parts = [
+            f"{self.n_blocks} blocks" if self.n_blocks else None,
+            f"d={self.d_model}" if self.d_model else None,
+            f"F={self.ffn_dim}" if self.ffn_dim else None,
+            f"{self.state_dim} inputs" if self.state_dim else None,
+            f"{self.n_actions} actions" if self.n_actions else None,
+        ]
         if self.lora_rank:
-            parts.append(f"LoRA rank {self.lora_rank} on {len(self.native_targets()) or 'all'} modules"
-                         if not self.get("peft_targets") else
-                         f"LoRA rank {self.lora_rank} on {', '.join(self.get('peft_targets'))}")
+            parts.append(
+                f"LoRA rank {self.lora_rank} on {len(self.native_targets()) or 'all'} modules"
+                if not self.get("peft_targets")
+                else f"LoRA rank {self.lora_rank} on {', '.join(self.get('peft_targets'))}"
+            )
         if self.num_heads:
             parts.append(f"{self.num_heads} heads ({self.provenance.get('num_heads', 'stored')})")
         if self.get("prefix") not in (None, "", "base_model.model.", "base_model.model.model."):
@@ -115,6 +137,7 @@ class Family:
 
 
 # ------------------------------------------------------------------------------------- shared helpers
+
 
 def stored_heads(stored: Mapping[str, Any] | None) -> tuple[int | None, str]:
     """Head count from a stored config (or the saved dict's own top-level values) and where it came from."""
@@ -163,8 +186,11 @@ def sequential_keys(prefix: str, spec, d_in: int) -> dict[str, Shape]:
 
 def mha(prefix: str, d: int) -> dict[str, Shape]:
     """nn.MultiheadAttention keys (fused in_proj)."""
-    return {f"{prefix}.in_proj_weight": (3 * d, d), f"{prefix}.in_proj_bias": (3 * d,),
-            **lin(f"{prefix}.out_proj", d, d)}
+    return {
+        f"{prefix}.in_proj_weight": (3 * d, d),
+        f"{prefix}.in_proj_bias": (3 * d,),
+        **lin(f"{prefix}.out_proj", d, d),
+    }
 
 
 def positional(shapes: Mapping[str, Shape], pattern: str, d: int) -> tuple[int, str]:

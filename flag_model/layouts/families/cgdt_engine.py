@@ -2,10 +2,12 @@
 attn.{query,key,value,proj}, a causal `attn.mask` buffer [1, 1, T, T], ln_2, mlp.0/mlp.2; return, action and
 critic heads. The real trainer checkpoint {'model','optimizer','step','config'} pickles its config as a dataclass,
 which the restricted reader turns into fields."""
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..keys import LayoutError, Shape, find, indices, lin, norm
 from .base import Family, LayoutSize, need, positional, stored_heads
@@ -30,16 +32,31 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     ts = find(shapes, rf"^{re.escape(root)}timestep_embed\.weight$", lambda s: len(s) == 2)
     mask = find(shapes, r"blocks\.\d+\.attn\.mask$", lambda s: len(s) == 4)
     heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(max(blocks) + 1, d, ffn, state_dim, actions, length, 0, (), heads,
-                      (("mask", mask[1][-1] if mask else 0), ("prefix", root), ("timesteps", ts[1][0] if ts else 0)),
-                      prov)
+    return LayoutSize(
+        max(blocks) + 1,
+        d,
+        ffn,
+        state_dim,
+        actions,
+        length,
+        0,
+        (),
+        heads,
+        (("mask", mask[1][-1] if mask else 0), ("prefix", root), ("timesteps", ts[1][0] if ts else 0)),
+        prov,
+    )
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:
     root, d, f = s.get("prefix", ""), s.d_model, s.ffn_dim
     out: dict[str, Shape] = {f"{root}pos_embed": (1, s.max_length, d)} if s.max_length else {}
-    out.update({**lin(f"{root}state_embed", s.state_dim, d), f"{root}action_embed.weight": (s.n_actions, d),
-                **lin(f"{root}return_embed", 1, d)})
+    out.update(
+        {
+            **lin(f"{root}state_embed", s.state_dim, d),
+            f"{root}action_embed.weight": (s.n_actions, d),
+            **lin(f"{root}return_embed", 1, d),
+        }
+    )
     if s.get("timesteps"):
         out[f"{root}timestep_embed.weight"] = (s.get("timesteps"), d)
     for b in range(s.n_blocks):
@@ -50,17 +67,29 @@ def expected(s: LayoutSize) -> dict[str, Shape]:
         for n in ("query", "key", "value", "proj"):
             out.update(lin(f"{p}attn.{n}", d, d))
         out.update({**norm(f"{p}ln_2", d), **lin(f"{p}mlp.0", d, f), **lin(f"{p}mlp.2", f, d)})
-    return {**out, **norm(f"{root}ln_f", d), **lin(f"{root}action_head", d, s.n_actions),
-            **lin(f"{root}return_head", d, 1), **lin(f"{root}critic_head", d, s.n_actions)}
+    return {
+        **out,
+        **norm(f"{root}ln_f", d),
+        **lin(f"{root}action_head", d, s.n_actions),
+        **lin(f"{root}return_head", d, 1),
+        **lin(f"{root}critic_head", d, s.n_actions),
+    }
 
 
 FAMILY = Family(
-    name="cgdt_engine", title="CGDT decision engine",
+    name="cgdt_engine",
+    title="CGDT decision engine",
     description="a GPT-style decision transformer: blocks.N with ln_1/ln_2 (pre-norm), attn.query/key/value/proj, "
-                "a causal attn.mask buffer, mlp.0/mlp.2, and action/return/critic heads — a different model",
+    "a causal attn.mask buffer, mlp.0/mlp.2, and action/return/critic heads — a different model",
     converts_to="nothing: a different model (causal, interleaved return/state/action tokens, three heads)",
-    convertible=False, carries_lora=False,
-    signature=(r"blocks\.\d+\.attn\.(query|key|value)\.weight$", r"blocks\.\d+\.attn\.mask$",
-               r"(^|\.)state_embed\.weight$", r"(^|\.)critic_head\.weight$"),
-    infer=infer, expected=expected,
+    convertible=False,
+    carries_lora=False,
+    signature=(
+        r"blocks\.\d+\.attn\.(query|key|value)\.weight$",
+        r"blocks\.\d+\.attn\.mask$",
+        r"(^|\.)state_embed\.weight$",
+        r"(^|\.)critic_head\.weight$",
+    ),
+    infer=infer,
+    expected=expected,
 )

@@ -1,11 +1,13 @@
 """MLP policies: the untrained fallback a loader silently used (shared/layouts/fallback_mlp.txt: net.0/3/6), the
 PEFT FLAGTrader class's fallback {'fallback': encoder.0/2 + policy_head + value_head} and its heads.pt
 (policy_head/value_head only). No attention, no blocks: an MLP on one feature vector, not a transformer."""
+
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..keys import LayoutError, Shape, find, lin
 from .base import Family, LayoutSize, sequential, sequential_keys
@@ -33,12 +35,27 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     state_dim = first[1] if first else hidden
     policy = next((n for n, out in heads if n != "value_head"), None)
     actions = dict(heads)[policy] if policy else (chain[-1][2] if chain else 0)
-    prov = {"state_dim": f"{chain_prefix}{chain[0][0]}.weight {list(first)} = [hidden, inputs]" if first
-            else "no input layer in the file (heads only)",
-            "d_model": f"width of the first hidden layer ({hidden})", "n_actions": f"{policy or 'last layer'} outputs",
-            "n_blocks": "an MLP has no transformer blocks"}
-    return LayoutSize(0, hidden, 0, state_dim, actions, 0, 0, (), None,
-                      (("chain", chain), ("chain_prefix", chain_prefix), ("heads", heads), ("prefix", root)), prov)
+    prov = {
+        "state_dim": f"{chain_prefix}{chain[0][0]}.weight {list(first)} = [hidden, inputs]"
+        if first
+        else "no input layer in the file (heads only)",
+        "d_model": f"width of the first hidden layer ({hidden})",
+        "n_actions": f"{policy or 'last layer'} outputs",
+        "n_blocks": "an MLP has no transformer blocks",
+    }
+    return LayoutSize(
+        0,
+        hidden,
+        0,
+        state_dim,
+        actions,
+        0,
+        0,
+        (),
+        None,
+        (("chain", chain), ("chain_prefix", chain_prefix), ("heads", heads), ("prefix", root)),
+        prov,
+    )
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:
@@ -53,13 +70,18 @@ def expected(s: LayoutSize) -> dict[str, Shape]:
 
 
 FAMILY = Family(
-    name="mlp", title="MLP policy / fallback",
+    name="mlp",
+    title="MLP policy / fallback",
     description="an MLP policy (nn.Sequential of Linear layers, optional policy/value heads) on one feature vector: "
-                "no attention, no positions, no LoRA — this is an MLP policy, not a transformer (the untrained "
-                "fallback that loaders silently used looks like this)",
+    "no attention, no positions, no LoRA — this is an MLP policy, not a transformer (the untrained "
+    "fallback that loaders silently used looks like this)",
     converts_to="nothing: an MLP is not a transformer; there is no FLAG-TRADER model in the file",
-    convertible=False, carries_lora=False,
-    signature=(r"^[\w.]*?(net|encoder|network|mlp|fc|policy|fallback)\.\d+\.weight$",
-               r"(^|\.)(policy_head|value_head)\.weight$"),
-    infer=infer, expected=expected,
+    convertible=False,
+    carries_lora=False,
+    signature=(
+        r"^[\w.]*?(net|encoder|network|mlp|fc|policy|fallback)\.\d+\.weight$",
+        r"(^|\.)(policy_head|value_head)\.weight$",
+    ),
+    infer=infer,
+    expected=expected,
 )

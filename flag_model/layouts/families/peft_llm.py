@@ -2,17 +2,21 @@
 as save_pretrained writes it: adapter_model.safetensors with only `base_model.model.model.layers.N.{self_attn,mlp}.
 <proj>.lora_{A,B}.weight` (A [r, in], B [out, r]) and adapter_config.json (r, lora_alpha, use_rslora, targets,
 base model). Any targets, rank and layer count; the base model's weights are not in the folder."""
+
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..keys import LayoutError, Shape
 from .base import Family, LayoutSize
 
-_KEY = re.compile(r"^(.*?)layers\.(\d+)\.((?:self_attn|mlp|attention|feed_forward)\.)?(\w+)\.lora_([AB])"
-                  r"(\.[^.]+)?\.weight$")
+_KEY = re.compile(
+    r"^(.*?)layers\.(\d+)\.((?:self_attn|mlp|attention|feed_forward)\.)?(\w+)\.lora_([AB])"
+    r"(\.[^.]+)?\.weight$"
+)
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
@@ -34,16 +38,34 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     rank = ranks.most_common(1)[0][0]
     d = Counter(v[1] for v in modules.values() if v[1]).most_common(1)[0][0]
     cfg = dict(stored or {})
-    prov = {"n_blocks": f"{len(layers)} distinct layers.N indices (max {max(layers)})",
-            "d_model": "most common input size of the lora_A matrices [r, in]",
-            "lora_rank": f"lora_A.weight [r, in] of {sum(ranks.values())} adapters" + (
-                f"; adapter_config.json says r={cfg['r']}" if "r" in cfg else "")}
+    prov = {
+        "n_blocks": f"{len(layers)} distinct layers.N indices (max {max(layers)})",
+        "d_model": "most common input size of the lora_A matrices [r, in]",
+        "lora_rank": f"lora_A.weight [r, in] of {sum(ranks.values())} adapters"
+        + (f"; adapter_config.json says r={cfg['r']}" if "r" in cfg else ""),
+    }
     targets = tuple(sorted(modules))
     spec = tuple((n, modules[n][0], modules[n][1], modules[n][2]) for n in targets)
     contiguous = layers == list(range(len(layers)))
-    return LayoutSize(len(layers), d, 0, 0, 0, 0, rank, (), None,
-                      (("adapter", adapter), ("layers", () if contiguous else tuple(layers)), ("modules", spec),
-                       ("peft_targets", targets), ("prefix", root)), prov)
+    return LayoutSize(
+        len(layers),
+        d,
+        0,
+        0,
+        0,
+        0,
+        rank,
+        (),
+        None,
+        (
+            ("adapter", adapter),
+            ("layers", () if contiguous else tuple(layers)),
+            ("modules", spec),
+            ("peft_targets", targets),
+            ("prefix", root),
+        ),
+        prov,
+    )
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:
@@ -60,12 +82,15 @@ def expected(s: LayoutSize) -> dict[str, Shape]:
 
 
 FAMILY = Family(
-    name="peft_llm", title="PEFT LLM adapter (SmolLM2 style)",
+    name="peft_llm",
+    title="PEFT LLM adapter (SmolLM2 style)",
     description="a PEFT LoRA adapter for a causal language model (e.g. SmolLM2-135M, hidden 576): only "
-                "lora_A.weight [r, in] / lora_B.weight [out, r] on the LLM's projections; the base model's "
-                "weights are not in the file — not FLAG-TRADER",
+    "lora_A.weight [r, in] / lora_B.weight [out, r] on the LLM's projections; the base model's "
+    "weights are not in the file — not FLAG-TRADER",
     converts_to="nothing here: it needs its base LLM (adapter_config.json names it) and PEFT to run",
-    convertible=False, carries_lora=True,
+    convertible=False,
+    carries_lora=True,
     signature=(r"layers\.\d+\.(self_attn|mlp)\.\w+\.lora_A(\.[^.]+)?\.weight$",),
-    infer=infer, expected=expected,
+    infer=infer,
+    expected=expected,
 )

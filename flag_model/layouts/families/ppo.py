@@ -1,10 +1,12 @@
 """PPO RegimeConditionedPolicy (shared/layouts/ppo_policy*.txt): feature projection, learned pos_encoding,
 regime embedding, nn.TransformerEncoder of stock nn.TransformerEncoderLayer, actor and critic MLPs on the
 [encoding, regime] concatenation (2·d inputs)."""
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..keys import LayoutError, Shape, find, indices, lin
 from .base import Family, LayoutSize, need, positional, sequential, sequential_keys, stored_heads
@@ -30,8 +32,19 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     actions = actor[-1][2] if actor else 3
     prov["n_actions"] = f"last layer of actor ({actions} outputs)" if actor else "default 3"
     heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(max(blocks) + 1, d, ffn, state_dim, actions, length, 0, (), heads,
-                      (("actor", actor), ("critic", critic), ("prefix", root), ("regimes", regimes)), prov)
+    return LayoutSize(
+        max(blocks) + 1,
+        d,
+        ffn,
+        state_dim,
+        actions,
+        length,
+        0,
+        (),
+        heads,
+        (("actor", actor), ("critic", critic), ("prefix", root), ("regimes", regimes)),
+        prov,
+    )
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:
@@ -48,13 +61,19 @@ def expected(s: LayoutSize) -> dict[str, Shape]:
 
 
 FAMILY = Family(
-    name="ppo", title="PPO policy",
+    name="ppo",
+    title="PPO policy",
     description="a regime-conditioned PPO policy: feature_proj, regime_embed, a stock nn.TransformerEncoder "
-                "(transformer.layers.N.self_attn.in_proj_weight, linear1/linear2), actor and critic on 2·d "
-                "inputs — a different model, not FLAG-TRADER",
+    "(transformer.layers.N.self_attn.in_proj_weight, linear1/linear2), actor and critic on 2·d "
+    "inputs — a different model, not FLAG-TRADER",
     converts_to="nothing: a different model (regime conditioning, actor-critic heads, no LoRA)",
-    convertible=False, carries_lora=False,
-    signature=(r"(^|\.)feature_proj\.weight$", r"(^|\.)regime_embed\.weight$",
-               r"transformer\.layers\.\d+\.self_attn\.in_proj_weight$"),
-    infer=infer, expected=expected,
+    convertible=False,
+    carries_lora=False,
+    signature=(
+        r"(^|\.)feature_proj\.weight$",
+        r"(^|\.)regime_embed\.weight$",
+        r"transformer\.layers\.\d+\.self_attn\.in_proj_weight$",
+    ),
+    infer=infer,
+    expected=expected,
 )

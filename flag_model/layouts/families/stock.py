@@ -1,9 +1,11 @@
 """FLAG-TRADER exported for stock PyTorch: `encoder` = nn.TransformerEncoder of nn.TransformerEncoderLayer,
 LoRA merged. The export stores what a rebuild needs (activation, norm_first, batch_first, eps, heads)."""
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..keys import LayoutError, Shape, find, indices, lin, norm
 from .base import Family, LayoutSize, mha, need, positional, stored_heads
@@ -11,8 +13,13 @@ from .base import Family, LayoutSize, mha, need, positional, stored_heads
 
 def stock_block(p: str, d: int, f: int) -> dict[str, Shape]:
     """nn.TransformerEncoderLayer keys, in its state_dict order."""
-    return {**mha(f"{p}self_attn", d), **lin(f"{p}linear1", d, f), **lin(f"{p}linear2", f, d),
-            **norm(f"{p}norm1", d), **norm(f"{p}norm2", d)}
+    return {
+        **mha(f"{p}self_attn", d),
+        **lin(f"{p}linear1", d, f),
+        **lin(f"{p}linear2", f, d),
+        **norm(f"{p}norm1", d),
+        **norm(f"{p}norm2", d),
+    }
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
@@ -45,12 +52,18 @@ def expected(s: LayoutSize) -> dict[str, Shape]:
 
 
 FAMILY = Family(
-    name="stock", title="FLAG-TRADER, stock PyTorch export",
+    name="stock",
+    title="FLAG-TRADER, stock PyTorch export",
     description="FLAG-TRADER with LoRA merged, as nn.TransformerEncoderLayer names (encoder.layers.N.self_attn."
-                "in_proj_weight [3d, d], linear1/linear2); rebuild with activation='gelu', norm_first as stored",
+    "in_proj_weight [3d, d], linear1/linear2); rebuild with activation='gelu', norm_first as stored",
     converts_to="native FLAG-TRADER without LoRA (split in_proj into q/k/v, linear1/2 → ffn.0/ffn.3)",
-    convertible=True, carries_lora=False,
-    signature=(r"encoder\.layers\.\d+\.self_attn\.in_proj_weight$", r"encoder\.layers\.\d+\.linear1\.weight$",
-               r"(^|\.)state_embedding\.weight$"),
-    infer=infer, expected=expected,
+    convertible=True,
+    carries_lora=False,
+    signature=(
+        r"encoder\.layers\.\d+\.self_attn\.in_proj_weight$",
+        r"encoder\.layers\.\d+\.linear1\.weight$",
+        r"(^|\.)state_embedding\.weight$",
+    ),
+    infer=infer,
+    expected=expected,
 )
