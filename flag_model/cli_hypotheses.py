@@ -76,7 +76,7 @@ def _hypotheses(args: argparse.Namespace) -> int:
     if cluster:
         from .distributed import ModelRef, cluster_client, hypotheses_scorer, progress_hook, threads_per_worker
 
-        ref = ModelRef.of(args.checkpoint, ckpt.digest, threads_per_worker(args.workers, args.scheduler))
+        ref = ModelRef.of(args.checkpoint, ckpt.digest, threads_per_worker(args.workers, args.scheduler, args.threads))
         with cluster_client(args.workers, args.scheduler, _say) as client:
             scorer = hypotheses_scorer(
                 client, ref, cfg, data, partition_windows=args.partition_windows, on_submit=progress_hook(_say)
@@ -141,6 +141,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--repair", action="store_true", help="repair the data (sort, drop duplicates, fill gaps)")
     p.add_argument("--workers", type=int, help="score on a local Dask cluster of N worker processes")
     p.add_argument("--scheduler", help="score on an existing Dask cluster (e.g. tcp://10.0.0.5:8786)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per worker (default: its share of the CPUs on a local cluster)",
+    )
     p.add_argument(
         "--partition-windows",
         type=int,

@@ -101,7 +101,7 @@ def _importance(args: argparse.Namespace) -> int:
         ref = ModelRef.of(
             args.checkpoint,
             ckpt.digest,
-            threads_per_worker(args.workers, args.scheduler),
+            threads_per_worker(args.workers, args.scheduler, args.threads),
             num_heads=args.num_heads,
             lora_scale=args.lora_scale,
             norm_first=True if args.pre_norm else None,
@@ -162,6 +162,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", help="write the whole table to a .csv or .parquet file")
     p.add_argument("--workers", type=int, help="attribute on a local Dask cluster of N worker processes")
     p.add_argument("--scheduler", help="attribute on an existing Dask cluster (e.g. tcp://10.0.0.5:8786)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per worker (default: its share of the CPUs on a local cluster); gradient methods are "
+        "bit-identical to one process when this equals its thread count",
+    )
     p.add_argument(
         "--partition-windows",
         type=int,

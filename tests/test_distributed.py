@@ -320,3 +320,30 @@ def test_cluster_analyses_name_the_failed_task(files, client, tmp_path):
     scorer = hypotheses_scorer(client, ModelRef.of(other, ckpt.digest), cfg, data)
     with pytest.raises(ClusterError, match=r"LoRA ×1, window 12, windows 0\.\.15 .*differs from the client's"):
         hy.rank_hypotheses(ckpt.state_dict, cfg, data, space, scorer=scorer)
+
+
+def test_cli_hypotheses_and_importance_on_a_cluster_print_what_one_process_prints(files, client, capsys):
+    import json
+
+    import torch
+
+    ckpt, data = str(files / "tiny.pt"), str(files / "AAA.csv")
+    cluster = ["--scheduler", client.scheduler.address, "--partition-windows", "8"]
+    hyp = [*("hypotheses", ckpt, data, "--windows", "48", "--window-lengths", "12", "--heads", "2", "4"), "--json"]
+    hyp += ["--scales", "1", "--screen", "0", "--resamples", "100"]
+    assert main(hyp) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main([*hyp, *cluster]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == one and len(one) == 8
+    assert "hypotheses task(s) done" in out.err  # progress from Dask (a line per tenth when not on a terminal)
+    imp = ["importance", ckpt, data, "--method", "ig", "--windows", "24", "--window", str(WINDOW), "--steps", "4"]
+    imp += ["--batch-size", "8", "--num-heads", "2", "--json", "--threads", str(torch.get_num_threads())]
+    assert main(imp) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main([*imp, *cluster]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == one and len(one) == 60
+    assert "importance task(s) done" in out.err
+    assert main([*imp, "--workers", "2", "--scheduler", client.scheduler.address]) == 2
+    assert "not both" in capsys.readouterr().err
