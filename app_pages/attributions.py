@@ -69,7 +69,7 @@ except ValueError as exc:
 
 aw.show_result(res, actions, more.threshold)
 
-offsets = attr.time_table(res)["offset"].to_numpy()
+offsets = res.offsets
 st.plotly_chart(
     plots.attribution_heatmap(
         res.attributions, res.feature_names, offsets, f"{method}: attribution to {res.target_name} ({res.output})"

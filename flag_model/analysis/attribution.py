@@ -122,6 +122,11 @@ class AttributionResult:
         """(S,) signed sum over features."""
         return self.attributions.sum(axis=1)
 
+    @property
+    def offsets(self) -> np.ndarray:
+        """(S,) each step's offset from the deciding step: -position .. S-1-position (0 = the deciding bar)."""
+        return np.arange(len(self.attributions)) - self.position
+
 
 @dataclass(frozen=True)
 class GlobalImportance:
@@ -518,18 +523,11 @@ def feature_table(result: AttributionResult, top_k: int | None = None) -> pd.Dat
     return df.head(top_k) if top_k else df
 
 
-def time_table(result: AttributionResult) -> pd.DataFrame:
-    """Per-step signed totals: columns step (0..S-1), offset (step - position), total."""
-    tot = result.per_time
-    steps = np.arange(len(tot))
-    return pd.DataFrame({"step": steps, "offset": steps - result.position, "total": tot})
-
-
 def attribution_matrix(result: AttributionResult, times: pd.DatetimeIndex) -> pd.DataFrame:
     """The time × feature attributions as a table: one row per bar of the window (datetime, offset from the
     deciding step), one column per feature."""
     df = pd.DataFrame(result.attributions, columns=list(result.feature_names))
-    df.insert(0, "offset", np.arange(len(df)) - result.position)
+    df.insert(0, "offset", result.offsets)
     df.insert(0, "datetime", pd.DatetimeIndex(times)[: len(df)])
     return df
 

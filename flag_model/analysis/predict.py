@@ -530,20 +530,3 @@ def stream_predictions(
             f"too few rows: window {window} needs at least {window} rows of features "
             f"({window + WARMUP} bars); the file has fewer."
         )
-
-
-def concat_predictions(parts: list[Predictions]) -> Predictions:
-    """Chunks of one run back into one Predictions."""
-    if not parts:
-        raise ValueError("no predictions to join")
-    first = parts[0]
-    labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
-    return replace(
-        first,
-        times=pd.DatetimeIndex(np.concatenate([p.times.to_numpy() for p in parts])),
-        close=np.concatenate([p.close for p in parts]),
-        logits=np.concatenate([p.logits for p in parts]),
-        row=np.concatenate([p.row for p in parts]),
-        position=np.concatenate([p.position for p in parts]),
-        labels=labels,
-    )
