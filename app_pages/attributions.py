@@ -21,9 +21,7 @@ n = len(fm.values)
 
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-top = min(cfg.max_length, n)
-dflt = min(ui.default_window(ckpt, cfg.max_length), n)
-length = ui.int_slider(c1, "Window length", 1, top, dflt, key=bounded("attr_length", 1, top, dflt))
+length = ui.window_length(c1, ckpt.meta, cfg.max_length, n, "attr_length")
 start = window_by_time(fm.times, length, "attr_when", container=c2)
 choice = c3.selectbox("Explain class", ("predicted", *actions), key=keep("attr_class"))
 offset = c4.number_input(

@@ -198,6 +198,18 @@ def flag_summary(metrics: pd.DataFrame, examples: int = 4) -> list[str]:
     return lines
 
 
+def block_label(block: int) -> str:
+    """A block's row label in the blocks × modules figures ("block 3")."""
+    return f"block {block}"
+
+
+def adapter_at(metrics: pd.DataFrame, row_label: str, module: str) -> str | None:
+    """The adapter path of one cell of the blocks × modules grid, from the labels a plot click reports; None when
+    the cell has no adapter."""
+    hit = metrics[(metrics["block"].map(block_label) == row_label) & (metrics["module"] == module)]
+    return str(hit["path"].iloc[0]) if len(hit) else None
+
+
 def metric_grid(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
     """blocks × modules table of one column (NaN where a module has no adapter), modules in block order."""
     grid = metrics.pivot_table(index="block", columns="module", values=column, aggfunc="first", dropna=False)

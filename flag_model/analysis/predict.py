@@ -170,6 +170,11 @@ class WindowRunner:
         )
 
 
+def scorable_rows(n_rows: int, window: int, mode: str) -> int:
+    """How many rows get a decision: rolling scores every row from the window's last one on, blocks every row."""
+    return n_rows - (window - 1 if mode == "rolling" else 0)
+
+
 def predict_features(
     fm: FeatureMatrix,
     engine: InferenceEngine,
