@@ -4,8 +4,8 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import attention
-from flag_model.analysis.lora import action_names
 from flag_model.data import rolling_windows
+from flag_model.features import action_names
 from flag_model.ui.attention import show_stats
 from flag_model.ui.session import bounded, choice, window_by_time
 

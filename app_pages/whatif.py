@@ -5,7 +5,7 @@ import streamlit as st
 from flag_model import plots, ui
 from flag_model.analysis import whatif as wi
 from flag_model.analysis.attribution import evenly_spaced, feature_means
-from flag_model.analysis.lora import action_names
+from flag_model.features import action_names
 from flag_model.ui import whatif as uw
 from flag_model.ui.session import keep, window_by_time
 

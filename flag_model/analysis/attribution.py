@@ -47,8 +47,8 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
 from ..data import FeatureMatrix, stored_stats
+from ..features import action_names
 from .attention import rollout, window_attention
-from .lora import action_names
 
 # Captum warns on every DeepLift call that it sets hooks; they live on our private copy only.
 warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
@@ -251,6 +251,11 @@ def _check(model: nn.Module, x: np.ndarray, method: str, baseline: str, output: 
         raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (the model's max_length).")
     if not np.isfinite(x).all():
         raise ValueError("the window contains NaN or infinite values; clean the features first.")
+
+
+def position_of_offset(length: int, offset: int) -> int:
+    """The deciding step's index in a window of `length` from its offset to the last bar (0 = last, -1 = one before)."""
+    return _position(length - 1 + int(offset), length)
 
 
 def _position(pos: int, length: int) -> int:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ..config import BLOCK_LINEARS, SHORT_NAMES
-from ..features import ACTIONS
+from ..features import action_names
 from ..model import FlagTrader, LoRALinear
 
 # Column -> label of every metric the heatmap can show.
@@ -250,10 +250,6 @@ def adapter_paths(
         if (bset is None or int(b) in bset) and (mset is None or module in mset):
             out.append(path)
     return out
-
-
-def action_names(n_actions: int) -> tuple[str, ...]:
-    return ACTIONS if n_actions == len(ACTIONS) else tuple(f"action {i}" for i in range(n_actions))
 
 
 @dataclass(frozen=True)

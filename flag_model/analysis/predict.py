@@ -35,7 +35,7 @@ from ..data import (
     rolling_windows,
 )
 from ..engine import InferenceEngine, Progress
-from ..features import ACTIONS, LabelRule, compute_labels
+from ..features import LabelRule, action_names, compute_labels
 from .bootstrap import Intervals, score_intervals
 
 NO_LABEL = -1
@@ -60,11 +60,6 @@ class Predictions:
 
     def __len__(self) -> int:
         return len(self.row)
-
-
-def action_names(n_actions: int) -> tuple[str, ...]:
-    """SELL/HOLD/BUY for 3-action models, else class_0..class_{n-1}."""
-    return ACTIONS if n_actions == len(ACTIONS) else tuple(f"class_{i}" for i in range(n_actions))
 
 
 class WindowRunner:
