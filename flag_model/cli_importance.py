@@ -36,7 +36,6 @@ def _say(message: str) -> None:
 
 def _importance(args: argparse.Namespace) -> int:
     from .analysis import attribution as attr
-    from .analysis.lora import action_names
     from .data import (
         DataError,
         checkpoint_features,
@@ -46,6 +45,7 @@ def _importance(args: argparse.Namespace) -> int:
         read_table,
         rolling_windows,
     )
+    from .features import action_names
     from .tables import table_bytes
 
     cluster = args.workers is not None or bool(args.scheduler)
