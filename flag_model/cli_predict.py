@@ -273,6 +273,19 @@ def _bench(args: argparse.Namespace) -> int:
             report=lambda m: _say(f"  {m}"),
         )
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        if args.cluster_hypotheses:
+            from .distributed import bench_hypotheses_cluster
+
+            hyp = bench_hypotheses_cluster(
+                ckpt,
+                args.data or ETH_DATA,
+                args.cluster,
+                windows=args.cluster_hypotheses,
+                bars=args.cluster_bars,
+                report=lambda m: _say(f"  {m}"),
+            )
+            print(hyp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+            table = pd.concat([table, hyp])
         return 0 if table["identical"].all() else 1
     if args.quick:
         model, meta = quick_model(), {}
@@ -391,5 +404,12 @@ def add_parsers(sub: Any) -> None:
         help="instead: predict in one process vs local Dask clusters of N workers (windows/s, overhead)",
     )
     b.add_argument("--cluster-bars", type=int, default=3000, help="bars of --data scored by --cluster")
+    b.add_argument(
+        "--cluster-hypotheses",
+        type=int,
+        default=0,
+        metavar="WINDOWS",
+        help="with --cluster: also rank 16 hypotheses on WINDOWS labelled windows in one process vs the clusters",
+    )
     _assumption_args(b)
     b.set_defaults(func=_bench)

@@ -1150,3 +1150,82 @@ def global_importance_on_cluster(
         action_names=first.action_names,
         seconds=time.perf_counter() - t0,
     )
+
+
+def bench_hypotheses_cluster(
+    checkpoint: str | Path,
+    data: str | Path,
+    workers: Sequence[int],
+    windows: int = 256,
+    bars: int = 3000,
+    heads: Sequence[int] = (4, 8),
+    scales: Sequence[float] = (1.0,),
+    report: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Window passes/s of the hypotheses ranking (`heads` x mask x norm placement x `scales`, `windows` labelled
+    windows of the first `bars` bars of `data`, no screening) in one process against a local cluster of each of
+    `workers` processes, measured in one run; each cluster ranking is checked against the one-process table
+    (identical). Both include the bootstrap on the client; the cluster's start is reported apart."""
+    from .analysis import hypotheses as hy
+    from .checkpoint import load_checkpoint
+
+    say = report or (lambda m: None)
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.require_config()
+    raw = next(iter_table_chunks(data, bars))
+    prep = prepare_ohlcv(raw, detect_columns(raw.columns))
+    if not prep.ok:
+        raise DataError("; ".join(i.message for i in prep.errors))
+    space = hy.search_space(cfg, ckpt.meta, heads=heads, scales=scales)
+    labelled = hy.labelled_data(prep.frame, ckpt.meta, cfg.state_dim, windows, max(space.windows))
+    passes = len(space) * len(labelled)
+    t, cpu = time.perf_counter(), time.process_time()
+    one = hy.rank_hypotheses(ckpt.state_dict, cfg, labelled, space, resamples=200)
+    base, base_cpu = time.perf_counter() - t, time.process_time() - cpu
+    rows = [
+        {
+            "engine": "one process",
+            "workers": 0,
+            "start_s": 0.0,
+            "run_s": base,
+            "passes_per_s": passes / base,
+            "vs_one_process": 1.0,
+            "cpu_s": base_cpu,
+            "cpu_vs_one_process": 1.0,
+            "identical": True,
+        }
+    ]
+    say(f"hypotheses, one process: {len(space)} combinations x {len(labelled)} windows in {base:.1f} s")
+    cpus = default_workers()
+    for k in workers:
+        ref = ModelRef.of(checkpoint, ckpt.digest, threads=max(1, cpus // k))
+        t = time.perf_counter()
+        with local_client(k) as client:
+            start = time.perf_counter() - t
+            t, cpu, before = time.perf_counter(), time.process_time(), client.run(time.process_time)
+            scorer = hypotheses_scorer(
+                client, ref, cfg, labelled, partition_windows=max(1, len(labelled) // (2 * k))
+            )  # a few tasks per worker
+            many = hy.rank_hypotheses(ckpt.state_dict, cfg, labelled, space, resamples=200, scorer=scorer)
+            run = time.perf_counter() - t
+            after = client.run(time.process_time)
+            used = time.process_time() - cpu + sum(after[w] - before.get(w, 0.0) for w in after)
+        same = many.table.equals(one.table)
+        rows.append(
+            {
+                "engine": f"cluster of {k}",
+                "workers": k,
+                "start_s": start,
+                "run_s": run,
+                "passes_per_s": passes / run,
+                "vs_one_process": base / run,
+                "cpu_s": used,
+                "cpu_vs_one_process": used / base_cpu,
+                "identical": same,
+            }
+        )
+        say(
+            f"hypotheses, cluster of {k}: started in {start:.1f} s, ranked in {run:.1f} s ({base / run:.2f}x one "
+            f"process; CPU {used / base_cpu:.2f}x), identical: {same}"
+        )
+    return pd.DataFrame(rows)
