@@ -1008,11 +1008,19 @@ def _hypotheses_task(
     return score_hypotheses(None, cfg, hyps, data, index, precision, engine_of=engine_of)  # type: ignore[arg-type]
 
 
+def _value(value: Any) -> Any:
+    """The input itself, as a task's result (see `hypotheses_scorer`)."""
+    return value
+
+
 def _collect(jobs: list[tuple[str, Any]]) -> list[Any]:
     """Results of (what, future) in order, once all are done; a failed one raises ClusterError naming it."""
     from distributed import wait
 
-    wait([f for _, f in jobs])
+    try:
+        wait([f for _, f in jobs])
+    except Exception as exc:  # e.g. the scheduler cancelled them (lost data, a client that closed)
+        raise ClusterError(f"the cluster lost the tasks of {jobs[0][0]} and others: {exc}") from exc
     failed = [(what, _reason(f)) for what, f in jobs if f.status != "finished"]
     if failed:
         more = f" (and {len(failed) - 1} more task(s))" if len(failed) > 1 else ""
@@ -1045,7 +1053,9 @@ def hypotheses_scorer(
     if partition_windows < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError("partition windows and batch size must be at least 1.")
     wait_for_workers(client)
-    shared = client.scatter(data, broadcast=True)
+    # A task that returns the data, not `scatter`: scattered data is lost with the workers holding it, a task's
+    # result is recomputed by the scheduler when its worker dies.
+    shared = client.submit(_value, data, key=f"labelled-data-{uuid.uuid4().hex[:12]}", pure=False)
 
     def score(hyps: Any, index: np.ndarray, precision: str) -> dict[Any, np.ndarray]:
         jobs: list[tuple[str, Any]] = []
