@@ -4,8 +4,8 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import attention
-from flag_model.analysis.lora import action_names
 from flag_model.data import rolling_windows
+from flag_model.features import action_names
 from flag_model.ui.attention import show_stats
 from flag_model.ui.session import bounded, choice, window_by_time
 
@@ -41,9 +41,7 @@ for w in fm.warnings:
     st.warning(ui.md_escape(w))
 n = len(fm.values)
 c1, c2 = st.columns([1, 3])
-top = min(cfg.max_length, n)
-dflt = min(ui.default_window(ckpt, cfg.max_length), n)
-length = ui.int_slider(c1, "Window length", 1, top, dflt, key=bounded("attn_length", 1, top, dflt))
+length = ui.window_length(c1, ckpt.meta, cfg.max_length, n, "attn_length")
 start = window_by_time(fm.times, length, "attn_when", container=c2)
 wa = _window(ckpt.digest, assumptions, data_key, start, length, model, fm.values)
 L, H = wa.maps.shape[:2]

@@ -4,6 +4,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import attribution as attr
+from flag_model.features import action_names
 from flag_model.ui import attributions as aw
 from flag_model.ui.faithfulness import faithfulness_panel
 from flag_model.ui.session import bounded, keep, window_by_time
@@ -16,14 +17,12 @@ name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 for w in fm.warnings:
     st.warning(ui.md_escape(w))
 means, means_note = attr.feature_means(fm, ckpt.meta)
-actions = attr.action_names(cfg.n_actions)
+actions = action_names(cfg.n_actions)
 n = len(fm.values)
 
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-top = min(cfg.max_length, n)
-dflt = min(ui.default_window(ckpt, cfg.max_length), n)
-length = ui.int_slider(c1, "Window length", 1, top, dflt, key=bounded("attr_length", 1, top, dflt))
+length = ui.window_length(c1, ckpt.meta, cfg.max_length, n, "attr_length")
 start = window_by_time(fm.times, length, "attr_when", container=c2)
 choice = c3.selectbox("Explain class", ("predicted", *actions), key=keep("attr_class"))
 offset = c4.number_input(
@@ -51,7 +50,7 @@ st.caption(
 
 opts = dict(
     target=None if choice == "predicted" else actions.index(choice),
-    position=length - 1 + int(offset),
+    position=attr.position_of_offset(length, offset),
     baseline=baseline,
     steps=int(steps),
     internal_batch_size=int(batch),
@@ -69,7 +68,7 @@ except ValueError as exc:
 
 aw.show_result(res, actions, more.threshold)
 
-offsets = attr.time_table(res)["offset"].to_numpy()
+offsets = res.offsets
 st.plotly_chart(
     plots.attribution_heatmap(
         res.attributions, res.feature_names, offsets, f"{method}: attribution to {res.target_name} ({res.output})"
@@ -112,31 +111,5 @@ if st.toggle("Compare", key=keep("attr_compare")) and chosen:
         "Feature Ablation has no per-step ranking (its effects are spread evenly over time)."
     )
 
-st.subheader("Global importance over many windows")
-g1, g2 = st.columns(2)
-count = g1.slider("Windows (spread evenly over the data)", 10, 1000, step=10, key=bounded("attr_count", 10, 1000, 200))
-g_method = g2.selectbox(
-    "Method",
-    attr.METHODS,
-    index=attr.METHODS.index(attr.IXG),
-    key=keep("attr_global_method"),
-    help="Input × Gradient and Saliency cost one pass per batch; IG costs `steps` passes.",
-)
-g_opts = {
-    k: opts[k] for k in ("target", "position", "baseline", "steps", "internal_batch_size", "output", "occlusion_patch")
-}
-if st.button("Compute global importance", type="primary", key="attr_global") or st.session_state.get("_attr_global"):
-    st.session_state["_attr_global"] = True
-    gi = aw.global_importance(model_key, data_key, length, count, g_method, tuple(g_opts.items()), *args)
-    table = gi.table()
-    counts = ", ".join(f"{a} {c}" for a, c in gi.class_counts().items())
-    st.caption(
-        f"{len(gi.totals)} windows in {gi.seconds:.1f} s, each explained for "
-        f"{'its predicted class' if opts['target'] is None else actions[opts['target']]}; predicted: {counts}. "
-        "Bars: mean |attribution summed over time|; red/blue: the mean is for/against the explained class."
-    )
-    b1, b2 = st.columns(2)
-    b1.plotly_chart(plots.global_importance_bars(table, more.top_k))
-    b2.plotly_chart(plots.class_breakdown_bars(table, actions, min(more.top_k, 12)))
-    ui.download_table(table, "global_importance", key="global_importance")
+aw.global_panel(model_key, data_key, length, opts, args, actions, more.top_k)
 faithfulness_panel(model, model_key, data_key, fm.values, start, length, opts, means)

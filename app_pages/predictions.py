@@ -2,20 +2,12 @@
 
 import streamlit as st
 
-from flag_model import plots, ui
-from flag_model.analysis.predict import (
-    COLLAPSE_SHARE,
-    attach_labels,
-    class_shares,
-    collapse_alarm,
-    decide,
-    predictions_frame,
-    undecided_note,
-)
-from flag_model.data import MODES, NORMALISATIONS, check_window, default_window
+from flag_model import ui
+from flag_model.analysis.predict import attach_labels, predictions_frame, scorable_rows
+from flag_model.data import check_window
 from flag_model.features import WARMUP
 from flag_model.ui import predictions as pw
-from flag_model.ui.session import MarketData, bounded, keep, set_market
+from flag_model.ui.session import MarketData, bounded, set_market
 
 st.title("Predictions")
 ckpt, model = ui.require_model()
@@ -47,44 +39,21 @@ st.caption(
 )
 bars = ui.interval_notice(prep.frame["datetime"], ckpt.meta).data  # bar interval against training, gaps
 
-c = st.columns(4)
-norm = c[0].selectbox(
-    "Normalisation",
-    NORMALISATIONS,
-    key=keep("pred_norm"),
-    help="checkpoint: the training mean/std stored in the file; none: raw; data: z-scores of this data",
-)
-window = c[1].number_input(
-    "Window length",
-    1,
-    cfg.max_length,
-    help="default: the length the checkpoint's metadata names",
-    key=bounded("pred_window", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length)),
-)
-mode = c[2].radio(
-    "Mode",
-    MODES,
-    horizontal=True,
-    key=keep("pred_mode"),
-    help="rolling: stride 1, the last position "
-    "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % "
-    "evaluation), the newest partial block by the last window",
-)
-precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key=keep("pred_precision"))
+norm, window, mode, precision = pw.settings(ckpt)
 
 fm = pw.features(ckpt.digest, prep_key, norm, cfg.state_dim, prep, dict(ckpt.meta))
 pw.feature_matrix(prep_key, prep, fm)
 for w in fm.warnings:
     st.warning(ui.md_escape(w))
 pw.show_drift(fm, dict(ckpt.meta))
-issue = check_window(len(fm.values), int(window), cfg.max_length, WARMUP if kind == pw.KINDS[0] else 0)
+issue = check_window(len(fm.values), window, cfg.max_length, WARMUP if kind == pw.KINDS[0] else 0)
 if issue is not None:
     st.error(ui.md_escape(issue.message))
     st.stop()
 
-scorable = len(fm.values) - (int(window) - 1 if mode == "rolling" else 0)
+scorable = scorable_rows(len(fm.values), window, mode)
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
-quick = pw.quick_bars(ckpt.digest, assumptions, precision, int(window), mode, eng, scorable)
+quick = pw.quick_bars(ckpt.digest, assumptions, precision, window, mode, eng, scorable)
 last = st.number_input(
     "Bars to score (the most recent)",
     1,
@@ -95,27 +64,16 @@ last = st.number_input(
 )
 st.caption(
     f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
-    f"{eng.batch_size(int(window))} windows per batch, {eng.info.threads} threads."
+    f"{eng.batch_size(window)} windows per batch, {eng.info.threads} threads."
 )
-pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, int(window), mode, int(last), eng, fm)
+pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, window, mode, int(last), eng, fm)
 if fm.has_prices:
     rule = pw.label_rule(ckpt.meta, bars.median)
     pred = attach_labels(pred, fm.close, rule)
 
 st.subheader("Signals")
 offsets = pw.offsets(pred.actions)
-probs, actions = decide(pred.logits, offsets)
-shares = class_shares(actions, pred.actions)
-for alarm in (collapse_alarm(shares), undecided_note(actions)):
-    if alarm:
-        st.error(alarm)
-if fm.has_prices:
-    st.plotly_chart(plots.price_signals(pred.times, pred.close, actions, pred.actions), width="stretch")
-st.plotly_chart(plots.probability_timeline(pred.times, probs, pred.actions), width="stretch")
-c = st.columns(3)
-c[0].plotly_chart(plots.class_share_bars(shares, COLLAPSE_SHARE), width="stretch")
-c[1].plotly_chart(plots.confidence_histogram(probs, actions, pred.actions), width="stretch")
-c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="stretch")
+actions = pw.show_signals(pred, offsets, fm.has_prices)
 
 if fm.has_prices:
     pw.show_metrics(pred, actions, rule, bars.median)
@@ -127,6 +85,6 @@ if fm.has_prices:
 
 st.subheader("Download")
 frame = predictions_frame(pred, offsets)
-stem = f"predictions_{mode}_w{int(window)}"
+stem = f"predictions_{mode}_w{window}"
 ui.download_table(frame, stem, key="pred_dl", label="Predictions as")
 st.caption(f"{len(frame):,} rows: time, raw logits, probabilities and action after the offsets above, and the label.")

@@ -5,10 +5,9 @@ import streamlit as st
 from flag_model import plots, ui
 from flag_model.analysis import whatif as wi
 from flag_model.analysis.attribution import evenly_spaced, feature_means
-from flag_model.analysis.lora import action_names
-from flag_model.data import rolling_windows
+from flag_model.features import action_names
 from flag_model.ui import whatif as uw
-from flag_model.ui.session import keep
+from flag_model.ui.session import keep, window_by_time
 
 st.title("What-if")
 ckpt, model = ui.require_model()
@@ -21,67 +20,10 @@ means, means_note = feature_means(fm, ckpt.meta)
 actions = action_names(cfg.n_actions)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def _edit(
-    model_key: tuple, data_key: str, start: int, length: int, edit: tuple, source: int | None, _model, _values, _means
-):
-    src = None if source is None else _values[source : source + length]
-    return wi.evaluate_edits(_model, _values[start : start + length], [wi.Edit(*edit)], src, _means)
-
-
-@st.cache_data(max_entries=16, show_spinner=False)
-def _flip(
-    model_key: tuple,
-    data_key: str,
-    start: int,
-    length: int,
-    target: int,
-    feats: tuple,
-    steps: tuple,
-    iterations: int,
-    rival: bool,
-    _model,
-    _values,
-    _names,
-):
-    bar = st.progress(0.0, text="Searching for the smallest flipping edit…")
-    window = _values[start : start + length]
-    flip = wi.smallest_flip(
-        _model,
-        window,
-        target,
-        feats,
-        steps,
-        iterations,
-        feature_names=_names,
-        progress=lambda d, t: bar.progress(d / t, text=f"gradient step {d}/{t}"),
-    )
-    other = (
-        wi.random_flip(_model, window, target, feats, steps, flip.evaluations, feature_names=_names) if rival else None
-    )
-    bar.empty()
-    return flip, other
-
-
-@st.cache_data(max_entries=16, show_spinner=False)
-def _stability(model_key: tuple, data_key: str, length: int, starts: tuple, samples: int, _model, _values, _sigma):
-    bar = st.progress(0.0, text="Adding noise…") if len(starts) > 1 else None
-    res = wi.decision_stability(
-        _model,
-        rolling_windows(_values, length),
-        _sigma,
-        n_samples=samples,
-        indices=starts,
-        progress=None if bar is None else lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows"),
-    )
-    if bar is not None:
-        bar.empty()
-    return res.curve()
-
-
 c1, c2 = st.columns([1, 2])
 with c1:
-    start, length = uw.pick_window(fm, ui.default_window(ckpt, cfg.max_length), cfg.max_length, "wi")
+    length = ui.window_length(st, ckpt.meta, cfg.max_length, len(fm.values), "wi_len")
+    start = window_by_time(fm.times, length, "wi_when")
 c2.caption(
     f"{name}: bars {fm.times[start]} → {fm.times[start + length - 1]} ({length} steps) · features "
     f"{fm.feature_set}, normalisation {fm.normalisation}. Edits are in the model's input units: after the "
@@ -92,7 +34,9 @@ edit_tab, flip_tab, stable_tab = st.tabs(["Edit the window", "Smallest flip", "S
 with edit_tab:
     edit, source = uw.edit_controls(fm, length, "wi_edit")
     try:
-        res = _edit(model_key, data_key, start, length, tuple(vars(edit).values()), source, model, fm.values, means)
+        res = uw.edit_result(
+            model_key, data_key, start, length, tuple(vars(edit).values()), source, model, fm.values, means
+        )
     except ValueError as exc:
         st.error(f"Cannot apply this edit: {ui.md_escape(exc)}")
     else:
@@ -113,7 +57,7 @@ with flip_tab:
     settings = (model_key, data_key, start, length, actions.index(target), feats, steps, int(iterations), rival)
     if uw.requested(st.button("Find the smallest flip", type="primary", key="wi_search"), "_wi_flip", settings):
         try:
-            flip, other = _flip(*settings, model, fm.values, fm.names)
+            flip, other = uw.flip_search(*settings, model, fm.values, fm.names)
         except ValueError as exc:
             st.info(ui.md_escape(exc))
         else:
@@ -127,10 +71,12 @@ with stable_tab:
     settings = (model_key, data_key, start, length, samples, many and count)
     if uw.requested(st.button("Measure stability", type="primary", key="wi_stable"), "_wi_stable", settings):
         sigma = wi.feature_sigma(fm.values)
-        curves = {"this window": _stability(model_key, data_key, length, (start,), samples, model, fm.values, sigma)}
+        curves = {
+            "this window": uw.stability_curve(model_key, data_key, length, (start,), samples, model, fm.values, sigma)
+        }
         if many:
             starts = tuple(int(i) for i in evenly_spaced(len(fm.values) - length + 1, count))
-            curves[f"{len(starts)} windows (mean)"] = _stability(
+            curves[f"{len(starts)} windows (mean)"] = uw.stability_curve(
                 model_key, data_key, length, starts, samples, model, fm.values, sigma
             )
         st.plotly_chart(plots.stability_lines(curves))

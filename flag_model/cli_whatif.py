@@ -62,9 +62,9 @@ def _window_at(fm: Any, at: str, length: int) -> tuple[int, str | None]:
 
 
 def _whatif(args: argparse.Namespace) -> int:
-    from .analysis.lora import action_names
     from .analysis.whatif import runner_up, smallest_flip
     from .data import DataError, checkpoint_features, default_window, detect_columns, prepare_ohlcv, read_table
+    from .features import action_names
 
     ckpt, model = _load(args)
     cfg = model.config

@@ -620,7 +620,7 @@ def score_on_cluster(
     `errors` and leave no output; the others finish."""
     from distributed import wait
 
-    from .analysis.predict import action_names
+    from .features import action_names
 
     t0 = time.perf_counter()
     say = say or (lambda m: None)

@@ -20,7 +20,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -29,7 +28,6 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .model import FlagTrader
 
-Precision = Literal["fast", "exact"]
 PRECISIONS: tuple[str, ...] = ("fast", "exact")
 Progress = Callable[[int, int], None]  # (windows done, windows total)
 

@@ -31,6 +31,13 @@ import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 ACTIONS: tuple[str, ...] = ("SELL", "HOLD", "BUY")
+
+
+def action_names(n_actions: int) -> tuple[str, ...]:
+    """SELL/HOLD/BUY for 3-action models, else class_0..class_{n-1} (names that also work as column suffixes)."""
+    return ACTIONS if n_actions == len(ACTIONS) else tuple(f"class_{i}" for i in range(n_actions))
+
+
 WARMUP = 50
 OHLCV_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume")
 DATETIME_COLUMN = "datetime"

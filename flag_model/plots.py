@@ -10,6 +10,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .analysis.lora import block_label
+
 ACTION_COLORS = {"SELL": "#d62728", "HOLD": "#7f7f7f", "BUY": "#2ca02c"}
 MAX_HEATMAP_CELLS = 250_000  # above this plotly pages get slow: downsample first
 
@@ -192,7 +194,7 @@ def change_heatmap(grid: pd.DataFrame) -> go.Figure:
     text = np.vectorize(
         lambda v: "" if np.isnan(v) else ("inf" if np.isinf(v) else "0 (unchanged)" if v == 0 else f"{v:.3g}")
     )(z)
-    x, y = [str(c) for c in grid.columns], [f"block {b}" for b in grid.index]
+    x, y = [str(c) for c in grid.columns], [block_label(b) for b in grid.index]
     hover = "%{y} %{x}<br>‖b−a‖/‖a‖ = %{customdata}<extra></extra>"
     special = np.where(z == 0, 0.0, np.where(np.isposinf(z), 1.0, np.nan))  # unchanged / infinite
     fig = go.Figure(
@@ -306,7 +308,7 @@ def lora_heatmap(
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(z > 0, np.log10(z), np.nan)
     x = [str(c) for c in grid.columns]
-    y = [f"block {b}" for b in grid.index]
+    y = [block_label(b) for b in grid.index]
     custom, template = _cell_hover(metrics, grid, labels)
     flags = metrics.set_index(["block", "module"]).reindex(pd.MultiIndex.from_product([grid.index, grid.columns]))
     present = flags["path"].notna().to_numpy().reshape(z.shape)

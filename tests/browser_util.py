@@ -1,45 +1,22 @@
-"""Helpers shared by the browser and many-session tests: the app's page list (read from app.py, so new
+"""Helpers shared by the browser and many-session tests: the app's page list (the registry app.py uses, so new
 pages are covered without editing the tests), a fingerprint of a model's state, and a free port."""
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from app_pages import PAGES, PageSpec
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class PageSpec:
-    """One `st.Page(...)` entry of app.py's PAGES list."""
-
-    file: str  # "app_pages/overview.py", as AppTest.switch_page takes it
-    title: str
-    default: bool
-
-    @property
-    def url_path(self) -> str:
-        """The page's URL path in the browser: "" for the default page, else the file stem."""
-        return "" if self.default else Path(self.file).stem
-
-
-def app_pages(app: Path = REPO / "app.py") -> list[PageSpec]:
-    """The pages in app.py's `PAGES = [st.Page(...), ...]`, in order (parsed, not imported)."""
-    tree = ast.parse(app.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PAGES" for t in node.targets):
-            pages = []
-            for call in node.value.elts:
-                kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if isinstance(k.value, ast.Constant)}
-                file = ast.literal_eval(call.args[0])
-                pages.append(PageSpec(file, kw.get("title", Path(file).stem), bool(kw.get("default", False))))
-            return pages
-    raise AssertionError("app.py has no PAGES list")
+def app_pages() -> list[PageSpec]:
+    """The app's pages in menu order, from the page registry that app.py builds its navigation from."""
+    return list(PAGES)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

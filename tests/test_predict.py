@@ -15,7 +15,6 @@ from flag_model.analysis.predict import (
     attach_labels,
     class_shares,
     collapse_alarm,
-    concat_predictions,
     decide,
     equity_curve,
     evaluate,
@@ -83,7 +82,8 @@ def test_chunked_streaming_equals_one_shot(bars, model, mode, precision):
     expected = one_shot_frame(bars, engine, 20, mode)
     for size in (37, 101, 256, 700):
         chunks = (bars.iloc[i : i + size] for i in range(0, len(bars), size))
-        got = predictions_frame(concat_predictions(list(stream_predictions(chunks, {}, engine, 20, mode, "none"))))
+        parts = stream_predictions(chunks, {}, engine, 20, mode, "none")
+        got = pd.concat([predictions_frame(p) for p in parts], ignore_index=True)
         pd.testing.assert_frame_equal(got, expected, check_exact=True)
 
 

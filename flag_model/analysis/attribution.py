@@ -47,8 +47,8 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
 from ..data import FeatureMatrix, stored_stats
+from ..features import action_names
 from .attention import rollout, window_attention
-from .lora import action_names
 
 # Captum warns on every DeepLift call that it sets hooks; they live on our private copy only.
 warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
@@ -121,6 +121,11 @@ class AttributionResult:
     def per_time(self) -> np.ndarray:
         """(S,) signed sum over features."""
         return self.attributions.sum(axis=1)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(S,) each step's offset from the deciding step: -position .. S-1-position (0 = the deciding bar)."""
+        return np.arange(len(self.attributions)) - self.position
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,11 @@ def _check(model: nn.Module, x: np.ndarray, method: str, baseline: str, output: 
         raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (the model's max_length).")
     if not np.isfinite(x).all():
         raise ValueError("the window contains NaN or infinite values; clean the features first.")
+
+
+def position_of_offset(length: int, offset: int) -> int:
+    """The deciding step's index in a window of `length` from its offset to the last bar (0 = last, -1 = one before)."""
+    return _position(length - 1 + int(offset), length)
 
 
 def _position(pos: int, length: int) -> int:
@@ -518,18 +528,11 @@ def feature_table(result: AttributionResult, top_k: int | None = None) -> pd.Dat
     return df.head(top_k) if top_k else df
 
 
-def time_table(result: AttributionResult) -> pd.DataFrame:
-    """Per-step signed totals: columns step (0..S-1), offset (step - position), total."""
-    tot = result.per_time
-    steps = np.arange(len(tot))
-    return pd.DataFrame({"step": steps, "offset": steps - result.position, "total": tot})
-
-
 def attribution_matrix(result: AttributionResult, times: pd.DatetimeIndex) -> pd.DataFrame:
     """The time × feature attributions as a table: one row per bar of the window (datetime, offset from the
     deciding step), one column per feature."""
     df = pd.DataFrame(result.attributions, columns=list(result.feature_names))
-    df.insert(0, "offset", np.arange(len(df)) - result.position)
+    df.insert(0, "offset", result.offsets)
     df.insert(0, "datetime", pd.DatetimeIndex(times)[: len(df)])
     return df
 

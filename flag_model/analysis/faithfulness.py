@@ -31,6 +31,7 @@ import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import nn
 
+from ..features import action_names
 from .attribution import (
     IG,
     IXG,
@@ -43,7 +44,6 @@ from .attribution import (
     make_baseline,
     rank_agreement,
 )
-from .lora import action_names
 
 Progress = Callable[[float, str], None]
 DEFAULT_METHODS: tuple[str, ...] = (IG, SALIENCY, IXG)

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-# Severity order for display.
-LEVELS = ("error", "warning", "info", "ok")
 _B_ZERO = 1e-8  # |lora_B| below this everywhere: the adapter has not learned
 
 

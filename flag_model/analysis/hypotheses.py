@@ -36,10 +36,10 @@ import torch
 from ..config import ModelConfig
 from ..data import DataError, FeatureMatrix, check_interval, checkpoint_features, default_window
 from ..engine import InferenceEngine, forward_flops
-from ..features import LabelRule
+from ..features import LabelRule, action_names
 from ..model import build_model
 from .bootstrap import f1_macro
-from .predict import NO_LABEL, action_names, evaluate_arrays, row_labels
+from .predict import NO_LABEL, evaluate_arrays, row_labels
 
 Progress = Callable[[int, int, str], None]  # (window passes done, total, what is running)
 Cancel = Callable[[], bool]  # True: stop at the next batch

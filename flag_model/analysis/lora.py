@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ..config import BLOCK_LINEARS, SHORT_NAMES
-from ..features import ACTIONS
+from ..features import action_names
 from ..model import FlagTrader, LoRALinear
 
 # Column -> label of every metric the heatmap can show.
@@ -198,6 +198,18 @@ def flag_summary(metrics: pd.DataFrame, examples: int = 4) -> list[str]:
     return lines
 
 
+def block_label(block: int) -> str:
+    """A block's row label in the blocks × modules figures ("block 3")."""
+    return f"block {block}"
+
+
+def adapter_at(metrics: pd.DataFrame, row_label: str, module: str) -> str | None:
+    """The adapter path of one cell of the blocks × modules grid, from the labels a plot click reports; None when
+    the cell has no adapter."""
+    hit = metrics[(metrics["block"].map(block_label) == row_label) & (metrics["module"] == module)]
+    return str(hit["path"].iloc[0]) if len(hit) else None
+
+
 def metric_grid(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
     """blocks × modules table of one column (NaN where a module has no adapter), modules in block order."""
     grid = metrics.pivot_table(index="block", columns="module", values=column, aggfunc="first", dropna=False)
@@ -238,10 +250,6 @@ def adapter_paths(
         if (bset is None or int(b) in bset) and (mset is None or module in mset):
             out.append(path)
     return out
-
-
-def action_names(n_actions: int) -> tuple[str, ...]:
-    return ACTIONS if n_actions == len(ACTIONS) else tuple(f"action {i}" for i in range(n_actions))
 
 
 @dataclass(frozen=True)

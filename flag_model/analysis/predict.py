@@ -35,7 +35,7 @@ from ..data import (
     rolling_windows,
 )
 from ..engine import InferenceEngine, Progress
-from ..features import ACTIONS, LabelRule, compute_labels
+from ..features import LabelRule, action_names, compute_labels
 from .bootstrap import Intervals, score_intervals
 
 NO_LABEL = -1
@@ -60,11 +60,6 @@ class Predictions:
 
     def __len__(self) -> int:
         return len(self.row)
-
-
-def action_names(n_actions: int) -> tuple[str, ...]:
-    """SELL/HOLD/BUY for 3-action models, else class_0..class_{n-1}."""
-    return ACTIONS if n_actions == len(ACTIONS) else tuple(f"class_{i}" for i in range(n_actions))
 
 
 class WindowRunner:
@@ -168,6 +163,11 @@ class WindowRunner:
             mode=self.mode,
             actions=self.actions,
         )
+
+
+def scorable_rows(n_rows: int, window: int, mode: str) -> int:
+    """How many rows get a decision: rolling scores every row from the window's last one on, blocks every row."""
+    return n_rows - (window - 1 if mode == "rolling" else 0)
 
 
 def predict_features(
@@ -530,20 +530,3 @@ def stream_predictions(
             f"too few rows: window {window} needs at least {window} rows of features "
             f"({window + WARMUP} bars); the file has fewer."
         )
-
-
-def concat_predictions(parts: list[Predictions]) -> Predictions:
-    """Chunks of one run back into one Predictions."""
-    if not parts:
-        raise ValueError("no predictions to join")
-    first = parts[0]
-    labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
-    return replace(
-        first,
-        times=pd.DatetimeIndex(np.concatenate([p.times.to_numpy() for p in parts])),
-        close=np.concatenate([p.close for p in parts]),
-        logits=np.concatenate([p.logits for p in parts]),
-        row=np.concatenate([p.row for p in parts]),
-        position=np.concatenate([p.position for p in parts]),
-        labels=labels,
-    )

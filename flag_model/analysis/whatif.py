@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .lora import action_names, decision_probs
+from ..features import action_names
+from .lora import decision_probs
 
 SET, ADD, MULTIPLY, ZERO, COPY, MEAN = "set", "add", "multiply", "zero", "copy from another window", "training mean"
 EDIT_OPS: tuple[str, ...] = (SET, ADD, MULTIPLY, ZERO, COPY, MEAN)

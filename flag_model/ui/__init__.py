@@ -37,6 +37,8 @@ from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server
 from ..tables import table_bytes
 from .layouts import fixed_or
 from .session import MARKET, MarketData, draw_data_slot, keep, keep_widget_state
+from .session import int_slider as int_slider  # re-exported: pages call ui.int_slider / ui.window_length
+from .session import window_length as window_length
 
 # Session keys other pages rely on.
 LOADED = "_flag_loaded"
@@ -116,15 +118,6 @@ def server_path_input(label: str, key: str, placeholder: str, where=None) -> Pat
             raise ServerPathError(SERVER_PATHS_OFF)
         return None
     return resolve_under_root(text, root) if text.strip() else None
-
-
-def int_slider(where, label: str, lo: int, hi: int, value: int, **kwargs) -> int:
-    """A slider over lo..hi, or (when the range holds one value, e.g. a model with max_length 1) that value as a
-    caption: Streamlit refuses a slider whose min equals its max."""
-    if hi <= lo:
-        where.caption(f"{label}: {lo} (the only possible value)")
-        return lo
-    return where.slider(label, lo, hi, min(max(value, lo), hi), **kwargs)
 
 
 def data_tag(data_key: str) -> str:
@@ -474,13 +467,6 @@ def interval_notice(times: pd.DatetimeIndex | pd.Series, meta: dict, horizon: in
             if len(gaps) > 1000:
                 st.caption(f"The first 1,000 of {len(gaps):,} gaps.")
     return check
-
-
-def default_window(ckpt: Checkpoint, max_length: int) -> int:
-    """The window length the checkpoint's metadata names (config.window), else 64; at most max_length."""
-    stored_config = ckpt.meta.get("config")
-    stored = stored_config.get("window") if isinstance(stored_config, dict) else None
-    return max(1, min(int(stored) if isinstance(stored, int) and stored > 0 else 64, max_length))
 
 
 def second_checkpoint(key: str, prompt: str) -> Checkpoint:

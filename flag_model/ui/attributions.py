@@ -137,3 +137,43 @@ def show_result(res: attr.AttributionResult, actions: tuple[str, ...], threshold
         {"good": st.success, "fair": st.warning, "poor": st.error, "n/a": st.info}[level](message)
         for note in res.notes:
             st.caption(note)
+
+
+def global_panel(
+    model_key: tuple, data_key: str, length: int, opts: dict, args: tuple, actions: tuple[str, ...], top_k: int
+) -> None:
+    """Global importance over many windows (on request): ranked features and their split by predicted class.
+    `opts`: the single-window options (the window-specific ones are dropped); `args`: model, values, means, names."""
+    from . import download_table
+
+    st.subheader("Global importance over many windows")
+    g1, g2 = st.columns(2)
+    count = g1.slider(
+        "Windows (spread evenly over the data)", 10, 1000, step=10, key=bounded("attr_count", 10, 1000, 200)
+    )
+    g_method = g2.selectbox(
+        "Method",
+        attr.METHODS,
+        index=attr.METHODS.index(attr.IXG),
+        key=keep("attr_global_method"),
+        help="Input × Gradient and Saliency cost one pass per batch; IG costs `steps` passes.",
+    )
+    g_opts = {
+        k: opts[k]
+        for k in ("target", "position", "baseline", "steps", "internal_batch_size", "output", "occlusion_patch")
+    }
+    clicked = st.button("Compute global importance", type="primary", key="attr_global")
+    if clicked or st.session_state.get("_attr_global"):
+        st.session_state["_attr_global"] = True
+        gi = global_importance(model_key, data_key, length, count, g_method, tuple(g_opts.items()), *args)
+        table = gi.table()
+        counts = ", ".join(f"{a} {c}" for a, c in gi.class_counts().items())
+        st.caption(
+            f"{len(gi.totals)} windows in {gi.seconds:.1f} s, each explained for "
+            f"{'its predicted class' if opts['target'] is None else actions[opts['target']]}; predicted: {counts}. "
+            "Bars: mean |attribution summed over time|; red/blue: the mean is for/against the explained class."
+        )
+        b1, b2 = st.columns(2)
+        b1.plotly_chart(plots.global_importance_bars(table, top_k))
+        b2.plotly_chart(plots.class_breakdown_bars(table, actions, min(top_k, 12)))
+        download_table(table, "global_importance", key="global_importance")

@@ -110,3 +110,84 @@ def fixed_or(ckpt: Checkpoint | None, open_file) -> Checkpoint | None:
         return ckpt
     st.sidebar.info(f"Using the fixed checkpoint **{md_escape(fixed['name'])}** made on the Architecture page.")
     return open_file(fixed["data"], fixed["name"])
+
+
+def target_sizes(size: layouts.LayoutSize, digest: str) -> tuple[dict[str, int], str]:
+    """The "Target sizes" expander (what another loader may have assumed): the sizes changed from the file's, and
+    a key naming the choice (for caches and per-target widget keys)."""
+    from . import keep
+
+    with st.expander("Target sizes — e.g. what another loader assumed"):
+        s = st.columns(3)
+        d = s[0].number_input("hidden size d", 1, value=size.d_model, key=keep(f"arch_d_{digest[:12]}"))
+        f = s[1].number_input("FFN width F", 1, value=max(size.ffn_dim, 1), key=keep(f"arch_f_{digest[:12]}"))
+        n = s[2].number_input("blocks", 1, value=max(size.n_blocks, 1), key=keep(f"arch_n_{digest[:12]}"))
+    given = (("d_model", d, size.d_model), ("ffn_dim", f, max(size.ffn_dim, 1)), ("n_blocks", n, max(size.n_blocks, 1)))
+    return {k: v for k, v, was in given if v != was}, f"{d}-{f}-{n}"
+
+
+APPLIED = "arch_applied"  # session key: (digest, target key, fix ids, drop) of the fixes applied with the button
+
+
+@st.cache_data(max_entries=16, show_spinner="Searching for fixes…")
+def _fixes(digest: str, target_key: str, scale: float, _sd, _target) -> list:
+    return layouts.suggest_fixes(_sd, _target, lora_scale=scale)
+
+
+def fix_panel(ckpt: Checkpoint, target: dict, target_key: str, scale: float) -> tuple | None:
+    """The suggested fixes as an ordered multiselect and the Apply button; returns what is applied now
+    (digest, target key, fix ids, drop extra keys), or None."""
+    from . import keep, md_escape
+
+    fixes = _fixes(ckpt.digest, target_key, scale, ckpt.state_dict, target)
+    applied = st.session_state.get(APPLIED)
+    if fixes:
+        st.subheader("Fix")
+        by_id = {fx.id: fx for fx in fixes}
+        chosen = st.multiselect(
+            "Fixes to apply, in order",
+            list(by_id),
+            default=list(by_id),
+            format_func=lambda i: by_id[i].title,
+            key=keep(f"arch_fixes_{target_key}"),
+        )
+        st.markdown(
+            "\n".join(f"{i}. **{by_id[x].title}** — {md_escape(by_id[x].detail)}" for i, x in enumerate(chosen, 1))
+        )
+        drop = st.checkbox("Also drop the keys the target has no place for", key=keep(f"arch_drop_{target_key}"))
+        if st.button("Apply fixes", type="primary", key="arch_apply"):
+            applied = st.session_state[APPLIED] = (ckpt.digest, target_key, tuple(chosen), drop)
+    return applied
+
+
+def export_panel(ckpt: Checkpoint, source: dict, scale: float, assumptions: dict[str, Any], applied: Any) -> None:
+    """Layout and format radios, the download of `source` converted, and for a stock export its reload check."""
+    from . import keep, md_escape
+
+    st.subheader("Export")
+    e1, e2 = st.columns(2)
+    kind = e1.radio(
+        "Layout",
+        layouts.EXPORT_KINDS,
+        horizontal=True,
+        key=keep("arch_export_kind"),
+        help="native: FLAG-TRADER keys with LoRA · merged: W + scale·(A@B)ᵀ under the native names, no lora "
+        "keys · stock: nn.TransformerEncoderLayer names (encoder.layers.N.self_attn.in_proj_weight …)",
+    )
+    fmt = e2.radio("Format", layouts.EXPORT_FORMATS, horizontal=True, key=keep("arch_export_fmt"))
+    problem = layouts.export_problem(source, kind)
+    if problem:
+        st.error(f"Cannot export as {kind}: {md_escape(problem)}")
+        return
+    if kind != "native":
+        st.caption(f"LoRA is merged with scale {scale:g} — the LoRA-scale assumption from the sidebar.")
+    stem = Path(ckpt.source).stem  # the download callable runs later, on another thread: `source` is bound here
+    st.download_button(
+        f"Download {kind} .{fmt}",
+        lambda: layouts.export_file(source, kind, fmt, ckpt.stored_config, **assumptions),
+        file_name=f"{stem}-{kind}.{fmt}",
+        key="arch_download",
+        on_click="ignore",
+    )
+    if kind == "stock":
+        stock_panel(f"{ckpt.digest}-{applied}", source, ckpt.stored_config, assumptions, stem)

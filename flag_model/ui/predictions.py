@@ -16,8 +16,23 @@ import streamlit as st
 
 from .. import plots
 from ..analysis.bootstrap import N_BOOT
-from ..analysis.predict import Predictions, decision_rows, equity_curve, evaluate, label_text, predict_features
+from ..analysis.predict import (
+    COLLAPSE_SHARE,
+    Predictions,
+    class_shares,
+    collapse_alarm,
+    decide,
+    decision_rows,
+    equity_curve,
+    evaluate,
+    label_text,
+    predict_features,
+    undecided_note,
+)
+from ..checkpoint import Checkpoint
 from ..data import (
+    MODES,
+    NORMALISATIONS,
     ColumnMapping,
     DataError,
     FeatureMatrix,
@@ -25,6 +40,7 @@ from ..data import (
     Prepared,
     checkpoint_features,
     column_features,
+    default_window,
     detect_columns,
     drift_table,
     feature_candidates,
@@ -447,3 +463,52 @@ def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> No
             download_table(table, stem, key="pred_fm_dl", label="Feature matrix as")
         with reference:
             st.dataframe(simple60_reference(), hide_index=True, width="stretch")
+
+
+def settings(ckpt: Checkpoint) -> tuple[str, int, str, str]:
+    """Normalisation, window length (default: the checkpoint's), mode and precision."""
+    cfg = ckpt.config
+    c = st.columns(4)
+    norm = c[0].selectbox(
+        "Normalisation",
+        NORMALISATIONS,
+        key=keep("pred_norm"),
+        help="checkpoint: the training mean/std stored in the file; none: raw; data: z-scores of this data",
+    )
+    window = c[1].number_input(
+        "Window length",
+        1,
+        cfg.max_length,
+        help="default: the length the checkpoint's metadata names",
+        key=bounded("pred_window", 1, cfg.max_length, default_window(ckpt.meta, cfg.max_length)),
+    )
+    mode = c[2].radio(
+        "Mode",
+        MODES,
+        horizontal=True,
+        key=keep("pred_mode"),
+        help="rolling: stride 1, the last position "
+        "decides (live trading); blocks: non-overlapping windows, every position scored (the 61 % "
+        "evaluation), the newest partial block by the last window",
+    )
+    precision = c[3].radio("Precision", ("fast", "exact"), horizontal=True, key=keep("pred_precision"))
+
+    return norm, int(window), mode, precision
+
+
+def show_signals(pred: Predictions, offsets: np.ndarray, has_prices: bool) -> np.ndarray:
+    """Collapse alarms, price chart with signals, probability timeline, class shares, confidence and logits;
+    returns the actions after `offsets`."""
+    probs, actions = decide(pred.logits, offsets)
+    shares = class_shares(actions, pred.actions)
+    for alarm in (collapse_alarm(shares), undecided_note(actions)):
+        if alarm:
+            st.error(alarm)
+    if has_prices:
+        st.plotly_chart(plots.price_signals(pred.times, pred.close, actions, pred.actions), width="stretch")
+    st.plotly_chart(plots.probability_timeline(pred.times, probs, pred.actions), width="stretch")
+    c = st.columns(3)
+    c[0].plotly_chart(plots.class_share_bars(shares, COLLAPSE_SHARE), width="stretch")
+    c[1].plotly_chart(plots.confidence_histogram(probs, actions, pred.actions), width="stretch")
+    c[2].plotly_chart(plots.logit_distributions(pred.logits, pred.actions), width="stretch")
+    return actions

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ..data import bar_interval
+from ..data import bar_interval, default_window
 
 _KEPT_KEYS = "_flag_kept_keys"  # the set of registered settings keys of this session
 MARKET = "market_data"  # this session's MarketData, set on the Predictions page
@@ -116,6 +116,23 @@ def set_market(data: MarketData | None) -> None:
     slot = st.session_state.get(_SLOT)
     if slot is not None:
         _fill(slot, market_data())
+
+
+def int_slider(where, label: str, lo: int, hi: int, value: int, **kwargs) -> int:
+    """A slider over lo..hi, or (when the range holds one value, e.g. a model with max_length 1) that value as a
+    caption: Streamlit refuses a slider whose min equals its max."""
+    if hi <= lo:
+        where.caption(f"{label}: {lo} (the only possible value)")
+        return lo
+    return where.slider(label, lo, hi, min(max(value, lo), hi), **kwargs)
+
+
+def window_length(where, meta: dict, max_length: int, n_rows: int, key: str) -> int:
+    """The "Window length" slider of every page: 1..min(max_length, n_rows), starting at the window the checkpoint's
+    metadata names (data.default_window, the one home of that convention)."""
+    top = min(max_length, n_rows)
+    dflt = min(default_window(meta, max_length), top)
+    return int_slider(where, "Window length", 1, top, dflt, key=bounded(key, 1, top, dflt))
 
 
 def window_by_time(

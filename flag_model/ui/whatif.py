@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from .. import plots
 from ..analysis import whatif as wi
-from ..data import FeatureMatrix
-from . import download_table, int_slider
-from .session import keep
+from ..data import FeatureMatrix, rolling_windows
+from . import download_table
+from .session import keep, window_by_time
 
 
 def requested(clicked: bool, key: str, settings: tuple) -> bool:
@@ -22,35 +21,6 @@ def requested(clicked: bool, key: str, settings: tuple) -> bool:
     if stored is not None and stored != settings:
         st.info("The settings changed since the last run: press the button to run it for these.")
     return stored == settings
-
-
-def pick_window(
-    fm: FeatureMatrix,
-    default_length: int,
-    max_length: int,
-    key: str,
-    label: str = "Decision bar (last bar of the window)",
-    length: int | None = None,
-) -> tuple[int, int]:
-    """Window length and the window chosen by its decision bar's date/time -> (first row, length).
-    With `length` given only the time is asked (e.g. a second window of the same length)."""
-    n = len(fm.values)
-    if length is None:
-        length = int_slider(st, "Window length", 1, min(max_length, n), default_length, key=keep(f"{key}_len"))
-    ends = fm.times[length - 1 :]  # the decision bar of each window
-    if len(ends) == 1:
-        return 0, length
-    step = max(pd.Series(ends).diff().median(), pd.Timedelta(minutes=1)).to_pytimedelta()
-    when = st.slider(
-        label,
-        ends[0].to_pydatetime(),
-        ends[-1].to_pydatetime(),
-        ends[-1].to_pydatetime(),
-        step=step,
-        format="YYYY-MM-DD HH:mm",
-        key=keep(f"{key}_when"),
-    )
-    return int(np.clip(ends.searchsorted(when, side="right") - 1, 0, len(ends) - 1)), length
 
 
 def cells_controls(
@@ -89,9 +59,7 @@ def edit_controls(fm: FeatureMatrix, length: int, key: str) -> tuple[wi.Edit, in
     st.caption(wi.EDIT_NOTES[op])
     feats, (start, stop) = cells_controls(fm.names, length, key)
     source = (
-        pick_window(fm, length, length, f"{key}_src", "Copy from the window ending at", length)[0]
-        if op == wi.COPY
-        else None
+        window_by_time(fm.times, length, f"{key}_src_when", "Copy from the window ending at") if op == wi.COPY else None
     )
     return wi.Edit(op, feats, start, stop, float(value)), source
 
@@ -145,3 +113,64 @@ def show_flip(flip: wi.FlipResult, rival: wi.FlipResult | None, key: str) -> Non
     cells = flip.cells()
     st.dataframe(cells.head(200), hide_index=True)
     download_table(cells, f"flip_to_{flip.target_name}", key=f"{key}_cells", label="Edited cells")
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def edit_result(
+    model_key: tuple, data_key: str, start: int, length: int, edit: tuple, source: int | None, _model, _values, _means
+):
+    """The decision before and after one edit of the window at `start` (cached per model, data and edit)."""
+    src = None if source is None else _values[source : source + length]
+    return wi.evaluate_edits(_model, _values[start : start + length], [wi.Edit(*edit)], src, _means)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def flip_search(
+    model_key: tuple,
+    data_key: str,
+    start: int,
+    length: int,
+    target: int,
+    feats: tuple,
+    steps: tuple,
+    iterations: int,
+    rival: bool,
+    _model,
+    _values,
+    _names,
+):
+    """The smallest flipping edit found by gradient steps, and a random-direction rival with the same budget."""
+    bar = st.progress(0.0, text="Searching for the smallest flipping edit…")
+    window = _values[start : start + length]
+    flip = wi.smallest_flip(
+        _model,
+        window,
+        target,
+        feats,
+        steps,
+        iterations,
+        feature_names=_names,
+        progress=lambda d, t: bar.progress(d / t, text=f"gradient step {d}/{t}"),
+    )
+    other = (
+        wi.random_flip(_model, window, target, feats, steps, flip.evaluations, feature_names=_names) if rival else None
+    )
+    bar.empty()
+    return flip, other
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def stability_curve(model_key: tuple, data_key: str, length: int, starts: tuple, samples: int, _model, _values, _sigma):
+    """Share of unchanged decisions against noise level, over the windows at `starts`."""
+    bar = st.progress(0.0, text="Adding noise…") if len(starts) > 1 else None
+    res = wi.decision_stability(
+        _model,
+        rolling_windows(_values, length),
+        _sigma,
+        n_samples=samples,
+        indices=starts,
+        progress=None if bar is None else lambda d, t: bar.progress(d / t, text=f"{d}/{t} windows"),
+    )
+    if bar is not None:
+        bar.empty()
+    return res.curve()
