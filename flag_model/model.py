@@ -190,15 +190,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def find_mismatch(
     expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]
 ) -> ModelMismatchError | None:
-    """The error a strict load would raise, or None when keys and shapes match exactly."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        (k, tuple(state_dict[k].shape), tuple(expected[k]))
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k])
-    ]
-    return ModelMismatchError(missing, unexpected, mismatched) if missing or unexpected or mismatched else None
+    """The error a strict load would raise (keys sorted), or None when keys and shapes match exactly."""
+    from .layouts.diff import (
+        diff_keys,  # the one key diff; imported here because flag_model.layouts imports this module
+    )
+
+    diff = diff_keys(state_dict, expected)
+    if diff.ok:
+        return None
+    return ModelMismatchError(sorted(diff.missing), sorted(diff.unexpected), sorted(diff.mismatched))
 
 
 def build_model(

@@ -8,11 +8,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...config import BLOCK_LINEARS, DEFAULT_HEADS, ModelConfig
+from ...config import BLOCK_LINEARS, DEFAULT_HEADS, STORED_HEADS, ModelConfig, fallback_heads
 from ..keys import LayoutError, Shape, lin, norm
 
 # Names a stored config uses for the head count (training code varied).
-HEAD_NAMES = ("num_heads", "n_heads", "nhead", "n_head", "heads", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -61,9 +60,7 @@ class LayoutSize:
 
     def to_config(self, num_heads: int | None = None, **assumptions: Any) -> ModelConfig:
         """A ModelConfig at these sizes; heads: given, else stored, else 8, falling back to a divisor of d."""
-        heads = num_heads or self.num_heads or DEFAULT_HEADS
-        if self.d_model % heads:
-            heads = max(h for h in range(1, min(self.d_model, DEFAULT_HEADS) + 1) if self.d_model % h == 0)
+        heads = fallback_heads(self.d_model, num_heads or self.num_heads or DEFAULT_HEADS)
         return ModelConfig(
             self.n_blocks,
             self.d_model,
@@ -141,7 +138,7 @@ class Family:
 
 def stored_heads(stored: Mapping[str, Any] | None) -> tuple[int | None, str]:
     """Head count from a stored config (or the saved dict's own top-level values) and where it came from."""
-    for n in HEAD_NAMES:
+    for n in STORED_HEADS:
         v = (stored or {}).get(n)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v, f"stored config['{n}']"
