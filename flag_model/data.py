@@ -630,17 +630,36 @@ def prepare_features(
     return Prepared(frame.reset_index(drop=True), tuple(issues), fmt, tuple(columns))
 
 
+def too_few_rows(window: int, n_rows: int | None = None, warmup: int = 0) -> str:
+    """The one "too few rows" message: what a window needs (with the OHLCV warm-up, if any) and what there is."""
+    extra = f" ({window + warmup} bars of OHLCV with the {warmup}-bar warm-up)" if warmup else ""
+    has = "fewer" if n_rows is None else n_rows
+    return (
+        f"too few rows: window {window} needs at least {window} rows of features{extra}; the data gives {has}. "
+        "Use a shorter window or more data."
+    )
+
+
+def evenly_spaced(n_items: int, count: int) -> np.ndarray:
+    """(k,) int64 indices of min(count, n_items) items (at least one) spread evenly over 0..n_items-1, rounded."""
+    if n_items < 1:
+        raise ValueError("there are no windows to sample from; use more data or a shorter window.")
+    return np.unique(np.linspace(0, n_items - 1, max(1, min(count, n_items))).round().astype(np.int64))
+
+
+def spread_starts(n_rows: int, length: int, count: int) -> np.ndarray:
+    """Start rows of `count` windows of `length` spread evenly over n_rows rows (fewer if they do not fit)."""
+    if n_rows < length:
+        raise ValueError(too_few_rows(length, n_rows))
+    return evenly_spaced(n_rows - length + 1, count)
+
+
 def check_window(n_rows: int, window: int, max_length: int, warmup: int = 0) -> Issue | None:
     """Too few rows (or a window the model cannot take) as an error naming the numbers, else None."""
     if not 1 <= window <= max_length:
         return Issue("error", f"window {window} is outside 1..{max_length} (the checkpoint's max_length).")
     if n_rows < window:
-        extra = f" ({window + warmup} bars of OHLCV with the {warmup}-bar warm-up)" if warmup else ""
-        return Issue(
-            "error",
-            f"too few rows: window {window} needs at least {window} rows of features{extra}; "
-            f"the data gives {n_rows}. Use a shorter window or more data.",
-        )
+        return Issue("error", too_few_rows(window, n_rows, warmup))
     return None
 
 

@@ -568,13 +568,6 @@ def rollout_importance(model: nn.Module, window: np.ndarray, position: int = -1)
     return rollout(maps)[_position(position, maps.shape[-1])]
 
 
-def evenly_spaced(n_windows: int, n: int) -> np.ndarray:
-    """Indices of min(n, n_windows) windows spread evenly over 0..n_windows-1."""
-    if n_windows < 1:
-        raise ValueError("there are no windows to sample from; use more data or a shorter window.")
-    return np.unique(np.linspace(0, n_windows - 1, min(n, n_windows)).round().astype(int))
-
-
 def global_importance(
     model: nn.Module,
     windows: np.ndarray,
