@@ -90,6 +90,19 @@ class ModelConfig:
                 f"{self.num_heads} heads do not divide the hidden size d={self.d_model}; choose one of {divisors}."
             )
 
+    def check_windows(self, shape: tuple[int, ...], finite: bool = True) -> None:
+        """Raise ValueError naming the problem when windows of `shape` (batch, window, state_dim) do not fit this
+        model, or (`finite` False) hold NaN/Inf: the one input validation of the model, the engine and the analyses."""
+        if len(shape) != 3 or shape[-1] != self.state_dim:
+            raise ValueError(
+                f"input must be (batch, window, {self.state_dim}) features; got {tuple(shape)}. "
+                "Pad or select features so the last dimension matches state_dim."
+            )
+        if not 1 <= shape[1] <= self.max_length:
+            raise ValueError(f"window length {shape[1]} is outside 1..{self.max_length} (the model's max_length).")
+        if not finite:
+            raise ValueError("the window contains NaN or infinite values; clean the features first.")
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads

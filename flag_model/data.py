@@ -17,12 +17,11 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from .features import FEATURE_SETS, WARMUP, compute_features
+from .features import FEATURE_SETS, OHLCV_COLUMNS, WARMUP, compute_features
 from .limits import limits, too_big
 
 NORMALISATIONS = ("checkpoint", "none", "data")
 MODES = ("rolling", "blocks")
-OHLCV_ROLES = ("open", "high", "low", "close", "volume")
 DEFAULT_WINDOW = 64
 PRICE_COLUMN = "_price"  # feature uploads: the optional price column, kept apart from the features
 
@@ -86,10 +85,10 @@ class ColumnMapping:
     volume: str | None = None
 
     def missing(self) -> list[str]:
-        return [r for r in ("time", *OHLCV_ROLES) if getattr(self, r) is None]
+        return [r for r in ("time", *OHLCV_COLUMNS) if getattr(self, r) is None]
 
     def as_dict(self) -> dict[str, str | None]:
-        return {r: getattr(self, r) for r in ("time", *OHLCV_ROLES)}
+        return {r: getattr(self, r) for r in ("time", *OHLCV_COLUMNS)}
 
 
 @dataclass(frozen=True)
@@ -510,7 +509,7 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
     if issues:
         return Prepared(None, tuple(issues))
     rows = np.arange(1, len(df) + 1) + row_offset
-    cols = {r: _numeric(df, getattr(mapping, r), rows, repair, issues) for r in OHLCV_ROLES}
+    cols = {r: _numeric(df, getattr(mapping, r), rows, repair, issues) for r in OHLCV_COLUMNS}
     times, fmt = parse_times(df[mapping.time])
     keep = _time_issues(times, df[mapping.time], mapping.time, rows, repair, issues)
     if not repair and not keep.all():
@@ -521,15 +520,15 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
         return Prepared(None, tuple(issues), fmt)
     sel = keep[order]
     frame = pd.DataFrame({"datetime": times[sel]})
-    for r in OHLCV_ROLES:
+    for r in OHLCV_COLUMNS:
         _missing_runs(cols[r][sel], getattr(mapping, r), rows[sel], repair, issues)
         frame[r] = cols[r][sel]
     rows = rows[sel]
     if repair:
-        frame, rows = _carry_forward(frame, list(OHLCV_ROLES), rows, issues)
+        frame, rows = _carry_forward(frame, list(OHLCV_COLUMNS), rows, issues)
     if _has_errors(issues):
         return Prepared(None, tuple(issues), fmt)
-    for r in ("open", "high", "low", "close"):
+    for r in OHLCV_COLUMNS[:4]:  # prices; volume may be zero
         bad = np.flatnonzero(frame[r].to_numpy() <= 0)
         if len(bad):
             col = getattr(mapping, r)

@@ -339,11 +339,7 @@ class InferenceEngine:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, S, state_dim) -> the first block's input (B, S, d) in the compute dtype; it depends on no
         assumption, so one embedding can feed every variant."""
-        cfg = self.config
-        if x.dim() != 3 or x.shape[-1] != cfg.state_dim:
-            raise ValueError(f"input must be (batch, window, {cfg.state_dim}) features; got {tuple(x.shape)}.")
-        if not 1 <= x.shape[1] <= cfg.max_length:
-            raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (max_length).")
+        self.config.check_windows(tuple(x.shape))
         with torch.inference_mode():
             x = x.to(device=self.device, dtype=self.dtype)
             return self._linear(x, self.w_embed, self.b_embed) + self.pos[: x.shape[1]]

@@ -152,14 +152,7 @@ class FlagTrader(nn.Module):
                 mod.lora = None
 
     def check_input(self, x: torch.Tensor) -> None:
-        cfg = self.config
-        if x.dim() != 3 or x.shape[-1] != cfg.state_dim:
-            raise ValueError(
-                f"input must be (batch, window, {cfg.state_dim}) features; got {tuple(x.shape)}. "
-                "Pad or select features so the last dimension matches state_dim."
-            )
-        if not 1 <= x.shape[1] <= cfg.max_length:
-            raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (max_length).")
+        self.config.check_windows(tuple(x.shape))
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
         """x (B, S, state_dim) -> logits (B, S, n_actions); with return_attention also a list of

@@ -245,12 +245,7 @@ def _check(model: nn.Module, x: np.ndarray, method: str, baseline: str, output: 
         raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, not {steps}")
-    if x.ndim != 3 or x.shape[-1] != cfg.state_dim:
-        raise ValueError(f"windows must be (window length, {cfg.state_dim}) features; got {x.shape[1:]}.")
-    if not 1 <= x.shape[1] <= cfg.max_length:
-        raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (the model's max_length).")
-    if not np.isfinite(x).all():
-        raise ValueError("the window contains NaN or infinite values; clean the features first.")
+    cfg.check_windows(x.shape, bool(np.isfinite(x).all()))
 
 
 def position_of_offset(length: int, offset: int) -> int:
@@ -604,8 +599,7 @@ def global_importance(
         worker = _worker(model, method)
         for start in range(0, len(idx), batch_size):
             x_np = np.ascontiguousarray(windows[idx[start : start + batch_size]], dtype=np.float32)
-            if not np.isfinite(x_np).all():
-                raise ValueError("a window contains NaN or infinite values; clean the features first.")
+            model.config.check_windows(x_np.shape, bool(np.isfinite(x_np).all()))
             x = torch.tensor(x_np, requires_grad=True)
             base = torch.tensor(make_baseline(x_np, baseline, feature_mean))
             with torch.no_grad():

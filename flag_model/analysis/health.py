@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from ..checkpoint import nonfinite_scan
+
 _B_ZERO = 1e-8  # |lora_B| below this everywhere: the adapter has not learned
 
 
@@ -73,11 +75,9 @@ def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
     sd = state_dict
     out: list[Finding] = []
     floats = {k: t for k, t in sd.items() if t.is_floating_point()}
-    bad = tuple(k for k, t in floats.items() if not torch.isfinite(t).all())
+    scan = nonfinite_scan(sd)
+    bad, nan, inf, total = scan.keys, scan.nan, scan.inf, scan.elements
     if bad:
-        nan = sum(int(torch.isnan(floats[k]).sum()) for k in bad)
-        inf = sum(int(torch.isinf(floats[k]).sum()) for k in bad)
-        total = sum(floats[k].numel() for k in bad)
         out.append(
             Finding(
                 "error",

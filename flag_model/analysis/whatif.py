@@ -141,13 +141,7 @@ class FlipResult:
 
 def _window(window: np.ndarray, model: nn.Module) -> np.ndarray:
     w = np.array(window, dtype=np.float32)  # a private copy
-    cfg = model.config
-    if w.ndim != 2 or w.shape[1] != cfg.state_dim:
-        raise ValueError(f"a window must be (steps, {cfg.state_dim}) features; got {w.shape}.")
-    if not 1 <= len(w) <= cfg.max_length:
-        raise ValueError(f"window length {len(w)} is outside 1..{cfg.max_length} (the model's max_length).")
-    if not np.isfinite(w).all():
-        raise ValueError("the window contains NaN or infinite values; clean the features first.")
+    model.config.check_windows((1, *w.shape), bool(np.isfinite(w).all()))
     return w
 
 
