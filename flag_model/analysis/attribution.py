@@ -47,7 +47,7 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
 from ..data import FeatureMatrix, stored_stats
-from ..features import action_names
+from ..features import action_names, feature_names_or_default
 from .attention import rollout, window_attention
 
 # Captum warns on every DeepLift call that it sets hooks; they live on our private copy only.
@@ -461,7 +461,7 @@ def attribute(
     _check(model, x_np, method, baseline, output, steps)
     length, width = x_np.shape[1:]
     pos = _position(position, length)
-    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(width))
+    names = feature_names_or_default(feature_names, width)
     if len(names) != width:
         raise ValueError(f"{len(names)} feature names for {width} features.")
     n_actions = model.config.n_actions
@@ -643,7 +643,7 @@ def global_importance(
     _check(model, windows[idx[:1]].astype(np.float32), method, baseline, output, steps)
     length, width = windows.shape[1:]
     pos = _position(position, length)
-    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(width))
+    names = feature_names_or_default(feature_names, width)
     totals, predicted, targets = [], [], []
     t0 = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():

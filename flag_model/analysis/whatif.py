@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..features import action_names
+from ..features import action_names, feature_names_or_default
 from .lora import decision_probs
 
 SET, ADD, MULTIPLY, ZERO, COPY, MEAN = "set", "add", "multiply", "zero", "copy from another window", "training mean"
@@ -267,7 +267,7 @@ def _result(
             "no edit within the budget made the model decide the target: shown is the closest attempt; "
             "allow more features, more steps or a larger budget."
         )
-    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(w.shape[1]))
+    names = feature_names_or_default(feature_names, w.shape[1])
     probs = torch.from_numpy(logits).softmax(-1).numpy()
     return FlipResult(
         method,
