@@ -11,8 +11,6 @@ from typing import Any
 from ...config import BLOCK_LINEARS, DEFAULT_HEADS, STORED_HEADS, ModelConfig, fallback_heads
 from ..keys import LayoutError, Shape, find, indices, lin, norm
 
-# Names a stored config uses for the head count (training code varied).
-
 
 @dataclass(frozen=True)
 class LayoutSize:
