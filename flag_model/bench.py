@@ -127,11 +127,9 @@ def _agreement(
 
     path = cfg.data_path
     if path is None or not Path(path).is_file():
+        why = "no real data given (--data or $FLAG_TRADER_BENCH_DATA)" if path is None else f"not found at {path}"
         return pd.DataFrame(
-            [
-                {"window": w, "windows": 0, "agreement": np.nan, "note": f"skipped: real data not found at {path}"}
-                for w in cfg.windows
-            ]
+            [{"window": w, "windows": 0, "agreement": np.nan, "note": f"skipped: {why}"} for w in cfg.windows]
         )
     df = read_table(path)
     prep = prepare_ohlcv(df, detect_columns(df.columns))

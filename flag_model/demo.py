@@ -156,8 +156,11 @@ def demo_config(spec: DemoSpec) -> ModelConfig:
 
 
 def cache_dir() -> Path:
-    """Where built demos live: $FLAG_TRADER_CACHE, else ~/.cache/flag_trader (never inside the repo)."""
-    return Path(os.environ.get("FLAG_TRADER_CACHE", Path.home() / ".cache" / "flag_trader"))
+    """Where built demos live: $FLAG_TRADER_CACHE, else the per-user cache ($XDG_CACHE_HOME or ~/.cache) /
+    flag_trader; never inside the checkout or an installed package (site-packages may be read-only)."""
+    if os.environ.get("FLAG_TRADER_CACHE"):
+        return Path(os.environ["FLAG_TRADER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flag_trader"
 
 
 def demo_path(size: str = "full") -> Path:
