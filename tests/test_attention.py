@@ -9,6 +9,7 @@ from conftest import make_model
 from torch import nn
 
 from flag_model.analysis import attention
+from flag_model.data import spread_starts
 
 
 def window(s: int = 12, d: int = 60, seed: int = 0) -> np.ndarray:
@@ -125,10 +126,10 @@ def test_summary_equals_mean_of_single_windows():
 
 
 def test_spread_starts():
-    assert list(attention.spread_starts(20, 5, 4)) == [0, 5, 10, 15]
-    assert list(attention.spread_starts(6, 5, 10)) == [0, 1]
+    assert list(spread_starts(20, 5, 4)) == [0, 5, 10, 15]
+    assert list(spread_starts(6, 5, 10)) == [0, 1]
     with pytest.raises(ValueError, match="needs at least 30 rows"):
-        attention.spread_starts(20, 30, 4)
+        spread_starts(20, 30, 4)
 
 
 def test_deciding_query_stats_equal_direct_formulas_and_the_summary():

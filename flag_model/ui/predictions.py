@@ -50,7 +50,15 @@ from ..data import (
     read_table,
 )
 from ..engine import InferenceEngine
-from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
+from ..features import (
+    OHLCV_COLUMNS,
+    SIMPLE60_NAMES,
+    WARMUP,
+    LabelRule,
+    compute_features,
+    feature_help,
+    simple60_reference,
+)
 from ..model import FlagTrader
 from ..server_paths import ServerPathError
 from . import data_tag, download_table, md_escape, server_path_input, upload_limit_note
@@ -144,7 +152,7 @@ def mapping_widgets(
         kind = st.radio("Input", KINDS, index=0, horizontal=True, key=keep(f"pred_kind_{tag}"))
         roles = {}
         cols = st.columns(6)
-        for i, role in enumerate(("time", "open", "high", "low", "close", "volume")):
+        for i, role in enumerate(("time", *OHLCV_COLUMNS)):
             guess = getattr(detected, role)
             roles[role] = cols[i].selectbox(
                 role,
