@@ -210,6 +210,12 @@ def adapter_at(metrics: pd.DataFrame, row_label: str, module: str) -> str | None
     return str(hit["path"].iloc[0]) if len(hit) else None
 
 
+def adapter_title(metrics: pd.DataFrame, path: str) -> str:
+    """One adapter's heading: its path, W's shape [out×in] and its rank."""
+    row = metrics.set_index("path").loc[path]
+    return f"{path}  ({row['d_out']}×{row['d_in']}, rank {row['rank']})"
+
+
 def metric_grid(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
     """blocks × modules table of one column (NaN where a module has no adapter), modules in block order."""
     grid = metrics.pivot_table(index="block", columns="module", values=column, aggfunc="first", dropna=False)
