@@ -155,6 +155,23 @@ class Trunk:
     ffn_dim: int
     provenance: dict[str, str]
 
+    def size(self, n_actions: int, max_length: int, stored: Mapping[str, Any], extra: tuple) -> LayoutSize:
+        """A LayoutSize without LoRA at these sizes; the head count from the stored config (else unknown)."""
+        heads, self.provenance["num_heads"] = stored_heads(stored)
+        return LayoutSize(
+            max(self.blocks) + 1,
+            self.d_model,
+            self.ffn_dim,
+            self.state_dim,
+            n_actions,
+            max_length,
+            0,
+            (),
+            heads,
+            extra,
+            self.provenance,
+        )
+
 
 def read_trunk(
     shapes: Mapping[str, Shape], embed: str, what: str, inputs: str, blocks: str, ffn: str, ffn_under_root: bool = False
