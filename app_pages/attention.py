@@ -12,7 +12,7 @@ from flag_model.ui.session import bounded, choice, window_by_time
 st.title("Attention")
 ckpt, model = ui.require_model()
 cfg = ui.loaded().config
-assumptions = (cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
+assumptions = cfg.assumption_key
 
 
 @st.cache_data(max_entries=16, show_spinner="Computing attention maps…")
@@ -37,8 +37,6 @@ st.info(
     f"**{'pre' if cfg.norm_first else 'post'}-norm** · LoRA scale **{cfg.lora_scale:g}**."
 )
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
-for w in fm.warnings:
-    st.warning(ui.md_escape(w))
 n = len(fm.values)
 c1, c2 = st.columns([1, 3])
 length = ui.window_length(c1, ckpt.meta, cfg.max_length, n, "attn_length")

@@ -104,6 +104,11 @@ class ModelConfig:
             raise ValueError("the window contains NaN or infinite values; clean the features first.")
 
     @property
+    def assumption_key(self) -> tuple[int, float, bool, bool]:
+        """(num_heads, lora_scale, norm_first, causal): what a cached result depends on besides the file."""
+        return (self.num_heads, self.lora_scale, self.norm_first, self.causal)
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
