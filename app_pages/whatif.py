@@ -4,7 +4,8 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import whatif as wi
-from flag_model.analysis.attribution import evenly_spaced, feature_means
+from flag_model.analysis.attribution import feature_means
+from flag_model.data import spread_starts
 from flag_model.features import action_names
 from flag_model.ui import whatif as uw
 from flag_model.ui.session import keep, window_by_time
@@ -12,10 +13,8 @@ from flag_model.ui.session import keep, window_by_time
 st.title("What-if")
 ckpt, model = ui.require_model()
 cfg = ui.loaded().config
-model_key = (ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
+model_key = (ckpt.digest, *cfg.assumption_key)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
-for w in fm.warnings:
-    st.warning(ui.md_escape(w))
 means, means_note = feature_means(fm, ckpt.meta)
 actions = action_names(cfg.n_actions)
 
@@ -75,7 +74,7 @@ with stable_tab:
             "this window": uw.stability_curve(model_key, data_key, length, (start,), samples, model, fm.values, sigma)
         }
         if many:
-            starts = tuple(int(i) for i in evenly_spaced(len(fm.values) - length + 1, count))
+            starts = tuple(int(i) for i in spread_starts(len(fm.values), length, count))
             curves[f"{len(starts)} windows (mean)"] = uw.stability_curve(
                 model_key, data_key, length, starts, samples, model, fm.values, sigma
             )

@@ -1,4 +1,5 @@
-"""Command line: `python -m flag_model {inspect,demo,...} ...`. Errors go to stderr with exit code 2."""
+"""Command line: `flag-trader {inspect,demo,...} ...` (the installed script) or `python -m flag_model ...`.
+Errors go to stderr with exit code 2."""
 
 from __future__ import annotations
 
@@ -94,7 +95,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flag_model", description=__doc__)
+    # Usage lines name the way it was started: the console script or `python -m` (argv[0] is then __main__.py).
+    prog = "flag-trader" if Path(sys.argv[0]).stem == "flag-trader" else "python -m flag_model"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe a checkpoint: format, config with provenance, counts, health")
     p.add_argument("path")

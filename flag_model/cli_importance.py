@@ -41,6 +41,7 @@ def _importance(args: argparse.Namespace) -> int:
         checkpoint_features,
         default_window,
         detect_columns,
+        evenly_spaced,
         prepare_ohlcv,
         read_table,
         rolling_windows,
@@ -65,7 +66,7 @@ def _importance(args: argparse.Namespace) -> int:
     fm = checkpoint_features(prep.frame, ckpt.meta, cfg.state_dim, args.normalisation)
     length = args.window or default_window(ckpt.meta, cfg.max_length)
     windows = rolling_windows(fm.values, length)
-    index = attr.evenly_spaced(len(windows), args.windows)
+    index = evenly_spaced(len(windows), args.windows)
     names = action_names(cfg.n_actions)
     target = None
     if args.target is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -29,7 +30,9 @@ from .engine import PRECISIONS
 from .features import LabelRule
 
 DEFAULT_CHUNK_ROWS = 20_000
-ETH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ETH_USDT_5m_6m.csv"
+# Real OHLCV for `bench` (agreement check, --cluster) when --data is not given; nothing is assumed about where
+# the repository or its data lie, so an installed package behaves like the checkout.
+BENCH_DATA_ENV = "FLAG_TRADER_BENCH_DATA"
 
 
 def _say(message: str) -> None:
@@ -256,17 +259,26 @@ def _interval_check(chunks: Iterator[pd.DataFrame], meta: Any, horizon: int) -> 
     return check_interval(times[~np.isnat(times)], meta, horizon)
 
 
+def bench_data(arg: str | None) -> Path | None:
+    """`--data`, else $FLAG_TRADER_BENCH_DATA, else None (the agreement check then says it was skipped)."""
+    value = arg or os.environ.get(BENCH_DATA_ENV)
+    return Path(value) if value else None
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_result, quick_model, run_bench
 
+    data = bench_data(args.data)
     if args.cluster:
         from .demo import build_demo
         from .distributed import bench_cluster
 
+        if data is None:
+            raise ValueError(f"bench --cluster scores real bars: pass --data FILE or set {BENCH_DATA_ENV}.")
         ckpt = args.checkpoint or build_demo("full", progress=lambda f, m: _say(f"  [{f:4.0%}] {m}"))
         table = bench_cluster(
             ckpt,
-            args.data or ETH_DATA,
+            data,
             args.cluster,
             window=(args.windows or [64])[0],
             bars=args.cluster_bars,
@@ -278,7 +290,7 @@ def _bench(args: argparse.Namespace) -> int:
 
             hyp = bench_hypotheses_cluster(
                 ckpt,
-                args.data or ETH_DATA,
+                data,
                 args.cluster,
                 windows=args.cluster_hypotheses,
                 bars=args.cluster_bars,
@@ -294,7 +306,7 @@ def _bench(args: argparse.Namespace) -> int:
             min_seconds=0.05,
             peak_size=256,
             agreement_windows=(64, 32),
-            data_path=Path(args.data) if args.data else None,
+            data_path=Path(args.data) if args.data else None,  # quick (for tests): no environment default
             quick=True,
             batch=16,
         )
@@ -317,7 +329,7 @@ def _bench(args: argparse.Namespace) -> int:
             agreement_windows=tuple(args.agreement_windows for _ in windows)
             if args.agreement_windows
             else tuple(2048 if w <= 64 else 512 for w in windows),
-            data_path=Path(args.data) if args.data else ETH_DATA,
+            data_path=data,
         )
     result = run_bench(model, meta, cfg, report=lambda m: _say(f"  {m}"))
     print(format_result(result))
@@ -391,7 +403,7 @@ def add_parsers(sub: Any) -> None:
 
     b = sub.add_parser("bench", help="windows/s of reference vs exact vs fast engine, GFLOP/s vs peak, agreement")
     b.add_argument("--checkpoint", help="checkpoint to time (default: the full demo)")
-    b.add_argument("--data", help=f"real OHLCV for the agreement check (default: {ETH_DATA})")
+    b.add_argument("--data", help=f"real OHLCV for the agreement check and --cluster (default: ${BENCH_DATA_ENV})")
     b.add_argument("--windows", type=int, nargs="+", help="window lengths (default: 64 256)")
     b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
     b.add_argument("--agreement-windows", type=int, help="real windows per length for the agreement check")

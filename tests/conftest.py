@@ -14,7 +14,8 @@ from flag_model.config import BLOCK_LINEARS, ModelConfig
 from flag_model.model import FlagTrader
 
 REPO = Path(__file__).resolve().parents[1]
-ETH_CSV = REPO.parent / "shared" / "data" / "ETH_USDT_5m_6m.csv"
+# The real ETH bars: $FLAG_TRADER_BENCH_DATA (the `bench` command's default too), else ../shared beside the checkout.
+ETH_CSV = Path(os.environ.get("FLAG_TRADER_BENCH_DATA") or REPO.parent / "shared" / "data" / "ETH_USDT_5m_6m.csv")
 
 # Tests use the small demo, built into a per-run cache folder, never the user's ~/.cache.
 os.environ.setdefault("FLAG_TRADER_DEMO_SIZE", "tiny")
@@ -119,5 +120,7 @@ def full_demo_path() -> Path:
 @pytest.fixture(scope="session")
 def eth_csv() -> Path:
     if not ETH_CSV.exists():
-        pytest.skip(f"real ETH data not found at {ETH_CSV} (it lives in ../shared/data beside the repo)")
+        pytest.skip(
+            f"real ETH data not found at {ETH_CSV} (../shared/data beside the repo, or $FLAG_TRADER_BENCH_DATA)"
+        )
     return ETH_CSV

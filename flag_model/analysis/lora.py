@@ -18,7 +18,7 @@ import torch
 
 from ..config import BLOCK_LINEARS, SHORT_NAMES
 from ..features import action_names
-from ..model import FlagTrader, LoRALinear
+from ..model import FlagTrader, LoRALinear, lora_delta
 
 # Column -> label of every metric the heatmap can show.
 METRICS: dict[str, str] = {
@@ -70,17 +70,20 @@ def _finite(*tensors: torch.Tensor) -> bool:
 def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
     A, B = lin.lora.lora_A.detach(), lin.lora.lora_B.detach()
     W = lin.base.weight.detach()
+    block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
+    module = path.split(".", 2)[2] if block >= 0 else path
+    where = {
+        "path": path,
+        "block": block,
+        "module": SHORT_NAMES.get(module, module),
+        "d_out": W.shape[0],
+        "d_in": W.shape[1],
+        "rank": A.shape[1],
+        "scale": lin.scale,
+    }
     if not (_finite(A, B, W) and math.isfinite(lin.scale)):  # an SVD of NaN/Inf fails or means nothing: NaN metrics
-        block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
-        module = path.split(".", 2)[2] if block >= 0 else path
         return {
-            "path": path,
-            "block": block,
-            "module": SHORT_NAMES.get(module, module),
-            "d_out": W.shape[0],
-            "d_in": W.shape[1],
-            "rank": A.shape[1],
-            "scale": lin.scale,
+            **where,
             "w_fro": math.nan,
             **{m: math.nan for m in METRICS},
             # A and B themselves: which part is not finite (the flags), and B = 0 stays a dead adapter
@@ -103,16 +106,8 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
         stable_rank = delta_fro**2 / top**2
     else:
         effective_rank = stable_rank = amplification = 0.0
-    block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
-    module = path.split(".", 2)[2] if block >= 0 else path
     return {
-        "path": path,
-        "block": block,
-        "module": SHORT_NAMES.get(module, module),
-        "d_out": W.shape[0],
-        "d_in": W.shape[1],
-        "rank": A.shape[1],
-        "scale": lin.scale,
+        **where,
         # A non-finite base weight has no meaningful ratio: NaN there, flagged as such, never "ΔW dominates W".
         "delta_fro": delta_fro,
         "w_fro": w_fro,
@@ -210,6 +205,12 @@ def adapter_at(metrics: pd.DataFrame, row_label: str, module: str) -> str | None
     return str(hit["path"].iloc[0]) if len(hit) else None
 
 
+def adapter_title(metrics: pd.DataFrame, path: str) -> str:
+    """One adapter's heading: its path, W's shape [out×in] and its rank."""
+    row = metrics.set_index("path").loc[path]
+    return f"{path}  ({row['d_out']}×{row['d_in']}, rank {row['rank']})"
+
+
 def metric_grid(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
     """blocks × modules table of one column (NaN where a module has no adapter), modules in block order."""
     grid = metrics.pivot_table(index="block", columns="module", values=column, aggfunc="first", dropna=False)
@@ -224,7 +225,7 @@ def spectra(model: FlagTrader, path: str) -> pd.DataFrame:
         raise ValueError(f"{path} has no LoRA adapter; choose one of the adapted modules.")
     with torch.inference_mode():
         W = lin.base.weight.detach().float()
-        delta = lin.scale * (lin.lora.lora_A @ lin.lora.lora_B).T
+        delta = lora_delta(lin.lora.lora_A, lin.lora.lora_B, lin.scale)
         n = min(W.shape)
         nan = np.full(n, np.nan)  # non-finite weights have no spectrum (the SVD fails or means nothing)
         finite_delta = _finite(lin.lora.lora_A, lin.lora.lora_B) and math.isfinite(lin.scale)

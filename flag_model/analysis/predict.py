@@ -33,9 +33,10 @@ from ..data import (
     horizon_text,
     prepare_ohlcv,
     rolling_windows,
+    too_few_rows,
 )
 from ..engine import InferenceEngine, Progress
-from ..features import LabelRule, action_names, compute_labels
+from ..features import LabelRule, action_names, compute_labels, too_few_bars
 from .bootstrap import Intervals, score_intervals
 
 NO_LABEL = -1
@@ -481,10 +482,7 @@ def feature_stream(
         produced = True
         yield fm
     if not produced:
-        raise DataError(
-            f"the file has fewer than {WARMUP + 1} usable bars; simple-60 needs {WARMUP} bars of "
-            "warm-up before the first feature row."
-        )
+        raise DataError(too_few_bars())
 
 
 def stream_predictions(
@@ -526,7 +524,4 @@ def stream_predictions(
     if out is not None:
         yield out
     elif runner.start == 0:
-        raise DataError(
-            f"too few rows: window {window} needs at least {window} rows of features "
-            f"({window + WARMUP} bars); the file has fewer."
-        )
+        raise DataError(too_few_rows(window, None, WARMUP))
