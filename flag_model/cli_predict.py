@@ -421,7 +421,7 @@ def add_parsers(sub: Any) -> None:
         type=int,
         default=0,
         metavar="WINDOWS",
-        help="with --cluster: also rank 16 hypotheses on WINDOWS labelled windows in one process vs the clusters",
+        help="with --cluster: also rank 8 hypotheses (4|8 heads x mask x norm) on WINDOWS windows vs the clusters",
     )
     _assumption_args(b)
     b.set_defaults(func=_bench)
