@@ -479,6 +479,8 @@ def rank_scores(
         r["share_best"], r["stage"] = float(share), "final"
     table = pd.DataFrame(rows).sort_values("nll", kind="stable")
     if screened:
+        if screen_index is None:
+            raise ValueError("screened scores need screen_index, the windows they were computed on")
         m = len(screen_index)
         srows, _ = _summaries(
             screened,

@@ -68,6 +68,8 @@ def _finite(*tensors: torch.Tensor) -> bool:
 
 
 def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
+    if lin.lora is None:
+        raise ValueError(f"{path} has no LoRA adapter")
     A, B = lin.lora.lora_A.detach(), lin.lora.lora_B.detach()
     W = lin.base.weight.detach()
     if not (_finite(A, B, W) and math.isfinite(lin.scale)):  # an SVD of NaN/Inf fails or means nothing: NaN metrics
