@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .model import FlagTrader
 
 PRECISIONS: tuple[str, ...] = ("fast", "exact")
-Progress = Callable[[int, int], None]  # (windows done, windows total)
+Progress = Callable[[int, int], object]  # (windows done, windows total)
 
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # bf16 windows up to this length use batched-matmul attention: on CPU, SDPA's flash kernel splits short

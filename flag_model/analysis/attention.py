@@ -17,7 +17,7 @@ import torch
 
 from ..model import FlagTrader
 
-Progress = Callable[[float, str], None]
+Progress = Callable[[float, str], object]
 
 # Column -> label of the per-head statistics (each averaged over query positions).
 STATS: dict[str, str] = {

@@ -579,7 +579,7 @@ def evenly_spaced(n_windows: int, n: int) -> np.ndarray:
 def global_importance(
     model: FlagTrader,
     windows: np.ndarray,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
     method: str = IXG,
     target: int | None = None,
     position: int = -1,

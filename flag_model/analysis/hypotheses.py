@@ -41,7 +41,7 @@ from ..model import build_model
 from .bootstrap import f1_macro
 from .predict import NO_LABEL, evaluate_arrays, row_labels
 
-Progress = Callable[[int, int, str], None]  # (window passes done, total, what is running)
+Progress = Callable[[int, int, str], object]  # (window passes done, total, what is running)
 Cancel = Callable[[], bool]  # True: stop at the next batch
 
 MIN_HEAD_WIDTH = 8

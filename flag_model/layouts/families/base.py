@@ -45,7 +45,7 @@ class LayoutSize:
         """From a ModelConfig (or anything with the same size attributes)."""
         fields = ("n_blocks", "d_model", "ffn_dim", "state_dim", "n_actions", "max_length", "lora_rank")
         return cls(
-            *(getattr(cfg, f) for f in fields),
+            **{f: getattr(cfg, f) for f in fields},
             lora_targets=tuple(getattr(cfg, "lora_targets", ())),
             num_heads=getattr(cfg, "num_heads", None),
             provenance={k: "given" for k in fields},
