@@ -4,7 +4,7 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import attention
-from flag_model.data import rolling_windows
+from flag_model.data import rolling_windows, spread_starts
 from flag_model.features import action_names
 from flag_model.ui.attention import show_stats
 from flag_model.ui.session import bounded, choice, window_by_time
@@ -87,7 +87,7 @@ with stat_tab:
     show_stats(stats, attention.future_by_query(wa.maps).mean(1), last_k, length, cfg.causal, "one")
 with many_tab:
     count = st.slider("Windows (spread evenly over the data)", 8, 1024, step=8, key=bounded("attn_count", 8, 1024, 64))
-    starts = tuple(int(s) for s in attention.spread_starts(n, length, count))
+    starts = tuple(int(s) for s in spread_starts(n, length, count))
     if st.button("Compute statistics over many windows", type="primary") or st.session_state.get("_attn_many"):
         st.session_state["_attn_many"] = True
         summary = _summary(ckpt.digest, assumptions, data_key, starts, length, last_k, model, fm.values)

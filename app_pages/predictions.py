@@ -55,19 +55,12 @@ if issue is not None:
 scorable = scorable_rows(len(fm.values), window, mode)
 eng = pw.engine(ckpt.digest, assumptions, precision, model)
 quick = pw.quick_bars(ckpt.digest, assumptions, precision, window, mode, eng, scorable)
-last = st.number_input(
-    "Bars to score (the most recent)",
-    1,
-    scorable,
-    step=100,
-    key=bounded("pred_last", 1, scorable, quick, data_key),
-    help=pw.BARS_HELP.format(scorable=scorable),
-)
+last = pw.bars_to_score(data_key, scorable, quick)
 st.caption(
     f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
     f"{eng.batch_size(window)} windows per batch, {eng.info.threads} threads."
 )
-pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, window, mode, int(last), eng, fm)
+pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, window, mode, last, eng, fm)
 if fm.has_prices:
     rule = pw.label_rule(ckpt.meta, bars.median)
     pred = attach_labels(pred, fm.close, rule)

@@ -4,7 +4,8 @@ import streamlit as st
 
 from flag_model import plots, ui
 from flag_model.analysis import whatif as wi
-from flag_model.analysis.attribution import evenly_spaced, feature_means
+from flag_model.analysis.attribution import feature_means
+from flag_model.data import spread_starts
 from flag_model.features import action_names
 from flag_model.ui import whatif as uw
 from flag_model.ui.session import keep, window_by_time
@@ -75,7 +76,7 @@ with stable_tab:
             "this window": uw.stability_curve(model_key, data_key, length, (start,), samples, model, fm.values, sigma)
         }
         if many:
-            starts = tuple(int(i) for i in evenly_spaced(len(fm.values) - length + 1, count))
+            starts = tuple(int(i) for i in spread_starts(len(fm.values), length, count))
             curves[f"{len(starts)} windows (mean)"] = uw.stability_curve(
                 model_key, data_key, length, starts, samples, model, fm.values, sigma
             )

@@ -123,7 +123,7 @@ def quick_model(seed: int = 0) -> FlagTrader:
 def _agreement(
     model: FlagTrader, meta: dict, fast: InferenceEngine, exact: InferenceEngine, cfg: BenchConfig, report: Report
 ) -> pd.DataFrame:
-    from .data import checkpoint_features, detect_columns, prepare_ohlcv, read_table, rolling_windows
+    from .data import checkpoint_features, detect_columns, evenly_spaced, prepare_ohlcv, read_table, rolling_windows
 
     path = cfg.data_path
     if path is None or not Path(path).is_file():
@@ -144,7 +144,7 @@ def _agreement(
     rows = []
     for w, count in zip(cfg.windows, cfg.agreement_windows):
         windows = rolling_windows(fm.values, w)
-        pick = np.unique(np.linspace(0, len(windows) - 1, min(count, len(windows))).astype(np.int64))
+        pick = evenly_spaced(len(windows), count)
         report(f"agreement at window {w}: {len(pick)} of {len(windows)} real windows")
         a = fast.run(windows[pick]).argmax(1)
         b = exact.run(windows[pick]).argmax(1)

@@ -577,13 +577,37 @@ def _stored_config(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+@dataclass(frozen=True)
+class NonFinite:
+    """The NaN/Inf scan of a state dict: the tensors holding any, and the counts over those tensors."""
+
+    keys: tuple[str, ...]
+    nan: int
+    inf: int
+    elements: int  # all elements of those tensors
+
+
+def nonfinite_scan(sd: Mapping[str, torch.Tensor], amax: Mapping[str, float] | None = None) -> NonFinite:
+    """The one NaN/Inf scan (chunked max |t| first, so only damaged tensors are counted); `amax`: abs_max per key
+    when the caller has it already."""
+    if amax is None:
+        amax = {k: abs_max(t) for k, t in sd.items() if t.numel() and t.dtype != torch.bool}
+    suspect = (k for k, v in amax.items() if not math.isfinite(v) and sd[k].is_floating_point())
+    bad = tuple(k for k in suspect if not bool(torch.isfinite(sd[k]).all()))  # float64 beyond float32 range is fine
+    return NonFinite(
+        bad,
+        sum(int(torch.isnan(sd[k]).sum()) for k in bad),
+        sum(int(torch.isinf(sd[k]).sum()) for k in bad),
+        sum(sd[k].numel() for k in bad),
+    )
+
+
 def _health_warnings(sd: Mapping[str, torch.Tensor]) -> list[str]:
     out = []
     amax = {k: abs_max(t) for k, t in sd.items() if t.numel() and t.dtype != torch.bool}
-    bad = [k for k, v in amax.items() if not math.isfinite(v)]
+    scan = nonfinite_scan(sd, amax)
+    bad, nan, inf = scan.keys, scan.nan, scan.inf
     if bad:
-        nan = sum(int(torch.isnan(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
-        inf = sum(int(torch.isinf(sd[k]).sum()) for k in bad if sd[k].is_floating_point())
         out.append(
             f"{len(bad)} tensor{'s contain' if len(bad) > 1 else ' contains'} NaN or Inf ({nan:,} NaN and "
             f"{inf:,} Inf elements; e.g. {bad[0]}); predictions will be NaN."

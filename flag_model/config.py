@@ -34,12 +34,20 @@ SHORT_NAMES: dict[str, str] = {
 }
 
 DEFAULT_HEADS = 8
+
+
+def linear_shapes(d_model: int, ffn_dim: int) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear of a block, in BLOCK_LINEARS order: the one per-projection table."""
+    d, f = d_model, ffn_dim
+    return {**{m: (d, d) for m in BLOCK_LINEARS[:4]}, "ffn.0": (d, f), "ffn.3": (f, d)}
+
+
 DEFAULT_LORA_SCALE = 1.0
 
 _BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 # Keys a stored config may use for the values we read from it (training code varied).
-_STORED_HEADS = ("num_heads", "n_heads", "nhead", "n_head", "heads")
+STORED_HEADS = ("num_heads", "n_heads", "nhead", "n_head", "heads", "num_attention_heads")  # stored-config names
 _STORED_ALPHA = ("lora_alpha", "alpha")
 _STORED_RANK = ("lora_rank", "lora_r", "rank", "r")
 _STORED_NORM_FIRST = ("norm_first", "pre_norm", "prenorm")
@@ -82,6 +90,19 @@ class ModelConfig:
                 f"{self.num_heads} heads do not divide the hidden size d={self.d_model}; choose one of {divisors}."
             )
 
+    def check_windows(self, shape: tuple[int, ...], finite: bool = True) -> None:
+        """Raise ValueError naming the problem when windows of `shape` (batch, window, state_dim) do not fit this
+        model, or (`finite` False) hold NaN/Inf: the one input validation of the model, the engine and the analyses."""
+        if len(shape) != 3 or shape[-1] != self.state_dim:
+            raise ValueError(
+                f"input must be (batch, window, {self.state_dim}) features; got {tuple(shape)}. "
+                "Pad or select features so the last dimension matches state_dim."
+            )
+        if not 1 <= shape[1] <= self.max_length:
+            raise ValueError(f"window length {shape[1]} is outside 1..{self.max_length} (the model's max_length).")
+        if not finite:
+            raise ValueError("the window contains NaN or infinite values; clean the features first.")
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
@@ -101,14 +122,7 @@ class ModelConfig:
     def param_count(self) -> int:
         """Parameters of the model this config describes (a direct formula, independent of nn.Module)."""
         d, f, r = self.d_model, self.ffn_dim, self.lora_rank
-        shapes = {
-            "attention.q_proj": (d, d),
-            "attention.k_proj": (d, d),
-            "attention.v_proj": (d, d),
-            "attention.out_proj": (d, d),
-            "ffn.0": (d, f),
-            "ffn.3": (f, d),
-        }
+        shapes = linear_shapes(d, f)
         per_block = sum(i * o + o for i, o in shapes.values()) + 4 * d
         lora = sum(r * (shapes[t.split(".", 2)[2]][0] + shapes[t.split(".", 2)[2]][1]) for t in self.lora_targets)
         top = self.max_length * d + self.state_dim * d + d + 2 * d + self.n_actions * (d + 1)
@@ -129,6 +143,14 @@ class ModelConfig:
             "norm_first": self.norm_first,
             "causal": self.causal,
         }
+
+
+def fallback_heads(d_model: int, wanted: int = DEFAULT_HEADS) -> int:
+    """`wanted` when it divides d_model, else the largest divisor of d_model up to DEFAULT_HEADS: the one fallback
+    for a head count that cannot be used (stored value, default 8, or a resized target)."""
+    if wanted >= 1 and d_model % wanted == 0:
+        return wanted
+    return max(h for h in range(1, min(d_model, DEFAULT_HEADS) + 1) if d_model % h == 0)
 
 
 def _first(stored: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str, Any] | None:
@@ -199,7 +221,7 @@ def infer_config(
     prov["lora_rank"] = "shape of lora_A [in, r]" if rank else "no lora_A tensors: no LoRA"
     prov["lora_targets"] = f"{len(targets)} modules have lora.lora_A"
 
-    hit = _first(stored, _STORED_HEADS)
+    hit = _first(stored, STORED_HEADS)
     heads = int(hit[1]) if hit else DEFAULT_HEADS
     prov["num_heads"] = (
         f"assumption: stored config['{hit[0]}']"
@@ -235,39 +257,26 @@ def infer_config(
         if hit and isinstance(hit[1], (int, float)) and int(hit[1]) != value:
             warnings.append(f"stored config says {what} {hit[1]} ('{hit[0]}'), tensors say {value}; using the tensors.")
 
-    try:
-        cfg = ModelConfig(
-            n_blocks=n_blocks,
-            d_model=d,
-            ffn_dim=ffn_dim,
-            state_dim=state_dim,
-            n_actions=n_actions,
-            max_length=max_length,
-            lora_rank=rank,
-            lora_targets=targets,
-            num_heads=heads,
-            lora_scale=scale,
-            norm_first=norm_first,
-            causal=causal,
-            provenance=prov,
+    usable = fallback_heads(d, heads)
+    if usable != heads:
+        warnings.append(
+            f"head count {heads} ({'stored' if hit else 'default'}) rejected: it does not divide the hidden size "
+            f"d={d}. Falling back to {usable}."
         )
-    except ConfigError as exc:
-        fallback = DEFAULT_HEADS if d % DEFAULT_HEADS == 0 else 1
-        warnings.append(f"stored head count rejected: {exc} Falling back to {fallback}.")
-        prov["num_heads"] = f"assumption: default {fallback} (stored value did not divide d)"
-        cfg = ModelConfig(
-            n_blocks=n_blocks,
-            d_model=d,
-            ffn_dim=ffn_dim,
-            state_dim=state_dim,
-            n_actions=n_actions,
-            max_length=max_length,
-            lora_rank=rank,
-            lora_targets=targets,
-            num_heads=fallback,
-            lora_scale=scale,
-            norm_first=norm_first,
-            causal=causal,
-            provenance=prov,
-        )
+        prov["num_heads"] = f"assumption: default {usable} ({heads} did not divide d)"
+    cfg = ModelConfig(
+        n_blocks=n_blocks,
+        d_model=d,
+        ffn_dim=ffn_dim,
+        state_dim=state_dim,
+        n_actions=n_actions,
+        max_length=max_length,
+        lora_rank=rank,
+        lora_targets=targets,
+        num_heads=usable,
+        lora_scale=scale,
+        norm_first=norm_first,
+        causal=causal,
+        provenance=prov,
+    )
     return cfg, warnings

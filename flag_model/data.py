@@ -17,12 +17,11 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from .features import FEATURE_SETS, WARMUP, compute_features, stored_config
+from .features import FEATURE_SETS, OHLCV_COLUMNS, WARMUP, compute_features, stored_config
 from .limits import limits, too_big
 
 NORMALISATIONS = ("checkpoint", "none", "data")
 MODES = ("rolling", "blocks")
-OHLCV_ROLES = ("open", "high", "low", "close", "volume")
 DEFAULT_WINDOW = 64
 PRICE_COLUMN = "_price"  # feature uploads: the optional price column, kept apart from the features
 
@@ -86,10 +85,10 @@ class ColumnMapping:
     volume: str | None = None
 
     def missing(self) -> list[str]:
-        return [r for r in ("time", *OHLCV_ROLES) if getattr(self, r) is None]
+        return [r for r in ("time", *OHLCV_COLUMNS) if getattr(self, r) is None]
 
     def as_dict(self) -> dict[str, str | None]:
-        return {r: getattr(self, r) for r in ("time", *OHLCV_ROLES)}
+        return {r: getattr(self, r) for r in ("time", *OHLCV_COLUMNS)}
 
 
 @dataclass(frozen=True)
@@ -516,7 +515,7 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
     if issues or mapping.time is None:  # a missing time column is one of the issues
         return Prepared(None, tuple(issues))
     rows = np.arange(1, len(df) + 1) + row_offset
-    cols = {r: _numeric(df, getattr(mapping, r), rows, repair, issues) for r in OHLCV_ROLES}
+    cols = {r: _numeric(df, getattr(mapping, r), rows, repair, issues) for r in OHLCV_COLUMNS}
     times, fmt = parse_times(df[mapping.time])
     keep = _time_issues(times, df[mapping.time], mapping.time, rows, repair, issues)
     if not repair and not keep.all():
@@ -527,15 +526,15 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
         return Prepared(None, tuple(issues), fmt)
     sel = keep[order]
     frame = pd.DataFrame({"datetime": times[sel]})
-    for r in OHLCV_ROLES:
+    for r in OHLCV_COLUMNS:
         _missing_runs(cols[r][sel], getattr(mapping, r), rows[sel], repair, issues)
         frame[r] = cols[r][sel]
     rows = rows[sel]
     if repair:
-        frame, rows = _carry_forward(frame, list(OHLCV_ROLES), rows, issues)
+        frame, rows = _carry_forward(frame, list(OHLCV_COLUMNS), rows, issues)
     if _has_errors(issues):
         return Prepared(None, tuple(issues), fmt)
-    for r in ("open", "high", "low", "close"):
+    for r in OHLCV_COLUMNS[:4]:  # prices; volume may be zero
         bad = np.flatnonzero(frame[r].to_numpy() <= 0)
         if len(bad):
             col = getattr(mapping, r)
@@ -636,17 +635,36 @@ def prepare_features(
     return Prepared(frame.reset_index(drop=True), tuple(issues), fmt, tuple(columns))
 
 
+def too_few_rows(window: int, n_rows: int | None = None, warmup: int = 0) -> str:
+    """The one "too few rows" message: what a window needs (with the OHLCV warm-up, if any) and what there is."""
+    extra = f" ({window + warmup} bars of OHLCV with the {warmup}-bar warm-up)" if warmup else ""
+    has = "fewer" if n_rows is None else n_rows
+    return (
+        f"too few rows: window {window} needs at least {window} rows of features{extra}; the data gives {has}. "
+        "Use a shorter window or more data."
+    )
+
+
+def evenly_spaced(n_items: int, count: int) -> np.ndarray:
+    """(k,) int64 indices of min(count, n_items) items (at least one) spread evenly over 0..n_items-1, rounded."""
+    if n_items < 1:
+        raise ValueError("there are no windows to sample from; use more data or a shorter window.")
+    return np.unique(np.linspace(0, n_items - 1, max(1, min(count, n_items))).round().astype(np.int64))
+
+
+def spread_starts(n_rows: int, length: int, count: int) -> np.ndarray:
+    """Start rows of `count` windows of `length` spread evenly over n_rows rows (fewer if they do not fit)."""
+    if n_rows < length:
+        raise ValueError(too_few_rows(length, n_rows))
+    return evenly_spaced(n_rows - length + 1, count)
+
+
 def check_window(n_rows: int, window: int, max_length: int, warmup: int = 0) -> Issue | None:
     """Too few rows (or a window the model cannot take) as an error naming the numbers, else None."""
     if not 1 <= window <= max_length:
         return Issue("error", f"window {window} is outside 1..{max_length} (the checkpoint's max_length).")
     if n_rows < window:
-        extra = f" ({window + warmup} bars of OHLCV with the {warmup}-bar warm-up)" if warmup else ""
-        return Issue(
-            "error",
-            f"too few rows: window {window} needs at least {window} rows of features{extra}; "
-            f"the data gives {n_rows}. Use a shorter window or more data.",
-        )
+        return Issue("error", too_few_rows(window, n_rows, warmup))
     return None
 
 

@@ -51,6 +51,7 @@ from .data import (
     detect_columns,
     iter_table_chunks,
     prepare_ohlcv,
+    too_few_rows,
 )
 from .features import LabelRule
 
@@ -385,10 +386,7 @@ def scan_source(src: Source, spec: ScoreSpec) -> SourceInfo:
         warnings.insert(0, "NOTICE: " + check.message.replace("**", ""))
     n_feat = state["n"] - WARMUP
     if n_feat < spec.window:
-        raise DataError(
-            f"too few rows: window {spec.window} needs at least {spec.window} rows of "
-            f"features ({spec.window + WARMUP} bars); the file has {state['n']} bars."
-        )
+        raise DataError(too_few_rows(spec.window, n_feat, WARMUP))
     return SourceInfo(
         n_bars=state["n"],
         origin=origin,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, linear_shapes
 from .model import FlagTrader
 
 PRECISIONS: tuple[str, ...] = ("fast", "exact")
@@ -138,15 +138,8 @@ def forward_flops(cfg: ModelConfig, length: int, last_only: bool, lora: bool = F
     h += 2 * s * cfg.state_dim * d + (cfg.n_blocks - 1) * block + last
     h += 2 * (1 if last_only else s) * d * cfg.n_actions
     if lora and cfg.lora_rank:
-        shapes = {
-            "attention.q_proj": 2 * d,
-            "attention.k_proj": 2 * d,
-            "attention.v_proj": 2 * d,
-            "attention.out_proj": 2 * d,
-            "ffn.0": d + f,
-            "ffn.3": f + d,
-        }
-        h += sum(2 * s * cfg.lora_rank * shapes[t.split(".", 2)[2]] for t in cfg.lora_targets)
+        shapes = linear_shapes(d, f)
+        h += sum(2 * s * cfg.lora_rank * sum(shapes[t.split(".", 2)[2]]) for t in cfg.lora_targets)
     return h
 
 
@@ -347,11 +340,7 @@ class InferenceEngine:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, S, state_dim) -> the first block's input (B, S, d) in the compute dtype; it depends on no
         assumption, so one embedding can feed every variant."""
-        cfg = self.config
-        if x.dim() != 3 or x.shape[-1] != cfg.state_dim:
-            raise ValueError(f"input must be (batch, window, {cfg.state_dim}) features; got {tuple(x.shape)}.")
-        if not 1 <= x.shape[1] <= cfg.max_length:
-            raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (max_length).")
+        self.config.check_windows(tuple(x.shape))
         with torch.inference_mode():
             x = x.to(device=self.device, dtype=self.dtype)
             return self._linear(x, self.w_embed, self.b_embed) + self.pos[: x.shape[1]]

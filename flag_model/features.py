@@ -22,7 +22,7 @@ of the window (the running sums and EWM recursions), never over rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,11 @@ import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 ACTIONS: tuple[str, ...] = ("SELL", "HOLD", "BUY")
+
+
+def feature_names_or_default(names: Sequence[str] | None, width: int) -> tuple[str, ...]:
+    """The given feature names, else f0..f{width-1} (windows handed in without names)."""
+    return tuple(names) if names is not None else tuple(f"f{i}" for i in range(width))
 
 
 def action_names(n_actions: int) -> tuple[str, ...]:

@@ -31,6 +31,21 @@ class LoRA(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.T, a=math.sqrt(5))
 
 
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·(A @ B)ᵀ [out, in] from A [in, r] and B [r, out], in float32 or wider (a half-precision file keeps the
+    small update): the one formula for ΔW."""
+    work = torch.promote_types(torch.promote_types(lora_A.dtype, lora_B.dtype), torch.float32)
+    return scale * (lora_A.to(work) @ lora_B.to(work)).T
+
+
+def merge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale·(A @ B)ᵀ [out, in], computed in float32 or wider and returned in W's dtype."""
+    work = torch.promote_types(
+        torch.promote_types(weight.dtype, lora_A.dtype), torch.promote_types(lora_B.dtype, torch.float32)
+    )
+    return (weight.to(work) + lora_delta(lora_A.to(work), lora_B.to(work), scale)).to(weight.dtype)
+
+
 class LoRALinear(nn.Module):
     """nn.Linear `base` plus an optional LoRA adapter `lora`. `lora_enabled=False` (on a copy) ablates it."""
 
@@ -51,12 +66,13 @@ class LoRALinear(nn.Module):
         """scale * (A @ B)^T, shaped like base.weight [out, in]; None without an (enabled) adapter."""
         if self.lora is None or not self.lora_enabled:
             return None
-        return self.scale * (self.lora.lora_A @ self.lora.lora_B).T
+        return lora_delta(self.lora.lora_A, self.lora.lora_B, self.scale)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * (A @ B)^T [out, in]: the plain weight an exported, merged file stores."""
-        delta = self.delta_weight()
-        return self.base.weight if delta is None else self.base.weight + delta
+        if self.lora is None or not self.lora_enabled:
+            return self.base.weight
+        return merge_weight(self.base.weight, self.lora.lora_A, self.lora.lora_B, self.scale)
 
 
 class Attention(nn.Module):
@@ -143,14 +159,7 @@ class FlagTrader(nn.Module):
                 mod.lora = None
 
     def check_input(self, x: torch.Tensor) -> None:
-        cfg = self.config
-        if x.dim() != 3 or x.shape[-1] != cfg.state_dim:
-            raise ValueError(
-                f"input must be (batch, window, {cfg.state_dim}) features; got {tuple(x.shape)}. "
-                "Pad or select features so the last dimension matches state_dim."
-            )
-        if not 1 <= x.shape[1] <= cfg.max_length:
-            raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (max_length).")
+        self.config.check_windows(tuple(x.shape))
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
         """x (B, S, state_dim) -> logits (B, S, n_actions); with return_attention also a list of
@@ -201,15 +210,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def find_mismatch(
     expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]
 ) -> ModelMismatchError | None:
-    """The error a strict load would raise, or None when keys and shapes match exactly."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        (k, tuple(state_dict[k].shape), tuple(expected[k]))
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k])
-    ]
-    return ModelMismatchError(missing, unexpected, mismatched) if missing or unexpected or mismatched else None
+    """The error a strict load would raise (keys sorted), or None when keys and shapes match exactly."""
+    from .layouts.diff import (
+        diff_keys,  # the one key diff; imported here because flag_model.layouts imports this module
+    )
+
+    diff = diff_keys(state_dict, expected)
+    if diff.ok:
+        return None
+    return ModelMismatchError(sorted(diff.missing), sorted(diff.unexpected), sorted(diff.mismatched))
 
 
 def build_model(

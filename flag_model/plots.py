@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .analysis.lora import block_label
+from .analysis.tensors import block_mean
 
 ACTION_COLORS = {"SELL": "#d62728", "HOLD": "#7f7f7f", "BUY": "#2ca02c"}
 MAX_HEATMAP_CELLS = 250_000  # above this plotly pages get slow: downsample first
@@ -21,17 +22,6 @@ def plain(text: object) -> str:
     """User text (a tensor key, a CSV column) for a plotly label, title or tick: plotly renders a subset of HTML
     (links included), so <, > and & become entities and show as typed."""
     return html.escape(str(text), quote=False)
-
-
-def downsample_2d(a: np.ndarray, max_cells: int = MAX_HEATMAP_CELLS) -> tuple[np.ndarray, int, int]:
-    """Block-average a 2-D array so it has at most `max_cells` cells; returns (array, row step, col step)."""
-    rows, cols = a.shape
-    step = max(1, int(np.ceil(np.sqrt(rows * cols / max_cells))))
-    r, c = -(-rows // step), -(-cols // step)
-    padded = np.full((r * step, c * step), np.nan)
-    padded[:rows, :cols] = a
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(padded.reshape(r, step, c, step), axis=(1, 3)), step, step
 
 
 # Overview
@@ -122,7 +112,7 @@ def value_histogram(edges: np.ndarray, counts: np.ndarray, name: str) -> go.Figu
 
 def matrix_heatmap(matrix: np.ndarray, name: str, step: int = 1, shape: tuple[int, ...] | None = None) -> go.Figure:
     """A 2-D tensor as a heatmap; `step` > 1 when each cell already is the mean of step×step entries."""
-    z, more, _ = downsample_2d(matrix.astype(np.float64))
+    z, more = block_mean(matrix.astype(np.float64), MAX_HEATMAP_CELLS)
     step *= more
     lim = float(np.nanmax(np.abs(z))) or 1.0
     note = f" (mean of {step}×{step} blocks)" if step > 1 else ""
@@ -427,38 +417,52 @@ def ablation_changes(before: np.ndarray, after: np.ndarray, actions: tuple[str, 
 
 
 def attention_grid(maps: np.ndarray, max_cells: int = MAX_HEATMAP_CELLS) -> go.Figure:
-    """Layers × heads small multiples of attention maps (L, H, S, S), one shared colour scale."""
+    """Layers × heads small multiples of attention maps (L, H, S, S), one shared colour scale.
+
+    Drawn as ONE heatmap of tiles (layer i, head h at tile row i, column h) separated by a blank row and column,
+    on categorical axes that name layer, head, query and key: 96 subplots of separate heatmaps took about a second
+    to build here and several to draw in the browser."""
     L, H, S, _ = maps.shape
     per_map = max(16, max_cells // (L * H))
-    fig = make_subplots(
-        rows=L,
-        cols=H,
-        row_titles=[f"L{i}" for i in range(L)],
-        column_titles=[f"head {h}" for h in range(H)],
-        horizontal_spacing=0.01,
-        vertical_spacing=0.01,
-    )
+    tiles = [[block_mean(maps[i, h], per_map) for h in range(H)] for i in range(L)]
+    step = tiles[0][0][1]
+    n = tiles[0][0][0].shape[0]  # tile side after downsampling
+    z = np.full((L * (n + 1) - 1, H * (n + 1) - 1), np.nan, np.float32)
     for i in range(L):
         for h in range(H):
-            z, step, _ = downsample_2d(maps[i, h], per_map)
-            fig.add_trace(
-                go.Heatmap(
-                    z=z,
-                    coloraxis="coloraxis",
-                    hovertemplate=(
-                        f"layer {i} head {h}<br>query %{{y}}, key %{{x}} (×{step})<br>p %{{z:.3f}}<extra></extra>"
-                    ),
-                ),
-                row=i + 1,
-                col=h + 1,
-            )
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False, autorange="reversed")
+            z[i * (n + 1) : i * (n + 1) + n, h * (n + 1) : h * (n + 1) + n] = tiles[i][h][0]
+    span = f"×{step} " if step > 1 else ""
+    x = [f"head {h}, key {k * step}" if k < n else f"gap {h}" for h in range(H) for k in range(n + 1)][:-1]
+    y = [f"layer {i}, query {q * step}" if q < n else f"gap {i}" for i in range(L) for q in range(n + 1)][:-1]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x,
+            y=y,
+            coloraxis="coloraxis",
+            hoverongaps=False,
+            hovertemplate=f"%{{y}} → %{{x}} {span}<br>p %{{z:.3f}}<extra></extra>",
+        )
+    )
+    mid = n // 2
+    fig.update_xaxes(
+        tickvals=[x[h * (n + 1) + mid] for h in range(H)],
+        ticktext=[f"head {h}" for h in range(H)],
+        side="top",
+        showgrid=False,
+    )
+    fig.update_yaxes(
+        tickvals=[y[i * (n + 1) + mid] for i in range(L)],
+        ticktext=[f"L{i}" for i in range(L)],
+        autorange="reversed",
+        showgrid=False,
+    )
     cmax = float(np.quantile(maps, 0.995)) or None
     fig.update_layout(
         coloraxis=dict(colorscale="Viridis", cmin=0, cmax=cmax, colorbar_title="p"),
         height=min(110 * L, 1400) + 60,
         margin=dict(l=10, r=10, t=40, b=10),
+        plot_bgcolor="white",
     )
     return fig
 
@@ -472,7 +476,7 @@ def attention_map(a: np.ndarray, title: str, zlabel: str = "attention", cap_diag
     """
     S = a.shape[0]
     zmax = float(a[~np.eye(S, dtype=bool)].max()) if cap_diagonal and S > 1 else None
-    z, step, _ = downsample_2d(a)
+    z, step = block_mean(a, MAX_HEATMAP_CELLS)
     steps = np.arange(0, S, step) - (S - 1)
     fig = go.Figure(
         go.Heatmap(
@@ -569,7 +573,7 @@ def attribution_heatmap(
     z = np.asarray(attr, dtype=np.float64).T  # (D, S)
     names, x = [plain(n) for n in feature_names], np.asarray(offsets)
     if z.size > MAX_HEATMAP_CELLS:
-        z, step, _ = downsample_2d(z)
+        z, step = block_mean(z, MAX_HEATMAP_CELLS)
         names, x = names[::step], x[::step]
     lim = float(np.nanmax(np.abs(z))) if z.size else 0.0
     fig = go.Figure(

@@ -9,6 +9,7 @@ from conftest import make_model
 from torch import nn
 
 from flag_model.analysis import attention
+from flag_model.data import spread_starts
 
 
 def window(s: int = 12, d: int = 60, seed: int = 0) -> np.ndarray:
@@ -125,10 +126,10 @@ def test_summary_equals_mean_of_single_windows():
 
 
 def test_spread_starts():
-    assert list(attention.spread_starts(20, 5, 4)) == [0, 5, 10, 15]
-    assert list(attention.spread_starts(6, 5, 10)) == [0, 1]
+    assert list(spread_starts(20, 5, 4)) == [0, 5, 10, 15]
+    assert list(spread_starts(6, 5, 10)) == [0, 1]
     with pytest.raises(ValueError, match="needs at least 30 rows"):
-        attention.spread_starts(20, 30, 4)
+        spread_starts(20, 30, 4)
 
 
 def test_deciding_query_stats_equal_direct_formulas_and_the_summary():
@@ -165,3 +166,21 @@ def test_uniform_baseline_by_direct_formulas(causal):
     last = attention.uniform_baseline(S, k, causal, query=-1)  # the last query sees every key either way
     assert last["entropy"] == pytest.approx(np.log(S)) and last["future_share"] == 0
     assert last["lookback"] == pytest.approx((S - 1) / 2)
+
+
+def test_attention_grid_is_one_heatmap_of_every_map_at_its_tile():
+    """Layers × heads drawn as one tiled heatmap: tile (layer i, head h) is maps[i, h] exactly (no downsampling at
+    this size), tiles are separated by blank cells, and the axes name layer, head, query and key."""
+    from flag_model import plots
+
+    maps = np.random.default_rng(3).dirichlet(np.ones(5), size=(3, 2, 5))  # (L=3, H=2, S=5, S=5)
+    fig = plots.attention_grid(maps)
+    assert len(fig.data) == 1
+    z, x, y = np.asarray(fig.data[0].z, float), list(fig.data[0].x), list(fig.data[0].y)
+    assert z.shape == (3 * 6 - 1, 2 * 6 - 1) == (len(y), len(x))
+    for i in range(3):
+        for h in range(2):
+            np.testing.assert_allclose(z[i * 6 : i * 6 + 5, h * 6 : h * 6 + 5], maps[i, h], rtol=1e-6)
+    assert np.isnan(z[5]).all() and np.isnan(z[:, 5]).all()
+    assert x[6 + 4] == "head 1, key 4" and y[12 + 2] == "layer 2, query 2"
+    assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "L2"]

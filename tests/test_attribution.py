@@ -10,7 +10,7 @@ import torch
 from conftest import make_model
 
 from flag_model.analysis import attribution as A
-from flag_model.data import FeatureMatrix
+from flag_model.data import FeatureMatrix, evenly_spaced
 
 S, D = 12, 60
 pytestmark = pytest.mark.filterwarnings("ignore:Setting forward, backward hooks")  # Captum, on our copy
@@ -271,10 +271,10 @@ def test_agreement_is_spearman(model, window):
 
 
 def test_evenly_spaced():
-    assert A.evenly_spaced(10, 3).tolist() == [0, 4, 9]
-    assert A.evenly_spaced(3, 10).tolist() == [0, 1, 2]
+    assert evenly_spaced(10, 3).tolist() == [0, 4, 9]
+    assert evenly_spaced(3, 10).tolist() == [0, 1, 2]
     with pytest.raises(ValueError):
-        A.evenly_spaced(0, 5)
+        evenly_spaced(0, 5)
 
 
 @pytest.mark.parametrize("method", A.METHODS)

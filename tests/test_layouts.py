@@ -20,6 +20,7 @@ from torch import nn
 from flag_model import build_model, layouts, load_checkpoint
 from flag_model.__main__ import main
 from flag_model.layouts import LAYOUTS, LayoutError, LayoutSize
+from flag_model.model import expected_shapes
 
 X = torch.randn(3, 7, 60, generator=torch.Generator().manual_seed(1))
 
@@ -44,7 +45,7 @@ def _same_tensors(a, b) -> None:
 def test_native_layout_is_the_model_state_dict(cfg):
     size = LayoutSize.from_config(cfg)
     native = layouts.native_layout(size)
-    assert list(native.items()) == list(layouts.reconstruction_shapes(cfg).items())
+    assert list(native.items()) == list(expected_shapes(cfg).items())
     if cfg.d_model == 768:  # the documented original: 343 tensors, 87,955,971 parameters
         assert len(native) == 343
         assert sum(torch.Size(s).numel() for s in native.values()) == 87_955_971 == cfg.param_count()
@@ -156,7 +157,7 @@ def test_each_fix_turns_a_broken_file_into_one_that_loads_strictly(case):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     broken = breaker(sd)
     assert not layouts.strict_load(broken).ok
-    target = layouts.reconstruction_shapes(model.config)
+    target = expected_shapes(model.config)
     fixes = layouts.suggest_fixes(broken, target)
     assert fixes, "no fix found"
     notes = layouts.explain(broken, target)
@@ -196,7 +197,7 @@ EXPECTED_RULES = {
 def test_explanations_name_the_cause(case):
     breaker, kw = BROKEN[case]
     model = make_model(**kw)
-    notes = layouts.explain(breaker(model.state_dict()), layouts.reconstruction_shapes(model.config))
+    notes = layouts.explain(breaker(model.state_dict()), expected_shapes(model.config))
     assert EXPECTED_RULES[case] <= {e.rule for e in notes}
 
 

@@ -37,8 +37,10 @@ def test_predictions_scores_a_bounded_default_and_keeps_it_for_the_session(monke
     pw._predictions.clear()  # as if other sessions had pushed this result out of the shared cache
     at.switch_page("app_pages/predictions.py").run()
     assert not at.exception and scored == [default]  # this session kept its result: nothing scored again
-    at.number_input(key="pred_last").set_value(scorable).run()  # more on request
+    score_all = next(b for b in at.button if b.label == f"Score all {int(scorable):,} bars")
+    score_all.click().run()  # more on request: every bar
     assert not at.exception and scored == [default, scorable]
+    assert at.number_input(key="pred_last").value == scorable
 
 
 def test_a_slow_attribution_shows_its_progress(monkeypatch):

@@ -108,14 +108,6 @@ def future_by_query(maps: np.ndarray) -> np.ndarray:
     return np.triu(p, k=1).sum(-1)
 
 
-def spread_starts(n_rows: int, length: int, count: int) -> np.ndarray:
-    """Start rows of `count` windows of `length` spread evenly over n_rows rows (fewer if they do not fit)."""
-    n_windows = n_rows - length + 1
-    if n_windows < 1:
-        raise ValueError(f"window length {length} needs at least {length} rows of features; there are {n_rows}.")
-    return np.unique(np.linspace(0, n_windows - 1, max(1, min(count, n_windows))).round().astype(np.int64))
-
-
 @dataclass(frozen=True)
 class AttentionSummary:
     """Statistics over many windows: `stats` per (layer, head) with the mean of each STATS column and its

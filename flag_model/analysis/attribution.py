@@ -47,7 +47,7 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
 from ..data import FeatureMatrix, stored_stats
-from ..features import action_names
+from ..features import action_names, feature_names_or_default
 from ..model import FlagTrader
 from .attention import rollout, window_attention
 
@@ -63,20 +63,6 @@ IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION = (
     "Occlusion",
     "Feature Ablation",
 )
-METHODS: tuple[str, ...] = (IG, SALIENCY, IXG, DEEPLIFT, SHAP, OCCLUSION, ABLATION)
-PATH_METHODS = frozenset({IG, SHAP})  # `steps` applies
-DELTA_METHODS = frozenset({IG, DEEPLIFT, SHAP})  # Captum returns a convergence delta
-BASELINE_METHODS = frozenset({IG, DEEPLIFT, SHAP, OCCLUSION, ABLATION})
-METHOD_NOTES = {
-    IG: "Path integral of gradients from the baseline to the window (Gauss-Legendre, `steps` points).",
-    SALIENCY: "Signed gradient of the output with respect to each input; no baseline.",
-    IXG: "Input times gradient; no baseline (an implicit all-zero reference).",
-    DEEPLIFT: "DeepLift rescale rule relative to the baseline, on a private model copy (it sets hooks).",
-    SHAP: "GradientSHAP with the baseline as reference: gradients at `steps` random points on the path "
-    "times (x − baseline); its delta is the mean over the samples. Stochastic: numbers vary between runs.",
-    OCCLUSION: "Patches of time × features set to the baseline; effect per patch spread over its cells.",
-    ABLATION: "One feature over the whole window set to the baseline; effect spread over its time steps.",
-}
 
 ZEROS, MEANS, WINDOW_MEAN, FLAT = "zeros", "feature means", "window mean", "flat market"
 BASELINES: tuple[str, ...] = (ZEROS, MEANS, WINDOW_MEAN, FLAT)
@@ -184,16 +170,7 @@ class DecisionOutput(nn.Module):
 
 def forward_rows(method: str, n_windows: int, length: int, width: int, steps: int, patch: tuple[int, int]) -> int:
     """Windows Captum passes through the model for one `_run` of `method` on n_windows windows (for progress)."""
-    if method == IG:
-        return n_windows * (steps + 2)  # the path points, then f(x) and f(baseline) for the delta
-    if method == SHAP:
-        return n_windows * steps * 3  # the samples, then f(x) and f(baseline) once per sample for the delta
-    if method == OCCLUSION:
-        p = (min(patch[0], length), min(patch[1], width))
-        return n_windows * (1 + math.ceil(length / p[0]) * math.ceil(width / p[1]))
-    if method == ABLATION:
-        return n_windows * (1 + width)
-    return n_windows * (4 if method == DEEPLIFT else 1)  # DeepLift: x with its baseline, then both for the delta
+    return METHOD_SPECS[method].rows(n_windows, length, width, steps, patch)
 
 
 def feature_means(fm: FeatureMatrix, meta: Mapping[str, object]) -> tuple[np.ndarray, str]:
@@ -246,12 +223,7 @@ def _check(model: FlagTrader, x: np.ndarray, method: str, baseline: str, output:
         raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, not {steps}")
-    if x.ndim != 3 or x.shape[-1] != cfg.state_dim:
-        raise ValueError(f"windows must be (window length, {cfg.state_dim}) features; got {x.shape[1:]}.")
-    if not 1 <= x.shape[1] <= cfg.max_length:
-        raise ValueError(f"window length {x.shape[1]} is outside 1..{cfg.max_length} (the model's max_length).")
-    if not np.isfinite(x).all():
-        raise ValueError("the window contains NaN or infinite values; clean the features first.")
+    cfg.check_windows(x.shape, bool(np.isfinite(x).all()))
 
 
 def position_of_offset(length: int, offset: int) -> int:
@@ -290,59 +262,133 @@ def _run(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Captum on a batch x (B, S, D) -> attributions (B, S, D) and per-window delta (B,) or None."""
     f = DecisionOutput(model, position, output, on_rows)
-    if method == IG:
-        return IntegratedGradients(f).attribute(
-            x,
-            base,
-            target=target,
-            n_steps=steps,
-            internal_batch_size=max(batch, x.shape[0]),
+    return METHOD_SPECS[method].run(f, x, base, target, steps, batch, patch)
+
+
+_Run = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int, int, tuple[int, int]], tuple]
+
+
+def _ig(f, x, base, target, steps, batch, patch):
+    return IntegratedGradients(f).attribute(
+        x, base, target=target, n_steps=steps, internal_batch_size=max(batch, x.shape[0]), return_convergence_delta=True
+    )
+
+
+def _shap(f, x, base, target, steps, batch, patch):
+    chunk = max(1, batch // steps)  # NoiseTunnel expands to examples x steps rows at once: chunk the examples
+    attrs, deltas = [], []
+    for i in range(0, x.shape[0], chunk):
+        a, d = GradientShap(f).attribute(
+            x[i : i + chunk],
+            base[i : i + chunk],
+            n_samples=steps,
+            target=target[i : i + chunk],
             return_convergence_delta=True,
         )
-    if method == SALIENCY:
-        return Saliency(f).attribute(x, target=target, abs=False), None
-    if method == IXG:
-        return InputXGradient(f).attribute(x, target=target), None
-    if method == DEEPLIFT:
-        return DeepLift(f).attribute(x, base, target=target, return_convergence_delta=True)
-    if method == SHAP:  # NoiseTunnel expands to examples x steps rows at once: chunk the examples
-        chunk = max(1, batch // steps)
-        attrs, deltas = [], []
-        for i in range(0, x.shape[0], chunk):
-            a, d = GradientShap(f).attribute(
-                x[i : i + chunk],
-                base[i : i + chunk],
-                n_samples=steps,
-                target=target[i : i + chunk],
-                return_convergence_delta=True,
-            )
-            attrs.append(a)
-            deltas.append(d.view(-1, steps).mean(dim=1))  # ordered by example, then sample
-        return torch.cat(attrs), torch.cat(deltas)
+        attrs.append(a)
+        deltas.append(d.view(-1, steps).mean(dim=1))  # ordered by example, then sample
+    return torch.cat(attrs), torch.cat(deltas)
+
+
+def _occlusion(f, x, base, target, steps, batch, patch):
     length, width = x.shape[1:]
-    per_eval = max(1, batch // x.shape[0])  # each perturbation is evaluated for every example
-    if method == OCCLUSION:
-        patch = (min(patch[0], length), min(patch[1], width))
-        attr = Occlusion(f).attribute(
-            x,
-            sliding_window_shapes=patch,
-            strides=patch,
-            baselines=base,
-            target=target,
-            perturbations_per_eval=per_eval,
-        )
-        return attr / torch.from_numpy(_patch_cells(length, width, patch)), None
+    patch = (min(patch[0], length), min(patch[1], width))
+    attr = Occlusion(f).attribute(
+        x,
+        sliding_window_shapes=patch,
+        strides=patch,
+        baselines=base,
+        target=target,
+        perturbations_per_eval=max(1, batch // x.shape[0]),  # each perturbation is evaluated for every example
+    )
+    return attr / torch.from_numpy(_patch_cells(length, width, patch)), None
+
+
+def _ablation(f, x, base, target, steps, batch, patch):
+    length, width = x.shape[1:]
     mask = torch.arange(width).expand(1, length, width).contiguous()  # one group per feature, whole window
     attr = FeatureAblation(f).attribute(
-        x, baselines=base, target=target, feature_mask=mask, perturbations_per_eval=per_eval
+        x, baselines=base, target=target, feature_mask=mask, perturbations_per_eval=max(1, batch // x.shape[0])
     )
     return attr / length, None
+
+
+def _occlusion_rows(n, length, width, steps, patch):
+    p = (min(patch[0], length), min(patch[1], width))
+    return n * (1 + math.ceil(length / p[0]) * math.ceil(width / p[1]))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One attribution method: what applies to it, how to run it on a batch, and its cost in model passes."""
+
+    note: str
+    run: _Run
+    rows: Callable[[int, int, int, int, tuple[int, int]], int]  # (windows, length, width, steps, patch) -> passes
+    path: bool = False  # `steps` applies (path points or samples)
+    delta: bool = False  # Captum returns a convergence delta
+    baseline: bool = True  # a baseline is used
+    private_copy: bool = False  # sets hooks: runs on a private model copy
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    IG: MethodSpec(
+        "Path integral of gradients from the baseline to the window (Gauss-Legendre, `steps` points).",
+        _ig,
+        lambda n, length, width, steps, patch: n * (steps + 2),  # path points, then f(x) and f(baseline)
+        path=True,
+        delta=True,
+    ),
+    SALIENCY: MethodSpec(
+        "Signed gradient of the output with respect to each input; no baseline.",
+        lambda f, x, base, target, *_: (Saliency(f).attribute(x, target=target, abs=False), None),
+        lambda n, *_: n,
+        baseline=False,
+    ),
+    IXG: MethodSpec(
+        "Input times gradient; no baseline (an implicit all-zero reference).",
+        lambda f, x, base, target, *_: (InputXGradient(f).attribute(x, target=target), None),
+        lambda n, *_: n,
+        baseline=False,
+    ),
+    DEEPLIFT: MethodSpec(
+        "DeepLift rescale rule relative to the baseline, on a private model copy (it sets hooks).",
+        lambda f, x, base, target, *_: DeepLift(f).attribute(x, base, target=target, return_convergence_delta=True),
+        lambda n, *_: n * 4,  # x with its baseline, then both for the delta
+        delta=True,
+        private_copy=True,
+    ),
+    SHAP: MethodSpec(
+        "GradientSHAP with the baseline as reference: gradients at `steps` random points on the path "
+        "times (x − baseline); its delta is the mean over the samples. Stochastic: numbers vary between runs.",
+        _shap,
+        lambda n, length, width, steps, patch: n * steps * 3,  # samples, then f(x) and f(baseline) per sample
+        path=True,
+        delta=True,
+    ),
+    OCCLUSION: MethodSpec(
+        "Patches of time × features set to the baseline; effect per patch spread over its cells.",
+        _occlusion,
+        _occlusion_rows,
+    ),
+    ABLATION: MethodSpec(
+        "One feature over the whole window set to the baseline; effect spread over its time steps.",
+        _ablation,
+        lambda n, length, width, steps, patch: n * (1 + width),
+    ),
+}
+# Views of the table for widgets and tests.
+METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
+PATH_METHODS = frozenset(m for m, s in METHOD_SPECS.items() if s.path)
+DELTA_METHODS = frozenset(m for m, s in METHOD_SPECS.items() if s.delta)
+BASELINE_METHODS = frozenset(m for m, s in METHOD_SPECS.items() if s.baseline)
+METHOD_NOTES = {m: s.note for m, s in METHOD_SPECS.items()}
 
 
 def _worker(model: FlagTrader, method: str) -> FlagTrader:
     """DeepLift (hooks) or a model in training mode: a fresh private eval copy. Every other method: the
     cached merged copy (see `_merged_copy`), shared read-only like the model itself."""
-    if method != DEEPLIFT and not model.training:
+    if not METHOD_SPECS[method].private_copy and not model.training:
         return _merged_copy(model)
     private = copy.deepcopy(model).eval()
     for p in private.parameters():
@@ -416,7 +462,7 @@ def attribute(
     _check(model, x_np, method, baseline, output, steps)
     length, width = x_np.shape[1:]
     pos = _position(position, length)
-    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(width))
+    names = feature_names_or_default(feature_names, width)
     if len(names) != width:
         raise ValueError(f"{len(names)} feature names for {width} features.")
     n_actions = model.config.n_actions
@@ -569,13 +615,6 @@ def rollout_importance(model: FlagTrader, window: np.ndarray, position: int = -1
     return rollout(maps)[_position(position, maps.shape[-1])]
 
 
-def evenly_spaced(n_windows: int, n: int) -> np.ndarray:
-    """Indices of min(n, n_windows) windows spread evenly over 0..n_windows-1."""
-    if n_windows < 1:
-        raise ValueError("there are no windows to sample from; use more data or a shorter window.")
-    return np.unique(np.linspace(0, n_windows - 1, min(n, n_windows)).round().astype(int))
-
-
 def global_importance(
     model: FlagTrader,
     windows: np.ndarray,
@@ -605,15 +644,14 @@ def global_importance(
     _check(model, windows[idx[:1]].astype(np.float32), method, baseline, output, steps)
     length, width = windows.shape[1:]
     pos = _position(position, length)
-    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(width))
+    names = feature_names_or_default(feature_names, width)
     totals, predicted, targets = [], [], []
     t0 = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         worker = _worker(model, method)
         for start in range(0, len(idx), batch_size):
             x_np = np.ascontiguousarray(windows[idx[start : start + batch_size]], dtype=np.float32)
-            if not np.isfinite(x_np).all():
-                raise ValueError("a window contains NaN or infinite values; clean the features first.")
+            model.config.check_windows(x_np.shape, bool(np.isfinite(x_np).all()))
             x = torch.tensor(x_np, requires_grad=True)
             base = torch.tensor(make_baseline(x_np, baseline, feature_mean))
             with torch.no_grad():

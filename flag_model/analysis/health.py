@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
+
+from ..checkpoint import nonfinite_scan
+from .tensors import init_guess
 
 _B_ZERO = 1e-8  # |lora_B| below this everywhere: the adapter has not learned
 
@@ -54,13 +56,14 @@ class Finding:
     keys: tuple[str, ...] = ()
 
 
-def _looks_like_linear_init(w: torch.Tensor) -> bool:
-    """nn.Linear's default init is U(-1/sqrt(in), 1/sqrt(in)): std 1/sqrt(3 in), no value beyond the bound."""
-    if w.dim() != 2 or w.numel() < 256:
+def _looks_like_init(key: str, w: torch.Tensor) -> bool:
+    """A cheap screen against the key's default init (analysis.tensors.init_guess, e.g. nn.Linear's U(±1/√in)):
+    entry std within 3 %, no value beyond the bound, mean near 0. The Tensor tree adds the spectrum test."""
+    guess = init_guess(key, tuple(w.shape))
+    if w.dim() != 2 or w.numel() < 256 or guess is None or guess.bound is None or guess.sigma == 0:
         return False
-    w = w.float()
-    bound = 1 / math.sqrt(w.shape[1])
-    std_ratio = w.std().item() / (bound / math.sqrt(3))
+    w, bound = w.float(), guess.bound
+    std_ratio = w.std().item() / guess.sigma
     return 0.97 < std_ratio < 1.03 and w.abs().max().item() <= bound * 1.0001 and abs(w.mean().item()) < 0.05 * bound
 
 
@@ -73,11 +76,9 @@ def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
     sd = state_dict
     out: list[Finding] = []
     floats = {k: t for k, t in sd.items() if t.is_floating_point()}
-    bad = tuple(k for k, t in floats.items() if not torch.isfinite(t).all())
+    scan = nonfinite_scan(sd)
+    bad, nan, inf, total = scan.keys, scan.nan, scan.inf, scan.elements
     if bad:
-        nan = sum(int(torch.isnan(floats[k]).sum()) for k in bad)
-        inf = sum(int(torch.isinf(floats[k]).sum()) for k in bad)
-        total = sum(floats[k].numel() for k in bad)
         out.append(
             Finding(
                 "error",
@@ -120,7 +121,7 @@ def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
         out.append(Finding("ok", "LoRA adapters", f"all {len(b_keys)} adapters have non-zero lora_B."))
     head = floats.get("action_head.weight")
     if head is not None:
-        if _looks_like_linear_init(head):
+        if _looks_like_init("action_head.weight", head):
             out.append(
                 Finding(
                     "warning",
@@ -132,7 +133,7 @@ def health_scan(state_dict: Mapping[str, torch.Tensor]) -> list[Finding]:
         else:
             out.append(Finding("ok", "action head", "action_head.weight does not look like its initialisation."))
     bases = [k for k in floats if k.endswith(".base.weight")]
-    init = tuple(k for k in bases if _looks_like_linear_init(floats[k]))
+    init = tuple(k for k in bases if _looks_like_init(k, floats[k]))
     if bases:
         share = len(init) / len(bases)
         level = "info" if share > 0.5 else "ok"

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from ..config import ModelConfig
-from ..data import DataError, FeatureMatrix, check_interval, checkpoint_features, default_window
+from ..data import DataError, FeatureMatrix, check_interval, checkpoint_features, default_window, evenly_spaced
 from ..engine import InferenceEngine, forward_flops
 from ..features import LabelRule, action_names
 from ..model import build_model
@@ -213,7 +213,7 @@ def labelled_windows(fm: FeatureMatrix, n_windows: int, longest: int, rule: Labe
             f"no labelled window: windows of {longest} rows need {longest + rule.horizon} feature rows "
             f"with prices; the data has {len(fm.values)}. Use more data or a shorter window."
         )
-    ends = np.unique(rows[np.linspace(0, len(rows) - 1, min(n_windows, len(rows))).round().astype(np.int64)])
+    ends = np.unique(rows[evenly_spaced(len(rows), n_windows)])
     return LabelledData(fm.values, ends, labels[ends], fm.times[ends], rule, fm.normalisation, fm.warnings)
 
 
@@ -636,7 +636,7 @@ def rank_hypotheses(
         final = score_hypotheses(state_dict, cfg, hyps, data, np.arange(n), "exact", progress, cancel, 0, total, device)
         ranking = rank_scores(final, data, resamples=resamples, level=level, seed=seed)
     else:
-        sidx = np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
+        sidx = evenly_spaced(n, m)
         first = score_hypotheses(
             state_dict, cfg, hyps, data, sidx, screen_precision, progress, cancel, 0, total, device
         )

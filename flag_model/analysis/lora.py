@@ -18,7 +18,7 @@ import torch
 
 from ..config import BLOCK_LINEARS, SHORT_NAMES
 from ..features import action_names
-from ..model import FlagTrader, LoRALinear
+from ..model import FlagTrader, LoRALinear, lora_delta
 
 # Column -> label of every metric the heatmap can show.
 METRICS: dict[str, str] = {
@@ -226,7 +226,7 @@ def spectra(model: FlagTrader, path: str) -> pd.DataFrame:
         raise ValueError(f"{path} has no LoRA adapter; choose one of the adapted modules.")
     with torch.inference_mode():
         W = lin.base.weight.detach().float()
-        delta = lin.scale * (lin.lora.lora_A @ lin.lora.lora_B).T
+        delta = lora_delta(lin.lora.lora_A, lin.lora.lora_B, lin.scale)
         n = min(W.shape)
         nan = np.full(n, np.nan)  # non-finite weights have no spectrum (the SVD fails or means nothing)
         finite_delta = _finite(lin.lora.lora_A, lin.lora.lora_B) and math.isfinite(lin.scale)

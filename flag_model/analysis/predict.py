@@ -33,6 +33,7 @@ from ..data import (
     horizon_text,
     prepare_ohlcv,
     rolling_windows,
+    too_few_rows,
 )
 from ..engine import InferenceEngine, Progress
 from ..features import LabelRule, action_names, compute_labels
@@ -523,7 +524,4 @@ def stream_predictions(
     if out is not None:
         yield out
     elif runner.start == 0:
-        raise DataError(
-            f"too few rows: window {window} needs at least {window} rows of features "
-            f"({window + WARMUP} bars); the file has fewer."
-        )
+        raise DataError(too_few_rows(window, None, WARMUP))

@@ -372,16 +372,16 @@ class TensorDetail:
     spectrum: SpectrumCheck | None
 
 
-def block_mean(x: torch.Tensor, max_cells: int) -> tuple[np.ndarray, int]:
-    """Average square blocks of a 2-D tensor so that at most `max_cells` remain; -> (array, block side)."""
-    rows, cols = x.shape
+def block_mean(a: np.ndarray, max_cells: int) -> tuple[np.ndarray, int]:
+    """(r, c) float64: square blocks of a 2-D array averaged (NaNs ignored; edge blocks partial) so that at most
+    `max_cells` remain, and the block side. The one downsampler of every heatmap."""
+    rows, cols = a.shape
     step = max(1, math.ceil(math.sqrt(rows * cols / max_cells)))
-    if step == 1:
-        return x.numpy(), 1
     r, c = -(-rows // step), -(-cols // step)
-    padded = torch.full((r * step, c * step), float("nan"))
-    padded[:rows, :cols] = x
-    return padded.reshape(r, step, c, step).nanmean(dim=(1, 3)).numpy(), step
+    padded = np.full((r * step, c * step), np.nan)
+    padded[:rows, :cols] = a
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(padded.reshape(r, step, c, step), axis=(1, 3)), step
 
 
 def tensor_detail(name: str, t: torch.Tensor, bins: int = 60, max_cells: int = 250_000) -> TensorDetail:
@@ -397,7 +397,7 @@ def tensor_detail(name: str, t: torch.Tensor, bins: int = 60, max_cells: int = 2
         edges = np.linspace(lo, hi, bins + 1)
     else:
         counts, edges = np.zeros(0), np.zeros(1)
-    matrix, step = block_mean(x.reshape(-1, x.shape[-1]), max_cells) if x.dim() >= 2 else (None, 1)
+    matrix, step = block_mean(x.reshape(-1, x.shape[-1]).numpy(), max_cells) if x.dim() >= 2 else (None, 1)
     return TensorDetail(name, tensor_role(name), tuple(t.shape), edges, counts, matrix, step, spectrum_check(name, t))
 
 

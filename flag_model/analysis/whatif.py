@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..features import action_names
+from ..features import action_names, feature_names_or_default
 from ..model import FlagTrader
 from .lora import decision_probs
 
@@ -141,13 +141,7 @@ class FlipResult:
 
 def _window(window: np.ndarray, model: FlagTrader) -> np.ndarray:
     w = np.array(window, dtype=np.float32)  # a private copy
-    cfg = model.config
-    if w.ndim != 2 or w.shape[1] != cfg.state_dim:
-        raise ValueError(f"a window must be (steps, {cfg.state_dim}) features; got {w.shape}.")
-    if not 1 <= len(w) <= cfg.max_length:
-        raise ValueError(f"window length {len(w)} is outside 1..{cfg.max_length} (the model's max_length).")
-    if not np.isfinite(w).all():
-        raise ValueError("the window contains NaN or infinite values; clean the features first.")
+    model.config.check_windows((1, *w.shape), bool(np.isfinite(w).all()))
     return w
 
 
@@ -273,7 +267,7 @@ def _result(
             "no edit within the budget made the model decide the target: shown is the closest attempt; "
             "allow more features, more steps or a larger budget."
         )
-    names = tuple(feature_names) if feature_names is not None else tuple(f"f{i}" for i in range(w.shape[1]))
+    names = feature_names_or_default(feature_names, w.shape[1])
     probs = torch.from_numpy(logits).softmax(-1).numpy()
     return FlipResult(
         method,

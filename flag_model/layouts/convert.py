@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import BLOCK_LINEARS, DEFAULT_HEADS, ConfigError, ModelConfig, infer_config
-from ..model import FlagTrader
+from ..config import BLOCK_LINEARS, ConfigError, ModelConfig, fallback_heads, infer_config
+from ..model import FlagTrader, expected_shapes
 from .diff import KeyDiff, diff_keys
 from .families import FAMILIES, LayoutSize
 from .families import native as native_family
@@ -21,14 +21,6 @@ from .families.stock import expected as stock_expected
 from .fixes import Fix, _native_to_stock, apply_fixes, merge_lora, suggest_fixes
 from .keys import LayoutError, Shape, meta_like
 from .recognize import CLOSE, GOOD, Recognition, recognise
-
-
-def reconstruction_shapes(cfg: ModelConfig) -> dict[str, Shape]:
-    """Keys and shapes of FlagTrader(cfg).state_dict(), built on the meta device (no memory for weights)."""
-    from .keys import shapes_of
-
-    with torch.device("meta"):
-        return shapes_of(FlagTrader(cfg).state_dict())
 
 
 @dataclass(frozen=True)
@@ -432,7 +424,7 @@ def resize_config(
         return cfg
     mods = {t.split(".", 2)[2] for t in cfg.lora_targets}
     targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(n) for m in BLOCK_LINEARS if m in mods)
-    heads = cfg.num_heads if d % cfg.num_heads == 0 else max(h for h in range(1, DEFAULT_HEADS + 1) if d % h == 0)
+    heads = fallback_heads(d, cfg.num_heads)
     prov = {**cfg.provenance, **{k: "set by user (what another loader assumed)" for k in changed}}
     return replace(cfg, n_blocks=n, d_model=d, ffn_dim=f, lora_targets=targets, num_heads=heads, provenance=prov)
 
@@ -471,7 +463,7 @@ def target_shapes(
     if target == "reconstruction":
         cfg, how = reconstruction_config(cfg, sd, rec)
         cfg = resize_config(cfg, **sizes)
-        return reconstruction_shapes(cfg), (
+        return expected_shapes(cfg), (
             f"FlagTrader with {cfg.n_blocks} blocks, d={cfg.d_model}, F={cfg.ffn_dim}, LoRA rank {cfg.lora_rank} on "
             f"{len(cfg.lora_targets)} modules — {how}"
         )
@@ -519,7 +511,6 @@ __all__ = [
     "infer_sizes",
     "native_layout",
     "reconstruction_config",
-    "reconstruction_shapes",
     "resize_config",
     "stock_layout",
     "stock_reload_check",

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..model import merge_weight
 from .diff import diff_keys
 from .keys import LayoutError, Shape, has, meta_like, shapes_of
 
@@ -252,9 +253,7 @@ def merge_lora(sd: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.
         m = re.match(r"^(.*)\.base\.weight$", k)
         a, b = (sd.get(f"{m.group(1)}.lora.lora_A"), sd.get(f"{m.group(1)}.lora.lora_B")) if m else (None, None)
         if a is not None and b is not None:
-            # float32 (or wider) so a half-precision file does not lose the small update
-            work = torch.promote_types(v.dtype, torch.float32)
-            v = (v.to(work) + scale * (a.to(work) @ b.to(work)).T).to(v.dtype)
+            v = merge_weight(v, a, b, scale)
         out[k] = v
     return out
 

@@ -10,7 +10,7 @@ import streamlit as st
 
 from .. import plots
 from ..analysis import attribution as attr
-from ..data import rolling_windows
+from ..data import evenly_spaced, rolling_windows
 from . import LazyProgress, int_slider
 from .session import bounded, keep
 
@@ -62,7 +62,7 @@ def global_importance(
     result = attr.global_importance(
         _model,
         windows,
-        attr.evenly_spaced(len(windows), count),
+        evenly_spaced(len(windows), count),
         method,
         feature_mean=_means,
         feature_names=_names,

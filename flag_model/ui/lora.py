@@ -8,10 +8,9 @@ import streamlit as st
 
 from .. import plots
 from ..analysis import lora
-from ..analysis.attention import spread_starts
 from ..checkpoint import Checkpoint
 from ..config import SHORT_NAMES, ModelConfig
-from ..data import rolling_windows
+from ..data import rolling_windows, spread_starts
 from .session import bounded, subset, window_length
 
 

@@ -50,7 +50,15 @@ from ..data import (
     read_table,
 )
 from ..engine import InferenceEngine
-from ..features import SIMPLE60_NAMES, WARMUP, LabelRule, compute_features, feature_help, simple60_reference
+from ..features import (
+    OHLCV_COLUMNS,
+    SIMPLE60_NAMES,
+    WARMUP,
+    LabelRule,
+    compute_features,
+    feature_help,
+    simple60_reference,
+)
 from ..model import FlagTrader
 from ..server_paths import ServerPathError
 from . import data_tag, download_table, md_escape, server_path_input, upload_limit_note
@@ -59,8 +67,8 @@ from .session import bounded, keep
 UPLOAD_KEY = "pred_upload"
 _KEPT_UPLOAD = "_flag_kept_market_upload"  # (name, bytes) of this session's uploaded market data
 KINDS = ("OHLCV bars (simple-60 features)", "Precomputed feature columns")
-QUICK_SECONDS = 1.5  # the default scores what this machine does in about this long, so the page opens in ~3 s
-QUICK_BARS = (200, 5_000)  # ...but never fewer or more bars than these
+QUICK_SECONDS = 1.0  # the default scores what the probe says this machine does in about this long (load included)
+QUICK_BARS = (50, 5_000)  # ...but never fewer or more bars than these (a floor of 200 took 5+ s under load)
 BARS_HELP = (
     f"By default what this machine scores in about {QUICK_SECONDS:g} s; raise it to score more history "
     "(up to all {scorable:,}, with a progress bar)."
@@ -145,7 +153,7 @@ def mapping_widgets(
         kind = st.radio("Input", KINDS, index=0, horizontal=True, key=keep(f"pred_kind_{tag}"))
         roles = {}
         cols = st.columns(6)
-        for i, role in enumerate(("time", "open", "high", "low", "close", "volume")):
+        for i, role in enumerate(("time", *OHLCV_COLUMNS)):
             guess = getattr(detected, role)
             roles[role] = cols[i].selectbox(
                 role,
@@ -231,10 +239,10 @@ def engine(digest: str, assumptions: tuple, precision: str, _model: FlagTrader) 
 def _bars_per_second(
     digest: str, assumptions: tuple, precision: str, window: int, mode: str, _engine: InferenceEngine
 ) -> float:
-    """Bars this engine scores per second at this window and mode, timed once per process on 16 windows."""
-    probe = np.zeros((16, window, _engine.config.state_dim), np.float32)
+    """Bars this engine scores per second at this window and mode, timed once per process on 8 windows."""
+    probe = np.zeros((8, window, _engine.config.state_dim), np.float32)
     last_only = mode == "rolling"
-    _engine.run(probe[:2], last_only)  # the first call pays one-time kernel set-up
+    _engine.run(probe[:1], last_only)  # the first call pays one-time kernel set-up
     start = time.perf_counter()
     _engine.run(probe, last_only)
     return len(probe) * (1 if last_only else window) / max(time.perf_counter() - start, 1e-6)
@@ -246,8 +254,27 @@ def quick_bars(
     """The default number of most recent bars to score: about QUICK_SECONDS of work on this machine, in
     hundreds, within QUICK_BARS and at most `scorable`."""
     rate = _bars_per_second(digest, assumptions, precision, window, mode, engine)
-    bars = int(rate * QUICK_SECONDS) // 100 * 100
+    bars = int(rate * QUICK_SECONDS)
+    bars = bars // 100 * 100 if bars >= 200 else bars // 10 * 10
     return max(1, min(scorable, max(QUICK_BARS[0], min(QUICK_BARS[1], bars))))
+
+
+def bars_to_score(data_key: str, scorable: int, quick: int) -> int:
+    """The "Bars to score" input (default `quick`, kept until the data changes) and a button that asks for every
+    scorable bar (scored with a progress bar, then kept for the session like any result)."""
+    key = bounded("pred_last", 1, scorable, quick, data_key)
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    last = c1.number_input(
+        "Bars to score (the most recent)", 1, scorable, step=100, key=key, help=BARS_HELP.format(scorable=scorable)
+    )
+    c2.button(
+        f"Score all {scorable:,} bars",
+        on_click=st.session_state.__setitem__,
+        args=(key, scorable),
+        disabled=last >= scorable,
+        help="the whole history; a progress bar shows how far it is",
+    )
+    return int(last)
 
 
 @st.cache_data(max_entries=6, show_spinner=False)
@@ -443,9 +470,11 @@ def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> No
     download with their timestamps, and what each simple-60 feature is (quirks included)."""
     with st.expander("Feature matrix: view and download"):
         ohlcv = not prepared.feature_columns
-        views = ((f"{fm.feature_set} as computed (raw)",) if ohlcv else ()) + ("model input (normalised, padded)",)
+        # The model input first: it is at hand, while the raw view computes the features once more (a second or
+        # more on the demo market), which only someone who opens it should wait for.
+        views = ("model input (normalised, padded)",) + ((f"{fm.feature_set} as computed (raw)",) if ohlcv else ())
         view = st.radio("Matrix", views, horizontal=True, key=keep("pred_fm_view"))
-        if view == views[0] and ohlcv:
+        if view != views[0]:
             table = _raw_features(prep_key, fm.feature_set, prepared.frame)
         else:
             table = pd.DataFrame(fm.values, columns=list(fm.names))
@@ -460,7 +489,7 @@ def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> No
             help_of = {n: feature_help(i) for i, n in enumerate(SIMPLE60_NAMES)}
             config = {c: st.column_config.NumberColumn(help=help_of[c]) for c in table.columns if c in help_of}
             st.dataframe(table.tail(SHOWN_ROWS), column_config=config, hide_index=True, width="stretch")
-            stem = "features_raw" if view == views[0] and ohlcv else "features_model_input"
+            stem = "features_raw" if view != views[0] else "features_model_input"
             download_table(table, stem, key="pred_fm_dl", label="Feature matrix as")
         with reference:
             st.dataframe(simple60_reference(), hide_index=True, width="stretch")

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import BLOCK_LINEARS
+from ...config import BLOCK_LINEARS, linear_shapes
 from ..keys import LayoutError, Shape, find, indices, lin, norm
 from .base import LayoutSize, lora_rank_of, need, positional, stored_heads
 
@@ -94,14 +94,7 @@ def expected(naming: Naming, s: LayoutSize) -> dict[str, Shape]:
     root, adapter = s.get("prefix", naming.default_prefix), s.get("adapter", "")
     d, f, r = s.d_model, s.ffn_dim, s.lora_rank
     targets = set(s.native_targets())
-    dims = {
-        "attention.q_proj": (d, d),
-        "attention.k_proj": (d, d),
-        "attention.v_proj": (d, d),
-        "attention.out_proj": (d, d),
-        "ffn.0": (d, f),
-        "ffn.3": (f, d),
-    }
+    dims = linear_shapes(d, f)
     out: dict[str, Shape] = {}
     if s.max_length:
         out[f"{root}pos_embedding"] = (1, s.max_length, d)

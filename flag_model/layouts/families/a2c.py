@@ -8,22 +8,20 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..keys import LayoutError, Shape, find, indices, lin, norm
-from .base import Family, LayoutSize, mha, need, positional, sequential, sequential_keys, stored_heads
+from ..keys import Shape, lin, norm
+from .base import Family, LayoutSize, mha, positional, read_trunk, sequential, sequential_keys, stored_heads
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
-    emb = need(find(shapes, r"^(.*?)encoder\.input_proj\.0\.weight$", lambda s: len(s) == 2), "encoder.input_proj.0")
-    root = emb[2].group(1)
-    (d, state_dim), prov = emb[1], {}
-    prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, input_dim]"
-    blocks = indices(shapes, rf"^{re.escape(root)}encoder\.transformer_blocks\.(\d+)\.")
-    if not blocks:
-        raise LayoutError("no encoder.transformer_blocks.N keys")
-    prov["n_blocks"] = f"{len(blocks)} distinct encoder.transformer_blocks.N indices"
-    hit = find(shapes, r"transformer_blocks\.\d+\.ff\.0\.weight$", lambda s: len(s) == 2)
-    ffn = hit[1][0] if hit else 4 * d
-    prov["ffn_dim"] = f"{hit[0]} {list(hit[1])} = [F, d]" if hit else "default 4·d"
+    t = read_trunk(
+        shapes,
+        r"encoder\.input_proj\.0\.weight",
+        "encoder.input_proj.0",
+        "input_dim",
+        "encoder.transformer_blocks",
+        r"ff\.0\.weight",
+    )
+    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}encoder\.pos_encoding\.pe$", d)
     actor = sequential(shapes, f"{root}actor.network.")
     critic = sequential(shapes, f"{root}critic.network.")

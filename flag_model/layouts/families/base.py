@@ -8,11 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...config import BLOCK_LINEARS, DEFAULT_HEADS, ModelConfig
-from ..keys import LayoutError, Shape, lin, norm
-
-# Names a stored config uses for the head count (training code varied).
-HEAD_NAMES = ("num_heads", "n_heads", "nhead", "n_head", "heads", "num_attention_heads")
+from ...config import BLOCK_LINEARS, DEFAULT_HEADS, STORED_HEADS, ModelConfig, fallback_heads
+from ..keys import LayoutError, Shape, find, indices, lin, norm
 
 
 @dataclass(frozen=True)
@@ -61,9 +58,7 @@ class LayoutSize:
 
     def to_config(self, num_heads: int | None = None, **assumptions: Any) -> ModelConfig:
         """A ModelConfig at these sizes; heads: given, else stored, else 8, falling back to a divisor of d."""
-        heads = num_heads or self.num_heads or DEFAULT_HEADS
-        if self.d_model % heads:
-            heads = max(h for h in range(1, min(self.d_model, DEFAULT_HEADS) + 1) if self.d_model % h == 0)
+        heads = fallback_heads(self.d_model, num_heads or self.num_heads or DEFAULT_HEADS)
         return ModelConfig(
             self.n_blocks,
             self.d_model,
@@ -141,11 +136,45 @@ class Family:
 
 def stored_heads(stored: Mapping[str, Any] | None) -> tuple[int | None, str]:
     """Head count from a stored config (or the saved dict's own top-level values) and where it came from."""
-    for n in HEAD_NAMES:
+    for n in STORED_HEADS:
         v = (stored or {}).get(n)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v, f"stored config['{n}']"
     return None, "not stored (not recoverable from weights)"
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """What every encoder family reads the same way: the input embedding [d, inputs] (and the prefix in front of
+    it), the block indices and the FFN width, with provenance."""
+
+    root: str
+    d_model: int
+    state_dim: int
+    blocks: tuple[int, ...]
+    ffn_dim: int
+    provenance: dict[str, str]
+
+
+def read_trunk(
+    shapes: Mapping[str, Shape], embed: str, what: str, inputs: str, blocks: str, ffn: str, ffn_under_root: bool = False
+) -> Trunk:
+    """`embed`: regex of the embedding weight key after the prefix; `what` names it in errors; `inputs` names its
+    second dimension; `blocks`: the block stem before `.N.` (literal); `ffn`: regex of the first FFN weight after
+    `.N.`, searched anywhere (or only under the prefix with `ffn_under_root`)."""
+    emb = need(find(shapes, rf"^(.*?){embed}$", lambda s: len(s) == 2), what)
+    root = emb[2].group(1)
+    (d, state_dim), prov = emb[1], {}
+    prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, {inputs}]"
+    stem = re.escape(blocks)
+    found = indices(shapes, rf"^{re.escape(root)}{stem}\.(\d+)\.")
+    if not found:
+        raise LayoutError(f"no {blocks}.N keys")
+    prov["n_blocks"] = f"{len(found)} distinct {blocks}.N indices"
+    anchor = f"^{re.escape(root)}" if ffn_under_root else ""
+    hit = find(shapes, rf"{anchor}{stem}\.\d+\.{ffn}$", lambda s: len(s) == 2)
+    prov["ffn_dim"] = f"{hit[0]} {list(hit[1])} = [F, d]" if hit else "default 4·d"
+    return Trunk(root, d, state_dim, tuple(found), hit[1][0] if hit else 4 * d, prov)
 
 
 def need(hit: Any, what: str) -> Any:

@@ -8,22 +8,21 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..keys import LayoutError, Shape, find, indices, lin, norm
-from .base import Family, LayoutSize, mha, need, positional, sequential, sequential_keys, stored_heads
+from ..keys import Shape, find, lin, norm
+from .base import Family, LayoutSize, mha, positional, read_trunk, sequential, sequential_keys, stored_heads
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
-    emb = need(find(shapes, r"^(.*?)state_encoder\.weight$", lambda s: len(s) == 2), "state_encoder.weight")
-    dt = emb[2].group(1)
-    (d, state_dim), prov = emb[1], {}
-    prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, state_dim]"
-    blocks = indices(shapes, rf"^{re.escape(dt)}transformer_blocks\.(\d+)\.")
-    if not blocks:
-        raise LayoutError("no transformer_blocks.N keys")
-    prov["n_blocks"] = f"{len(blocks)} distinct transformer_blocks.N indices"
-    hit = find(shapes, rf"^{re.escape(dt)}transformer_blocks\.\d+\.ffn\.0\.weight$", lambda s: len(s) == 2)
-    ffn = hit[1][0] if hit else 4 * d
-    prov["ffn_dim"] = f"{hit[0]} {list(hit[1])} = [F, d]" if hit else "default 4·d"
+    t = read_trunk(
+        shapes,
+        r"state_encoder\.weight",
+        "state_encoder.weight",
+        "state_dim",
+        "transformer_blocks",
+        r"ffn\.0\.weight",
+        True,
+    )
+    dt, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
     act = find(shapes, rf"^{re.escape(dt)}action_encoder\.weight$", lambda s: len(s) == 2)
     actions = act[1][0] if act else 3
     prov["n_actions"] = f"{act[0]} {list(act[1])} = [actions, d]" if act else "default 3"

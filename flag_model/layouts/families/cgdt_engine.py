@@ -9,22 +9,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..keys import LayoutError, Shape, find, indices, lin, norm
-from .base import Family, LayoutSize, need, positional, stored_heads
+from ..keys import Shape, find, lin, norm
+from .base import Family, LayoutSize, positional, read_trunk, stored_heads
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
-    emb = need(find(shapes, r"^(.*?)state_embed\.weight$", lambda s: len(s) == 2), "state_embed.weight")
-    root = emb[2].group(1)
-    (d, state_dim), prov = emb[1], {}
-    prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, state_dim]"
-    blocks = indices(shapes, rf"^{re.escape(root)}blocks\.(\d+)\.")
-    if not blocks:
-        raise LayoutError("no blocks.N keys")
-    prov["n_blocks"] = f"{len(blocks)} distinct blocks.N indices"
-    hit = find(shapes, r"blocks\.\d+\.mlp\.0\.weight$", lambda s: len(s) == 2)
-    ffn = hit[1][0] if hit else 4 * d
-    prov["ffn_dim"] = f"{hit[0]} {list(hit[1])} = [F, d]" if hit else "default 4·d"
+    t = read_trunk(shapes, r"state_embed\.weight", "state_embed.weight", "state_dim", "blocks", r"mlp\.0\.weight")
+    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}pos_embed$", d)
     head = find(shapes, rf"^{re.escape(root)}action_head\.weight$", lambda s: len(s) == 2)
     actions = head[1][0] if head else 3

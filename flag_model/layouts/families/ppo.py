@@ -8,23 +8,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..keys import LayoutError, Shape, find, indices, lin
-from .base import Family, LayoutSize, need, positional, sequential, sequential_keys, stored_heads
+from ..keys import Shape, find, lin
+from .base import Family, LayoutSize, positional, read_trunk, sequential, sequential_keys, stored_heads
 from .stock import stock_block
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
-    emb = need(find(shapes, r"^(.*?)feature_proj\.weight$", lambda s: len(s) == 2), "feature_proj.weight")
-    root = emb[2].group(1)
-    (d, state_dim), prov = emb[1], {}
-    prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, feature_dim]"
-    blocks = indices(shapes, rf"^{re.escape(root)}transformer\.layers\.(\d+)\.")
-    if not blocks:
-        raise LayoutError("no transformer.layers.N keys")
-    prov["n_blocks"] = f"{len(blocks)} distinct transformer.layers.N indices"
-    hit = find(shapes, r"transformer\.layers\.\d+\.linear1\.weight$", lambda s: len(s) == 2)
-    ffn = hit[1][0] if hit else 4 * d
-    prov["ffn_dim"] = f"{hit[0]} {list(hit[1])} = [F, d]" if hit else "default 4·d"
+    t = read_trunk(
+        shapes, r"feature_proj\.weight", "feature_proj.weight", "feature_dim", "transformer.layers", r"linear1\.weight"
+    )
+    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}pos_encoding$", d)
     reg = find(shapes, rf"^{re.escape(root)}regime_embed\.weight$", lambda s: len(s) == 2)
     regimes = reg[1][0] if reg else 0

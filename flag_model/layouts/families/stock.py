@@ -7,8 +7,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..keys import LayoutError, Shape, find, indices, lin, norm
-from .base import Family, LayoutSize, mha, need, positional, stored_heads
+from ..keys import Shape, find, lin, norm
+from .base import Family, LayoutSize, mha, positional, read_trunk, stored_heads
 
 
 def stock_block(p: str, d: int, f: int) -> dict[str, Shape]:
@@ -23,17 +23,10 @@ def stock_block(p: str, d: int, f: int) -> dict[str, Shape]:
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
-    emb = need(find(shapes, r"^(.*?)state_embedding\.weight$", lambda s: len(s) == 2), "state_embedding.weight")
-    root = emb[2].group(1)
-    (d, state_dim), prov = emb[1], {}
-    prov["d_model"] = prov["state_dim"] = f"{emb[0]} {list(emb[1])} = [d, state_dim]"
-    blocks = indices(shapes, rf"^{re.escape(root)}encoder\.layers\.(\d+)\.")
-    if not blocks:
-        raise LayoutError("no encoder.layers.N keys")
-    prov["n_blocks"] = f"{len(blocks)} distinct encoder.layers.N indices"
-    hit = find(shapes, r"encoder\.layers\.\d+\.linear1\.weight$", lambda s: len(s) == 2)
-    ffn = hit[1][0] if hit else 4 * d
-    prov["ffn_dim"] = f"{hit[0]} {list(hit[1])} = [F, d]" if hit else "default 4·d"
+    t = read_trunk(
+        shapes, r"state_embedding\.weight", "state_embedding.weight", "state_dim", "encoder.layers", r"linear1\.weight"
+    )
+    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}pos_embedding$", d)
     head = find(shapes, rf"^{re.escape(root)}action_head\.weight$", lambda s: len(s) == 2)
     actions = head[1][0] if head else 3
