@@ -12,7 +12,7 @@ from flag_model.ui.session import bounded, choice, window_by_time
 st.title("Attention")
 ckpt, model = ui.require_model()
 cfg = model.config  # with the sidebar's assumptions
-assumptions = (cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
+assumptions = cfg.assumption_key
 
 
 @st.cache_data(max_entries=16, show_spinner="Computing attention maps…")
@@ -37,8 +37,6 @@ st.info(
     f"**{'pre' if cfg.norm_first else 'post'}-norm** · LoRA scale **{cfg.lora_scale:g}**."
 )
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
-for w in fm.warnings:
-    st.warning(ui.md_escape(w))
 n = len(fm.values)
 c1, c2 = st.columns([1, 3])
 length = ui.window_length(c1, ckpt.meta, cfg.max_length, n, "attn_length")
@@ -63,7 +61,7 @@ with zoom_tab:
     head = z2.selectbox(
         "Head", ["mean of heads", *range(H)], key=choice("attn_head", ["mean of heads", *range(H)], "mean of heads")
     )
-    a = wa.maps[layer].mean(0) if head == "mean of heads" else wa.maps[layer, head]
+    a = attention.head_map(wa.maps, layer, None if head == "mean of heads" else head)
     st.plotly_chart(plots.attention_map(a, f"layer {layer}, {head if isinstance(head, str) else f'head {head}'}"))
     st.caption(
         "Cells right of the dashed diagonal are attention on later bars — information the model would "
@@ -84,7 +82,7 @@ with stat_tab:
         "k for the share on the last k steps", 1, length, key=bounded("attn_last_k", 1, length, min(8, length))
     )
     stats = {q: attention.head_stats(wa.maps, last_k, None if q == "all" else -1) for q in ("all", "deciding")}
-    show_stats(stats, attention.future_by_query(wa.maps).mean(1), last_k, length, cfg.causal, "one")
+    show_stats(stats, attention.future_by_layer(wa.maps), last_k, length, cfg.causal, "one")
 with many_tab:
     count = st.slider("Windows (spread evenly over the data)", 8, 1024, step=8, key=bounded("attn_count", 8, 1024, 64))
     starts = tuple(int(s) for s in spread_starts(n, length, count))

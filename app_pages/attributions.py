@@ -12,10 +12,8 @@ from flag_model.ui.session import bounded, keep, window_by_time
 st.title("Attributions")
 ckpt, model = ui.require_model()
 cfg = model.config  # with the sidebar's assumptions
-model_key = (ckpt.digest, cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
+model_key = (ckpt.digest, *cfg.assumption_key)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
-for w in fm.warnings:
-    st.warning(ui.md_escape(w))
 means, means_note = attr.feature_means(fm, ckpt.meta)
 actions = action_names(cfg.n_actions)
 n = len(fm.values)

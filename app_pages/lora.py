@@ -59,11 +59,10 @@ st.subheader("Singular value spectra of one adapter")
 paths = list(metrics["path"])
 ul.follow_click(event, metrics, "lora_cell")
 path = st.selectbox("Adapter", paths, key=keep("lora_cell"))
-row = metrics.set_index("path").loc[path]
 st.plotly_chart(
     plots.lora_spectra(
         _spectra(ckpt.digest, cfg.lora_scale, path, model),
-        f"{path}  ({row['d_out']}×{row['d_in']}, rank {row['rank']})",
+        lora.adapter_title(metrics, path),
     )
 )
 st.caption(

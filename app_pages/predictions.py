@@ -12,7 +12,7 @@ from flag_model.ui.session import MarketData, bounded, set_market
 st.title("Predictions")
 ckpt, model = ui.require_model()
 cfg = model.config  # with the sidebar's assumptions
-assumptions = (cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
+assumptions = cfg.assumption_key
 
 source = pw.data_source()
 if source is None:

@@ -37,11 +37,8 @@ def _diff(digest_a: str, digest_b: str, _a, _b):
 
 
 stats = _stats(ckpt.digest, ckpt.state_dict)
-c = st.columns(4)
-c[0].metric("Tensors", f"{len(stats):,}")
-c[1].metric("Elements", f"{int(stats['elements'].sum()):,}")
-c[2].metric("NaN / Inf", f"{int(stats['nonfinite'].sum()):,}")
-c[3].metric("All-zero tensors", int((stats["zeros_share"] == 1).sum()))
+for col, (label, count) in zip(st.columns(4), tensors.stats_totals(stats).items()):
+    col.metric(label, f"{count:,}")
 
 stat = st.selectbox("Colour by", list(STAT_LABELS), format_func=STAT_LABELS.__getitem__, key=keep("tensors_color"))
 st.plotly_chart(plots.tensor_treemap(tensors.tensor_tree(stats, stat), STAT_LABELS[stat]), width="stretch")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -59,12 +59,8 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild the model.
-
-    Shape fields are inferred from tensors; `num_heads`, `lora_scale`, `norm_first` and `causal` are
-    assumptions. `provenance` maps each field name to where its value came from.
-    """
+class Sizes:
+    """The sizes read from tensor shapes, shared by the model's config and every layout family's sizes."""
 
     n_blocks: int
     d_model: int
@@ -73,6 +69,19 @@ class ModelConfig:
     n_actions: int
     max_length: int
     lora_rank: int
+
+
+SIZE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Sizes))
+
+
+@dataclass(frozen=True)
+class ModelConfig(Sizes):
+    """Everything needed to rebuild the model.
+
+    Shape fields (Sizes) are inferred from tensors; `num_heads`, `lora_scale`, `norm_first` and `causal` are
+    assumptions. `provenance` maps each field name to where its value came from.
+    """
+
     lora_targets: tuple[str, ...]  # full module paths carrying LoRA, e.g. "transformer_blocks.0.ffn.0"
     num_heads: int = DEFAULT_HEADS
     lora_scale: float = DEFAULT_LORA_SCALE
@@ -102,6 +111,11 @@ class ModelConfig:
             raise ValueError(f"window length {shape[1]} is outside 1..{self.max_length} (the model's max_length).")
         if not finite:
             raise ValueError("the window contains NaN or infinite values; clean the features first.")
+
+    @property
+    def assumption_key(self) -> tuple[int, float, bool, bool]:
+        """(num_heads, lora_scale, norm_first, causal): what a cached result depends on besides the file."""
+        return (self.num_heads, self.lora_scale, self.norm_first, self.causal)
 
     @property
     def head_dim(self) -> int:

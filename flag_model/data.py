@@ -1048,8 +1048,10 @@ def drift_table(fm: FeatureMatrix, meta: Mapping[str, Any]) -> pd.DataFrame:
 
 def rolling_windows(values: np.ndarray, length: int, stride: int = 1) -> np.ndarray:
     """(n, d) -> read-only view (n_windows, length, d); window i covers rows i*stride .. i*stride+length-1."""
-    if length < 1 or length > len(values):
-        raise ValueError(f"window length {length} needs at least {length} rows of features; there are {len(values)}.")
+    if length < 1:
+        raise ValueError(f"window length must be at least 1, not {length}.")
+    if length > len(values):
+        raise ValueError(too_few_rows(length, len(values)))
     view = np.lib.stride_tricks.sliding_window_view(values, length, axis=0)  # (n-length+1, d, length)
     return view.transpose(0, 2, 1)[::stride]  # (n_windows, length, d)
 

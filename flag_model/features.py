@@ -33,6 +33,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 ACTIONS: tuple[str, ...] = ("SELL", "HOLD", "BUY")
 
 
+def too_few_bars(n_bars: int | None = None) -> str:
+    """The one message for OHLCV shorter than simple-60's warm-up (`n_bars` None: the count is not known)."""
+    has = f"fewer than {WARMUP + 1}" if n_bars is None else n_bars
+    return (
+        f"too few rows: simple-60 needs at least {WARMUP + 1} bars ({WARMUP} bars of warm-up plus one); "
+        f"the data has {has}. Use a longer stretch of bars."
+    )
+
+
 def feature_names_or_default(names: Sequence[str] | None, width: int) -> tuple[str, ...]:
     """The given feature names, else f0..f{width-1} (windows handed in without names)."""
     return tuple(names) if names is not None else tuple(f"f{i}" for i in range(width))
@@ -377,7 +386,7 @@ def simple60(ohlcv: pd.DataFrame) -> pd.DataFrame:
     ts = _timestamps(ohlcv)
     n = len(ohlcv)
     if n < _WINDOW:
-        raise ValueError(f"simple-60 needs at least {_WINDOW} bars (50 warm-up + 1), got {n}")
+        raise ValueError(too_few_bars(n))
 
     # (m, 51) read-only views; window row r covers bars r..r+50, i.e. t = r + 50.
     o, h, lo, c, v = (sliding_window_view(arr[k], _WINDOW, axis=0) for k in OHLCV_COLUMNS)

@@ -473,6 +473,7 @@ def test_first_minute_from_a_fresh_home(browser, tmp_path, tiny_ckpt_bytes):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the limit covers the fixtures: the first test using the full demo builds it
 def test_every_page_visited_twice_on_the_full_demo(full_server, page):
     """Every page of the full demo opened twice through the sidebar in one session, each visit until its run has
     finished and its figure is drawn, with no exception box. The seconds per visit and the machine load go to

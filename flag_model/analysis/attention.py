@@ -102,10 +102,20 @@ def uniform_baseline(length: int, last_k: int = 8, causal: bool = False, query: 
     return dict(zip(STATS, _stats(torch.as_tensor(eye / eye.sum(-1, keepdims=True)), last_k, query).tolist()))
 
 
+def head_map(maps: np.ndarray, layer: int, head: int | None) -> np.ndarray:
+    """maps (L, H, S, S) -> (S, S): one head of one layer, or (head None) the mean over that layer's heads."""
+    return maps[layer].mean(0) if head is None else maps[layer, head]
+
+
 def future_by_query(maps: np.ndarray) -> np.ndarray:
     """maps (..., S, S) -> (..., S): share of each query position's attention on later positions."""
     p = np.asarray(maps, dtype=np.float64)
     return np.triu(p, k=1).sum(-1)
+
+
+def future_by_layer(maps: np.ndarray) -> np.ndarray:
+    """maps (L, H, S, S) -> (L, S): `future_by_query`, mean over each layer's heads (the per-layer curves)."""
+    return future_by_query(maps).mean(1)
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,6 @@ def attention_summary(
         stats=stats,
         decision_stats=decision_stats,
         mean_maps=mean_maps.astype(np.float32),
-        future_by_query=future_by_query(mean_maps).mean(1),
+        future_by_query=future_by_layer(mean_maps),
         n_windows=n,
     )

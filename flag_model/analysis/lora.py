@@ -72,17 +72,20 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
         raise ValueError(f"{path} has no LoRA adapter")
     A, B = lin.lora.lora_A.detach(), lin.lora.lora_B.detach()
     W = lin.base.weight.detach()
+    block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
+    module = path.split(".", 2)[2] if block >= 0 else path
+    where = {
+        "path": path,
+        "block": block,
+        "module": SHORT_NAMES.get(module, module),
+        "d_out": W.shape[0],
+        "d_in": W.shape[1],
+        "rank": A.shape[1],
+        "scale": lin.scale,
+    }
     if not (_finite(A, B, W) and math.isfinite(lin.scale)):  # an SVD of NaN/Inf fails or means nothing: NaN metrics
-        block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
-        module = path.split(".", 2)[2] if block >= 0 else path
         return {
-            "path": path,
-            "block": block,
-            "module": SHORT_NAMES.get(module, module),
-            "d_out": W.shape[0],
-            "d_in": W.shape[1],
-            "rank": A.shape[1],
-            "scale": lin.scale,
+            **where,
             "w_fro": math.nan,
             **{m: math.nan for m in METRICS},
             # A and B themselves: which part is not finite (the flags), and B = 0 stays a dead adapter
@@ -105,16 +108,8 @@ def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
         stable_rank = delta_fro**2 / top**2
     else:
         effective_rank = stable_rank = amplification = 0.0
-    block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1
-    module = path.split(".", 2)[2] if block >= 0 else path
     return {
-        "path": path,
-        "block": block,
-        "module": SHORT_NAMES.get(module, module),
-        "d_out": W.shape[0],
-        "d_in": W.shape[1],
-        "rank": A.shape[1],
-        "scale": lin.scale,
+        **where,
         # A non-finite base weight has no meaningful ratio: NaN there, flagged as such, never "ΔW dominates W".
         "delta_fro": delta_fro,
         "w_fro": w_fro,
@@ -210,6 +205,12 @@ def adapter_at(metrics: pd.DataFrame, row_label: str, module: str) -> str | None
     the cell has no adapter."""
     hit = metrics[(metrics["block"].map(block_label) == row_label) & (metrics["module"] == module)]
     return str(hit["path"].iloc[0]) if len(hit) else None
+
+
+def adapter_title(metrics: pd.DataFrame, path: str) -> str:
+    """One adapter's heading: its path, W's shape [out×in] and its rank."""
+    row = metrics.set_index("path").loc[path]
+    return f"{path}  ({row['d_out']}×{row['d_in']}, rank {row['rank']})"
 
 
 def metric_grid(metrics: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -36,7 +36,7 @@ from ..data import (
     too_few_rows,
 )
 from ..engine import InferenceEngine, Progress
-from ..features import LabelRule, action_names, compute_labels
+from ..features import LabelRule, action_names, compute_labels, too_few_bars
 from .bootstrap import Intervals, score_intervals
 
 NO_LABEL = -1
@@ -479,10 +479,7 @@ def feature_stream(
         produced = True
         yield fm
     if not produced:
-        raise DataError(
-            f"the file has fewer than {WARMUP + 1} usable bars; simple-60 needs {WARMUP} bars of "
-            "warm-up before the first feature row."
-        )
+        raise DataError(too_few_bars())
 
 
 def stream_predictions(

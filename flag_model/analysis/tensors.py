@@ -97,6 +97,16 @@ def _moments(t: torch.Tensor) -> tuple[dict[str, float], int, int]:
     )
 
 
+def stats_totals(stats: pd.DataFrame) -> dict[str, int]:
+    """Headline counts of a `tensor_stats` table: tensors, elements, NaN/Inf elements, all-zero tensors."""
+    return {
+        "Tensors": len(stats),
+        "Elements": int(stats["elements"].sum()),
+        "NaN / Inf": int(stats["nonfinite"].sum()),
+        "All-zero tensors": int((stats["zeros_share"] == 1).sum()),
+    }
+
+
 def tensor_stats(sd: Mapping[str, torch.Tensor]) -> pd.DataFrame:
     """One row per tensor: name, role, block, module, shape, dtype, elements, bytes and STATISTICS.
 

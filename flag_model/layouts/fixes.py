@@ -104,6 +104,13 @@ def _transpose_lora(sd):
     return out
 
 
+def _qkv_parts(key: str, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A fused in_proj tensor [3·d, ...] -> its q, k and v parts (contiguous copies)."""
+    if v.shape[0] % 3:
+        raise LayoutError(f"{key} has shape {list(v.shape)}; a fused q/k/v tensor has 3·d rows.")
+    return tuple(part.contiguous() for part in v.chunk(3, dim=0))
+
+
 def _split_qkv(sd):
     out = {}
     for k, v in sd.items():
@@ -113,10 +120,8 @@ def _split_qkv(sd):
             continue
         p, kind = m.groups()
         style = ".base" if f"{p}.out_proj.base.weight" in sd else ""
-        if v.shape[0] % 3:
-            raise LayoutError(f"{k} has shape {list(v.shape)}; a fused q/k/v tensor has 3·d rows.")
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-            out[f"{p}.{name}{style}.{kind}"] = part.contiguous()
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), _qkv_parts(k, v)):
+            out[f"{p}.{name}{style}.{kind}"] = part
     return out
 
 
@@ -210,8 +215,8 @@ def _stock_to_native(sd):
         b, name = m.groups()
         if name.startswith("self_attn.in_proj_"):
             kind = name.rsplit("_", 1)[1]
-            for n, part in zip("qkv", v.chunk(3, dim=0)):
-                out[f"transformer_blocks.{b}.attention.{n}_proj.base.{kind}"] = part.contiguous()
+            for n, part in zip("qkv", _qkv_parts(k, v)):
+                out[f"transformer_blocks.{b}.attention.{n}_proj.base.{kind}"] = part
         else:
             out[f"transformer_blocks.{b}.{_STOCK_TO_NATIVE[name]}"] = v
     return out

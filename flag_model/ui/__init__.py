@@ -433,7 +433,8 @@ def _market_features(digest: str, state_dim: int, ohlcv: pd.DataFrame, _meta: di
 
 
 def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatrix, str]:
-    """market_data() turned into this checkpoint's features: (market name, FeatureMatrix, data key).
+    """market_data() turned into this checkpoint's features: (market name, FeatureMatrix, data key); the bar
+    interval notice and the feature warnings are shown.
 
     The data key is a digest of the feature values, for keying caches of results computed on them.
     Data that cannot be featurised gives a message and stops the page.
@@ -449,6 +450,8 @@ def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatri
         )
         st.stop()
     interval_notice(fm.times, ckpt.meta)
+    for w in fm.warnings:
+        st.warning(md_escape(w))
     return name, fm, key
 
 

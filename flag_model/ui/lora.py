@@ -56,10 +56,8 @@ def ablation_panel(ckpt: Checkpoint, model, cfg: ModelConfig, metrics: pd.DataFr
     """Blocks × modules to switch off, sample windows, and the change in SELL/HOLD/BUY (on a copy of the model)."""
     from . import market_features, md_escape, table
 
-    assumptions = (cfg.num_heads, cfg.lora_scale, cfg.norm_first, cfg.causal)
+    assumptions = cfg.assumption_key
     name, fm, data_key = market_features(ckpt, cfg.state_dim)
-    for w in fm.warnings:
-        st.warning(md_escape(w))
     blocks = sorted(metrics["block"].unique())
     modules = [m for m in SHORT_NAMES if SHORT_NAMES[m] in set(metrics["module"])]
     with st.form("lora_ablation"):

@@ -58,6 +58,7 @@ from ..features import (
     compute_features,
     feature_help,
     simple60_reference,
+    too_few_bars,
 )
 from ..model import FlagTrader
 from ..server_paths import ServerPathError
@@ -202,11 +203,7 @@ def prepare(
     if kind == KINDS[0]:
         prep = prepare_ohlcv(_df, mapping, repair)
         if prep.ok and len(prep.valid_frame()) <= WARMUP:  # the features would raise; say it like the other checks
-            short = Issue(
-                "error",
-                f"too few rows: {len(prep.valid_frame())} usable bar(s), but the features need at least "
-                f"{WARMUP + 1} ({WARMUP} bars of warm-up plus one). Upload a longer stretch of bars.",
-            )
+            short = Issue("error", too_few_bars(len(prep.valid_frame())))
             return Prepared(None, (*prep.issues, short), prep.time_format)
         return prep
     return prepare_features(_df, list(features), mapping.time, state_dim, close, repair)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..keys import Shape, lin, norm
-from .base import Family, LayoutSize, mha, positional, read_trunk, sequential, sequential_keys, stored_heads
+from .base import Family, LayoutSize, mha, positional, read_trunk, sequential, sequential_keys
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
@@ -21,26 +21,13 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
         "encoder.transformer_blocks",
         r"ff\.0\.weight",
     )
-    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
+    root, d, prov = t.root, t.d_model, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}encoder\.pos_encoding\.pe$", d)
     actor = sequential(shapes, f"{root}actor.network.")
     critic = sequential(shapes, f"{root}critic.network.")
     actions = actor[-1][2] if actor else 3
     prov["n_actions"] = f"last layer of actor.network ({actions} outputs)" if actor else "default 3"
-    heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(
-        max(blocks) + 1,
-        d,
-        ffn,
-        state_dim,
-        actions,
-        length,
-        0,
-        (),
-        heads,
-        (("actor", actor), ("critic", critic), ("prefix", root)),
-        prov,
-    )
+    return t.size(actions, length, stored, (("actor", actor), ("critic", critic), ("prefix", root)))
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:

@@ -8,12 +8,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...config import BLOCK_LINEARS, DEFAULT_HEADS, STORED_HEADS, ModelConfig, fallback_heads
+from ...config import BLOCK_LINEARS, DEFAULT_HEADS, SIZE_FIELDS, STORED_HEADS, ModelConfig, Sizes, fallback_heads
 from ..keys import LayoutError, Shape, find, indices, lin, norm
 
 
 @dataclass(frozen=True)
-class LayoutSize:
+class LayoutSize(Sizes):
     """The sizes a layout is generated at; `provenance` says which tensor (or stored value) each came from.
 
     `lora_targets` are module paths relative to the layout's root (FLAG-TRADER: "transformer_blocks.0.ffn.0";
@@ -21,13 +21,6 @@ class LayoutSize:
     family-specific sizes as sorted (name, value) pairs (prefix, head chains, regimes, ...).
     """
 
-    n_blocks: int
-    d_model: int
-    ffn_dim: int
-    state_dim: int
-    n_actions: int
-    max_length: int
-    lora_rank: int
     lora_targets: tuple[str, ...] = ()
     num_heads: int | None = None
     extra: tuple[tuple[str, Any], ...] = ()
@@ -40,12 +33,11 @@ class LayoutSize:
     @classmethod
     def from_config(cls, cfg: Any) -> LayoutSize:
         """From a ModelConfig (or anything with the same size attributes)."""
-        fields = ("n_blocks", "d_model", "ffn_dim", "state_dim", "n_actions", "max_length", "lora_rank")
         return cls(
-            **{f: getattr(cfg, f) for f in fields},
+            **{f: getattr(cfg, f) for f in SIZE_FIELDS},
             lora_targets=tuple(getattr(cfg, "lora_targets", ())),
             num_heads=getattr(cfg, "num_heads", None),
-            provenance={k: "given" for k in fields},
+            provenance={k: "given" for k in SIZE_FIELDS},
         )
 
     def native_targets(self) -> tuple[str, ...]:
@@ -154,6 +146,23 @@ class Trunk:
     blocks: tuple[int, ...]
     ffn_dim: int
     provenance: dict[str, str]
+
+    def size(self, n_actions: int, max_length: int, stored: Mapping[str, Any], extra: tuple) -> LayoutSize:
+        """A LayoutSize without LoRA at these sizes; the head count from the stored config (else unknown)."""
+        heads, self.provenance["num_heads"] = stored_heads(stored)
+        return LayoutSize(
+            max(self.blocks) + 1,
+            self.d_model,
+            self.ffn_dim,
+            self.state_dim,
+            n_actions,
+            max_length,
+            0,
+            (),
+            heads,
+            extra,
+            self.provenance,
+        )
 
 
 def read_trunk(

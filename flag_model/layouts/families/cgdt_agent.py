@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..keys import Shape, find, lin, norm
-from .base import Family, LayoutSize, mha, positional, read_trunk, sequential, sequential_keys, stored_heads
+from .base import Family, LayoutSize, mha, positional, read_trunk, sequential, sequential_keys
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
@@ -22,7 +22,7 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
         r"ffn\.0\.weight",
         True,
     )
-    dt, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
+    dt, d, prov = t.root, t.d_model, t.provenance
     act = find(shapes, rf"^{re.escape(dt)}action_encoder\.weight$", lambda s: len(s) == 2)
     actions = act[1][0] if act else 3
     prov["n_actions"] = f"{act[0]} {list(act[1])} = [actions, d]" if act else "default 3"
@@ -32,20 +32,7 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     pe, _ = positional(shapes, rf"^{re.escape(dt)}pos_encoding\.pe$", d)
     root = dt[: -len("dt.")] if dt.endswith("dt.") else ""
     critic = sequential(shapes, f"{root}critic.network.")
-    heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(
-        max(blocks) + 1,
-        d,
-        ffn,
-        state_dim,
-        actions,
-        length,
-        0,
-        (),
-        heads,
-        (("critic", critic), ("dt", dt), ("pe_length", pe), ("prefix", root)),
-        prov,
-    )
+    return t.size(actions, length, stored, (("critic", critic), ("dt", dt), ("pe_length", pe), ("prefix", root)))
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:

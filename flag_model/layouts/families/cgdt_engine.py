@@ -10,31 +10,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..keys import Shape, find, lin, norm
-from .base import Family, LayoutSize, positional, read_trunk, stored_heads
+from .base import Family, LayoutSize, positional, read_trunk
 
 
 def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     t = read_trunk(shapes, r"state_embed\.weight", "state_embed.weight", "state_dim", "blocks", r"mlp\.0\.weight")
-    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
+    root, d, prov = t.root, t.d_model, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}pos_embed$", d)
     head = find(shapes, rf"^{re.escape(root)}action_head\.weight$", lambda s: len(s) == 2)
     actions = head[1][0] if head else 3
     prov["n_actions"] = f"{head[0]} {list(head[1])}" if head else "default 3"
     ts = find(shapes, rf"^{re.escape(root)}timestep_embed\.weight$", lambda s: len(s) == 2)
     mask = find(shapes, r"blocks\.\d+\.attn\.mask$", lambda s: len(s) == 4)
-    heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(
-        max(blocks) + 1,
-        d,
-        ffn,
-        state_dim,
+    return t.size(
         actions,
         length,
-        0,
-        (),
-        heads,
+        stored,
         (("mask", mask[1][-1] if mask else 0), ("prefix", root), ("timesteps", ts[1][0] if ts else 0)),
-        prov,
     )
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..keys import Shape, find, lin
-from .base import Family, LayoutSize, positional, read_trunk, sequential, sequential_keys, stored_heads
+from .base import Family, LayoutSize, positional, read_trunk, sequential, sequential_keys
 from .stock import stock_block
 
 
@@ -17,26 +17,15 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     t = read_trunk(
         shapes, r"feature_proj\.weight", "feature_proj.weight", "feature_dim", "transformer.layers", r"linear1\.weight"
     )
-    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
+    root, d, prov = t.root, t.d_model, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}pos_encoding$", d)
     reg = find(shapes, rf"^{re.escape(root)}regime_embed\.weight$", lambda s: len(s) == 2)
     regimes = reg[1][0] if reg else 0
     actor, critic = sequential(shapes, f"{root}actor."), sequential(shapes, f"{root}critic.")
     actions = actor[-1][2] if actor else 3
     prov["n_actions"] = f"last layer of actor ({actions} outputs)" if actor else "default 3"
-    heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(
-        max(blocks) + 1,
-        d,
-        ffn,
-        state_dim,
-        actions,
-        length,
-        0,
-        (),
-        heads,
-        (("actor", actor), ("critic", critic), ("prefix", root), ("regimes", regimes)),
-        prov,
+    return t.size(
+        actions, length, stored, (("actor", actor), ("critic", critic), ("prefix", root), ("regimes", regimes))
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..keys import Shape, find, lin, norm
-from .base import Family, LayoutSize, mha, positional, read_trunk, stored_heads
+from .base import Family, LayoutSize, mha, positional, read_trunk
 
 
 def stock_block(p: str, d: int, f: int) -> dict[str, Shape]:
@@ -26,13 +26,12 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
     t = read_trunk(
         shapes, r"state_embedding\.weight", "state_embedding.weight", "state_dim", "encoder.layers", r"linear1\.weight"
     )
-    root, d, state_dim, blocks, ffn, prov = t.root, t.d_model, t.state_dim, t.blocks, t.ffn_dim, t.provenance
+    root, d, prov = t.root, t.d_model, t.provenance
     length, prov["max_length"] = positional(shapes, rf"^{re.escape(root)}pos_embedding$", d)
     head = find(shapes, rf"^{re.escape(root)}action_head\.weight$", lambda s: len(s) == 2)
     actions = head[1][0] if head else 3
     prov["n_actions"] = f"{head[0]} {list(head[1])}" if head else "default 3"
-    heads, prov["num_heads"] = stored_heads(stored)
-    return LayoutSize(max(blocks) + 1, d, ffn, state_dim, actions, length, 0, (), heads, (("prefix", root),), prov)
+    return t.size(actions, length, stored, (("prefix", root),))
 
 
 def expected(s: LayoutSize) -> dict[str, Shape]:
