@@ -15,7 +15,7 @@ from .config import ConfigError
 from .model import ModelMismatchError
 
 # Subcommand modules each expose add_parsers(subparsers); every parser sets `func(args) -> int`.
-_EXTENSIONS: tuple[str, ...] = ("cli_predict", "cli_layouts", "cli_whatif", "cli_hypotheses")
+_EXTENSIONS: tuple[str, ...] = ("cli_predict", "cli_layouts", "cli_whatif", "cli_hypotheses", "cli_importance")
 
 
 def _inspect(args: argparse.Namespace) -> int:

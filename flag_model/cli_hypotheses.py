@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import NORMALISATIONS, read_table
+from .distributed import DEFAULT_HYPOTHESIS_WINDOWS
 from .features import LabelRule
 
 
@@ -21,6 +22,11 @@ def _hypotheses(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data import detect_columns, prepare_ohlcv
 
+    cluster = args.workers is not None or bool(args.scheduler)
+    if cluster:
+        from .distributed import check_cluster_args
+
+        check_cluster_args(args.workers, args.scheduler)
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.require_config()
     raw = read_table(args.data)
@@ -42,7 +48,7 @@ def _hypotheses(args: argparse.Namespace) -> int:
     for w in data.warnings:
         _say(f"warning: {w}")
     screen = auto_screen(cfg, space, len(data)) if args.screen == "auto" else int(args.screen)
-    cost = estimate_cost(ckpt.state_dict, cfg, space, len(data), screen, args.keep)
+    cost = estimate_cost(ckpt.state_dict, cfg, space, len(data), screen, args.keep, probe=not cluster)
     _say(
         f"{Path(args.checkpoint).name}: heads {list(space.heads)}, mask off/on, post/pre-norm, LoRA scales "
         f"{[s for s, _ in space.scales]}, window {list(space.windows)}; {len(data):,} labelled windows "
@@ -53,18 +59,31 @@ def _hypotheses(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, what: str) -> None:
         _say(f"\r[{done / max(total, 1):4.0%}] {what[:90]:<90}", end="")
 
-    ranking = rank_hypotheses(
-        ckpt.state_dict,
-        cfg,
-        data,
-        space,
-        screen=screen,
-        keep=args.keep,
-        screen_precision=args.screen_precision,
-        resamples=args.resamples,
-        seed=args.seed,
-        progress=progress,
-    )
+    def rank(**where: Any) -> Any:
+        return rank_hypotheses(
+            ckpt.state_dict,
+            cfg,
+            data,
+            space,
+            screen=screen,
+            keep=args.keep,
+            screen_precision=args.screen_precision,
+            resamples=args.resamples,
+            seed=args.seed,
+            **where,
+        )
+
+    if cluster:
+        from .distributed import ModelRef, cluster_client, hypotheses_scorer, progress_hook, threads_per_worker
+
+        ref = ModelRef.of(args.checkpoint, ckpt.digest, threads_per_worker(args.workers, args.scheduler, args.threads))
+        with cluster_client(args.workers, args.scheduler, _say) as client:
+            scorer = hypotheses_scorer(
+                client, ref, cfg, data, partition_windows=args.partition_windows, on_submit=progress_hook(_say)
+            )
+            ranking = rank(scorer=scorer)
+    else:
+        ranking = rank(progress=progress)
     _say(
         f"\ndone in {ranking.seconds:.1f} s; final scores in {ranking.precision}; {ranking.level:.0%} intervals "
         f"from {ranking.resamples} circular block-bootstrap resamples (blocks of {ranking.block_length} windows)"
@@ -120,4 +139,17 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--top", type=int, default=0, help="print only the best N (text output)")
     p.add_argument("--repair", action="store_true", help="repair the data (sort, drop duplicates, fill gaps)")
+    p.add_argument("--workers", type=int, help="score on a local Dask cluster of N worker processes")
+    p.add_argument("--scheduler", help="score on an existing Dask cluster (e.g. tcp://10.0.0.5:8786)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per worker (default: its share of the CPUs on a local cluster)",
+    )
+    p.add_argument(
+        "--partition-windows",
+        type=int,
+        default=DEFAULT_HYPOTHESIS_WINDOWS,
+        help="windows per cluster task (rounded up to whole engine batches)",
+    )
     p.set_defaults(func=_hypotheses)

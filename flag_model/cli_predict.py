@@ -105,16 +105,17 @@ def _on_cluster(args: argparse.Namespace) -> bool:
 
 
 def _predict_cluster(args: argparse.Namespace) -> int:
-    from .distributed import default_workers, local_client, make_spec, score_on_cluster
+    from .distributed import (
+        check_cluster_args,
+        cluster_client,
+        make_spec,
+        progress_hook,
+        score_on_cluster,
+        threads_per_worker,
+    )
 
     t0 = time.perf_counter()
-    if args.workers is not None and args.workers < 1:
-        raise ValueError("--workers must be at least 1.")
-    if args.workers and args.scheduler:
-        raise ValueError("give --workers (a local cluster) or --scheduler (an existing one), not both.")
-    workers = None if args.scheduler else (args.workers or default_workers())
-    # A local cluster shares this machine's CPUs: each worker's engine gets its share of them.
-    threads = args.threads or (max(1, default_workers() // workers) if workers else None)
+    check_cluster_args(args.workers, args.scheduler)
     spec, engine = make_spec(
         args.checkpoint,
         window=args.window,
@@ -127,7 +128,7 @@ def _predict_cluster(args: argparse.Namespace) -> int:
         lora_scale=args.lora_scale,
         norm_first=True if args.pre_norm else None,
         causal=True if args.causal else None,
-        threads=threads,
+        threads=threads_per_worker(args.workers, args.scheduler, args.threads),
         chunk_rows=args.chunk_rows,
         batch_size=args.batch_size,
         partition_windows=args.partition_windows,
@@ -138,51 +139,25 @@ def _predict_cluster(args: argparse.Namespace) -> int:
     )
     _say(f"label rule: {spec.rule.describe()}")
 
-    def progress(futures: list) -> None:
-        """Dask's progress bar on a terminal; otherwise a line per tenth of the tasks (logs stay short)."""
-        from distributed import as_completed
-        from distributed import progress as dask_progress
-
-        if sys.stdout.isatty():
-            dask_progress(futures, multi=False)
-            print(flush=True)
-            return
-        step = max(1, len(futures) // 10)
-        for i, _ in enumerate(as_completed(futures), 1):
-            if i % step == 0 or i == len(futures):
-                _say(
-                    f"  {i}/{len(futures)} {futures[0].key.split('-')[0]} task(s) done "
-                    f"({time.perf_counter() - t0:.0f} s)"
-                )
-
-    def run(client: object) -> int:
-        result = score_on_cluster(client, args.data, spec, args.out, on_submit=progress, say=_say)
-        for w in result.warnings:
-            _say(f"warning: {w}")
-        for _, r in result.summary.iterrows():
-            shares = ", ".join(f"{c[6:]} {r[c]:.1%}" for c in result.summary.columns if c.startswith("share_"))
-            score = (
-                f"; accuracy {r['accuracy']:.4f}, F1-macro {r['f1_macro']:.4f} over {r['labelled']:,} labelled"
-                if r["labelled"]
-                else ""
-            )
-            _say(f"  {r['symbol']}: {r['rows']:,} rows in {r['parts']} part(s); {shares}{score}")
-        _say(
-            f"wrote {result.rows:,} rows for {len(result.summary)} symbol(s) to {result.out_dir} in "
-            f"{time.perf_counter() - t0:.1f} s on {result.workers} worker(s) ({', '.join(result.engines)})"
+    with cluster_client(args.workers, args.scheduler, _say) as client:
+        result = score_on_cluster(client, args.data, spec, args.out, on_submit=progress_hook(_say, t0), say=_say)
+    for w in result.warnings:
+        _say(f"warning: {w}")
+    for _, r in result.summary.iterrows():
+        shares = ", ".join(f"{c[6:]} {r[c]:.1%}" for c in result.summary.columns if c.startswith("share_"))
+        score = (
+            f"; accuracy {r['accuracy']:.4f}, F1-macro {r['f1_macro']:.4f} over {r['labelled']:,} labelled"
+            if r["labelled"]
+            else ""
         )
-        for source, message in result.errors:
-            _say(f"error: {source}: {message}")
-        return 2 if result.errors else 0
-
-    if args.scheduler:
-        from distributed import Client
-
-        with Client(args.scheduler, timeout="30s") as client:
-            return run(client)
-    _say(f"starting a local cluster of {workers} worker process(es)")
-    with local_client(workers or default_workers()) as client:  # workers is set without --scheduler
-        return run(client)
+        _say(f"  {r['symbol']}: {r['rows']:,} rows in {r['parts']} part(s); {shares}{score}")
+    _say(
+        f"wrote {result.rows:,} rows for {len(result.summary)} symbol(s) to {result.out_dir} in "
+        f"{time.perf_counter() - t0:.1f} s on {result.workers} worker(s) ({', '.join(result.engines)})"
+    )
+    for source, message in result.errors:
+        _say(f"error: {source}: {message}")
+    return 2 if result.errors else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -316,6 +291,19 @@ def _bench(args: argparse.Namespace) -> int:
             report=lambda m: _say(f"  {m}"),
         )
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        if args.cluster_hypotheses:
+            from .distributed import bench_hypotheses_cluster
+
+            hyp = bench_hypotheses_cluster(
+                ckpt,
+                data,
+                args.cluster,
+                windows=args.cluster_hypotheses,
+                bars=args.cluster_bars,
+                report=lambda m: _say(f"  {m}"),
+            )
+            print(hyp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+            table = pd.concat([table, hyp])
         return 0 if table["identical"].all() else 1
     meta: dict[str, Any]  # the checkpoint's; none for the quick random model
     if args.quick:
@@ -435,5 +423,12 @@ def add_parsers(sub: Any) -> None:
         help="instead: predict in one process vs local Dask clusters of N workers (windows/s, overhead)",
     )
     b.add_argument("--cluster-bars", type=int, default=3000, help="bars of --data scored by --cluster")
+    b.add_argument(
+        "--cluster-hypotheses",
+        type=int,
+        default=0,
+        metavar="WINDOWS",
+        help="with --cluster: also rank 16 hypotheses on WINDOWS labelled windows in one process vs the clusters",
+    )
     _assumption_args(b)
     b.set_defaults(func=_bench)

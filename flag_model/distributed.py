@@ -296,9 +296,10 @@ _engine_lock = threading.Lock()
 _loads: dict[tuple, int] = {}  # how often each engine key was built in this process
 
 
-def _worker_threads(spec: ScoreSpec) -> int:
-    if spec.threads:
-        return spec.threads
+def _worker_threads(threads: int | None) -> int:
+    """Torch threads of a worker's tasks: `threads` if given, else its CPUs shared by the tasks it runs at once."""
+    if threads:
+        return threads
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         from distributed import get_worker
@@ -317,16 +318,10 @@ def worker_engine(spec: ScoreSpec) -> tuple[Any, dict[str, Any]]:
         if key not in _engines:
             import torch
 
-            from .checkpoint import CheckpointError, load_checkpoint
             from .engine import InferenceEngine
             from .model import build_model
 
-            ckpt = load_checkpoint(spec.checkpoint)
-            if ckpt.digest != spec.digest:
-                raise CheckpointError(
-                    f"the checkpoint at {spec.checkpoint} on this worker differs from the "
-                    "client's (sha256); give every worker the same file."
-                )
+            ckpt = _load_checked(spec.checkpoint, spec.digest)
             model = build_model(
                 ckpt,
                 num_heads=spec.num_heads,
@@ -335,7 +330,7 @@ def worker_engine(spec: ScoreSpec) -> tuple[Any, dict[str, Any]]:
                 causal=spec.causal,
             )
             engine = InferenceEngine(model, spec.precision, batch_size=spec.batch_size)
-            torch.set_num_threads(_worker_threads(spec))  # after the engine, which may set its own default
+            torch.set_num_threads(_worker_threads(spec.threads))  # after the engine, which may set its own default
             _engines.clear()  # one model per worker process: memory stays bounded
             _engines[key] = (engine, dict(ckpt.meta))
             _loads[key] = _loads.get(key, 0) + 1
@@ -344,6 +339,19 @@ def worker_engine(spec: ScoreSpec) -> tuple[Any, dict[str, Any]]:
 
 def _engine_key(spec: ScoreSpec) -> tuple:
     return (spec.digest, spec.num_heads, spec.lora_scale, spec.norm_first, spec.causal, spec.precision, spec.batch_size)
+
+
+def _load_checked(path: str, digest: str) -> Any:
+    """The checkpoint at `path` on this worker, refused unless its sha256 is the client's."""
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.digest != digest:
+        raise CheckpointError(
+            f"the checkpoint at {path} on this worker differs from the client's (sha256); "
+            "give every worker the same file."
+        )
+    return ckpt
 
 
 def dask_setup(worker: Any) -> None:
@@ -566,6 +574,82 @@ def local_client(n_workers: int, **cluster_kw: Any) -> Iterator[Any]:
         yield client
 
 
+def check_cluster_args(workers: int | None, scheduler: str | None) -> None:
+    """`--workers N` (a local cluster) and `--scheduler ADDRESS` (an existing one) exclude each other."""
+    if workers is not None and workers < 1:
+        raise ValueError("--workers must be at least 1.")
+    if workers and scheduler:
+        raise ValueError("give --workers (a local cluster) or --scheduler (an existing one), not both.")
+
+
+def threads_per_worker(workers: int | None, scheduler: str | None, threads: int | None = None) -> int | None:
+    """Torch threads per worker: `threads` if given; on a local cluster each worker's share of this machine's
+    CPUs; on an existing cluster None (each worker uses its own CPUs)."""
+    if threads or scheduler:
+        return threads
+    return max(1, default_workers() // (workers or default_workers()))
+
+
+@contextmanager
+def cluster_client(
+    workers: int | None, scheduler: str | None, say: Callable[[str], None] | None = None
+) -> Iterator[Any]:
+    """A Client on the cluster at `scheduler`, else on a local cluster of `workers` processes (default: one per
+    CPU), closed on exit."""
+    check_cluster_args(workers, scheduler)
+    if scheduler:
+        from distributed import Client
+
+        with Client(scheduler, timeout="30s") as client:
+            yield client
+        return
+    n = workers or default_workers()
+    if say:
+        say(f"starting a local cluster of {n} worker process(es)")
+    with local_client(n) as client:
+        yield client
+
+
+def progress_hook(say: Callable[[str], None], t0: float | None = None) -> Hook:
+    """An `on_submit` hook: Dask's progress bar on a terminal; otherwise a line per tenth of the tasks (logs
+    stay short)."""
+    import sys
+
+    start = time.perf_counter() if t0 is None else t0
+
+    def hook(futures: list[Any]) -> None:
+        from distributed import as_completed
+        from distributed import progress as dask_progress
+
+        if not futures:
+            return
+        if sys.stdout.isatty():
+            dask_progress(futures, multi=False)
+            print(flush=True)
+            return
+        step = max(1, len(futures) // 10)
+        for i, _ in enumerate(as_completed(futures), 1):
+            if i % step == 0 or i == len(futures):
+                say(
+                    f"  {i}/{len(futures)} {futures[0].key.split('-')[0]} task(s) done "
+                    f"({time.perf_counter() - start:.0f} s)"
+                )
+
+    return hook
+
+
+def wait_for_workers(client: Any) -> int:
+    """The number of workers once at least one has joined (60 s at most; else a DataError saying how to start one)."""
+    try:
+        client.wait_for_workers(1, timeout=60)
+    except TimeoutError:
+        raise DataError(
+            f"no worker joined the scheduler at {client.scheduler.address} within 60 s; start one "
+            "with `dask worker ADDRESS`."
+        ) from None
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
 def _prepare_out(out_dir: Path) -> None:
     if out_dir.suffix.lower() == ".csv" or (out_dir.exists() and not out_dir.is_dir()):
         raise ValueError(f"--out {out_dir} must be a folder for a Parquet dataset (one folder per symbol).")
@@ -628,14 +712,7 @@ def score_on_cluster(
     sources, errors = discover_sources(inputs)
     if not sources:
         raise DataError("no usable input: " + "; ".join(f"{i}: {m}" for i, m in errors))
-    try:
-        client.wait_for_workers(1, timeout=60)
-    except TimeoutError:
-        raise DataError(
-            f"no worker joined the scheduler at {client.scheduler.address} within 60 s; start one "
-            "with `dask worker ADDRESS`."
-        ) from None
-    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    workers = wait_for_workers(client)
     say(f"{len(sources)} source(s) on {workers} worker(s) at {client.scheduler.address}")
     scans = [
         client.submit(scan_source, s, spec, key=f"scan-{s.symbol}-{uuid.uuid4().hex[:8]}", pure=False) for s in sources
@@ -853,5 +930,311 @@ def bench_cluster(
         say(
             f"cluster of {k}: started in {start:.1f} s, {n:,} windows in {run:.1f} s ({n / run:.1f} windows/s, "
             f"{base / run:.2f}x one process; CPU {used:.1f} s = {used / base_cpu:.2f}x), identical: {same}"
+        )
+    return pd.DataFrame(rows)
+
+
+# Many-window analyses: the hypotheses ranking and global attributions on a cluster
+#
+# Both are cut into chunks of whole batches of the batches one process uses, each chunk is computed on a worker by
+# the same library function one process calls, and the client puts the chunks back in order. A batch's result
+# depends only on its windows, so every number is the one-process number (see the tests). Results travel back
+# in memory: a task re-run after its worker died replaces nothing and adds nothing.
+
+DEFAULT_HYPOTHESIS_WINDOWS = 256  # windows per ranking task (rounded up to whole engine batches)
+DEFAULT_IMPORTANCE_WINDOWS = 64  # windows per attribution task (rounded up to whole batches)
+
+
+class ClusterError(ValueError):
+    """A task of a many-window analysis failed on the cluster; the message names the task and the reason."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A checkpoint each worker loads itself, once per process (checked against the client's sha256), and the
+    assumptions a model is built with (None: the checkpoint's own)."""
+
+    checkpoint: str
+    digest: str
+    num_heads: int | None = None
+    lora_scale: float | None = None
+    norm_first: bool | None = None
+    causal: bool | None = None
+    threads: int | None = None  # torch threads per worker; None: its CPUs / tasks it runs at once
+
+    @classmethod
+    def of(cls, checkpoint: str | Path, digest: str, threads: int | None = None, **assumptions: Any) -> ModelRef:
+        """A reference to the file at `checkpoint` (made absolute: workers may start elsewhere)."""
+        return cls(str(Path(checkpoint).expanduser().resolve()), digest, threads=threads, **assumptions)
+
+
+_analysis: dict[str, Any] = {}  # this process's checkpoint ("ckpt", by "file": path, digest) and what was built
+checkpoint_loads: dict[str, int] = {}  # digest -> times this process loaded it for analyses (1 = loaded once)
+
+
+def _analysis_cached(ref: ModelRef, key: tuple, build: Callable[[Any], Any]) -> Any:
+    """`build(checkpoint)` once per process and key; the checkpoint itself is loaded once per process. A new
+    checkpoint drops everything built from the old one (memory stays bounded)."""
+    import torch
+
+    with _engine_lock:
+        if _analysis.get("file") != (ref.checkpoint, ref.digest):
+            _analysis.clear()
+            _analysis.update(
+                file=(ref.checkpoint, ref.digest), ckpt=_load_checked(ref.checkpoint, ref.digest), built={}
+            )
+            checkpoint_loads[ref.digest] = checkpoint_loads.get(ref.digest, 0) + 1
+        built = _analysis["built"]
+        if key not in built:
+            if len(built) >= 8:  # a handful of scales x precisions; never unbounded
+                built.pop(next(iter(built)))
+            built[key] = build(_analysis["ckpt"])
+            torch.set_num_threads(_worker_threads(ref.threads))  # after any engine, which may set its own default
+        return built[key]
+
+
+def _hypotheses_task(
+    ref: ModelRef, cfg: Any, hyps: tuple[Any, ...], data: Any, index: np.ndarray, precision: str, batch_size: int
+) -> dict[Any, np.ndarray]:
+    """Logits of windows `index` of `data` under `hyps` (one LoRA scale and window length), with this worker's
+    merged engines."""
+    from .analysis.hypotheses import merged_engine, score_hypotheses
+
+    def engine_of(scale: float, prec: str) -> Any:
+        key = ("hypotheses", cfg.num_heads, cfg.norm_first, cfg.causal, scale, prec, batch_size)
+        return _analysis_cached(ref, key, lambda ck: merged_engine(ck.state_dict, cfg, scale, prec, None, batch_size))
+
+    return score_hypotheses(None, cfg, hyps, data, index, precision, engine_of=engine_of)  # type: ignore[arg-type]
+
+
+def _value(value: Any) -> Any:
+    """The input itself, as a task's result (see `hypotheses_scorer`)."""
+    return value
+
+
+def _collect(jobs: list[tuple[str, Any]]) -> list[Any]:
+    """Results of (what, future) in order, once all are done; a failed one raises ClusterError naming it."""
+    from distributed import wait
+
+    try:
+        wait([f for _, f in jobs])
+    except Exception as exc:  # e.g. the scheduler cancelled them (lost data, a client that closed)
+        raise ClusterError(f"the cluster lost the tasks of {jobs[0][0]} and others: {exc}") from exc
+    failed = [(what, _reason(f)) for what, f in jobs if f.status != "finished"]
+    if failed:
+        more = f" (and {len(failed) - 1} more task(s))" if len(failed) > 1 else ""
+        raise ClusterError(f"{failed[0][0]} failed on the cluster: {failed[0][1]}{more}")
+    return [f.result() for _, f in jobs]
+
+
+def _chunks(n: int, batch: int, per_task: int) -> list[slice]:
+    """Slices of 0..n-1 of whole batches (about `per_task` items each): the batches of one process, grouped."""
+    size = max(1, -(-per_task // batch)) * batch
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def hypotheses_scorer(
+    client: Any,
+    ref: ModelRef,
+    cfg: Any,
+    data: Any,
+    *,
+    batch_size: int | None = None,
+    partition_windows: int = DEFAULT_HYPOTHESIS_WINDOWS,
+    on_submit: Hook | None = None,
+) -> Callable[[Any, np.ndarray, str], dict[Any, np.ndarray]]:
+    """A `scorer` for `rank_hypotheses` that scores on the cluster behind `client`: one task per LoRA scale,
+    window length and chunk of whole engine batches (`batch_size`, else the batches this machine's engine
+    chooses, which one-process ranking uses too), so every logit, and the ranking, equals one process's.
+    `data` (LabelledData) goes to every worker once. Raises ClusterError naming a task that failed."""
+    from .engine import engine_batch_size
+
+    if partition_windows < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError("partition windows and batch size must be at least 1.")
+    wait_for_workers(client)
+    # A task that returns the data, not `scatter`: scattered data is lost with the workers holding it, a task's
+    # result is recomputed by the scheduler when its worker dies.
+    shared = client.submit(_value, data, key=f"labelled-data-{uuid.uuid4().hex[:12]}", pure=False)
+
+    def score(hyps: Any, index: np.ndarray, precision: str) -> dict[Any, np.ndarray]:
+        jobs: list[tuple[str, Any]] = []
+        groups = []
+        for scale in sorted({h.lora_scale for h in hyps}):  # score_hypotheses' order
+            for length in sorted({h.window for h in hyps if h.lora_scale == scale}):
+                group = tuple(h for h in hyps if h.lora_scale == scale and h.window == length)
+                bs = batch_size or engine_batch_size(cfg, length, precision)
+                parts = _chunks(len(index), bs, partition_windows)
+                groups.append((group, len(parts)))
+                for p in parts:
+                    what = f"LoRA ×{scale:g}, window {length}, windows {p.start}..{p.stop - 1} ({precision})"
+                    fut = client.submit(
+                        _hypotheses_task,
+                        ref,
+                        cfg,
+                        group,
+                        shared,
+                        index[p],
+                        precision,
+                        bs,
+                        key=f"hypotheses-{uuid.uuid4().hex[:12]}",
+                        pure=False,
+                    )
+                    jobs.append((what, fut))
+        if on_submit:
+            on_submit([f for _, f in jobs])
+        results = iter(_collect(jobs))
+        out: dict[Any, np.ndarray] = {}
+        for group, n_parts in groups:
+            pieces = [next(results) for _ in range(n_parts)]
+            out.update({h: np.concatenate([p[h] for p in pieces]) for h in group})
+        return out
+
+    return score
+
+
+def _importance_task(ref: ModelRef, windows: np.ndarray, options: dict[str, Any]) -> Any:
+    """`global_importance` of `windows` (k, S, D) with this worker's model (built once per assumptions)."""
+    from .analysis.attribution import global_importance
+    from .model import build_model
+
+    key = ("model", ref.num_heads, ref.lora_scale, ref.norm_first, ref.causal)
+    model = _analysis_cached(
+        ref,
+        key,
+        lambda ck: build_model(
+            ck, num_heads=ref.num_heads, lora_scale=ref.lora_scale, norm_first=ref.norm_first, causal=ref.causal
+        ),
+    )
+    return global_importance(model, windows, **options)
+
+
+def global_importance_on_cluster(
+    client: Any,
+    ref: ModelRef,
+    windows: np.ndarray,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    partition_windows: int = DEFAULT_IMPORTANCE_WINDOWS,
+    on_submit: Hook | None = None,
+    **options: Any,
+) -> Any:
+    """`attribution.global_importance(model, windows, indices, **options)` on the cluster behind `client`, for the
+    model `ref` names: the selected windows are cut into chunks of whole batches (`batch_size`, default 16) and
+    each chunk goes to a worker. The batches are the ones one process uses, so the result is identical to it for
+    every deterministic method (GradientSHAP draws random samples: it differs between any two runs). Raises
+    ClusterError naming a chunk that failed."""
+    from .analysis.attribution import GlobalImportance
+
+    if partition_windows < 1:
+        raise ValueError("partition windows must be at least 1.")
+    if "progress" in options:
+        raise TypeError("progress comes from Dask on a cluster (on_submit); pass no progress callback.")
+    t0 = time.perf_counter()
+    windows = np.asarray(windows)
+    idx = np.arange(len(windows)) if indices is None else np.asarray(indices, dtype=int)
+    if len(idx) == 0:
+        raise ValueError("no windows selected for global importance.")
+    wait_for_workers(client)
+    jobs = []
+    for p in _chunks(len(idx), int(options.get("batch_size", 16)), partition_windows):
+        chunk = np.ascontiguousarray(windows[idx[p]])  # only these windows travel
+        fut = client.submit(
+            _importance_task, ref, chunk, options, key=f"importance-{uuid.uuid4().hex[:12]}", pure=False
+        )
+        jobs.append((f"windows {p.start}..{p.stop - 1} of {len(idx)}", fut))
+    if on_submit:
+        on_submit([f for _, f in jobs])
+    parts: list[GlobalImportance] = _collect(jobs)
+    first = parts[0]
+    return GlobalImportance(
+        method=first.method,
+        baseline=first.baseline,
+        output=first.output,
+        position=first.position,
+        totals=np.concatenate([p.totals for p in parts]),
+        window_index=idx,
+        predicted=np.concatenate([p.predicted for p in parts]),
+        targets=np.concatenate([p.targets for p in parts]),
+        feature_names=first.feature_names,
+        action_names=first.action_names,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def bench_hypotheses_cluster(
+    checkpoint: str | Path,
+    data: str | Path,
+    workers: Sequence[int],
+    windows: int = 256,
+    bars: int = 3000,
+    heads: Sequence[int] = (4, 8),
+    scales: Sequence[float] = (1.0,),
+    report: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Window passes/s of the hypotheses ranking (`heads` x mask x norm placement x `scales`, `windows` labelled
+    windows of the first `bars` bars of `data`, no screening) in one process against a local cluster of each of
+    `workers` processes, measured in one run; each cluster ranking is checked against the one-process table
+    (identical). Both include the bootstrap on the client; the cluster's start is reported apart."""
+    from .analysis import hypotheses as hy
+    from .checkpoint import load_checkpoint
+
+    say = report or (lambda m: None)
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.require_config()
+    raw = next(iter_table_chunks(data, bars))
+    prep = prepare_ohlcv(raw, detect_columns(raw.columns))
+    if not prep.ok:
+        raise DataError("; ".join(i.message for i in prep.errors))
+    space = hy.search_space(cfg, ckpt.meta, heads=heads, scales=scales)
+    labelled = hy.labelled_data(prep.frame, ckpt.meta, cfg.state_dim, windows, max(space.windows))
+    passes = len(space) * len(labelled)
+    t, cpu = time.perf_counter(), time.process_time()
+    one = hy.rank_hypotheses(ckpt.state_dict, cfg, labelled, space, resamples=200)
+    base, base_cpu = time.perf_counter() - t, time.process_time() - cpu
+    rows = [
+        {
+            "engine": "one process",
+            "workers": 0,
+            "start_s": 0.0,
+            "run_s": base,
+            "passes_per_s": passes / base,
+            "vs_one_process": 1.0,
+            "cpu_s": base_cpu,
+            "cpu_vs_one_process": 1.0,
+            "identical": True,
+        }
+    ]
+    say(f"hypotheses, one process: {len(space)} combinations x {len(labelled)} windows in {base:.1f} s")
+    cpus = default_workers()
+    for k in workers:
+        ref = ModelRef.of(checkpoint, ckpt.digest, threads=max(1, cpus // k))
+        t = time.perf_counter()
+        with local_client(k) as client:
+            start = time.perf_counter() - t
+            t, cpu, before = time.perf_counter(), time.process_time(), client.run(time.process_time)
+            scorer = hypotheses_scorer(
+                client, ref, cfg, labelled, partition_windows=max(1, len(labelled) // (2 * k))
+            )  # a few tasks per worker
+            many = hy.rank_hypotheses(ckpt.state_dict, cfg, labelled, space, resamples=200, scorer=scorer)
+            run = time.perf_counter() - t
+            after = client.run(time.process_time)
+            used = time.process_time() - cpu + sum(after[w] - before.get(w, 0.0) for w in after)
+        same = many.table.equals(one.table)
+        rows.append(
+            {
+                "engine": f"cluster of {k}",
+                "workers": k,
+                "start_s": start,
+                "run_s": run,
+                "passes_per_s": passes / run,
+                "vs_one_process": base / run,
+                "cpu_s": used,
+                "cpu_vs_one_process": used / base_cpu,
+                "identical": same,
+            }
+        )
+        say(
+            f"hypotheses, cluster of {k}: started in {start:.1f} s, ranked in {run:.1f} s ({base / run:.2f}x one "
+            f"process; CPU {used / base_cpu:.2f}x), identical: {same}"
         )
     return pd.DataFrame(rows)

@@ -184,6 +184,19 @@ def _choose(precision: str, device: str | None) -> tuple[torch.device, torch.dty
     return dev, (torch.bfloat16 if native else torch.float32), why
 
 
+def _auto_batch_size(cfg: ModelConfig, length: int, device: torch.device, dtype: torch.dtype) -> int:
+    scores = device.type == "cpu" and dtype == torch.bfloat16 and length <= BMM_ATTENTION_MAX_LENGTH
+    return default_batch_size(cfg, length, torch.finfo(dtype).bits // 8, scores)
+
+
+def engine_batch_size(cfg: ModelConfig, length: int, precision: str, device: str | None = None) -> int:
+    """The windows per batch an engine of `cfg` in `precision` chooses for windows of `length` when none is fixed,
+    without building one: a cluster's client plans tasks of whole batches with it (identical batches give
+    identical logits)."""
+    dev, dtype, _ = _choose(precision, device)
+    return _auto_batch_size(cfg, length, dev, dtype)
+
+
 class InferenceEngine:
     """Merged-weight copy of a FlagTrader for batched inference. forward(x (B, S, state_dim)) -> logits."""
 
@@ -259,8 +272,7 @@ class InferenceEngine:
 
     def batch_size(self, length: int) -> int:
         """Windows per batch for windows of `length` (the fixed one if given, else tuned to the cache)."""
-        scores = self._bmm_attention and length <= BMM_ATTENTION_MAX_LENGTH
-        return self._batch_size or default_batch_size(self.config, length, torch.finfo(self.dtype).bits // 8, scores)
+        return self._batch_size or _auto_batch_size(self.config, length, self.device, self.dtype)
 
     def _ln(self, x: torch.Tensor, p: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], p[0], p[1], self.eps)

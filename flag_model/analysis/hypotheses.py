@@ -18,7 +18,9 @@ model to ~1e-5 in the logits, see tests). The fast engine (bfloat16 where the CP
 used only for the optional screening stage, which only decides which combinations go on to the full set.
 
 `score_combination` is a pure function of (state dict, config, hypothesis, windows), so the scoring of one
-combination can run anywhere (e.g. a Dask worker); `rank_scores` turns any set of logits into a ranking.
+combination can run anywhere; `rank_scores` turns any set of logits into a ranking. `rank_hypotheses` takes a
+`scorer` to score elsewhere: `flag_model.distributed.hypotheses_scorer` runs the same `score_hypotheses` on a Dask
+cluster in chunks of whole engine batches, so its logits, and the ranking, are identical to one process.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .predict import NO_LABEL, evaluate_arrays, row_labels
 
 Progress = Callable[[int, int, str], object]  # (window passes done, total, what is running)
 Cancel = Callable[[], bool]  # True: stop at the next batch
+EngineOf = Callable[[float, str], InferenceEngine]  # (LoRA scale, precision) -> engine with those merged weights
 
 MIN_HEAD_WIDTH = 8
 FIXED_SCALES = (0.5, 1.0, 2.0)
@@ -249,15 +252,24 @@ def labelled_data(
 
 # Scoring
 
+# (hypotheses, window numbers, precision) -> decision logits (len(index), n_actions) of each hypothesis
+Scorer = Callable[[Sequence[Hypothesis], np.ndarray, str], dict[Hypothesis, np.ndarray]]
 
-def _engine(
-    state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, scale: float, precision: str, device: str | None = None
+
+def merged_engine(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    scale: float,
+    precision: str,
+    device: str | None = None,
+    batch_size: int | None = None,
 ) -> InferenceEngine:
-    """An engine holding the weights merged with LoRA scale `scale` (the model itself is dropped)."""
+    """An engine holding the weights merged with LoRA scale `scale` (the model itself is dropped); batches of
+    `batch_size` windows, else the engine's choice."""
     model = build_model(
         state_dict, num_heads=cfg.num_heads, lora_scale=scale, norm_first=cfg.norm_first, causal=cfg.causal
     )  # strict, shapes checked before allocating
-    return InferenceEngine(model, precision, device)
+    return InferenceEngine(model, precision, device, batch_size)
 
 
 def score_combination(
@@ -270,7 +282,7 @@ def score_combination(
 ) -> np.ndarray:
     """Decision-position logits (n, n_actions) float32 of windows (n, hyp.window, state_dim) under `hyp`.
     A pure function of its arguments, for running one combination anywhere."""
-    engine = _engine(state_dict, cfg, hyp.lora_scale, precision, device)
+    engine = merged_engine(state_dict, cfg, hyp.lora_scale, precision, device)
     variant = engine.variant(hyp.num_heads, hyp.norm_first, hyp.causal)
     bs = engine.batch_size(hyp.window)
     out = np.empty((len(windows), cfg.n_actions), dtype=np.float32)
@@ -292,16 +304,24 @@ def score_hypotheses(
     done: int = 0,
     total: int | None = None,
     device: str | None = None,
+    batch_size: int | None = None,
+    engine_of: EngineOf | None = None,
 ) -> dict[Hypothesis, np.ndarray]:
     """Logits (len(index), n_actions) of windows `index` under each hypothesis, sharing the merge per scale
     and the embedding per batch. Equal to `score_combination` per hypothesis (same engine, same batches).
-    `done`/`total` place this call's progress inside a larger run. Raises Cancelled when `cancel()` is true."""
+    `done`/`total` place this call's progress inside a larger run. Raises Cancelled when `cancel()` is true.
+    `engine_of(scale, precision)` supplies the merged engines (a cluster worker keeps them between tasks);
+    by default each is built here with `batch_size`."""
     total = total if total is not None else len(hyps) * len(index)
     out: dict[Hypothesis, np.ndarray] = {}
     for scale in sorted({h.lora_scale for h in hyps}):
         if cancel is not None and cancel():
             raise Cancelled("stopped by the user")
-        engine = _engine(state_dict, cfg, scale, precision, device)
+        engine = (
+            engine_of(scale, precision)
+            if engine_of is not None
+            else merged_engine(state_dict, cfg, scale, precision, device, batch_size)
+        )
         for length in sorted({h.window for h in hyps if h.lora_scale == scale}):
             group = [h for h in hyps if h.lora_scale == scale and h.window == length]
             variants = [engine.variant(h.num_heads, h.norm_first, h.causal) for h in group]
@@ -592,7 +612,7 @@ def estimate_cost(
     merges = len(space.scales) * (2 if m else 1)
     seconds = None
     if probe:
-        engine = _engine(state_dict, cfg, space.scales[0][0], "exact")
+        engine = merged_engine(state_dict, cfg, space.scales[0][0], "exact")
         w = max(space.windows)
         # A real-sized batch (per-call overhead dominates small models), capped at about 2 GFLOP of work.
         k = int(max(1, min(engine.batch_size(w), n_windows, 2e9 // flops[w])))
@@ -621,30 +641,41 @@ def rank_hypotheses(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     device: str | None = None,
+    batch_size: int | None = None,
+    scorer: Scorer | None = None,
 ) -> Ranking:
     """Score every hypothesis of `space` on `data` and rank them (see the module docstring).
 
     screen > 0: first score all combinations on `screen` evenly spread windows (in `screen_precision`), keep the
     `keep` best, and score only those on every window in float32; the rest are listed after them as screened
-    out. screen = 0 scores everything on every window."""
+    out. screen = 0 scores everything on every window. `scorer(hypotheses, index, precision)` scores elsewhere
+    (e.g. `flag_model.distributed.hypotheses_scorer`; it reports its own progress); by default
+    `score_hypotheses` here, in batches of `batch_size` windows (default: the engine's choice)."""
     t0 = time.perf_counter()
     hyps = space.hypotheses()
     n = len(data)
     m, kept_n = plan_stages(len(hyps), n, screen, keep)
     total = len(hyps) * (m or n) + (kept_n * n if m else 0)
+    if scorer is None:
+        passes = 0
+
+        def scorer(hs: Sequence[Hypothesis], index: np.ndarray, precision: str) -> dict[Hypothesis, np.ndarray]:
+            nonlocal passes
+            out = score_hypotheses(
+                state_dict, cfg, hs, data, index, precision, progress, cancel, passes, total, device, batch_size
+            )
+            passes += len(hs) * len(index)
+            return out
+
     if not m:
-        final = score_hypotheses(state_dict, cfg, hyps, data, np.arange(n), "exact", progress, cancel, 0, total, device)
+        final = scorer(hyps, np.arange(n), "exact")
         ranking = rank_scores(final, data, resamples=resamples, level=level, seed=seed)
     else:
         sidx = evenly_spaced(n, m)
-        first = score_hypotheses(
-            state_dict, cfg, hyps, data, sidx, screen_precision, progress, cancel, 0, total, device
-        )
+        first = scorer(hyps, sidx, screen_precision)
         order = sorted(hyps, key=lambda h: float(window_scores(first[h], data.labels[sidx])["nll"].mean()))
         kept = order[:kept_n]
-        final = score_hypotheses(
-            state_dict, cfg, kept, data, np.arange(n), "exact", progress, cancel, len(hyps) * len(sidx), total, device
-        )
+        final = scorer(kept, np.arange(n), "exact")
         ranking = rank_scores(final, data, {h: first[h] for h in order[kept_n:]}, sidx, resamples, level, seed)
     return replace(
         ranking,
