@@ -23,7 +23,7 @@ ui_layouts.family_panel(rec)
 with st.expander("How the file matches each known family"):
     st.plotly_chart(plots.layout_ranking_bars(rec.table()), width="stretch")
 
-choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.get, key=ui.keep("arch_target"))
+choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.__getitem__, key=ui.keep("arch_target"))
 if choice == "second":
     other = ui.second_checkpoint("arch", "Open the checkpoint to compare against.")
     target, how, target_key = layouts.shapes_of(other.state_dict), f"the keys of {other.source}", other.digest

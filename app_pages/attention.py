@@ -11,7 +11,7 @@ from flag_model.ui.session import bounded, choice, window_by_time
 
 st.title("Attention")
 ckpt, model = ui.require_model()
-cfg = ui.loaded().config
+cfg = model.config  # with the sidebar's assumptions
 assumptions = cfg.assumption_key
 
 

@@ -11,7 +11,7 @@ from flag_model.ui.session import bounded, keep, window_by_time
 
 st.title("Attributions")
 ckpt, model = ui.require_model()
-cfg = ui.loaded().config
+cfg = model.config  # with the sidebar's assumptions
 model_key = (ckpt.digest, *cfg.assumption_key)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 means, means_note = attr.feature_means(fm, ckpt.meta)

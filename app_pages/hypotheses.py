@@ -24,8 +24,8 @@ st.caption(
     "trained with, its loss is lower. Every combination is scored at the decision position of the same "
     "windows and ranked by mean NLL, with block-bootstrap intervals."
 )
-ckpt, _ = ui.require_model()  # a file that does not load strictly has nothing to score (see Architecture)
-cfg, in_use = ckpt.config, ui.loaded().config
+ckpt, model = ui.require_model()  # a file that does not load strictly has nothing to score (see Architecture)
+cfg, in_use = ckpt.require_config(), model.config  # as stored / with the sidebar's assumptions
 name, ohlcv = (market := ui.market_data()).name, market.frame
 rule, rule_source = LabelRule.from_meta(ckpt.meta)
 st.markdown(
@@ -78,9 +78,9 @@ st.info(
 )
 
 key = (ckpt.digest, name, len(data), tuple(data.ends[:3]), space, int(screen), int(n_keep))
-c = st.columns([1, 1, 4])
-run = c[0].button("Rank", type="primary", key="hyp_run")
-if c[1].button("Stop", key="hyp_stop"):  # a click during a run interrupts it (Streamlit reruns the script)
+buttons = st.columns([1, 1, 4])
+run = buttons[0].button("Rank", type="primary", key="hyp_run")
+if buttons[1].button("Stop", key="hyp_stop"):  # a click during a run interrupts it (Streamlit reruns the script)
     st.warning("Stopped. Press **Rank** to start again.")
 if run:
     bar = st.progress(0.0, text="Scoring…")

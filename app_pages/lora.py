@@ -9,7 +9,7 @@ from flag_model.ui.session import keep
 
 st.title("LoRA adapters")
 ckpt, model = ui.require_model()
-cfg = ui.loaded().config
+cfg = model.config  # with the sidebar's assumptions
 
 
 @st.cache_data(max_entries=8, show_spinner="Measuring every adapter…")
@@ -32,7 +32,7 @@ st.caption(
 )
 
 c1, c2 = st.columns([3, 1])
-metric = c1.selectbox("Metric", list(lora.METRICS), format_func=lora.METRICS.get, key=keep("lora_metric"))
+metric = c1.selectbox("Metric", list(lora.METRICS), format_func=lora.METRICS.__getitem__, key=keep("lora_metric"))
 log = c2.toggle(
     "Log colour scale",
     key=keep(f"lora_log_{metric}"),

@@ -29,7 +29,7 @@ counts, dtypes, findings = _scan(ckpt.digest, ckpt.state_dict)
 if ld.model is not None:
     st.success(
         f"**{ui.md_escape(ckpt.source)}** — {ckpt.n_tensors}/{ckpt.n_tensors} tensors loaded strictly into the "
-        f"reconstruction with {assumptions_line(ckpt.config, ld.config)}."
+        f"reconstruction with {assumptions_line(ckpt.require_config(), ld.model.config)}."
     )
 else:
     st.error(
@@ -64,7 +64,7 @@ with left:
             "Sizes are **inferred** from tensor shapes. **Assumptions** cannot be read from the weights; "
             "change them in the sidebar."
         )
-        if "stored config" not in ckpt.config.provenance.get("num_heads", ""):
+        if "stored config" not in ckpt.require_config().provenance.get("num_heads", ""):
             st.info(
                 "The stored config does not name the head count, so it is an assumption. **Hypotheses** ranks "
                 "heads, mask, norm placement and LoRA scale by the checkpoint's loss on labelled data."

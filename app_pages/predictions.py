@@ -11,7 +11,7 @@ from flag_model.ui.session import MarketData, bounded, set_market
 
 st.title("Predictions")
 ckpt, model = ui.require_model()
-cfg = ui.loaded().config
+cfg = model.config  # with the sidebar's assumptions
 assumptions = cfg.assumption_key
 
 source = pw.data_source()
@@ -30,14 +30,15 @@ prep = pw.prepare(*prep_key, cfg.state_dim, raw)
 pw.show_issues(prep.issues)
 if not prep.ok:
     st.stop()
+frame = prep.valid_frame()
 if source is not None and kind == pw.KINDS[0]:
-    set_market(MarketData(name, prep.frame, origin))  # the Attention, Attributions and LoRA pages use it too
+    set_market(MarketData(name, frame, origin))  # the Attention, Attributions and LoRA pages use it too
 st.caption(
-    f"**{ui.md_escape(name)}**: {len(prep.frame):,} rows from {prep.frame['datetime'].iloc[0]} to "
-    f"{prep.frame['datetime'].iloc[-1]} (times read as {prep.time_format}). Row numbers in messages count "
+    f"**{ui.md_escape(name)}**: {len(frame):,} rows from {frame['datetime'].iloc[0]} to "
+    f"{frame['datetime'].iloc[-1]} (times read as {prep.time_format}). Row numbers in messages count "
     "the file's data lines from 1; everywhere else bars are named by their time."
 )
-bars = ui.interval_notice(prep.frame["datetime"], ckpt.meta).data  # bar interval against training, gaps
+bars = ui.interval_notice(frame["datetime"], ckpt.meta).data  # bar interval against training, gaps
 
 norm, window, mode, precision = pw.settings(ckpt)
 

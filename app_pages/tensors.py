@@ -40,7 +40,7 @@ stats = _stats(ckpt.digest, ckpt.state_dict)
 for col, (label, count) in zip(st.columns(4), tensors.stats_totals(stats).items()):
     col.metric(label, f"{count:,}")
 
-stat = st.selectbox("Colour by", list(STAT_LABELS), format_func=STAT_LABELS.get, key=keep("tensors_color"))
+stat = st.selectbox("Colour by", list(STAT_LABELS), format_func=STAT_LABELS.__getitem__, key=keep("tensors_color"))
 st.plotly_chart(plots.tensor_treemap(tensors.tensor_tree(stats, stat), STAT_LABELS[stat]), width="stretch")
 st.caption(
     "Area = number of elements. Click a box to zoom into it; the bar at the top goes back. "
@@ -91,8 +91,7 @@ other = ui.second_checkpoint(
 )
 diff = _diff(ckpt.digest, other.digest, ckpt.state_dict, other.state_dict)
 counts = diff["status"].value_counts()
-c = st.columns(5)
-for col, status in zip(c, ("same", "changed", "reshaped", "added", "removed")):
+for col, status in zip(st.columns(5), ("same", "changed", "reshaped", "added", "removed")):
     col.metric(status.capitalize(), int(counts.get(status, 0)))
 grid = tensors.diff_grid(diff)
 if not grid.empty and grid.notna().any().any():

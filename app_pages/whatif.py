@@ -12,7 +12,7 @@ from flag_model.ui.session import keep, window_by_time
 
 st.title("What-if")
 ckpt, model = ui.require_model()
-cfg = ui.loaded().config
+cfg = model.config  # with the sidebar's assumptions
 model_key = (ckpt.digest, *cfg.assumption_key)
 name, fm, data_key = ui.market_features(ckpt, cfg.state_dim)
 means, means_note = feature_means(fm, ckpt.meta)
@@ -67,8 +67,8 @@ with stable_tab:
     samples = s1.slider("Noisy copies per noise level", 4, 256, 16, step=4, key=keep("wi_samples"))
     count = s2.slider("Windows for the curve over the data", 10, 500, 30, step=10, key=keep("wi_count"))
     many = s3.toggle("Over many windows", False, key=keep("wi_many"))
-    settings = (model_key, data_key, start, length, samples, many and count)
-    if uw.requested(st.button("Measure stability", type="primary", key="wi_stable"), "_wi_stable", settings):
+    stable_settings = (model_key, data_key, start, length, samples, many and count)
+    if uw.requested(st.button("Measure stability", type="primary", key="wi_stable"), "_wi_stable", stable_settings):
         sigma = wi.feature_sigma(fm.values)
         curves = {
             "this window": uw.stability_curve(model_key, data_key, length, (start,), samples, model, fm.values, sigma)

@@ -151,14 +151,35 @@ def _read_source(
     raise CheckpointError(f"cannot read a checkpoint from a {type(src).__name__}; give a path, bytes or a file object.")
 
 
+# A file to read is a path on disk or bytes in memory: exactly one of (path, data) is given (see _read_source).
+
+
+def _stream(path: Path | None, data: bytes | None) -> BinaryIO:
+    """The file opened for reading, or the bytes as a stream."""
+    if path is not None:
+        return path.open("rb")
+    if data is None:
+        raise ValueError("neither a path nor bytes to read")
+    return io.BytesIO(data)
+
+
+def _size(path: Path | None, data: bytes | None) -> int:
+    return path.stat().st_size if path is not None else len(_head(path, data))
+
+
+def _head(path: Path | None, data: bytes | None, limit: int | None = None) -> bytes:
+    """The first `limit` bytes (all when None)."""
+    if data is not None:
+        return data if limit is None else data[:limit]
+    with _stream(path, data) as f:
+        return f.read() if limit is None else f.read(limit)
+
+
 def _digest(path: Path | None, data: bytes | None) -> str:
     h = hashlib.sha256()
-    if data is not None:
-        h.update(data)
-    else:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+    with _stream(path, data) as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -220,7 +241,7 @@ def _pickle_globals(raw: bytes) -> list[str]:
             strings: list[str] = []
             for op, arg, _ in pickletools.genops(f):
                 if op.name in ("GLOBAL", "INST"):
-                    found.append(arg.replace(" ", "."))
+                    found.append(str(arg).replace(" ", "."))  # "module name"
                 elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                     found.append(f"{strings[-2]}.{strings[-1]}")
                 elif isinstance(arg, str):
@@ -241,13 +262,10 @@ def _refused_globals(fmt: str, path: Path | None, data: bytes | None, limit: int
     found by parsing opcodes only."""
     try:
         if fmt == "torch zip":
-            with zipfile.ZipFile(path if path is not None else io.BytesIO(data)) as zf:
+            with _stream(path, data) as f, zipfile.ZipFile(f) as zf:
                 raw = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
-        elif path is not None:
-            with path.open("rb") as f:
-                raw = f.read(limit)
         else:
-            raw = data[:limit]
+            raw = _head(path, data, limit)
     except Exception:  # noqa: BLE001 - no readable pickle: fall back to torch's own message
         return []
     return [g for g in _pickle_globals(raw) if classify_global(*g.rsplit(".", 1)) == "refused"]
@@ -258,7 +276,7 @@ def _check_zip(name: str, path: Path | None, data: bytes | None, size: int) -> N
     from the zip directory alone. torch writes members uncompressed, so a genuine file inflates to its own size."""
     lim = limits()
     try:
-        with zipfile.ZipFile(path if path is not None else io.BytesIO(data)) as zf:
+        with _stream(path, data) as f, zipfile.ZipFile(f) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return  # torch.load reports the damage in its own words
@@ -282,11 +300,11 @@ def _check_zip(name: str, path: Path | None, data: bytes | None, size: int) -> N
 def _torch_load(name: str, fmt: str, path: Path | None, data: bytes | None) -> tuple[Any, dict[str, str] | None]:
     """-> (saved object, None) from torch's safe loader, or (object, {path: class}) from the restricted reader."""
     if fmt == "torch zip":
-        _check_zip(name, path, data, path.stat().st_size if path is not None else len(data))
+        _check_zip(name, path, data, _size(path, data))
     try:
         if path is not None:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch zip")), None
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), None
+        return torch.load(_stream(path, data), map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         refused = _refused_globals(fmt, path, data)
@@ -330,10 +348,10 @@ def _restricted(name: str, fmt: str, path: Path | None, data: bytes | None) -> t
     """The restricted reader (safe_pickle) for pickles holding foreign objects; nothing from the file is called."""
     try:
         if fmt == "torch zip":
-            with zipfile.ZipFile(path if path is not None else io.BytesIO(data)) as zf:
+            with _stream(path, data) as f, zipfile.ZipFile(f) as zf:
                 res = restricted_load(fmt, zf=zf)
         else:
-            res = restricted_load(fmt, raw=path.read_bytes() if path is not None else data)
+            res = restricted_load(fmt, raw=_head(path, data))
     except RestrictedPickleError as exc:
         if exc.malformed:
             raise CheckpointError(
@@ -379,15 +397,14 @@ def _check_safetensors_header(name: str, header: bytes, size: int) -> None:
     total = 0
     for e in tensors.values():
         shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
-        ok = (
+        if not (
             isinstance(shape, list)
             and all(type(d) is int and 0 <= d for d in shape)
             and isinstance(offsets, list)
             and len(offsets) == 2
             and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= size
-        )
-        if not ok:
+        ):
             raise CheckpointError(
                 f"{name}: the safetensors header entry for a tensor has an invalid shape or offsets "
                 "(negative, not integers, or beyond the end of the file); the file is damaged."
@@ -408,14 +425,10 @@ def _safetensors_load(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors.torch import load, load_file
 
-    size = len(data) if data is not None else path.stat().st_size
-    if data is not None:
-        n = struct.unpack("<Q", data[:8])[0]
-        header = data[8 : 8 + min(n, limits().max_header_bytes)]
-    else:
-        with path.open("rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = f.read(min(n, limits().max_header_bytes))
+    size = _size(path, data)
+    with _stream(path, data) as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = f.read(min(n, limits().max_header_bytes))
     if n > limits().max_header_bytes:
         raise CheckpointError(f"{name}: " + too_big("the safetensors header length", n, "max_header_bytes"))
     if n > size - 8:
@@ -646,21 +659,13 @@ def load_checkpoint(
 def _load(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, name: str | None) -> Checkpoint:
     display, path, data = _read_source(src)
     display = name or display
-    size = path.stat().st_size if path is not None else len(data)
+    size = _size(path, data)
     if size == 0:
         raise CheckpointError(f"{display} is empty (0 bytes). The copy or upload did not complete; try again.")
-    if data is not None:
-        head = data[:64]
-    else:
-        with path.open("rb") as f:
-            head = f.read(64)
+    head = _head(path, data, 64)
     fmt = _sniff(head)
     if fmt == "unknown":
-        if data is not None:
-            raw = data[: 1 << 20]
-        else:
-            with path.open("rb") as f:
-                raw = f.read(1 << 20)
+        raw = _head(path, data, 1 << 20)
         refused = _refused_globals(fmt, None, raw, limit=1 << 20) if _whole_pickle(raw) else []  # protocol-0 pickle
         if refused:
             _refuse(display, ", ".join(refused[:5]))

@@ -169,6 +169,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _predict_one(args: argparse.Namespace) -> int:
     from .analysis.predict import (
+        NO_LABEL,
         decide,
         evaluate_arrays,
         feature_stream,
@@ -210,7 +211,10 @@ def _predict_one(args: argparse.Namespace) -> int:
         stats = moments.result()
         _say(f"first pass: feature statistics over {moments.n:,} rows")
     out = _Writer(Path(args.out))
-    labels, actions, positions, names = [], [], [], ("SELL", "HOLD", "BUY")
+    labels: list[np.ndarray] = []
+    actions: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    names: tuple[str, ...] = ("SELL", "HOLD", "BUY")
     rows = 0
     try:
         for part in stream_predictions(
@@ -227,7 +231,7 @@ def _predict_one(args: argparse.Namespace) -> int:
             out.write(predictions_frame(part))
             rows += len(part)
             names = part.actions
-            labels.append(part.labels)
+            labels.append(part.labels if part.labels is not None else np.full(len(part), NO_LABEL))
             actions.append(decide(part.logits)[1])
             positions.append(part.position)
             _say(f"  {rows:,} rows predicted, up to {part.times[-1]}")
@@ -255,7 +259,9 @@ def _interval_check(chunks: Iterator[pd.DataFrame], meta: Any, horizon: int) -> 
     """The data's bar interval (median over the first chunk) against the checkpoint's training interval."""
     first = next(iter(chunks), None)
     time_col = detect_columns(first.columns).time if first is not None else None
-    times = parse_times(first[time_col])[0] if time_col is not None else np.array([], dtype="datetime64[ns]")
+    times = np.array([], dtype="datetime64[ns]")
+    if first is not None and time_col is not None:
+        times = parse_times(first[time_col])[0]
     return check_interval(times[~np.isnat(times)], meta, horizon)
 
 
@@ -299,6 +305,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(hyp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
             table = pd.concat([table, hyp])
         return 0 if table["identical"].all() else 1
+    meta: dict[str, Any]  # the checkpoint's; none for the quick random model
     if args.quick:
         model, meta = quick_model(), {}
         cfg = BenchConfig(

@@ -17,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from .features import FEATURE_SETS, OHLCV_COLUMNS, WARMUP, compute_features
+from .features import FEATURE_SETS, OHLCV_COLUMNS, WARMUP, compute_features, stored_config
 from .limits import limits, too_big
 
 NORMALISATIONS = ("checkpoint", "none", "data")
@@ -113,6 +113,12 @@ class Prepared:
     @property
     def ok(self) -> bool:
         return self.frame is not None and not self.errors
+
+    def valid_frame(self) -> pd.DataFrame:
+        """`frame` of an upload without errors; DataError naming every error otherwise."""
+        if self.frame is None or self.errors:
+            raise DataError("; ".join(i.message for i in self.errors) or "the table could not be prepared")
+        return self.frame
 
 
 # Reading
@@ -435,7 +441,7 @@ def _order_checks(
 def _gap_check(times: np.ndarray, name: str, rows: np.ndarray, issues: list[Issue]) -> None:
     if len(times) < 3:
         return
-    step = np.diff(times.astype(np.int64))
+    step: np.ndarray = np.diff(times.astype(np.int64))  # ns between bars
     bar = np.median(step)
     gaps = np.flatnonzero(step > 1.5 * bar)
     if len(gaps):
@@ -506,7 +512,7 @@ def prepare_ohlcv(df: pd.DataFrame, mapping: ColumnMapping, repair: bool = False
     for role, col in mapping.as_dict().items():
         if col is not None and col not in df.columns:
             issues.append(Issue("error", f"column '{col}' mapped to '{role}' is not in the file.", col))
-    if issues:
+    if issues or mapping.time is None:  # a missing time column is one of the issues
         return Prepared(None, tuple(issues))
     rows = np.arange(1, len(df) + 1) + row_offset
     cols = {r: _numeric(df, getattr(mapping, r), rows, repair, issues) for r in OHLCV_COLUMNS}
@@ -591,7 +597,7 @@ def prepare_features(
                 f"{state_dim} inputs; select at most {state_dim}.",
             )
         )
-    if issues:
+    if issues or time_column is None:  # no time column is one of the issues
         return Prepared(None, tuple(issues))
     rows = np.arange(1, len(df) + 1) + row_offset
     named = list(dict.fromkeys([*columns, *([close_column] if close_column else [])]))
@@ -664,7 +670,7 @@ def check_window(n_rows: int, window: int, max_length: int, warmup: int = 0) -> 
 
 def default_window(meta: Mapping[str, Any], max_length: int) -> int:
     """The window the checkpoint's metadata names (top level or in its config), else 64; at most max_length."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    cfg = stored_config(meta)
     for value in (meta.get("window"), cfg.get("window"), cfg.get("window_size"), cfg.get("seq_len")):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:  # NaN fails >= 1
             return int(min(value, max_length))
@@ -731,7 +737,7 @@ def training_interval(meta: Mapping[str, Any]) -> tuple[pd.Timedelta, str]:
     """The bar interval the checkpoint was trained on and where that comes from: ``bar_interval`` stored at
     the top level or in its config (a pandas duration string like "5min", or seconds), else 5 minutes,
     assumed for FLAG-TRADER files (its pipeline was written for 5-minute bars)."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    cfg = stored_config(meta)
     stored = meta.get("bar_interval", cfg.get("bar_interval"))
     try:
         if isinstance(stored, str):
@@ -999,12 +1005,14 @@ def drift_table(fm: FeatureMatrix, meta: Mapping[str, Any]) -> pd.DataFrame:
     mean = fm.raw_mean if fm.raw_mean is not None else fm.values.mean(axis=0)
     std = fm.raw_std if fm.raw_std is not None else fm.values.std(axis=0)
     s_mean, s_std = stored_numbers(meta, "feature_mean"), stored_numbers(meta, "feature_std")
-    have = s_mean is not None and s_std is not None and len(s_mean) == len(s_std)
-    s_names = meta.get("feature_names") if isinstance(meta.get("feature_names"), list) else []
+    if s_mean is None or s_std is None or len(s_mean) != len(s_std):
+        s_mean = s_std = np.array([])
+    stored_names = meta.get("feature_names")
+    s_names = stored_names if isinstance(stored_names, list) else []
     rows = []
     for i in range(n):
-        st_m = float(s_mean[i]) if have and i < len(s_mean) else np.nan
-        st_s = float(s_std[i]) if have and i < len(s_std) else np.nan
+        st_m = float(s_mean[i]) if i < len(s_mean) else np.nan
+        st_s = float(s_std[i]) if i < len(s_std) else np.nan
         flags = []
         if std[i] == 0:
             flags.append(

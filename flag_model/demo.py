@@ -27,7 +27,7 @@ from .engine import cpu_bf16_native
 from .features import SIMPLE60_NAMES, LabelRule, compute_labels, simple60
 from .model import FlagTrader
 
-Progress = Callable[[float, str], None]
+Progress = Callable[[float, str], object]
 
 # 3: simple-60 exactly as FEATURES.md; the bar interval stored. 4: built in under a minute, feature_clip stored.
 # 5: cheaper (28 steps without dropout, fewer calibration and evaluation windows): about 55 s of CPU time.
@@ -307,7 +307,7 @@ def train_demo(size: str = "full", progress: Progress | None = None, seed: int =
         calib = np.linspace(w - 1, split - 1, spec.calib_windows).astype(np.int64)
         target = torch.bincount(y[calib], minlength=3).float() / len(calib)
         with torch.no_grad():
-            model.action_head.bias += _share_offsets(_decisions(model, x, calib, w), target)
+            model.action_head.bias.add_(_share_offsets(_decisions(model, x, calib, w), target))
     model.eval()
     report(0.95, "evaluating on held-out data")
     ends = np.linspace(split + w - 1, n - 1, spec.eval_windows).astype(np.int64)  # held-out 20 %, last bar decides
@@ -375,7 +375,8 @@ class DemoBuild:
         self._t0 = time.monotonic()
         self._anchor: tuple[float, float] | None = None  # (time, fraction) when training started
         self._fraction, self._message = 0.0, "starting"
-        self._done, self._error = False, None
+        self._done = False
+        self._error: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"demo-build-{size}", daemon=True)
         self._thread.start()
 

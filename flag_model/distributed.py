@@ -372,7 +372,7 @@ def scan_source(src: Source, spec: ScoreSpec) -> SourceInfo:
     from .analysis.predict import feature_stream
 
     engine, meta = worker_engine(spec)
-    state = {"n": 0, "first": None}
+    state: dict[str, Any] = {"n": 0, "first": None}  # bars counted, the first chunk
 
     def counted() -> Iterator[pd.DataFrame]:
         for chunk in iter_source_chunks(src, spec.chunk_rows):
@@ -387,7 +387,7 @@ def scan_source(src: Source, spec: ScoreSpec) -> SourceInfo:
         if spec.normalisation == "data":
             moments.update(fm.values.astype(np.float64))
     mapping = detect_columns(state["first"].columns)
-    first = prepare_ohlcv(state["first"], mapping).frame["datetime"]
+    first = prepare_ohlcv(state["first"], mapping).valid_frame()["datetime"]
     origin = first.iloc[0]
     check = check_interval(first.to_numpy(), meta, spec.horizon)  # as single-process predict: the first chunk
     if not check.matches:
@@ -461,8 +461,9 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     os.replace(tmp, path)
     actions = decide(pred.logits)[1]
     k = len(pred.actions)
-    known = (pred.labels != NO_LABEL) & (actions != NO_DECISION)  # no decision from non-finite logits
-    confusion = np.bincount(pred.labels[known] * k + actions[known], minlength=k * k).reshape(k, k)
+    labels = pred.labels if pred.labels is not None else np.full(len(actions), NO_LABEL)
+    known = (labels != NO_LABEL) & (actions != NO_DECISION)  # no decision from non-finite logits
+    confusion = np.bincount(labels[known] * k + actions[known], minlength=k * k).reshape(k, k)
     return PartResult(
         symbol=src.symbol,
         index=part.index,
@@ -1111,7 +1112,7 @@ def global_importance_on_cluster(
     client: Any,
     ref: ModelRef,
     windows: np.ndarray,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
     *,
     partition_windows: int = DEFAULT_IMPORTANCE_WINDOWS,
     on_submit: Hook | None = None,

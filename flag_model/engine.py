@@ -29,7 +29,7 @@ from .config import ModelConfig, linear_shapes
 from .model import FlagTrader
 
 PRECISIONS: tuple[str, ...] = ("fast", "exact")
-Progress = Callable[[int, int], None]  # (windows done, windows total)
+Progress = Callable[[int, int], object]  # (windows done, windows total)
 
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # bf16 windows up to this length use batched-matmul attention: on CPU, SDPA's flash kernel splits short
@@ -222,8 +222,9 @@ class InferenceEngine:
             self.b_embed = t(model.state_embedding.bias)
             self.pos = t(model.pos_embedding[0])  # [max_length, d]
             blocks = []
-            for blk in model.transformer_blocks:
+            for blk in model.blocks():
                 att = blk.attention
+                ffn1, ffn2 = blk.ffn_linears()
                 blocks.append(
                     _Block(
                         w_qkv=t(
@@ -234,10 +235,10 @@ class InferenceEngine:
                         b_qkv=t(torch.cat([att.q_proj.base.bias, att.k_proj.base.bias, att.v_proj.base.bias])),
                         w_out=t(att.out_proj.merged_weight()),
                         b_out=t(att.out_proj.base.bias),
-                        w_ffn1=t(blk.ffn[0].merged_weight()),
-                        b_ffn1=t(blk.ffn[0].base.bias),
-                        w_ffn2=t(blk.ffn[3].merged_weight()),
-                        b_ffn2=t(blk.ffn[3].base.bias),
+                        w_ffn1=t(ffn1.merged_weight()),
+                        b_ffn1=t(ffn1.base.bias),
+                        w_ffn2=t(ffn2.merged_weight()),
+                        b_ffn2=t(ffn2.base.bias),
                         norm1=(t(blk.norm1.weight), t(blk.norm1.bias)),
                         norm2=(t(blk.norm2.weight), t(blk.norm2.bias)),
                     )

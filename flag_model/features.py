@@ -510,6 +510,12 @@ def compute_features(ohlcv: pd.DataFrame, feature_set: str = "simple-60") -> pd.
     return _COMPUTE[feature_set](ohlcv)
 
 
+def stored_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The training config a checkpoint stores under ``config`` ({} when there is none or it is not a dict)."""
+    cfg = meta.get("config")
+    return cfg if isinstance(cfg, Mapping) else {}
+
+
 @dataclass(frozen=True)
 class LabelRule:
     """Label bar t by its return ``horizon`` bars ahead against +-``threshold`` (0.002 = 0.2 %)."""
@@ -527,7 +533,7 @@ class LabelRule:
     def from_meta(cls, meta: Mapping[str, Any]) -> tuple[LabelRule, str]:
         """The rule a checkpoint stores (``label_rule: {horizon, threshold}``, top level or in its config) and
         where it came from: "stored in the checkpoint", else the documented training rule, "assumed"."""
-        cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+        cfg = stored_config(meta)
         stored = meta.get("label_rule", cfg.get("label_rule"))
         if isinstance(stored, Mapping):
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ class Limits:
 
 def limits() -> Limits:
     """The policy in force: the defaults, each overridden by `FLAG_TRADER_<FIELD>` when that is set."""
-    values = {}
+    values: dict[str, Any] = {}  # int or float, each converted to its field's type below
     for f in fields(Limits):
         raw = os.environ.get(f"FLAG_TRADER_{f.name.upper()}")
         if raw is None or not raw.strip():

@@ -122,6 +122,13 @@ class TransformerBlock(nn.Module):
         self.norm_first = cfg.norm_first
         self.dropout = nn.Dropout(dropout)
 
+    def ffn_linears(self) -> tuple[LoRALinear, LoRALinear]:
+        """`ffn.0` (d -> F) and `ffn.3` (F -> d), typed (indexing nn.Sequential gives a plain Module)."""
+        first, second = self.ffn[0], self.ffn[3]
+        if not (isinstance(first, LoRALinear) and isinstance(second, LoRALinear)):
+            raise TypeError("ffn.0 and ffn.3 must be LoRALinear")
+        return first, second
+
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.norm_first:
             a, probs = self.attention(self.norm1(x), need_weights)
@@ -165,6 +172,10 @@ class FlagTrader(nn.Module):
             maps.append(probs)
         logits = self.action_head(self.output_norm(h))
         return (logits, maps) if return_attention else logits
+
+    def blocks(self) -> list[TransformerBlock]:
+        """`transformer_blocks`, typed (iterating nn.ModuleList gives plain Modules)."""
+        return [b for b in self.transformer_blocks if isinstance(b, TransformerBlock)]
 
     def linears(self) -> dict[str, LoRALinear]:
         """Every LoRALinear by its module path (the checkpoint key stem)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -519,7 +520,7 @@ def head_stat_heatmap(
     """
     grid = stats.pivot(index="layer", columns="head", values=column)
     z = grid.to_numpy()
-    colour = dict(colorscale="RdBu", zmid=0) if diverging else dict(colorscale="Viridis")
+    colour: dict[str, Any] = dict(colorscale="RdBu", zmid=0) if diverging else dict(colorscale="Viridis")
     if zrange is not None:
         colour.update(zmin=zrange[0], zmax=zrange[1])
     fig = go.Figure(

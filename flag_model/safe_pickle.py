@@ -141,6 +141,11 @@ class ForeignObject:
 
     _module = ""
     _name = ""
+    # What the pickle stored, set by __new__ (not __init__: unpickling may skip it).
+    args: tuple[Any, ...]
+    state: Any
+    items: dict[Any, Any]
+    values: list[Any]
 
     def __init__(self, *args: Any) -> None:  # only reached through our own __new__ calls
         pass
@@ -419,16 +424,24 @@ def restricted_load(fmt: str, raw: bytes | None = None, zf: zipfile.ZipFile | No
     Raises RestrictedPickleError naming a refused global or a malformed tensor reference.
     """
     if fmt == "torch zip":
+        if zf is None:
+            raise ValueError("a torch zip archive is read from its ZipFile (zf)")
         name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
         if name is None:
             raise RestrictedPickleError("data.pkl", "a torch archive without its pickle", malformed=True)
         prefix = name[: -len("data.pkl")]
         up = _Unpickler(io.BytesIO(zf.read(name)), None, _zip_storage_loader(zf, prefix))
+    elif raw is None:
+        raise ValueError(f"a {fmt} file is read from its bytes (raw)")
     elif fmt == "torch legacy":
         return _legacy_load(raw)
     else:
         up = _Unpickler(io.BytesIO(raw), None, None)
-    obj = up.load()
+    return _thawed(up.load())
+
+
+def _thawed(obj: Any) -> RestrictedResult:
+    """The unpickled object made plain, with every foreign object's location and class."""
     foreign: dict[str, str] = {}
     return RestrictedResult(_thaw(obj, "", foreign), foreign)
 
@@ -438,9 +451,8 @@ def _legacy_load(raw: bytes) -> RestrictedResult:
     raw storages (8-byte count + data each, in key order)."""
     f = io.BytesIO(raw)
     if _Unpickler(f, None, None).load() != _LEGACY_MAGIC:  # a plain pickle, not torch's legacy format
-        obj = _Unpickler(io.BytesIO(raw), None, None).load()
-        foreign: dict[str, str] = {}
-        return RestrictedResult(_thaw(obj, "", foreign), foreign)
+        plain = _Unpickler(io.BytesIO(raw), None, None).load()
+        return _thawed(plain)
     for _ in range(2):  # protocol version, sys info: plain values
         _Unpickler(f, None, None).load()
     wanted: dict[str, tuple[torch.dtype, int]] = {}
@@ -471,5 +483,4 @@ def _legacy_load(raw: bytes) -> RestrictedResult:
             raise RestrictedPickleError(f"storage {key}", "truncated tensor data", malformed=True)
         if data:
             storages[key]._untyped_storage.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage())
-    foreign: dict[str, str] = {}
-    return RestrictedResult(_thaw(obj, "", foreign), foreign)
+    return _thawed(obj)

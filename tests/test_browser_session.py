@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import test_browser
 import torch
 from conftest import make_model, save_bytes
 from test_browser import (
@@ -26,6 +27,9 @@ from test_browser import (
 )
 
 pytestmark = pytest.mark.browser
+# test_browser.py's fixtures, bound here so that pytest finds them for this module's tests (an import of the bare
+# names is unused to a linter, which removed it once and broke every test below).
+browser, page, server = test_browser.browser, test_browser.page, test_browser.server
 
 SHOTS = Path(os.environ["FLAG_TRADER_SHOTS"]) if os.environ.get("FLAG_TRADER_SHOTS") else None
 

@@ -44,7 +44,10 @@ def test_predictions_scores_a_bounded_default_and_keeps_it_for_the_session(monke
 
 
 def test_a_slow_attribution_shows_its_progress(monkeypatch):
+    # faithfulness binds `attribute` when first imported: import it before the patch, or it would keep the patched
+    # function for every later test (the suite's outcome would depend on test order).
     from flag_model.analysis import attribution as attr
+    from flag_model.analysis import faithfulness  # noqa: F401
 
     seen: list[float] = []
     real = attr.attribute

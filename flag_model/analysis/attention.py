@@ -17,7 +17,7 @@ import torch
 
 from ..model import FlagTrader
 
-Progress = Callable[[float, str], None]
+Progress = Callable[[float, str], object]
 
 # Column -> label of the per-head statistics (each averaged over query positions).
 STATS: dict[str, str] = {
@@ -72,9 +72,9 @@ def _stats(p: torch.Tensor, last_k: int, query: int | None = None) -> torch.Tens
     dist = pos[:, None] - pos[None, :]  # i - j: > 0 looks back, < 0 looks ahead
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
     lookback = (p * dist).sum(-1)
-    last_k = p[..., max(S - last_k, 0) :].sum(-1)
+    recent = p[..., max(S - last_k, 0) :].sum(-1)
     future = (p * (dist < 0)).sum(-1)
-    out = torch.stack([entropy, lookback, last_k, future], -1)
+    out = torch.stack([entropy, lookback, recent, future], -1)
     return out.mean(-2) if query is None else out[..., query, :]
 
 

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..data import FeatureMatrix, stored_stats
 from ..features import action_names, feature_names_or_default
+from ..model import FlagTrader
 from .attention import rollout, window_attention
 
 # Captum warns on every DeepLift call that it sets hooks; they live on our private copy only.
@@ -74,7 +75,7 @@ BASELINE_NOTES = {
 }
 OUTPUTS = ("logit", "probability")
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], object]
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class DecisionOutput(nn.Module):
     `on_rows(n)`, if given, is told the number of windows of every forward pass (progress of Captum's loops)."""
 
     def __init__(
-        self, model: nn.Module, position: int, output: str = "logit", on_rows: Callable[[int], None] | None = None
+        self, model: FlagTrader, position: int, output: str = "logit", on_rows: Callable[[int], object] | None = None
     ) -> None:
         super().__init__()
         self.model = model
@@ -212,7 +213,7 @@ def make_baseline(x: np.ndarray, name: str, feature_mean: np.ndarray | None = No
     raise ValueError(f"unknown baseline {name!r}; choose one of {BASELINES}")
 
 
-def _check(model: nn.Module, x: np.ndarray, method: str, baseline: str, output: str, steps: int) -> None:
+def _check(model: FlagTrader, x: np.ndarray, method: str, baseline: str, output: str, steps: int) -> None:
     cfg = model.config
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {METHODS}")
@@ -247,7 +248,7 @@ def _patch_cells(length: int, width: int, patch: tuple[int, int]) -> np.ndarray:
 
 
 def _run(
-    model: nn.Module,
+    model: FlagTrader,
     method: str,
     x: torch.Tensor,
     base: torch.Tensor,
@@ -257,7 +258,7 @@ def _run(
     steps: int,
     batch: int,
     patch: tuple[int, int],
-    on_rows: Callable[[int], None] | None = None,
+    on_rows: Callable[[int], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Captum on a batch x (B, S, D) -> attributions (B, S, D) and per-window delta (B,) or None."""
     f = DecisionOutput(model, position, output, on_rows)
@@ -384,7 +385,7 @@ BASELINE_METHODS = frozenset(m for m, s in METHOD_SPECS.items() if s.baseline)
 METHOD_NOTES = {m: s.note for m, s in METHOD_SPECS.items()}
 
 
-def _worker(model: nn.Module, method: str) -> nn.Module:
+def _worker(model: FlagTrader, method: str) -> FlagTrader:
     """DeepLift (hooks) or a model in training mode: a fresh private eval copy. Every other method: the
     cached merged copy (see `_merged_copy`), shared read-only like the model itself."""
     if not METHOD_SPECS[method].private_copy and not model.training:
@@ -399,12 +400,12 @@ _MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (te
 _MERGED_LOCK = threading.Lock()
 
 
-def _versions(model: nn.Module) -> tuple[int, ...]:
+def _versions(model: FlagTrader) -> tuple[int, ...]:
     """Version counters of every tensor: any in-place change of a weight changes them."""
     return tuple(t._version for t in (*model.parameters(), *model.buffers()))
 
 
-def _merged_copy(model: nn.Module) -> nn.Module:
+def _merged_copy(model: FlagTrader) -> FlagTrader:
     """A private eval copy of `model` computing the same function, with each LoRA adapter merged into its base
     weight (one matmul per projection instead of three) and no parameter gradients: Integrated Gradients'
     batched steps run about a fifth faster. Kept per model while its weights are unchanged."""
@@ -434,7 +435,7 @@ def _relative(delta: float | None, change: float) -> float | None:
 
 
 def attribute(
-    model: nn.Module,
+    model: FlagTrader,
     window: np.ndarray,
     method: str = IG,
     target: int | None = None,
@@ -448,7 +449,7 @@ def attribute(
     feature_names: Sequence[str] | None = None,
     auto_threshold: float | None = None,
     max_steps: int = 800,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Callable[[float, str], object] | None = None,
 ) -> AttributionResult:
     """Attribute the deciding output of one window (S, state_dim) to its inputs with one Captum method.
 
@@ -496,7 +497,7 @@ def attribute(
             )
             d = None if delta is None else float(delta.view(-1)[0])
             rel = _relative(d, change)
-            if method != IG or auto_threshold is None or rel is None or rel < auto_threshold:
+            if n is None or method != IG or auto_threshold is None or rel is None or rel < auto_threshold:
                 break
             if n * 2 > max_steps:
                 notes.append(
@@ -529,7 +530,7 @@ def attribute(
     )
 
 
-def deeplift_caveat(model: nn.Module) -> str:
+def deeplift_caveat(model: FlagTrader) -> str:
     """Which non-linearities DeepLift's rescale rule does not cover in this model (they get plain gradients)."""
     kinds = sorted(
         {
@@ -608,16 +609,16 @@ def agreement(
     return rank_agreement(vecs)
 
 
-def rollout_importance(model: nn.Module, window: np.ndarray, position: int = -1) -> np.ndarray:
+def rollout_importance(model: FlagTrader, window: np.ndarray, position: int = -1) -> np.ndarray:
     """(S,) attention rollout row of the deciding step: how much each input step flows into it."""
     maps = window_attention(model, np.asarray(window, dtype=np.float32)).maps
     return rollout(maps)[_position(position, maps.shape[-1])]
 
 
 def global_importance(
-    model: nn.Module,
+    model: FlagTrader,
     windows: np.ndarray,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
     method: str = IXG,
     target: int | None = None,
     position: int = -1,

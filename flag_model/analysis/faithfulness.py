@@ -29,14 +29,15 @@ import numpy as np
 import pandas as pd
 import torch
 from captum.metrics import infidelity, sensitivity_max
-from torch import nn
 
 from ..features import action_names
+from ..model import FlagTrader, LoRALinear
 from .attribution import (
     IG,
     IXG,
     SALIENCY,
     ZEROS,
+    AttributionResult,
     DecisionOutput,
     _run,
     _worker,
@@ -45,7 +46,7 @@ from .attribution import (
     rank_agreement,
 )
 
-Progress = Callable[[float, str], None]
+Progress = Callable[[float, str], object]
 DEFAULT_METHODS: tuple[str, ...] = (IG, SALIENCY, IXG)
 
 
@@ -100,7 +101,7 @@ class Curves:
         return pd.concat(rows, ignore_index=True)
 
 
-def _target_probs(model: nn.Module, windows: np.ndarray, target: int, position: int, batch_size: int) -> np.ndarray:
+def _target_probs(model: FlagTrader, windows: np.ndarray, target: int, position: int, batch_size: int) -> np.ndarray:
     """Probability of `target` at `position` for windows (N, S, D) -> (N,); plain forward, no gradients."""
     out = []
     with torch.inference_mode():
@@ -111,7 +112,7 @@ def _target_probs(model: nn.Module, windows: np.ndarray, target: int, position: 
 
 
 def deletion_insertion(
-    model: nn.Module,
+    model: FlagTrader,
     window: np.ndarray,
     attributions: np.ndarray,
     target: int,
@@ -149,7 +150,7 @@ def deletion_insertion(
 
 
 def _infidelity(
-    model: nn.Module,
+    model: FlagTrader,
     method: str,
     x: torch.Tensor,
     base: torch.Tensor,
@@ -175,7 +176,7 @@ def _infidelity(
 
 
 def _sensitivity(
-    model: nn.Module,
+    model: FlagTrader,
     method: str,
     x: torch.Tensor,
     target: int,
@@ -216,7 +217,7 @@ class Faithfulness:
 
 
 def faithfulness(
-    model: nn.Module,
+    model: FlagTrader,
     window: np.ndarray,
     methods: Sequence[str] = DEFAULT_METHODS,
     target: int | None = None,
@@ -305,19 +306,19 @@ def faithfulness(
     )
 
 
-def randomised_copy(model: nn.Module, n_top_blocks: int, seed: int = 0) -> nn.Module:
+def randomised_copy(model: FlagTrader, n_top_blocks: int, seed: int = 0) -> FlagTrader:
     """A private deep copy of `model` whose LoRA adapters in the top `n_top_blocks` blocks are re-initialised:
     A as at creation (Kaiming uniform), B Gaussian with the trained B's standard deviation, so the adapter keeps
     its size but loses what it learned. The original is not touched."""
     clone = copy.deepcopy(model).eval()
-    blocks = clone.transformer_blocks
+    blocks = clone.blocks()
     with torch.no_grad():
         for b in range(len(blocks) - n_top_blocks, len(blocks)):
             block = blocks[b]
             gen = torch.Generator().manual_seed(seed * 1000 + b)  # per block: cascades share their re-inits
             for mod in block.modules():
-                lora = getattr(mod, "lora", None)
-                if lora is None or not hasattr(lora, "lora_A"):
+                lora = mod.lora if isinstance(mod, LoRALinear) else None
+                if lora is None:
                     continue
                 fan_in = lora.lora_A.shape[0]  # kaiming_uniform_(A.T, a=sqrt(5)) as at creation: U(±1/sqrt(fan_in))
                 bound = 1 / math.sqrt(fan_in)
@@ -331,7 +332,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def randomisation_check(
-    model: nn.Module,
+    model: FlagTrader,
     window: np.ndarray,
     methods: Sequence[str] = DEFAULT_METHODS,
     target: int | None = None,
@@ -349,10 +350,23 @@ def randomisation_check(
     the rank correlation of |attributions| with the original (k = 0 gives 1), `decision` the copy's decision.
     """
     w = np.asarray(window, np.float32)
-    n_blocks = len(model.transformer_blocks)
+    n_blocks = len(model.blocks())
     names = action_names(model.config.n_actions)
-    kw = dict(position=position, baseline=baseline, feature_mean=feature_mean, steps=steps, output=output)
-    original = {m: attribute(model, w, m, target=target, **kw) for m in methods}
+
+    def run(mdl: FlagTrader, method: str, tgt: int | None) -> AttributionResult:
+        return attribute(
+            mdl,
+            w,
+            method,
+            target=tgt,
+            position=position,
+            baseline=baseline,
+            feature_mean=feature_mean,
+            steps=steps,
+            output=output,
+        )
+
+    original = {m: run(model, m, target) for m in methods}
     tgt = next(iter(original.values())).target if original else 0
     rows = []
     for k in range(n_blocks + 1):
@@ -361,7 +375,7 @@ def randomisation_check(
         clone = randomised_copy(model, k, seed) if k else model
         label = "none" if k == 0 else f"blocks {n_blocks - 1}…{n_blocks - k}" if k > 1 else f"block {n_blocks - 1}"
         for m in methods:
-            res = original[m] if k == 0 else attribute(clone, w, m, target=tgt, **kw)
+            res = original[m] if k == 0 else run(clone, m, tgt)
             rows.append(
                 {
                     "blocks randomised": k,

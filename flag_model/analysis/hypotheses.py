@@ -43,7 +43,7 @@ from ..model import build_model
 from .bootstrap import f1_macro
 from .predict import NO_LABEL, evaluate_arrays, row_labels
 
-Progress = Callable[[int, int, str], None]  # (window passes done, total, what is running)
+Progress = Callable[[int, int, str], object]  # (window passes done, total, what is running)
 Cancel = Callable[[], bool]  # True: stop at the next batch
 EngineOf = Callable[[float, str], InferenceEngine]  # (LoRA scale, precision) -> engine with those merged weights
 
@@ -499,6 +499,8 @@ def rank_scores(
         r["share_best"], r["stage"] = float(share), "final"
     table = pd.DataFrame(rows).sort_values("nll", kind="stable")
     if screened:
+        if screen_index is None:
+            raise ValueError("screened scores need screen_index, the windows they were computed on")
         m = len(screen_index)
         srows, _ = _summaries(
             screened,

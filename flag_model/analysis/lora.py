@@ -68,6 +68,8 @@ def _finite(*tensors: torch.Tensor) -> bool:
 
 
 def _adapter_row(path: str, lin: LoRALinear) -> dict[str, object]:
+    if lin.lora is None:
+        raise ValueError(f"{path} has no LoRA adapter")
     A, B = lin.lora.lora_A.detach(), lin.lora.lora_B.detach()
     W = lin.base.weight.detach()
     block = int(path.split(".")[1]) if path.startswith("transformer_blocks.") else -1

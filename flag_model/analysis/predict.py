@@ -103,13 +103,12 @@ class WindowRunner:
         stride = 1 if self.mode == "rolling" else w
         available = max(0, (m - w) // stride + 1) if m >= w else 0
         take = available if final else (available // self.batch) * self.batch
-        self._buf = None if final else tuple(a[take * stride :] if a is not None else None for a in new)
+        cut = take * stride
+        self._buf = None if final else (vals[cut:], tms[cut:], cls[cut:], None if lbl is None else lbl[cut:])
         partial = self._partial_block(vals, take, final)
         self._context = np.concatenate([self._context, vals[: take * stride][-w:]])[-w:]
-        if take == 0 and partial is None:
-            return None
         if take == 0:
-            return self._finish(*partial, tms, cls, lbl, self.start)
+            return None if partial is None else self._finish(*partial, tms, cls, lbl, self.start)
         windows = rolling_windows(vals[: (take - 1) * stride + w], w, stride)  # a view, no copy
         if self.mode == "rolling":
             logits = self.engine.run(windows, last_only=True, progress=progress)
@@ -241,7 +240,7 @@ def decide(logits: np.ndarray, offsets: np.ndarray | None = None) -> tuple[np.nd
     z = logits.astype(np.float64)
     if offsets is not None:
         z = z + np.asarray(offsets, dtype=np.float64)
-    ok = np.isfinite(z).all(axis=1)
+    ok = np.asarray(np.isfinite(z).all(axis=1))  # (n,) bool
     z = np.where(ok[:, None], z, 0.0)
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
@@ -460,11 +459,9 @@ def feature_stream(
         mapping = mapping or detect_columns(chunk.columns)
         prep = prepare_ohlcv(chunk, mapping, row_offset=offset)
         offset += len(chunk)
-        if not prep.ok:
-            raise DataError("; ".join(i.message for i in prep.errors))
+        bars = prep.valid_frame()  # DataError naming every error
         for issue in prep.warnings:
             say(issue.message)
-        bars = prep.frame
         if carry is not None and len(bars) and bars["datetime"].iloc[0] <= carry["datetime"].iloc[-1]:
             raise DataError(
                 f"row {offset - len(chunk) + 1} ({bars['datetime'].iloc[0]}) is not later than the row "

@@ -58,8 +58,8 @@ def lora_targets_text(targets: tuple[str, ...], n_blocks: int) -> str:
         return "none (no LoRA adapters)"
     by_block: dict[int, list[str]] = {}
     for t in targets:
-        _, block, module = t.split(".", 2)
-        by_block.setdefault(int(block), []).append(SHORT_NAMES.get(module, module))
+        _, index, module = t.split(".", 2)
+        by_block.setdefault(int(index), []).append(SHORT_NAMES.get(module, module))
     order = list(SHORT_NAMES.values())
     groups: dict[tuple[str, ...], list[int]] = {}
     for block, mods in sorted(by_block.items()):
@@ -67,13 +67,13 @@ def lora_targets_text(targets: tuple[str, ...], n_blocks: int) -> str:
             block
         )
     parts = []
-    for mods, blocks in groups.items():
+    for names, blocks in groups.items():
         where = (
             f"all {n_blocks} blocks"
             if len(blocks) == n_blocks
             else f"block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
         )
-        parts.append(f"{', '.join(mods)} in {where}")
+        parts.append(f"{', '.join(names)} in {where}")
     return "; ".join(parts) + f" ({len(targets)} adapters)"
 
 

@@ -313,6 +313,8 @@ def spectrum_check(key: str, t: torch.Tensor) -> SpectrumCheck | None:
     if x.dim() < 2 or x.numel() == 0 or not torch.isfinite(x).all():
         return None
     guess = init_guess(key, tuple(x.shape))
+    if guess is None:  # no default initialisation to compare with
+        return None
     x = x.reshape(-1, x.shape[-1])  # pos_embedding [1, L, d] -> [L, d]
     rows, cols = x.shape
     s = torch.linalg.svdvals(x).double().numpy()

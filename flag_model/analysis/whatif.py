@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from ..features import action_names, feature_names_or_default
+from ..model import FlagTrader
 from .lora import decision_probs
 
 SET, ADD, MULTIPLY, ZERO, COPY, MEAN = "set", "add", "multiply", "zero", "copy from another window", "training mean"
@@ -46,7 +46,7 @@ EDIT_NOTES = {
 FORWARD, FORWARD_BACKWARD = 1, 3  # cost in forward-pass equivalents
 DEFAULT_KS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], object]
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class FlipResult:
         )
 
 
-def _window(window: np.ndarray, model: nn.Module) -> np.ndarray:
+def _window(window: np.ndarray, model: FlagTrader) -> np.ndarray:
     w = np.array(window, dtype=np.float32)  # a private copy
     model.config.check_windows((1, *w.shape), bool(np.isfinite(w).all()))
     return w
@@ -199,7 +199,7 @@ def apply_edit(
 
 
 def evaluate_edits(
-    model: nn.Module,
+    model: FlagTrader,
     window: np.ndarray,
     edits: Sequence[Edit],
     source: np.ndarray | None = None,
@@ -214,12 +214,12 @@ def evaluate_edits(
     return EditResult(w, edited, probs[0], probs[1], action_names(model.config.n_actions))
 
 
-def runner_up(model: nn.Module, window: np.ndarray) -> int:
+def runner_up(model: FlagTrader, window: np.ndarray) -> int:
     """The second most probable class at the decision bar of window (S, D): the natural flip target."""
     return int(np.argsort(_logits(model, _window(window, model)[None])[0])[-2])
 
 
-def _logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+def _logits(model: FlagTrader, x: np.ndarray) -> np.ndarray:
     """Plain forward: x (B, S, D) -> decision logits (B, A), float32, no gradients."""
     with torch.inference_mode():
         return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))[:, -1].numpy()
@@ -232,7 +232,7 @@ def _margin(logits: np.ndarray, target: int) -> np.ndarray:
 
 
 def _prepare(
-    model: nn.Module, window: np.ndarray, target: int, features: Sequence[int] | None, steps: tuple[int, int] | None
+    model: FlagTrader, window: np.ndarray, target: int, features: Sequence[int] | None, steps: tuple[int, int] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The checked window (S, D) and its editable-cell mask; refuses a target the model already decides."""
     w = _window(window, model)
@@ -247,7 +247,7 @@ def _prepare(
 
 
 def _result(
-    model: nn.Module,
+    model: FlagTrader,
     method: str,
     w: np.ndarray,
     edited: np.ndarray,
@@ -287,7 +287,7 @@ def _result(
 
 
 def _shrink(
-    model: nn.Module, w: np.ndarray, delta: np.ndarray, target: int, min_margin: float
+    model: FlagTrader, w: np.ndarray, delta: np.ndarray, target: int, min_margin: float
 ) -> tuple[np.ndarray, int]:
     """Make a flipping delta sparser, then smaller, while w + delta still decides `target` with min_margin.
     Returns the new delta and the forward evaluations used."""
@@ -313,16 +313,16 @@ def _shrink(
     delta.ravel()[order[:lo]] = 0
     a, b = 0.0, 1.0  # scale of delta: b known to flip
     for _ in range(12):
-        mid = (a + b) / 2
-        if ok((delta * mid).astype(np.float32)):
-            b = mid
+        scale = (a + b) / 2
+        if ok((delta * scale).astype(np.float32)):
+            b = scale
         else:
-            a = mid
+            a = scale
     return (delta * b).astype(np.float32), evals
 
 
 def smallest_flip(
-    model: nn.Module,
+    model: FlagTrader,
     window: np.ndarray,
     target: int,
     features: Sequence[int] | None = None,
@@ -399,7 +399,7 @@ def smallest_flip(
 
 
 def random_flip(
-    model: nn.Module,
+    model: FlagTrader,
     window: np.ndarray,
     target: int,
     features: Sequence[int] | None = None,
@@ -494,7 +494,7 @@ class Stability:
 
 
 def decision_stability(
-    model: nn.Module,
+    model: FlagTrader,
     windows: np.ndarray,
     sigma: np.ndarray,
     ks: Sequence[float] = DEFAULT_KS,

@@ -87,13 +87,13 @@ def infer_sizes(sd: Mapping[str, Any], recognition: Recognition | None = None) -
     Raises LayoutError when no family can read even the hidden size.
     """
     rec = recognition or recognise(sd)
-    best = next((m for m in rec.matches if m.size is not None), None)
-    if best is None:
+    sizes = [m.size for m in rec.matches if m.size is not None]
+    if not sizes:
         raise LayoutError(
             "cannot tell the hidden size: no embedding, attention projection, LayerNorm or MLP layer of "
             "a known family found. This does not look like a model checkpoint."
         )
-    return best.size
+    return sizes[0]
 
 
 def native_layout(s: LayoutSize) -> dict[str, Shape]:
@@ -375,10 +375,12 @@ def reconstruction_config(
     rec = recognition or recognise(sd)
     if cfg is not None and (rec.best.family.name == "native" or not rec.confident):
         return cfg, "the file's inferred configuration with the current assumptions"
-    best = next((m for m in rec.matches if m.size is not None), None)
-    if best is None:
+    sized = next(((m, m.size) for m in rec.matches if m.size is not None), None)
+    if sized is None:
         raise LayoutError("cannot tell the hidden size: no family of known layouts reads this file's shapes.")
-    size = best.size if best.family.convertible else replace(best.size, lora_rank=0, lora_targets=())
+    best, size = sized
+    if not best.family.convertible:
+        size = replace(size, lora_rank=0, lora_targets=())
     if best.family.name == "peft_llm" or best.family.name == "mlp":
         size = replace(
             size,
@@ -399,32 +401,47 @@ def reconstruction_config(
     return out, how
 
 
-def resize_config(cfg: ModelConfig, **sizes: int | None) -> ModelConfig:
+def _resized(
+    current: ModelConfig | LayoutSize, n_blocks: int | None, d_model: int | None, ffn_dim: int | None
+) -> tuple[int, int, int, list[str]]:
+    """The sizes after the changes (None keeps one) and the names of those that differ."""
+    n, d, f = (
+        current.n_blocks if n_blocks is None else n_blocks,
+        current.d_model if d_model is None else d_model,
+        current.ffn_dim if ffn_dim is None else ffn_dim,
+    )
+    changed = [k for k, v in (("n_blocks", n), ("d_model", d), ("ffn_dim", f)) if v != getattr(current, k)]
+    return n, d, f, changed
+
+
+def resize_config(
+    cfg: ModelConfig, n_blocks: int | None = None, d_model: int | None = None, ffn_dim: int | None = None
+) -> ModelConfig:
     """A copy with n_blocks / d_model / ffn_dim replaced (what another loader assumed); LoRA stays on the same
     modules of every block, and the head count falls back to a divisor of the new d."""
-    sizes = {k: v for k, v in sizes.items() if v is not None and v != getattr(cfg, k)}
-    if not sizes:
+    n, d, f, changed = _resized(cfg, n_blocks, d_model, ffn_dim)
+    if not changed:
         return cfg
     mods = {t.split(".", 2)[2] for t in cfg.lora_targets}
-    n = sizes.get("n_blocks", cfg.n_blocks)
     targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(n) for m in BLOCK_LINEARS if m in mods)
-    d = sizes.get("d_model", cfg.d_model)
     heads = fallback_heads(d, cfg.num_heads)
-    prov = {**cfg.provenance, **{k: "set by user (what another loader assumed)" for k in sizes}}
-    return replace(cfg, **sizes, lora_targets=targets, num_heads=heads, provenance=prov)
+    prov = {**cfg.provenance, **{k: "set by user (what another loader assumed)" for k in changed}}
+    return replace(cfg, n_blocks=n, d_model=d, ffn_dim=f, lora_targets=targets, num_heads=heads, provenance=prov)
 
 
-def with_sizes(size: LayoutSize, **changes: int | None) -> LayoutSize:
+def with_sizes(
+    size: LayoutSize, n_blocks: int | None = None, d_model: int | None = None, ffn_dim: int | None = None
+) -> LayoutSize:
     """A copy with some sizes replaced (e.g. the hidden size another loader assumed)."""
-    changes = {k: v for k, v in changes.items() if v is not None and v != getattr(size, k)}
-    if not changes:
+    n, d, f, changed = _resized(size, n_blocks, d_model, ffn_dim)
+    if not changed:
         return size
-    prov = {**size.provenance, **{k: "set by user" for k in changes}}
+    prov = {**size.provenance, **{k: "set by user" for k in changed}}
     targets = size.lora_targets
-    if "n_blocks" in changes and targets and targets[0].startswith("transformer_blocks."):
+    if "n_blocks" in changed and targets and targets[0].startswith("transformer_blocks."):
         mods = sorted({t.split(".", 2)[2] for t in targets})
-        targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(changes["n_blocks"]) for m in mods)
-    return replace(size, **changes, lora_targets=targets, provenance=prov)
+        targets = tuple(f"transformer_blocks.{b}.{m}" for b in range(n) for m in mods)
+    return replace(size, n_blocks=n, d_model=d, ffn_dim=f, lora_targets=targets, provenance=prov)
 
 
 def target_shapes(

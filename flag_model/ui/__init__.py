@@ -478,10 +478,12 @@ def second_checkpoint(key: str, prompt: str) -> Checkpoint:
     up = st.file_uploader("Second checkpoint", type=["pt", "pth", "bin", "safetensors"], key=f"{key}_second_upload")
     try:
         path = server_path_input("…or its path on the server", keep(f"{key}_second_path"), "other_checkpoint.pt")
-        if up is None and path is None:
+        if up is not None:
+            return open_checkpoint_file(up.getvalue(), up.name)
+        if path is None:
             st.info(prompt)
             st.stop()
-        return open_checkpoint_file(up.getvalue(), up.name) if up is not None else open_checkpoint_file(path)
+        return open_checkpoint_file(path)
     except (CheckpointError, ServerPathError) as exc:
         st.error(f"Could not open the second checkpoint: {md_escape(exc)}")
         st.stop()

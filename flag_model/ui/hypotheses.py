@@ -23,7 +23,7 @@ from .session import bounded, choice, subset
 
 def controls(ckpt: Checkpoint) -> tuple[int, list[int], list[int], list[float]]:
     """Labelled windows, window lengths, head counts and LoRA scales to try (the lists may be empty)."""
-    cfg = ckpt.config
+    cfg = ckpt.require_config()
     c = st.columns(4)
     n_windows = c[0].number_input(
         "Labelled windows",

@@ -64,7 +64,7 @@ def ablation_panel(ckpt: Checkpoint, model, cfg: ModelConfig, metrics: pd.DataFr
         a1, a2 = st.columns(2)
         chosen_blocks = a1.multiselect("Blocks", blocks, key=subset("lora_blocks", blocks, blocks))
         chosen_modules = a2.multiselect(
-            "Modules", modules, format_func=SHORT_NAMES.get, key=subset("lora_modules", modules, modules)
+            "Modules", modules, format_func=lambda m: SHORT_NAMES[m], key=subset("lora_modules", modules, modules)
         )
         a3, a4 = st.columns(2)
         length = window_length(a3, ckpt.meta, cfg.max_length, len(fm.values), "lora_length")

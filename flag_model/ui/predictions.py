@@ -118,8 +118,9 @@ def data_source() -> tuple[str, str, pd.DataFrame, str] | None:
         path = server_path_input(
             "…or a path on the server (for files above the upload limit)", keep("pred_path"), "ETH_USDT_5m.csv"
         )
-        if up is not None or kept is not None:
-            name, data = (up.name, up.getvalue()) if up is not None else kept
+        upload = (up.name, up.getvalue()) if up is not None else kept
+        if upload is not None:
+            name, data = upload
             digest = hashlib.sha256(data).hexdigest()
             return name, digest, _read_bytes(digest, name, data), "upload"
         if path is not None:
@@ -201,8 +202,8 @@ def prepare(
 ) -> Prepared:
     if kind == KINDS[0]:
         prep = prepare_ohlcv(_df, mapping, repair)
-        if prep.ok and len(prep.frame) <= WARMUP:  # the features would raise; say it like the other checks
-            short = Issue("error", too_few_bars(len(prep.frame)))
+        if prep.ok and len(prep.valid_frame()) <= WARMUP:  # the features would raise; say it like the other checks
+            short = Issue("error", too_few_bars(len(prep.valid_frame())))
             return Prepared(None, (*prep.issues, short), prep.time_format)
         return prep
     return prepare_features(_df, list(features), mapping.time, state_dim, close, repair)
@@ -358,7 +359,7 @@ def show_metrics(pred: Predictions, actions: np.ndarray, rule: LabelRule, bar: p
     """Accuracy and F1 with block-bootstrap intervals, the majority baseline, the confusion matrix, per-class
     scores and (blocks mode) accuracy by position with its band — each table with a download."""
     metrics = evaluate(pred, actions, n_boot=N_BOOT, block=max(pred.window, rule.horizon))
-    if metrics is None:
+    if metrics is None or metrics.intervals is None:  # no labels (intervals always come with n_boot > 0)
         return
     ci = metrics.intervals
     st.subheader("Against labels")
@@ -493,7 +494,7 @@ def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> No
 
 def settings(ckpt: Checkpoint) -> tuple[str, int, str, str]:
     """Normalisation, window length (default: the checkpoint's), mode and precision."""
-    cfg = ckpt.config
+    cfg = ckpt.require_config()
     c = st.columns(4)
     norm = c[0].selectbox(
         "Normalisation",

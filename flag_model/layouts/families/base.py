@@ -34,7 +34,7 @@ class LayoutSize(Sizes):
     def from_config(cls, cfg: Any) -> LayoutSize:
         """From a ModelConfig (or anything with the same size attributes)."""
         return cls(
-            *(getattr(cfg, f) for f in SIZE_FIELDS),
+            **{f: getattr(cfg, f) for f in SIZE_FIELDS},
             lora_targets=tuple(getattr(cfg, "lora_targets", ())),
             num_heads=getattr(cfg, "num_heads", None),
             provenance={k: "given" for k in SIZE_FIELDS},

@@ -25,7 +25,7 @@ def infer(shapes: Mapping[str, Shape], stored: Mapping[str, Any]) -> LayoutSize:
         raise LayoutError("no layers.N.<module>.lora_A.weight keys")
     root = Counter(m.group(1) for m, _ in hits).most_common(1)[0][0]
     layers = sorted({int(m.group(2)) for m, _ in hits if m.group(1) == root})
-    modules: dict[str, list[int]] = {}  # name -> [parent, in, out]
+    modules: dict[str, list[Any]] = {}  # name -> [parent (str), in, out]
     ranks: Counter = Counter()
     adapter = ""
     for m, s in hits:
