@@ -245,16 +245,23 @@ def test_hypotheses_ranking_on_the_cluster_equals_one_process_with_a_worker_kill
     one = hy.rank_hypotheses(ckpt.state_dict, cfg, data, space, batch_size=16, **opts)
     killed: dict[str, int] = {}
     stages: list[int] = []
+    pids: dict[str, int] = {}
 
     def kill_when_the_final_stage_starts(futures):
         stages.append(len(futures))
         if len(stages) == 2:  # the final stage: kill a worker holding tasks of it
-            busy = [w for w, keys in client.processing().items() if keys]
-            pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+            # The scheduler hands the just-submitted tasks to workers a moment later: wait for that, then kill at
+            # once by the pid read beforehand (a round trip to the worker here lets a fast machine finish first).
+            deadline, busy = time.monotonic() + 30, []
+            while not busy and time.monotonic() < deadline:
+                busy = [w for w, keys in client.processing().items() if keys]
+                time.sleep(0 if busy else 0.005)
+            assert busy, "no worker took a task of the final stage within 30 s"
             killed["remaining"] = sum(not f.done() for f in futures)
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pids[busy[0]], signal.SIGKILL)
 
     with local_client(2) as client:
+        pids.update(client.run(os.getpid))
         scorer = hypotheses_scorer(
             client, ref, cfg, data, batch_size=16, partition_windows=1, on_submit=kill_when_the_final_stage_starts
         )
