@@ -353,16 +353,14 @@ def test_market_data_upload_on_predictions(server, page, tmp_path):
     os.environ.get("FLAG_TRADER_WRITE_SCREENSHOT") != "1",
     reason="set FLAG_TRADER_WRITE_SCREENSHOT=1 to regenerate assets/screenshot.png",
 )
-def test_write_readme_screenshot(browser):
+def test_write_readme_screenshot(browser, full_server):
     """The Overview of the full demo at 1400x900, downscaled to a small palette PNG for the README."""
     from PIL import Image
 
-    env = {"FLAG_TRADER_DEMO_SIZE": "full", "FLAG_TRADER_CACHE": str(OUT / "demo-cache")}  # kept between runs
-    with streamlit_server(env, OUT / "streamlit-screenshot.log") as url:
-        context, pg = new_page(browser)
-        open_url(pg, url, 1_800_000)  # the first run builds the full demo (minutes)
-        check_page(pg, "readme-overview")
-        context.close()
+    context, pg = new_page(browser)
+    open_url(pg, full_server, LOAD_MS)
+    check_page(pg, "readme-overview")
+    context.close()
     img = Image.open(OUT / "readme-overview.png").convert("RGB")
     img = img.resize((1120, 720), Image.Resampling.LANCZOS).quantize(colors=128, method=Image.Quantize.MEDIANCUT)
     target = REPO / "assets" / "screenshot.png"
