@@ -59,7 +59,11 @@ def test_requirements_txt_holds_no_second_list_of_pins():
         for line in (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    assert lines == ["-e .[test]"], f"dependencies live in pyproject.toml only; requirements.txt has {lines}"
+    torch_pin = next(r for r in PYPROJECT["project"]["dependencies"] if r.startswith("torch"))
+    assert torch_pin == "torch==2.13.0"  # the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages
+    assert lines == [torch_pin, "-e .[test]"], (
+        f"dependencies live in pyproject.toml (only the torch pin is repeated); requirements.txt has {lines}"
+    )
 
 
 def test_the_library_reads_nothing_from_beside_the_package():
