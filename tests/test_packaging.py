@@ -107,3 +107,20 @@ def test_demo_cache_is_per_user_and_never_inside_the_package(monkeypatch, tmp_pa
     assert package_dir not in demo.demo_path("tiny").resolve().parents
     monkeypatch.setenv("FLAG_TRADER_CACHE", str(tmp_path / "mine"))
     assert demo.demo_path("tiny").parent == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_while_waiting_unless_told_otherwise(given, expected):
+    """Importing the package first (as the app and the CLI do) makes torch's OpenMP threads sleep instead of spin
+    while they wait, so a busy shared server does not lose its cores to spinning; an explicit setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, flag_model, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected
