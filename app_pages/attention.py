@@ -7,7 +7,7 @@ from flag_model.analysis import attention
 from flag_model.data import rolling_windows, spread_starts
 from flag_model.features import action_names
 from flag_model.ui.attention import show_stats
-from flag_model.ui.session import bounded, choice, window_by_time
+from flag_model.ui.session import bounded, choice, keep, window_by_time
 
 st.title("Attention")
 ckpt, model = ui.require_model()
@@ -49,55 +49,64 @@ st.caption(
     f"Decision at the last bar: {probs}."
 )
 
+# Lazy tabs: only the open tab is computed and drawn (all five were nine charts on every visit).
 grid_tab, zoom_tab, roll_tab, stat_tab, many_tab = st.tabs(
-    ["Layers × heads", "Zoom", "Rollout", "Head statistics", "Over many windows"]
+    ["Layers × heads", "Zoom", "Rollout", "Head statistics", "Over many windows"],
+    key=keep("attn_tab"),
+    on_change="rerun",
 )
 with grid_tab:
-    st.plotly_chart(plots.attention_grid(wa.maps))
-    st.caption("Rows are queries, columns keys; the colour scale is shared and capped at the 99.5th percentile.")
+    if grid_tab.open:
+        st.plotly_chart(plots.attention_grid(wa.maps))
+        st.caption("Rows are queries, columns keys; the colour scale is shared and capped at the 99.5th percentile.")
 with zoom_tab:
-    z1, z2 = st.columns(2)
-    layer = z1.selectbox("Layer", range(L), key=choice("attn_layer", range(L), L - 1))
-    head = z2.selectbox(
-        "Head", ["mean of heads", *range(H)], key=choice("attn_head", ["mean of heads", *range(H)], "mean of heads")
-    )
-    a = attention.head_map(wa.maps, layer, None if head == "mean of heads" else head)
-    st.plotly_chart(plots.attention_map(a, f"layer {layer}, {head if isinstance(head, str) else f'head {head}'}"))
-    st.caption(
-        "Cells right of the dashed diagonal are attention on later bars — information the model would "
-        "not have when trading live."
-    )
-with roll_tab:
-    roll = attention.rollout(wa.maps)
-    st.plotly_chart(plots.attention_map(roll, "Attention rollout through all layers", "rollout", cap_diagonal=True))
-    st.plotly_chart(plots.decision_inflow(roll[-1]))
-    st.caption(
-        "Rollout (Abnar & Zuidema 2020): per layer the mean over heads, 0.5·A + 0.5·I for the residual, "
-        "rows renormalised, multiplied through the layers. The bars: what flows into the decision bar."
-    )
-
-
-with stat_tab:
-    last_k = st.number_input(
-        "k for the share on the last k steps", 1, length, key=bounded("attn_last_k", 1, length, min(8, length))
-    )
-    stats = {q: attention.head_stats(wa.maps, last_k, None if q == "all" else -1) for q in ("all", "deciding")}
-    show_stats(stats, attention.future_by_layer(wa.maps), last_k, length, cfg.causal, "one")
-with many_tab:
-    count = st.slider("Windows (spread evenly over the data)", 8, 1024, step=8, key=bounded("attn_count", 8, 1024, 64))
-    starts = tuple(int(s) for s in spread_starts(n, length, count))
-    if st.button("Compute statistics over many windows", type="primary") or st.session_state.get("_attn_many"):
-        st.session_state["_attn_many"] = True
-        summary = _summary(ckpt.digest, assumptions, data_key, starts, length, last_k, model, fm.values)
+    if zoom_tab.open:
+        z1, z2 = st.columns(2)
+        layer = z1.selectbox("Layer", range(L), key=choice("attn_layer", range(L), L - 1))
+        head = z2.selectbox(
+            "Head", ["mean of heads", *range(H)], key=choice("attn_head", ["mean of heads", *range(H)], "mean of heads")
+        )
+        a = attention.head_map(wa.maps, layer, None if head == "mean of heads" else head)
+        st.plotly_chart(plots.attention_map(a, f"layer {layer}, {head if isinstance(head, str) else f'head {head}'}"))
         st.caption(
-            f"Mean over {summary.n_windows} windows of length {length} from {name}; the table has the "
-            "standard deviations."
+            "Cells right of the dashed diagonal are attention on later bars — information the model would "
+            "not have when trading live."
         )
-        show_stats(
-            {"all": summary.stats, "deciding": summary.decision_stats},
-            summary.future_by_query,
-            last_k,
-            length,
-            cfg.causal,
-            "many",
+with roll_tab:
+    if roll_tab.open:
+        roll = attention.rollout(wa.maps)
+        st.plotly_chart(plots.attention_map(roll, "Attention rollout through all layers", "rollout", cap_diagonal=True))
+        st.plotly_chart(plots.decision_inflow(roll[-1]))
+        st.caption(
+            "Rollout (Abnar & Zuidema 2020): per layer the mean over heads, 0.5·A + 0.5·I for the residual, "
+            "rows renormalised, multiplied through the layers. The bars: what flows into the decision bar."
         )
+with stat_tab:
+    if stat_tab.open:
+        last_k = st.number_input(
+            "k for the share on the last k steps", 1, length, key=bounded("attn_last_k", 1, length, min(8, length))
+        )
+        stats = {q: attention.head_stats(wa.maps, last_k, None if q == "all" else -1) for q in ("all", "deciding")}
+        show_stats(stats, attention.future_by_layer(wa.maps), last_k, length, cfg.causal, "one")
+with many_tab:
+    if many_tab.open:
+        count = st.slider(
+            "Windows (spread evenly over the data)", 8, 1024, step=8, key=bounded("attn_count", 8, 1024, 64)
+        )
+        starts = tuple(int(s) for s in spread_starts(n, length, count))
+        last_k = st.session_state[bounded("attn_last_k", 1, length, min(8, length))]  # set on Head statistics
+        if st.button("Compute statistics over many windows", type="primary") or st.session_state.get("_attn_many"):
+            st.session_state["_attn_many"] = True
+            summary = _summary(ckpt.digest, assumptions, data_key, starts, length, last_k, model, fm.values)
+            st.caption(
+                f"Mean over {summary.n_windows} windows of length {length} from {name}; the table has the "
+                "standard deviations."
+            )
+            show_stats(
+                {"all": summary.stats, "deciding": summary.decision_stats},
+                summary.future_by_query,
+                last_k,
+                length,
+                cfg.causal,
+                "many",
+            )

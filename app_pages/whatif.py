@@ -46,7 +46,7 @@ with flip_tab:
     target = f1.selectbox(
         "Flip the decision to",
         actions,
-        wi.runner_up(model, fm.values[start : start + length]),
+        uw.runner_up(model_key, data_key, start, length, model, fm.values),
         key=keep("wi_target"),
         help="Defaults to the runner-up class of the first window shown.",
     )

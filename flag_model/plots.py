@@ -75,7 +75,7 @@ def tensor_treemap(tree: pd.DataFrame, label: str) -> go.Figure:
             parents=tree["parent"],
             values=tree["elements"],
             branchvalues="total",
-            maxdepth=4,
+            maxdepth=3,  # the root, blocks and their parts (~80 boxes of the 12-block file's 611); a click goes deeper
             hovertext=hover,
             hoverinfo="text",
             marker=dict(colors=tree["color"], colorscale="Viridis", colorbar=dict(title=label, thickness=12)),
@@ -113,6 +113,7 @@ def value_histogram(edges: np.ndarray, counts: np.ndarray, name: str) -> go.Figu
 def matrix_heatmap(matrix: np.ndarray, name: str, step: int = 1, shape: tuple[int, ...] | None = None) -> go.Figure:
     """A 2-D tensor as a heatmap; `step` > 1 when each cell already is the mean of step×step entries."""
     z, more = block_mean(matrix.astype(np.float64), MAX_HEATMAP_CELLS)
+    z = z.astype(np.float32)  # what the browser gets: half the bytes of float64, more than the 4 digits shown
     step *= more
     lim = float(np.nanmax(np.abs(z))) or 1.0
     note = f" (mean of {step}×{step} blocks)" if step > 1 else ""
@@ -710,6 +711,7 @@ def class_breakdown_bars(table: pd.DataFrame, names: tuple[str, ...], top_k: int
 
 # Predictions
 MAX_LINE_POINTS = 5_000  # long time series are thinned (or bin-averaged) to this many points
+MAX_MARKERS = 1_000  # BUY / SELL markers drawn per class (each is an SVG element)
 
 
 def ordinal(n: int) -> str:
@@ -739,12 +741,14 @@ def price_signals(
     close: np.ndarray,
     actions: np.ndarray,
     names: tuple[str, ...],
-    max_markers: int = MAX_LINE_POINTS,
+    max_markers: int = MAX_MARKERS,
 ) -> go.Figure:
     """Close price with BUY (▲) and SELL (▼) markers; markers are thinned evenly when there are many."""
     k = _bins(len(close))
+    # SVG, not WebGL: a line of ≤ MAX_LINE_POINTS is one path, and a WebGL context costs a second or more to set up
+    # where the browser renders it in software (no GPU, headless); markers are thinned to max_markers per class.
     fig = go.Figure(
-        go.Scattergl(x=times[::k], y=close[::k], mode="lines", name="close", line=dict(color="#4c5c6c", width=1))
+        go.Scatter(x=times[::k], y=close[::k], mode="lines", name="close", line=dict(color="#4c5c6c", width=1))
     )
     for name, symbol in (("BUY", "triangle-up"), ("SELL", "triangle-down")):
         if name not in names:
@@ -754,7 +758,7 @@ def price_signals(
         idx = idx[::step]
         label = f"{name} ({'every ' + ordinal(step) + ', ' if step > 1 else ''}{len(idx):,} shown)"
         fig.add_trace(
-            go.Scattergl(
+            go.Scatter(
                 x=times[idx],
                 y=close[idx],
                 mode="markers",
@@ -918,8 +922,8 @@ def equity_lines(frame: pd.DataFrame) -> go.Figure:
     f = frame.iloc[::k]
     fig = go.Figure(
         [
-            go.Scattergl(x=f["datetime"], y=f["strategy"], name="signals (long/flat/short)", line_color="#3b7dd8"),
-            go.Scattergl(x=f["datetime"], y=f["buy_and_hold"], name="buy and hold", line_color="#9aa5b1"),
+            go.Scatter(x=f["datetime"], y=f["strategy"], name="signals (long/flat/short)", line_color="#3b7dd8"),
+            go.Scatter(x=f["datetime"], y=f["buy_and_hold"], name="buy and hold", line_color="#9aa5b1"),
         ]
     )
     fig.update_layout(

@@ -72,7 +72,8 @@ def test_upload_runs_and_is_shared_with_other_pages(bars):
     assert metric(at, "Scored bars") == f"{len(bars) - 50 - (window - 1) - 5:,}"
     labels = [b.label for b in at.get("download_button")]
     assert labels[-2:] == ["Predictions as CSV", "Predictions as Parquet"]
-    assert len(labels) == 2 * 6  # every table: drift, features, confusion, per class, equity stats and the predictions
+    assert len(labels) == 2 * 5  # every table: drift, confusion, per class, equity stats and the predictions
+    # (the feature matrix's are drawn when its expander is open: test_hourly_data_…)
     at.radio(key="pred_mode").set_value("blocks").run()
     assert not at.exception
     assert any("look-ahead" in c.value for c in at.caption)
@@ -133,7 +134,9 @@ def test_hourly_data_shows_the_interval_notice_the_horizon_in_time_and_the_featu
     assert any("5 bars (5 h)" in c.value for c in at.caption)
     assert any("training counted them as HOLD" in c.value for c in at.caption)
     assert any("Training bar interval: **5 min** — stored in the checkpoint" in c.value for c in at.sidebar.caption)
-    labels = [b.label for b in at.get("download_button")]
+    assert "Feature matrix as CSV" not in [b.label for b in at.get("download_button")]  # drawn only when open
+    at.session_state["pred_fm_open"] = True
+    labels = [b.label for b in at.run().get("download_button")]
     assert "Feature matrix as CSV" in labels and "Feature matrix as Parquet" in labels
     at.switch_page("app_pages/attention.py").run()
     assert not at.exception and any("Bar interval differs" in w.value for w in at.warning)

@@ -62,8 +62,11 @@ def test_attention_page_shows_assumptions_maps_and_stats(open_page):
     assert at.title[0].value == "Attention"
     info = texts(at)
     assert "4 heads" in info and "no mask" in info and "post-norm" in info
-    charts = at.get("plotly_chart")
-    assert len(charts) >= 4 + 4 + 1  # grid, zoom, rollout x2, four stat heatmaps, future lines
+    assert len(at.get("plotly_chart")) == 1  # lazy tabs: only the open one (the grid) is computed and drawn
+    for tab, n_charts in (("Zoom", 1), ("Rollout", 2), ("Head statistics", 4 + 1)):  # four heatmaps, future lines
+        at.session_state["attn_tab"] = tab
+        at.run()
+        assert not at.exception and len(at.get("plotly_chart")) == n_charts, tab
     when = at.slider(key="attn_when")  # the window is chosen by the date and time of its decision bar
     when.set_value(when.value - datetime.timedelta(hours=3)).run()
     assert not at.exception, at.exception
@@ -72,7 +75,8 @@ def test_attention_page_shows_assumptions_maps_and_stats(open_page):
     assert not at.exception and "uniform: 0.00" in texts(at) + " ".join(
         c.proto.spec for c in at.get("plotly_chart")
     )  # the deciding bar has no future keys
-    next(b for b in at.main.button if b.label.startswith("Compute")).click().run()
+    at.session_state["attn_tab"] = "Over many windows"
+    next(b for b in at.run().main.button if b.label.startswith("Compute")).click().run()
     assert not at.exception, at.exception
     assert "Mean over 64 windows of length 32" in texts(at)
 

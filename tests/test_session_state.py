@@ -88,6 +88,7 @@ def test_a_kept_value_outside_a_new_range_is_clamped():
     """k of the last-k share is at most the window length: a shorter window clamps it (Streamlit alone would
     reset it to its minimum)."""
     at = start("app_pages/attention.py")
+    at.session_state["attn_tab"] = "Head statistics"  # a lazy tab: drawn only when open
     at.slider(key="attn_length").set_value(32).run()
     at.number_input(key="attn_last_k").set_value(30).run()
     at.slider(key="attn_length").set_value(12).run()

@@ -7,9 +7,12 @@ sessions and must be treated as read-only. What a user uploads lives in their ow
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import os
 import re
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from ..data import (
     format_timedelta,
     training_interval,
 )
+from ..engine import configure_threads
 from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
@@ -140,6 +144,39 @@ class LazyProgress:
 
     def done(self) -> None:
         self._slot.empty()
+
+
+_FREEZE_LOCK = threading.Lock()
+_frozen_at = 0  # len(sys.modules) when the long-lived objects were last frozen
+
+
+def freeze_long_lived() -> None:
+    """Keep Streamlit's garbage collection after every script run (runner.postScriptGC) cheap.
+
+    That `gc.collect(2)` walks every tracked Python object; with torch, plotly, pandas and captum imported those are
+    about 400,000 (functions, classes, module dicts) and the walk took 0.4-1.5 s after every click, before the
+    browser heard that the run had ended. Whenever modules were imported since the last time, the objects alive
+    are collected once and then moved to the permanent generation (`gc.freeze`), which the collections skip; what
+    the app makes afterwards is collected as before. It happens a few times per process (each page's first
+    imports), so the few short-lived objects frozen with the modules are bounded."""
+    global _frozen_at
+    if len(sys.modules) <= _frozen_at:
+        return
+    with _FREEZE_LOCK:
+        if len(sys.modules) > _frozen_at:
+            _frozen_at = len(sys.modules)
+            gc.collect()
+            gc.freeze()
+
+
+def leave_a_cpu() -> None:
+    """torch computes with one thread fewer than the CPUs (at least one), unless OMP_NUM_THREADS or the like
+    say otherwise; once per process.
+
+    The app shares the machine with the browser drawing its pages and with Streamlit's own event loop. With as
+    many threads as CPUs, every small op of a forward pass waited for a thread the busy machine had descheduled:
+    on 2 loaded cores one forward of the demo model took 4 s with 2 threads and 0.15 s with one."""
+    configure_threads(reserve=1)
 
 
 def demo_size() -> str:

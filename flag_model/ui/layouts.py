@@ -160,6 +160,13 @@ def fix_panel(ckpt: Checkpoint, target: dict, target_key: str, scale: float) -> 
     return applied
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def _export_problem(digest: str, applied: Any, fixed: bool, kind: str, _source: dict) -> str | None:
+    """layouts.export_problem per file, applied fixes and kind: it builds the model on the meta device (about half
+    a second for 12 blocks), which every rerun of the page would repeat."""
+    return layouts.export_problem(_source, kind)
+
+
 def export_panel(ckpt: Checkpoint, source: dict, scale: float, assumptions: dict[str, Any], applied: Any) -> None:
     """Layout and format radios, the download of `source` converted, and for a stock export its reload check."""
     from . import keep, md_escape
@@ -175,7 +182,7 @@ def export_panel(ckpt: Checkpoint, source: dict, scale: float, assumptions: dict
         "keys · stock: nn.TransformerEncoderLayer names (encoder.layers.N.self_attn.in_proj_weight …)",
     )
     fmt = e2.radio("Format", layouts.EXPORT_FORMATS, horizontal=True, key=keep("arch_export_fmt"))
-    problem = layouts.export_problem(source, kind)
+    problem = _export_problem(ckpt.digest, applied, source is not ckpt.state_dict, kind, source)
     if problem:
         st.error(f"Cannot export as {kind}: {md_escape(problem)}")
         return

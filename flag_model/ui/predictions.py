@@ -465,7 +465,11 @@ SHOWN_ROWS = 1_000  # rows drawn in the table; the downloads hold every row
 def feature_matrix(prep_key: tuple, prepared: Prepared, fm: FeatureMatrix) -> None:
     """The computed features (as the training pipeline made them, or as the model gets them) to view and
     download with their timestamps, and what each simple-60 feature is (quirks included)."""
-    with st.expander("Feature matrix: view and download"):
+    # Lazy: drawn only while open (its table of 1,000 × 61 cells was most of what the page sent, and it is rarely
+    # opened); opening it reruns the page, whose results are cached.
+    with st.expander("Feature matrix: view and download", key="pred_fm_open", on_change="rerun") as box:
+        if not box.open:
+            return
         ohlcv = not prepared.feature_columns
         # The model input first: it is at hand, while the raw view computes the features once more (a second or
         # more on the demo market), which only someone who opens it should wait for.

@@ -116,6 +116,13 @@ def show_flip(flip: wi.FlipResult, rival: wi.FlipResult | None, key: str) -> Non
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+def runner_up(model_key: tuple, data_key: str, start: int, length: int, _model, _values) -> int:
+    """The runner-up class of the window at `start` (cached: a forward pass of the full model takes a second on a
+    busy machine, and every rerun of the page asks for this default)."""
+    return wi.runner_up(_model, _values[start : start + length])
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
 def edit_result(
     model_key: tuple, data_key: str, start: int, length: int, edit: tuple, source: int | None, _model, _values, _means
 ):
