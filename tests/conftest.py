@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,12 +104,24 @@ def full_layout_config(d: int = 256, f: int = 1024) -> ModelConfig:
     return make_config(n_blocks=12, d=d, f=f, rank=16, max_length=256, heads=8)
 
 
+@contextlib.contextmanager
+def _one_builder(size: str) -> Iterator[None]:
+    """Held while a demo is built: pytest-xdist's workers share the cache folder above (they inherit its
+    environment variable), so the first worker builds and the others wait, then find the cached file."""
+    cache = Path(os.environ["FLAG_TRADER_CACHE"])
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / f".build-{size}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_path() -> Path:
     """The tiny demo checkpoint (2 blocks, d=32): seeded, not trained (about a second), built once per run."""
     from flag_model.demo import build_demo
 
-    return build_demo("tiny")
+    with _one_builder("tiny"):
+        return build_demo("tiny")
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +129,8 @@ def full_demo_path() -> Path:
     """The trained full demo (the documented 343-tensor layout), built once per run; tests using it are `slow`."""
     from flag_model.demo import build_demo
 
-    return build_demo("full")
+    with _one_builder("full"):
+        return build_demo("full")
 
 
 @pytest.fixture(scope="session")

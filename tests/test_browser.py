@@ -155,10 +155,11 @@ def streamlit_server(env: dict[str, str], log: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_demo_path) -> Iterator[str]:
-    """The app on the tiny demo; the demo was built by the session fixture into the tests' temp cache."""
+def server(tiny_demo_path, request) -> Iterator[str]:
+    """The app on the tiny demo; the demo was built by the session fixture into the tests' temp cache. One log per
+    test module (test_browser_session.py binds this fixture too; pytest-xdist may run both modules at once)."""
     env = {"FLAG_TRADER_DEMO_SIZE": "tiny", "FLAG_TRADER_CACHE": str(tiny_demo_path.parent)}
-    with streamlit_server(env, OUT / "streamlit-server.log") as url:
+    with streamlit_server(env, OUT / f"streamlit-server-{request.module.__name__}.log") as url:
         yield url
 
 
