@@ -120,8 +120,10 @@ def matrix_heatmap(matrix: np.ndarray, name: str, step: int = 1, shape: tuple[in
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=np.arange(z.shape[1]) * step,
-            y=np.arange(z.shape[0]) * step,
+            x0=0,  # the cell positions as start and step: two numbers, where arrays of 256 cost the browser more
+            dx=step,
+            y0=0,
+            dy=step,
             colorscale="RdBu_r",
             zmid=0,
             zmin=-lim,

@@ -31,7 +31,9 @@ from ..data import (
     IntervalCheck,
     check_interval,
     checkpoint_features,
+    detect_columns,
     format_timedelta,
+    prepare_ohlcv,
     training_interval,
 )
 from ..engine import configure_threads
@@ -218,7 +220,10 @@ def _model(
 
 @st.cache_data(max_entries=2, show_spinner="Generating demo market data…")
 def demo_market(size: str) -> pd.DataFrame:
-    return demo.demo_data(size)
+    """The demo bars as an upload of them is prepared (times as datetime64[ns]): the model pages and Predictions
+    then hold equal frames, so features computed by one are found in `shared_features`' cache by the others."""
+    bars = demo.demo_data(size)
+    return prepare_ohlcv(bars, detect_columns(bars.columns)).valid_frame()
 
 
 def open_checkpoint_file(src: str | os.PathLike | bytes, name: str | None = None) -> Checkpoint:
@@ -463,8 +468,10 @@ def market_data() -> MarketData:
     return MarketData("demo market (synthetic)", demo_market(demo_size()), "demo")
 
 
-@st.cache_data(max_entries=4, show_spinner="Computing features for the sample windows…")
-def _market_features(digest: str, state_dim: int, ohlcv: pd.DataFrame, _meta: dict) -> tuple[FeatureMatrix, str]:
+@st.cache_data(max_entries=4, show_spinner="Computing features…")
+def shared_features(digest: str, state_dim: int, ohlcv: pd.DataFrame, _meta: dict) -> tuple[FeatureMatrix, str]:
+    """checkpoint_features(ohlcv, meta, state_dim) with the checkpoint's normalisation, and a digest of the values;
+    keyed by the bars' content, so the model pages and Predictions compute them once for the same data."""
     fm = checkpoint_features(ohlcv, _meta, state_dim)
     return fm, hashlib.sha256(fm.values.tobytes()).hexdigest()[:16]
 
@@ -479,7 +486,7 @@ def market_features(ckpt: Checkpoint, state_dim: int) -> tuple[str, FeatureMatri
     data = market_data()
     name, ohlcv = data.name, data.frame
     try:
-        fm, key = _market_features(ckpt.digest, state_dim, ohlcv, dict(ckpt.meta))
+        fm, key = shared_features(ckpt.digest, state_dim, ohlcv, dict(ckpt.meta))
     except (ValueError, KeyError) as exc:
         st.error(
             f"Could not compute features from {md_escape(name)}: {md_escape(exc)}. Check the upload on the "

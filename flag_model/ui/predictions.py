@@ -62,7 +62,7 @@ from ..features import (
 )
 from ..model import FlagTrader
 from ..server_paths import ServerPathError
-from . import data_tag, download_table, md_escape, server_path_input, upload_limit_note
+from . import data_tag, download_table, md_escape, server_path_input, shared_features, upload_limit_note
 from .session import bounded, keep
 
 UPLOAD_KEY = "pred_upload"
@@ -218,13 +218,23 @@ def show_issues(issues: tuple[Issue, ...], limit: int = 12) -> None:
 
 
 @st.cache_data(max_entries=4, show_spinner="Computing features…")
-def features(
+def _features(
     digest: str, prep_key: tuple, normalisation: str, state_dim: int, _prepared: Prepared, _meta: dict
 ) -> FeatureMatrix:
-    """prep_key: everything `prepare` was called with (data key, kind, mapping, columns, price, repair)."""
     if not _prepared.feature_columns:
         return checkpoint_features(_prepared.frame, _meta, state_dim, normalisation)
     return column_features(_prepared.frame, list(_prepared.feature_columns), _meta, state_dim, normalisation)
+
+
+def features(
+    digest: str, prep_key: tuple, normalisation: str, state_dim: int, prepared: Prepared, meta: dict
+) -> FeatureMatrix:
+    """prep_key: everything `prepare` was called with (data key, kind, mapping, columns, price, repair). OHLCV
+    bars with the checkpoint's normalisation (the default) come from the cache the other pages share (a second
+    or more for the demo market, computed once for all pages)."""
+    if not prepared.feature_columns and normalisation == NORMALISATIONS[0]:
+        return shared_features(digest, state_dim, prepared.frame, meta)[0]
+    return _features(digest, prep_key, normalisation, state_dim, prepared, meta)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Preparing the inference engine (merged weight copy)…")
