@@ -20,8 +20,10 @@ sd = ckpt.state_dict
 
 rec = ui_layouts.recognition(ckpt)
 ui_layouts.family_panel(rec)
-with st.expander("How the file matches each known family"):
-    st.plotly_chart(plots.layout_ranking_bars(rec.table()), width="stretch")
+# Lazy expanders (here and below): their chart and table are drawn only while open.
+with st.expander("How the file matches each known family", key="arch_rank_open", on_change="rerun") as box:
+    if box.open:
+        st.plotly_chart(plots.layout_ranking_bars(rec.table()), width="stretch")
 
 choice = st.selectbox("Target", list(TARGETS), format_func=TARGETS.__getitem__, key=ui.keep("arch_target"))
 if choice == "second":
@@ -57,8 +59,9 @@ if len(bad):
         "arch_bad",
         height=min(400, 38 + 35 * len(bad)),
     )
-with st.expander("Every key, aligned"):
-    ui.table(table, "keys_aligned", "arch_keys")
+with st.expander("Every key, aligned", key="arch_keys_open", on_change="rerun") as box:
+    if box.open:
+        ui.table(table, "keys_aligned", "arch_keys")
 
 notes = layouts.explain(sd, target, rec)
 if notes:

@@ -58,7 +58,7 @@ quick = pw.quick_bars(ckpt.digest, assumptions, precision, window, mode, eng, sc
 last = pw.bars_to_score(data_key, scorable, quick)
 st.caption(
     f"Engine: {eng.info.dtype} on {eng.info.device} — {eng.info.reason}; {eng.info.kernels}; "
-    f"{eng.batch_size(window)} windows per batch, {eng.info.threads} threads."
+    f"{eng.batch_size(window)} windows per batch, {eng.info.threads} torch thread(s)."
 )
 pred = pw.predictions(ckpt.digest, assumptions, precision, prep_key, norm, window, mode, last, eng, fm)
 if fm.has_prices:

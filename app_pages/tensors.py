@@ -75,14 +75,21 @@ detail = _detail(ckpt.digest, name, ckpt.state_dict[name])
 spec = detail.spectrum
 if spec is not None:
     (st.info if spec.looks_like_init else st.success)(f"**{ui.md_escape(name)}**: {ui.md_escape(spec.verdict)}")
-left, right = st.columns(2)
-left.plotly_chart(plots.value_histogram(detail.hist_edges, detail.hist_counts, name), width="stretch")
-if spec is not None:
-    right.plotly_chart(
-        plots.spectrum_vs_init(spec.singular_values, spec.expected, spec.edge, spec.init), width="stretch"
+# Lazy tabs: the heatmap is drawn when its tab is opened (it was the page's largest figure on every visit).
+values_tab, heatmap_tab = st.tabs(["Values and singular values", "Heatmap"], key=keep("tensors_tab"), on_change="rerun")
+if values_tab.open:
+    left, right = values_tab.columns(2)
+    left.plotly_chart(plots.value_histogram(detail.hist_edges, detail.hist_counts, name), width="stretch")
+    if spec is not None:
+        right.plotly_chart(
+            plots.spectrum_vs_init(spec.singular_values, spec.expected, spec.edge, spec.init), width="stretch"
+        )
+if heatmap_tab.open and detail.matrix is not None:
+    heatmap_tab.plotly_chart(
+        plots.matrix_heatmap(detail.matrix, name, detail.matrix_step, detail.shape), width="stretch"
     )
-if detail.matrix is not None:
-    st.plotly_chart(plots.matrix_heatmap(detail.matrix, name, detail.matrix_step, detail.shape), width="stretch")
+elif heatmap_tab.open:
+    heatmap_tab.caption(f"{ui.md_escape(name)} is not a matrix: no heatmap.")
 
 st.subheader("Compare with a second checkpoint")
 other = ui.second_checkpoint(
