@@ -6,7 +6,6 @@ from app_pages import PAGES
 from flag_model import ui
 
 ui.freeze_long_lived()  # before this run: what earlier runs imported lives as long as the process
-ui.leave_a_cpu()  # for the browser and the server's event loop
 st.set_page_config(page_title="FLAG-TRADER Explorer", page_icon=":material/query_stats:", layout="wide")
 
 st.navigation([st.Page(p.file, title=p.title, icon=p.icon, default=p.default) for p in PAGES]).run()

@@ -66,16 +66,14 @@ def cpu_bf16_native() -> tuple[bool, str]:
     return True, f"CPU has {', '.join(found)} and oneDNN bf16: bfloat16 matmuls"
 
 
-def configure_threads(reserve: int = 0) -> int:
-    """Set torch's intra-op threads once, to the CPUs this process may use less `reserve` (at least one), unless
-    the user chose a number. The first call decides; later calls return the number."""
+def configure_threads() -> int:
+    """Set torch's intra-op threads once, to the CPUs this process may use, unless the user chose a number."""
     global _threads_configured
     if not _threads_configured:
         _threads_configured = True
         user_set = any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NUM_THREADS"))
         if not user_set:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            cpus = max(1, cpus - reserve)
             if torch.get_num_threads() != cpus:
                 torch.set_num_threads(cpus)
     return torch.get_num_threads()

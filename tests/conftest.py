@@ -26,7 +26,7 @@ os.environ.setdefault("FLAG_TRADER_CACHE", tempfile.mkdtemp(prefix="flag_cache_"
 
 # pytest-xdist (`-n N`): each worker computes with its share of the CPUs, and so do the processes it starts
 # (servers, CLI runs), unless the user chose a number. Two workers with as many OpenMP threads as cores each
-# mostly wait for a thread the other one holds (see flag_model.ui.leave_a_cpu).
+# mostly wait for a thread the other one holds (spinning or sleeping).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1 and not any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NUM_THREADS")):
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))

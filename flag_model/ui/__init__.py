@@ -36,7 +36,6 @@ from ..data import (
     prepare_ohlcv,
     training_interval,
 )
-from ..engine import configure_threads
 from ..features import LabelRule
 from ..model import FlagTrader, ModelMismatchError, build_model
 from ..server_paths import ROOT_ENV, ServerPathError, resolve_under_root, server_root
@@ -169,16 +168,6 @@ def freeze_long_lived() -> None:
             _frozen_at = len(sys.modules)
             gc.collect()
             gc.freeze()
-
-
-def leave_a_cpu() -> None:
-    """torch computes with one thread fewer than the CPUs (at least one), unless OMP_NUM_THREADS or the like
-    say otherwise; once per process.
-
-    The app shares the machine with the browser drawing its pages and with Streamlit's own event loop. With as
-    many threads as CPUs, every small op of a forward pass waited for a thread the busy machine had descheduled:
-    on 2 loaded cores one forward of the demo model took 4 s with 2 threads and 0.15 s with one."""
-    configure_threads(reserve=1)
 
 
 def demo_size() -> str:
