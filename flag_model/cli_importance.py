@@ -37,7 +37,6 @@ def _say(message: str) -> None:
 def _importance(args: argparse.Namespace) -> int:
     from .analysis import attribution as attr
     from .data import (
-        DataError,
         checkpoint_features,
         default_window,
         detect_columns,
@@ -60,10 +59,8 @@ def _importance(args: argparse.Namespace) -> int:
     ckpt, model = _load(args)
     cfg = model.config
     raw = read_table(args.data)
-    prep = prepare_ohlcv(raw, detect_columns(raw.columns))
-    if not prep.ok:
-        raise DataError("; ".join(i.message for i in prep.errors))
-    fm = checkpoint_features(prep.frame, ckpt.meta, cfg.state_dim, args.normalisation)
+    frame = prepare_ohlcv(raw, detect_columns(raw.columns)).valid_frame()
+    fm = checkpoint_features(frame, ckpt.meta, cfg.state_dim, args.normalisation)
     length = args.window or default_window(ckpt.meta, cfg.max_length)
     windows = rolling_windows(fm.values, length)
     index = evenly_spaced(len(windows), args.windows)

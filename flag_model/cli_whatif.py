@@ -63,16 +63,14 @@ def _window_at(fm: Any, at: str, length: int) -> tuple[int, str | None]:
 
 def _whatif(args: argparse.Namespace) -> int:
     from .analysis.whatif import runner_up, smallest_flip
-    from .data import DataError, checkpoint_features, default_window, detect_columns, prepare_ohlcv, read_table
+    from .data import checkpoint_features, default_window, detect_columns, prepare_ohlcv, read_table
     from .features import action_names
 
     ckpt, model = _load(args)
     cfg = model.config
     table = read_table(args.data)
-    prepared = prepare_ohlcv(table, detect_columns(table.columns))
-    if not prepared.ok:
-        raise DataError("; ".join(i.message for i in prepared.errors))
-    fm = checkpoint_features(prepared.frame, ckpt.meta, cfg.state_dim)
+    frame = prepare_ohlcv(table, detect_columns(table.columns)).valid_frame()
+    fm = checkpoint_features(frame, ckpt.meta, cfg.state_dim)
     length = args.window or default_window(ckpt.meta, cfg.max_length)
     start, note = _window_at(fm, args.at, length)
     window = fm.values[start : start + length]

@@ -438,10 +438,8 @@ def score_part(src: Source, info: SourceInfo, part: Part, spec: ScoreSpec, out_d
     t0 = time.perf_counter()
     engine, meta = worker_engine(spec)
     prep = prepare_ohlcv(read_rows(src, part.bar_start, part.bar_stop), info.mapping, row_offset=part.bar_start)
-    if not prep.ok:
-        raise DataError("; ".join(i.message for i in prep.errors))
     fm = checkpoint_features(
-        prep.frame, meta, engine.config.state_dim, spec.normalisation, origin=info.origin, stats=info.stats
+        prep.valid_frame(), meta, engine.config.state_dim, spec.normalisation, origin=info.origin, stats=info.stats
     )
     used = (part.n_windows - 1) * spec.stride + spec.window + part.tail_rows  # feature rows the part scores
     labels = row_labels(fm.close, spec.rule)[:used]  # the extra `horizon` rows give the last rows their labels
@@ -1182,11 +1180,9 @@ def bench_hypotheses_cluster(
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.require_config()
     raw = next(iter_table_chunks(data, bars))
-    prep = prepare_ohlcv(raw, detect_columns(raw.columns))
-    if not prep.ok:
-        raise DataError("; ".join(i.message for i in prep.errors))
+    frame = prepare_ohlcv(raw, detect_columns(raw.columns)).valid_frame()
     space = hy.search_space(cfg, ckpt.meta, heads=heads, scales=scales)
-    labelled = hy.labelled_data(prep.frame, ckpt.meta, cfg.state_dim, windows, max(space.windows))
+    labelled = hy.labelled_data(frame, ckpt.meta, cfg.state_dim, windows, max(space.windows))
     passes = len(space) * len(labelled)
     t, cpu = time.perf_counter(), time.process_time()
     one = hy.rank_hypotheses(ckpt.state_dict, cfg, labelled, space, resamples=200)
