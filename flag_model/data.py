@@ -6,6 +6,7 @@ Row numbers in messages are 1-based data rows (the header is not counted: CSV li
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import re
@@ -119,6 +120,14 @@ class Prepared:
         if self.frame is None or self.errors:
             raise DataError("; ".join(i.message for i in self.errors) or "the table could not be prepared")
         return self.frame
+
+
+def frame_digest(df: pd.DataFrame) -> str:
+    """sha256 of a table's column names and every cell: an exact cache key. (Streamlit's own hash of a frame with
+    50,000 rows or more reads a sample of 10,000 rows, so two files that differ elsewhere would share results.)"""
+    h = hashlib.sha256("\x1f".join(map(str, df.columns)).encode())
+    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()
 
 
 # Reading

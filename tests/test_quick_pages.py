@@ -65,3 +65,30 @@ def test_a_slow_attribution_shows_its_progress(monkeypatch):
     at.number_input(key="attr_steps").set_value(37).run()  # a setting no other test used: not cached
     assert not at.exception and seen and seen[-1] == 1.0
     assert not at.get("progress")  # removed when done
+
+
+def test_shared_features_are_cached_by_the_exact_bars(monkeypatch):
+    """Two 60,000-bar tables that differ in one close: each gets its own features (Streamlit's own hash of a frame
+    this long reads a sample of 10,000 rows, so a cache keyed by it handed the first table's features to the
+    second), and the digest of the values differs too; the same table again is a cache hit."""
+    import numpy as np
+
+    from flag_model import ui
+    from flag_model.data import detect_columns, frame_digest, prepare_ohlcv
+    from flag_model.demo import synthetic_ohlcv
+
+    bars = synthetic_ohlcv(60_000, seed=3)
+    a = prepare_ohlcv(bars, detect_columns(bars.columns)).valid_frame()
+    b = a.copy()
+    row = len(b) - 10
+    b.loc[row, "close"] *= 1.01
+    b.loc[row, "high"] = max(b.loc[row, "high"], b.loc[row, "close"])
+    assert frame_digest(a) == frame_digest(a.copy()) != frame_digest(b)
+    assert frame_digest(a) != frame_digest(a.rename(columns={"volume": "vol"}))
+    calls = []
+    compute = ui.checkpoint_features
+    monkeypatch.setattr(ui, "checkpoint_features", lambda *args: calls.append(1) or compute(*args))
+    fa, ka = ui.shared_features("ckpt", 60, a, {})
+    fb, kb = ui.shared_features("ckpt", 60, b, {})
+    assert ka != kb and not np.array_equal(fa.values, fb.values)
+    assert ui.shared_features("ckpt", 60, a.copy(), {})[1] == ka and len(calls) == 2

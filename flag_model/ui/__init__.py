@@ -33,6 +33,7 @@ from ..data import (
     checkpoint_features,
     detect_columns,
     format_timedelta,
+    frame_digest,
     prepare_ohlcv,
     training_interval,
 )
@@ -457,11 +458,18 @@ def market_data() -> MarketData:
     return MarketData("demo market (synthetic)", demo_market(demo_size()), "demo")
 
 
-@st.cache_data(max_entries=4, show_spinner="Computing features…")
-def shared_features(digest: str, state_dim: int, ohlcv: pd.DataFrame, _meta: dict) -> tuple[FeatureMatrix, str]:
+def shared_features(digest: str, state_dim: int, ohlcv: pd.DataFrame, meta: dict) -> tuple[FeatureMatrix, str]:
     """checkpoint_features(ohlcv, meta, state_dim) with the checkpoint's normalisation, and a digest of the values;
-    keyed by the bars' content, so the model pages and Predictions compute them once for the same data."""
-    fm = checkpoint_features(ohlcv, _meta, state_dim)
+    cached by the bars' exact content, so the model pages and Predictions compute them once for the same data."""
+    return _shared_features(digest, state_dim, frame_digest(ohlcv), ohlcv, meta)
+
+
+@st.cache_data(max_entries=4, show_spinner="Computing features…")
+def _shared_features(
+    digest: str, state_dim: int, bars: str, _ohlcv: pd.DataFrame, _meta: dict
+) -> tuple[FeatureMatrix, str]:
+    """`bars` is frame_digest(_ohlcv)."""
+    fm = checkpoint_features(_ohlcv, _meta, state_dim)
     return fm, hashlib.sha256(fm.values.tobytes()).hexdigest()[:16]
 
 
